@@ -1,0 +1,261 @@
+"""Resolve and load a Qwen3.5/3.6 checkpoint together with its MTP head.
+
+mlx_lm loads the trunk but its sanitizer drops every `mtp.*` tensor, so the head is read separately with
+safetensors from the model files (any known prefix) or a `mtp.safetensors` sidecar. Everything a user can get
+wrong ends in one `UserError` line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from safetensors import SafetensorError, safe_open
+
+from .errors import UserError
+from .mtp import MTP_NORM_SUFFIXES, HiddenVariant, MTPHead, mtp_tensor_names
+from .trunk import Trunk
+
+SUPPORTED_MODEL_TYPES = ("qwen3_5",)
+SIDECAR = "mtp.safetensors"
+_MTP_KEY = re.compile(r"^(?P<prefix>(?:model\.)?(?:language_model\.)?mtp\.)(?P<name>.+)$")
+_QUANT_SUFFIXES = (".scales", ".biases")
+
+
+@dataclass(frozen=True)
+class MTPSource:
+    """Where the head's tensors were found and how they were stored."""
+
+    files: tuple[str, ...]
+    prefix: str
+    tensor_count: int  # dense tensors (quantized linears count once)
+    norm_convention: str  # "offset" (raw HF, used as 1 + w) or "shifted" (already 1 + w)
+    quantized: dict[str, dict[str, int]] = field(default_factory=dict)  # linear name -> bits, group_size
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """Everything needed to decode from a checkpoint, with the facts a report must state about it."""
+
+    name: str
+    path: Path
+    config: dict[str, Any]
+    model: nn.Module
+    tokenizer: Any
+    trunk: Trunk
+    mtp: MTPHead | None
+    mtp_source: MTPSource | None
+    fingerprint: str
+    hidden_variant: HiddenVariant
+
+    @property
+    def text_config(self) -> dict[str, Any]:
+        return self.config.get("text_config", self.config)
+
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        return frozenset(int(i) for i in self.tokenizer.eos_token_ids)
+
+    @property
+    def context_length(self) -> int:
+        return int(self.text_config.get("max_position_embeddings", 32768))
+
+    def require_mtp(self) -> MTPHead:
+        if self.mtp is None:
+            raise UserError(no_mtp_message(self.name))
+        return self.mtp
+
+
+def no_mtp_message(name: str) -> str:
+    return (f"{name}: no MTP head (no mtp.* tensors in the weights and no {SIDECAR}); many community "
+            f"conversions strip mtp.*: graft it back with `mtpbench graft TRUNK --mtp-from ORIGINAL OUT`")
+
+
+def resolve(path_or_repo: str | Path) -> Path:
+    """A local directory, or a hub repo id found in the local cache (never downloads)."""
+    p = Path(path_or_repo).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise UserError(f"{p}: not a directory (a checkpoint is a directory with config.json and *.safetensors)")
+        return p.resolve()
+    text = str(path_or_repo)
+    if text.count("/") != 1 or text.startswith((".", "/", "~")):
+        raise UserError(f"{text}: no such directory")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(text, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        raise UserError(f"{text}: not a local directory and not in the local Hugging Face cache; fetch it first "
+                        f"with `hf download {text}` (mtpbench never downloads)") from None
+
+
+def weight_files(path: Path) -> list[Path]:
+    files = sorted(f for f in path.glob("*.safetensors") if f.name != SIDECAR)
+    if not files:
+        raise UserError(f"{path}: no *.safetensors weights found")
+    return files
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise UserError(f"{path}: no config.json (not a checkpoint directory)")
+    try:
+        config = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{cfg_file}: invalid JSON ({e.msg}, line {e.lineno})") from None
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UserError(f"{path}: unsupported model_type {model_type!r}; mtpbench supports "
+                        f"{', '.join(SUPPORTED_MODEL_TYPES)} (Qwen3.5/3.6 dense with native MTP)")
+    text = config.get("text_config", config)
+    if int(text.get("num_experts", 0) or 0) > 0:
+        raise UserError(f"{path}: mixture-of-experts Qwen3.5 checkpoints are not supported yet")
+    return config
+
+
+def mtp_layer_count(config: dict[str, Any]) -> int:
+    text = config.get("text_config", config)
+    for key in ("mtp_num_hidden_layers", "num_nextn_predict_layers"):
+        for scope in (text, config):
+            if key in scope:
+                return int(scope[key] or 0)
+    return 0
+
+
+def scan_headers(files: list[Path]) -> dict[str, Path]:
+    """Map every tensor name to its file, validating each file's header and size on the way."""
+    where: dict[str, Path] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="numpy") as st:
+                for k in st.keys():
+                    where[k] = f
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"{f}: unreadable safetensors (truncated or corrupt: {e})") from None
+    return where
+
+
+def fingerprint(path: Path) -> str:
+    """sha256 over config.json and each weight file's name, size, header and first/last MiB: fast on big checkpoints."""
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    for f in sorted(path.glob("*.safetensors")):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with f.open("rb") as fh:
+            h.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(size - (1 << 20))
+                h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+def _load_trunk(path: Path):
+    import mlx_lm
+
+    try:
+        return mlx_lm.load(str(path))
+    except (ValueError, OSError, RuntimeError, KeyError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path}: the trunk does not load with mlx_lm ({msg})") from None
+
+
+def _quant_params(name: str, weight_shape: tuple[int, ...], scales_shape: tuple[int, ...], in_dim: int) -> dict:
+    bits = weight_shape[-1] * 32 // in_dim
+    group = in_dim // scales_shape[-1]
+    if bits not in (2, 3, 4, 5, 6, 8) or group <= 0:
+        raise UserError(f"MTP tensor {name}: cannot infer quantization (weight {weight_shape}, scales {scales_shape})")
+    return {"bits": int(bits), "group_size": int(group)}
+
+
+def load_mtp_head(
+    path: Path, config: dict[str, Any], model: nn.Module, where: dict[str, Path]
+) -> tuple[MTPHead | None, MTPSource | None]:
+    """Build the head from the tensors found in `where`; None when the checkpoint has none."""
+    found: dict[str, tuple[str, Path]] = {}
+    prefixes = set()
+    for key, f in where.items():
+        m = _MTP_KEY.match(key)
+        if m:
+            found[m["name"]] = (key, f)
+            prefixes.add(m["prefix"])
+    n_layers = mtp_layer_count(config)
+    if not found:
+        return None, None
+    if n_layers == 0:
+        raise UserError(f"{path}: weights contain mtp.* tensors but the config declares no MTP layers "
+                        f"(mtp_num_hidden_layers)")
+    if len(prefixes) > 1:
+        raise UserError(f"{path}: MTP tensors under several prefixes ({', '.join(sorted(prefixes))})")
+    head = MTPHead(model.language_model.args, num_layers=n_layers)
+    expected = dict(tree_flatten(head.parameters()))
+    names = mtp_tensor_names(n_layers)
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise UserError(f"{path}: MTP head incomplete, missing {len(missing)} tensor(s) e.g. mtp.{missing[0]}")
+
+    tensors: dict[str, mx.array] = {}
+    for name, (key, f) in found.items():
+        with safe_open(str(f), framework="mlx") as st:
+            tensors[name] = st.get_tensor(key)
+    quantized = {}
+    for name in names:
+        if name.endswith(".weight") and name[: -len(".weight")] + ".scales" in tensors:
+            base = name[: -len(".weight")]
+            in_dim = expected[name].shape[-1]
+            quantized[base] = _quant_params(name, tensors[name].shape, tensors[base + ".scales"].shape, in_dim)
+        elif tuple(tensors[name].shape) != tuple(expected[name].shape):
+            raise UserError(f"{path}: MTP tensor mtp.{name} has shape {tuple(tensors[name].shape)}, the config "
+                            f"implies {tuple(expected[name].shape)}")
+    if quantized:
+        nn.quantize(head, class_predicate=lambda p, m: quantized.get(p, False) if hasattr(m, "to_quantized") else False)
+
+    norm_keys = [n for n in names if any(n.endswith(s) for s in MTP_NORM_SUFFIXES)]
+    norm_mean = float(mx.mean(mx.concatenate([tensors[n].astype(mx.float32).reshape(-1) for n in norm_keys])))
+    offset = abs(norm_mean) < 0.5  # offsets sit near 0, shifted weights near 1
+    if offset:
+        for n in norm_keys:
+            tensors[n] = tensors[n] + 1.0
+    head.load_weights(list(tensors.items()), strict=True)
+    head.eval()
+    mx.eval(head.parameters())
+    source = MTPSource(
+        files=tuple(sorted({f.name for _, f in found.values()})),
+        prefix=prefixes.pop(),
+        tensor_count=len(names),
+        norm_convention="offset" if offset else "shifted",
+        quantized=quantized,
+    )
+    return head, source
+
+
+def load(
+    path_or_repo: str | Path,
+    hidden_variant: HiddenVariant | str = HiddenVariant.POST_NORM,
+    require_mtp: bool = False,
+) -> Bundle:
+    """Load trunk (mlx_lm), MTP head (safetensors), tokenizer and config from a directory or cached repo id."""
+    path = resolve(path_or_repo)
+    config = read_config(path)
+    files = weight_files(path)
+    sidecar = path / SIDECAR
+    where = scan_headers(files + ([sidecar] if sidecar.exists() else []))
+    model, tokenizer = _load_trunk(path)
+    head, source = load_mtp_head(path, config, model, where)
+    name = str(path_or_repo) if not Path(str(path_or_repo)).exists() else path.name
+    if require_mtp and head is None:
+        raise UserError(no_mtp_message(name))
+    variant = HiddenVariant(hidden_variant)
+    return Bundle(
+        name=name, path=path, config=config, model=model, tokenizer=tokenizer, trunk=Trunk(model, variant),
+        mtp=head, mtp_source=source, fingerprint=fingerprint(path), hidden_variant=variant,
+    )

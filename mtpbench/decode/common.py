@@ -1,0 +1,52 @@
+"""Pieces both decoders share: target rows on the host, token choice, token records, the clock."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import mlx.core as mx
+import numpy as np
+
+from ..sampling import SamplingConfig, sample, sampling_probs
+from .records import TokenRecord
+
+
+def host_probs(logits: mx.array, cfg: SamplingConfig) -> np.ndarray:
+    """(n, V) device logits -> (n, V) float64 probabilities on the host.
+
+    Greedy moves only the argmax ids off the device and builds the point masses here (cheap for any vocab).
+    """
+    if cfg.greedy:
+        ids = np.asarray(mx.argmax(logits, axis=-1))
+        out = np.zeros((logits.shape[0], logits.shape[-1]))
+        out[np.arange(len(ids)), ids] = 1.0
+        return out
+    return sampling_probs(np.asarray(logits.astype(mx.float32)), cfg)
+
+
+def choose(probs: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator) -> int:
+    return int(np.argmax(probs)) if cfg.greedy else sample(probs, rng)
+
+
+def token_record(index: int, token: int, source: str, p: np.ndarray, pit_rng: np.random.Generator | None) -> TokenRecord:
+    """Target log-prob and randomized PIT u = F(x-) + U p(x) of `token` under target row `p`."""
+    pt = float(p[token])
+    u = float(p[:token].sum() + pit_rng.random() * pt) if pit_rng is not None else float("nan")
+    return TokenRecord(index, token, source, math.log(pt) if pt > 0 else float("-inf"), u)
+
+
+def rngs(seed: int) -> tuple[np.random.Generator, np.random.Generator]:
+    """The sampling stream and a separate PIT stream, so recording never changes what is sampled."""
+    return np.random.default_rng(seed), np.random.default_rng([seed, 0x9E3779B9])
+
+
+def reset_peak() -> None:
+    mx.reset_peak_memory()
+
+
+def peak() -> int:
+    return int(mx.get_peak_memory())
+
+
+now = time.perf_counter

@@ -1,0 +1,68 @@
+"""The one acceptance rule of speculative sampling, and its deliberately broken, labelled variants.
+
+`Rule()` is the exact rule (Leviathan et al. 2023; Chen et al. 2023): accept draft d_i with probability
+min(1, p_i(d_i) / q_i(d_i)); at the first rejection emit a token from normalize(max(0, p_i - q_i)); if all K
+drafts are accepted emit a bonus token from p_{K+1}. At temperature 0, p and q are point masses and the same rule
+reduces to "accept while the draft equals the target argmax", so greedy needs no second code path.
+
+The other field values exist only as verification controls (see `controls.py`): each is one switch away from the
+exact rule, so a control tests exactly one mistake.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..sampling import sample
+
+
+@dataclass(frozen=True)
+class Rule:
+    accept: str = "ratio"  # ratio (exact) | target_argmax | target_sample
+    correction: str = "residual"  # residual (exact) | target | draft
+    bonus: str = "sample"  # sample (exact) | argmax
+    target_transform: str = "same"  # same (exact) | raw: the target ignores the sampling transform
+
+
+EXACT = Rule()
+
+
+@dataclass(frozen=True)
+class Verdict:
+    accepted: int  # number of drafts accepted, 0..K
+    token: int  # the token emitted after them (residual or bonus)
+    source: str  # residual | bonus
+
+
+def _normalized(x: np.ndarray) -> np.ndarray:
+    total = x.sum()
+    return x / total if total > 0 else x
+
+
+def apply_rule(p: np.ndarray, q: np.ndarray, drafts: list[int], rng: np.random.Generator, rule: Rule = EXACT) -> Verdict:
+    """Accept drafts left to right. p: (K+1, V) target rows, q: (K, V) draft rows, drafts: K ids."""
+    for i, d in enumerate(drafts):
+        if rule.accept == "ratio":
+            ok = rng.random() * q[i, d] < p[i, d]  # u < p/q without dividing; q[d] > 0 since d was drawn from q
+        elif rule.accept == "target_argmax":
+            ok = d == int(np.argmax(p[i]))
+        else:  # target_sample: draw y ~ p_i; accept if d == y, else emit y itself (unbiased, accepts less)
+            y = sample(p[i], rng)
+            if d != y:
+                return Verdict(i, y, "residual")
+            ok = True
+        if not ok:
+            if rule.correction == "target":
+                dist = p[i]
+            elif rule.correction == "draft":
+                dist = q[i]
+            else:
+                dist = _normalized(np.maximum(p[i] - q[i], 0.0))
+                if dist.sum() == 0:  # p == q exactly: rejection has probability 0 but guard float noise
+                    dist = p[i]
+            return Verdict(i, sample(dist, rng), "residual")
+    last = p[len(drafts)]
+    token = int(np.argmax(last)) if rule.bonus == "argmax" else sample(last, rng)
+    return Verdict(len(drafts), token, "bonus")

@@ -1,0 +1,108 @@
+"""What a checkpoint is, as `mtpbench inspect` and the model card show it."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .checkpoint import Bundle
+
+_DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+def _format(module: nn.Module) -> str:
+    if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+        return f"q{module.bits} g{module.group_size}"
+    w = getattr(module, "weight", None)
+    return _DTYPE_NAMES.get(str(w.dtype).split(".")[-1], str(w.dtype)) if w is not None else "?"
+
+
+def _component(path: str) -> str:
+    if "embed_tokens" in path:
+        return "embedding"
+    if "lm_head" in path:
+        return "lm_head"
+    if "linear_attn" in path:
+        return "gated_deltanet"
+    if "self_attn" in path:
+        return "attention"
+    if "mlp" in path:
+        return "mlp"
+    return "norms"
+
+
+def component_formats(module: nn.Module, prefix: str = "") -> dict[str, str]:
+    """Component -> format(s), e.g. {'mlp': 'q4 g64', 'attention': 'bf16'}; mixed components list each."""
+    seen: dict[str, set[str]] = defaultdict(set)
+    for path, m in module.named_modules():
+        if isinstance(m, (nn.Linear, nn.QuantizedLinear, nn.Embedding, nn.QuantizedEmbedding, nn.RMSNorm)):
+            name = "fc" if path.endswith("fc") and prefix else _component(path)
+            seen[prefix + name].add(_format(m))
+    return {k: ", ".join(sorted(v)) for k, v in sorted(seen.items())}
+
+
+def describe(bundle: Bundle) -> dict[str, Any]:
+    text = bundle.text_config
+    layers = bundle.model.layers
+    pattern = "".join("G" if layer.is_linear else "A" for layer in layers)
+    params = sum(v.size for _, v in tree_flatten(bundle.model.parameters()))
+    info: dict[str, Any] = {
+        "name": bundle.name,
+        "path": str(bundle.path),
+        "architecture": bundle.config.get("architectures", [bundle.config.get("model_type")])[0],
+        "model_type": bundle.config.get("model_type"),
+        "layers": len(layers),
+        "layer_pattern": pattern,
+        "layer_pattern_legend": "G = Gated DeltaNet, A = gated full attention",
+        "hidden_size": text.get("hidden_size"),
+        "vocab_size": text.get("vocab_size"),
+        "parameters": int(params),
+        "formats": component_formats(bundle.model),
+        "tokenizer": {
+            "class": type(bundle.tokenizer._tokenizer).__name__,
+            "vocab_size": len(bundle.tokenizer.vocab) if hasattr(bundle.tokenizer, "vocab") else None,
+            "eos_ids": sorted(bundle.eos_ids),
+            "chat_template": bool(getattr(bundle.tokenizer, "chat_template", None)),
+        },
+        "fingerprint": bundle.fingerprint,
+        "mtp": None,
+    }
+    if bundle.mtp is not None and bundle.mtp_source is not None:
+        src = bundle.mtp_source
+        info["mtp"] = {
+            "tensors": src.tensor_count,
+            "prefix": src.prefix,
+            "files": list(src.files),
+            "norm_convention": src.norm_convention,
+            "layers": len(bundle.mtp.layers),
+            "parameters": int(sum(v.size for _, v in tree_flatten(bundle.mtp.parameters()))),
+            "formats": component_formats(bundle.mtp, prefix="mtp."),
+            "hidden_variant": bundle.hidden_variant.value,
+        }
+    return info
+
+
+def describe_text(info: dict[str, Any]) -> str:
+    lines = [
+        f"{info['name']}  ({info['architecture']}, fingerprint {info['fingerprint']})",
+        f"  path:        {info['path']}",
+        f"  layers:      {info['layers']}  pattern {info['layer_pattern']}  ({info['layer_pattern_legend']})",
+        f"  size:        {info['parameters']:,} parameters, hidden {info['hidden_size']}, vocab {info['vocab_size']}",
+        "  formats:     " + "; ".join(f"{k} {v}" for k, v in info["formats"].items()),
+        f"  tokenizer:   {info['tokenizer']['class']}, eos {info['tokenizer']['eos_ids']}, "
+        f"chat template {'yes' if info['tokenizer']['chat_template'] else 'no'}",
+    ]
+    mtp = info["mtp"]
+    if mtp is None:
+        lines.append("  MTP head:    none (no mtp.* tensors)")
+    else:
+        lines += [
+            f"  MTP head:    {mtp['tensors']} tensors under '{mtp['prefix']}' in {', '.join(mtp['files'])}; "
+            f"{mtp['layers']} layer(s), {mtp['parameters']:,} parameters",
+            f"               norms stored as {mtp['norm_convention']}; hidden fed {mtp['hidden_variant']}",
+            "               formats: " + "; ".join(f"{k} {v}" for k, v in mtp["formats"].items()),
+        ]
+    return "\n".join(lines)

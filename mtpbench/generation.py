@@ -1,0 +1,51 @@
+"""`mtpbench generate` as a library call: encode a prompt, decode N samples, describe each as a dict."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+from .checkpoint import Bundle
+from .decode import DecodeResult, generate_ar, generate_mtp
+from .sampling import SamplingConfig
+
+
+def encode_prompt(bundle: Bundle, text: str, chat: bool = False, thinking: bool | None = None) -> list[int]:
+    tok = bundle.tokenizer
+    if chat and getattr(tok, "chat_template", None):
+        extra = {} if thinking is None else {"enable_thinking": thinking}
+        return list(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, **extra))
+    return list(tok.encode(text))
+
+
+def result_dict(bundle: Bundle, r: DecodeResult) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "tokens": r.tokens,
+        "text": bundle.tokenizer.decode(r.tokens),
+        "prompt_tokens": r.prompt_tokens,
+        "generated_tokens": r.generated_tokens,
+        "prefill_s": r.prefill_s,
+        "decode_s": r.decode_s,
+        "decode_tok_s": r.decode_tok_s,
+        "finished_by": r.finished_by,
+    }
+    if r.k:
+        out.update(k=r.k, verify_steps=r.verify_steps, drafted_tokens=r.drafted_tokens,
+                   accepted_tokens=r.accepted_tokens, accepted_per_step=r.accepted_per_step,
+                   accepted_at_depth=r.accepted_at_depth, drafted_at_depth=r.drafted_at_depth,
+                   mean_acceptance_length=r.mean_acceptance_length)
+    return out
+
+
+def generate_samples(bundle: Bundle, prompt: str, cfg: SamplingConfig, k: int | None, max_tokens: int,
+                     num_samples: int = 1, draft_temperature: float | None = None,
+                     chat: bool = False) -> Iterator[dict[str, Any]]:
+    ids = encode_prompt(bundle, prompt, chat)
+    for i in range(num_samples):
+        c = replace(cfg, seed=cfg.seed + i)
+        if k is None:
+            r = generate_ar(bundle, ids, c, max_tokens, records=False)
+        else:
+            r = generate_mtp(bundle, ids, c, k, max_tokens, draft_temperature=draft_temperature, records=False)
+        yield {"seed": c.seed, **result_dict(bundle, r)}

@@ -1,0 +1,77 @@
+"""The Qwen3.5/3.6 MTP head as an `mlx.nn.Module`, and the names of its tensors.
+
+One MTP step predicts the token two ahead of a trunk position t from the trunk hidden at t and the embedding
+of token t+1 (see shared/MTP.md). The decoder layer is the trunk's own gated full-attention layer class from
+mlx_lm, so the head computes exactly what the checkpoint's architecture defines.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.base import create_attention_mask
+from mlx_lm.models.cache import KVCache
+from mlx_lm.models.qwen3_5 import DecoderLayer, TextModelArgs
+
+
+class HiddenVariant(str, Enum):
+    """Which trunk hidden feeds the head: after the final norm (vLLM, the default) or before it."""
+
+    POST_NORM = "post_norm"
+    PRE_NORM = "pre_norm"
+
+
+# The norm weights stored as offsets (used as 1 + w) in raw Hugging Face checkpoints.
+MTP_NORM_SUFFIXES = (
+    "pre_fc_norm_embedding.weight",
+    "pre_fc_norm_hidden.weight",
+    "norm.weight",
+    "input_layernorm.weight",
+    "post_attention_layernorm.weight",
+    "q_norm.weight",
+    "k_norm.weight",
+)
+# The linears that a policy may quantize (`fc` is kept separate: policies usually leave it in bf16).
+MTP_BODY_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def mtp_tensor_names(num_layers: int = 1) -> list[str]:
+    """The dense tensor names of an MTP head (15 for one layer), relative to the `mtp.` prefix."""
+    names = ["fc.weight", "pre_fc_norm_embedding.weight", "pre_fc_norm_hidden.weight", "norm.weight"]
+    for i in range(num_layers):
+        p = f"layers.{i}."
+        names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
+        names += [p + f"self_attn.{n}.weight" for n in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")]
+        names += [p + f"mlp.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj")]
+    return names
+
+
+class MTPHead(nn.Module):
+    """fc(concat(norm(embed(x[t+1])), norm(h[t]))) -> gated-attention decoder layer(s) -> final norm.
+
+    `__call__` returns the head's normed output hidden; logits come from the trunk's lm head, and the same
+    normed hidden is what a chained (depth > 1) step feeds back in as its "trunk hidden".
+    """
+
+    def __init__(self, args: TextModelArgs, num_layers: int = 1):
+        super().__init__()
+        hidden = args.hidden_size
+        self.pre_fc_norm_embedding = nn.RMSNorm(hidden, eps=args.rms_norm_eps)
+        self.pre_fc_norm_hidden = nn.RMSNorm(hidden, eps=args.rms_norm_eps)
+        self.fc = nn.Linear(2 * hidden, hidden, bias=False)
+        attention_index = args.full_attention_interval - 1  # makes DecoderLayer a full-attention layer
+        self.layers = [DecoderLayer(args, layer_idx=attention_index) for _ in range(num_layers)]
+        self.norm = nn.RMSNorm(hidden, eps=args.rms_norm_eps)
+
+    def __call__(self, hidden: mx.array, embeddings: mx.array, cache: list[KVCache] | None = None) -> mx.array:
+        z = self.fc(mx.concatenate([self.pre_fc_norm_embedding(embeddings), self.pre_fc_norm_hidden(hidden)], -1))
+        cache = cache or [None] * len(self.layers)
+        mask = create_attention_mask(z, cache[0])
+        for layer, c in zip(self.layers, cache):
+            z = layer(z, mask=mask, cache=c)
+        return self.norm(z)
+
+    def make_cache(self) -> list[KVCache]:
+        return [KVCache() for _ in self.layers]

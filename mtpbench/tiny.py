@@ -1,0 +1,169 @@
+"""Tiny random Qwen3.5 checkpoints with an MTP head, in every on-disk layout users meet.
+
+Tests need real checkpoints without a hub: this writes a Hugging Face style directory (config.json with
+`text_config`, safetensors weights, a locally built tokenizer) that `mlx_lm.load` and `mtpbench.load` both read.
+The options reproduce the layouts seen in the wild: MTP tensors inline under each known prefix or in a
+`mtp.safetensors` sidecar, sharded weights with an index, raw-HF norm offsets vs already-shifted norms.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+from mlx_lm.models.qwen3_5 import Model, ModelArgs
+from safetensors.mlx import save_file
+
+from .mtp import MTP_NORM_SUFFIXES, MTPHead
+from .tokenizer_build import train_bpe, write_tokenizer
+
+MTP_PREFIXES = ("mtp.", "model.mtp.", "language_model.mtp.", "model.language_model.mtp.")
+# Trunk norms that raw HF checkpoints store as offsets (mlx_lm's sanitize adds 1 to exactly these).
+TRUNK_OFFSET_NORMS = (".input_layernorm.weight", ".post_attention_layernorm.weight", "model.norm.weight",
+                      ".q_norm.weight", ".k_norm.weight")
+
+_TOKENIZER_TEXT = [
+    "def add(a, b):\n    return a + b\n",
+    "The quick brown fox jumps over the lazy dog. ",
+    "for i in range(10):\n    print(i * i)\n",
+    "import numpy as np\nx = np.zeros((3, 4))\n",
+    "Speculative decoding drafts tokens and verifies them with one forward pass. ",
+    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n",
+    "Le renard brun saute par-dessus le chien paresseux. Der schnelle braune Fuchs. ",
+    "What is 12 times 7? Let us think step by step: 12 * 7 = 84.\n",
+]
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """What to build. Defaults give a 4-layer (GDN, attention, GDN, attention) model in under a second."""
+
+    seed: int = 0
+    layers: int = 4
+    hidden: int = 64
+    vocab: int = 320
+    mtp: bool = True
+    mtp_layout: str = "inline"  # inline | sidecar
+    mtp_prefix: str = "mtp."
+    hf_norms: bool = False
+    shards: int = 1
+    tie_embeddings: bool = False
+
+
+def text_config(spec: TinySpec) -> dict:
+    heads = max(2, spec.hidden // 16)
+    return {
+        "model_type": "qwen3_5_text",
+        "hidden_size": spec.hidden,
+        "intermediate_size": spec.hidden * 2,
+        "num_hidden_layers": spec.layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": max(1, heads // 2),
+        "head_dim": 16,
+        "rms_norm_eps": 1e-6,
+        "vocab_size": spec.vocab,
+        "linear_num_value_heads": heads,
+        "linear_num_key_heads": max(1, heads // 2),
+        "linear_key_head_dim": 16,
+        "linear_value_head_dim": 16,
+        "linear_conv_kernel_dim": 4,
+        "full_attention_interval": 2,
+        "tie_word_embeddings": spec.tie_embeddings,
+        "max_position_embeddings": 4096,
+        "rope_parameters": {"type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+        "mtp_num_hidden_layers": 1 if spec.mtp else 0,
+    }
+
+
+def checkpoint_config(text: dict) -> dict:
+    return {
+        "architectures": ["Qwen3_5ForConditionalGeneration"],
+        "model_type": "qwen3_5",
+        "text_config": text,
+        "tie_word_embeddings": text["tie_word_embeddings"],
+        "torch_dtype": "float32",
+    }
+
+
+def _perturb_norms(params: dict[str, mx.array], rng: np.random.Generator) -> dict[str, mx.array]:
+    """Random init leaves every norm at exactly 1, which would hide a missing or doubled offset shift."""
+    out = {}
+    for k, v in params.items():
+        if v.ndim == 1 and k.endswith("norm.weight"):
+            v = mx.array(1.0 + 0.2 * rng.standard_normal(v.shape).astype(np.float32))
+        out[k] = v
+    return out
+
+
+def random_weights(spec: TinySpec) -> tuple[dict, dict[str, mx.array], dict[str, mx.array]]:
+    """(config, trunk tensors in MLX layout, MTP tensors without prefix), seeded."""
+    mx.random.seed(spec.seed)
+    rng = np.random.default_rng(spec.seed)
+    config = checkpoint_config(text_config(spec))
+    model = Model(ModelArgs.from_dict(config))
+    trunk = _perturb_norms(dict(tree_flatten(model.parameters())), rng)
+    mtp: dict[str, mx.array] = {}
+    if spec.mtp:
+        head = MTPHead(model.language_model.args, num_layers=1)
+        mtp = _perturb_norms(dict(tree_flatten(head.parameters())), rng)
+    return config, trunk, mtp
+
+
+def to_hf_layout(trunk: dict[str, mx.array], mtp: dict[str, mx.array]) -> tuple[dict, dict]:
+    """MLX layout -> raw Hugging Face layout: key names, conv1d axis order, norms as offsets."""
+    hf = {}
+    for k, v in trunk.items():
+        if k.startswith("language_model.model."):
+            k = "model.language_model." + k[len("language_model.model."):]
+        elif k.startswith("language_model."):
+            k = k[len("language_model."):]
+        if "conv1d.weight" in k:
+            v = v.moveaxis(2, 1)
+        if any(k.endswith(s) for s in TRUNK_OFFSET_NORMS):
+            v = v - 1.0
+        hf[k] = v
+    mtp_hf = {k: (v - 1.0 if any(k.endswith(s) for s in MTP_NORM_SUFFIXES) else v) for k, v in mtp.items()}
+    return hf, mtp_hf
+
+
+def write_weights(out: Path, tensors: dict[str, mx.array], shards: int, sidecar: dict[str, mx.array]) -> None:
+    """Write `model.safetensors` or N shards plus an index; the sidecar (if any) as `mtp.safetensors`."""
+    names = sorted(tensors)
+    if shards <= 1:
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "mlx"})
+    else:
+        groups = [names[i::shards] for i in range(shards)]
+        weight_map = {}
+        for i, group in enumerate(groups):
+            fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+            save_file({n: tensors[n] for n in group}, str(out / fname), metadata={"format": "mlx"})
+            weight_map.update({n: fname for n in group})
+        index = {"metadata": {"total_size": int(sum(v.nbytes for v in tensors.values()))}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    if sidecar:
+        save_file(sidecar, str(out / "mtp.safetensors"), metadata={"format": "mlx"})
+
+
+def make_tiny(out: str | Path, spec: TinySpec = TinySpec()) -> Path:
+    """Build a tiny checkpoint directory at `out` and return its path."""
+    if spec.mtp_prefix not in MTP_PREFIXES:
+        raise ValueError(f"--mtp-prefix must be one of {', '.join(MTP_PREFIXES)}")
+    if spec.mtp_layout not in ("inline", "sidecar"):
+        raise ValueError("--mtp-layout must be inline or sidecar")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config, trunk, mtp = random_weights(spec)
+    if spec.hf_norms:
+        trunk, mtp = to_hf_layout(trunk, mtp)
+    prefixed = {spec.mtp_prefix + k: v for k, v in mtp.items()}
+    inline = spec.mtp_layout == "inline"
+    write_weights(out, {**trunk, **(prefixed if inline else {})}, spec.shards, {} if inline else prefixed)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    random.seed(spec.seed)
+    write_tokenizer(train_bpe(_TOKENIZER_TEXT * 4, spec.vocab), out)
+    return out

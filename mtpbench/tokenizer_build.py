@@ -1,0 +1,67 @@
+"""Build a small byte-level BPE tokenizer locally (no download) and write it in Hugging Face layout.
+
+Used by tiny test checkpoints and by the embedded demo model, so both load through `mlx_lm.load` /
+`transformers.AutoTokenizer` exactly like a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+EOS_TOKEN = "<|im_end|>"
+
+# A Qwen-style chat template that honours `enable_thinking`, like the Qwen3.5/3.6 templates do.
+CHAT_TEMPLATE = (
+    "{%- for m in messages %}"
+    "{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- else %}{{- '<think>\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+
+MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Train a byte-level BPE on `texts`; deterministic for the same texts and size."""
+    if vocab_size < MIN_VOCAB:
+        raise ValueError(f"vocab must be at least {MIN_VOCAB} for a byte-level tokenizer, got {vocab_size}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def write_tokenizer(tok: Tokenizer, out: Path) -> None:
+    """Write tokenizer.json, tokenizer_config.json and generation_config's eos so every loader agrees."""
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": None,
+        "eos_token": EOS_TOKEN,
+        "pad_token": "<|endoftext|>",
+        "unk_token": None,
+        "model_max_length": 32768,
+        "chat_template": CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    eos = [tok.token_to_id(EOS_TOKEN), tok.token_to_id("<|endoftext|>")]
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}, indent=2))

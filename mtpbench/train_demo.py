@@ -1,0 +1,233 @@
+"""Recipe for the embedded default checkpoint: a small Qwen3.5-style model with an MTP head, trained here.
+
+    python -m mtpbench.train_demo --out mtpbench/assets/demo        (about 45 minutes on a 2-core CPU)
+
+Corpus: the Python standard library's own source (PSF licence, present on every machine with Python). About 5%
+of the files (chosen by a hash of their path) are held out and become the default prompt set, so prompts are
+from the same domain but never seen in training. Phase 1 trains trunk and MTP head together (next-token CE +
+0.6 x the head's token-after-next CE). Phase 2 freezes the trunk and distils the head toward the trunk's own
+next-token distributions at depths 1..3 (chained, as the decoder drafts), which is what acceptance rewards: a
+head that agrees with the trunk, not one that knows the text better than the trunk does. Deterministic: fixed
+seeds and step counts (no wall-clock stopping).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import shutil
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten
+from mlx_lm.models.qwen3_5 import Model, ModelArgs
+
+from .mtp import MTPHead
+from .tiny import checkpoint_config
+from .tokenizer_build import train_bpe, write_tokenizer
+
+HELD_OUT_EVERY = 20  # one file in 20 is held out
+
+
+@dataclass(frozen=True)
+class Recipe:
+    seed: int = 0
+    vocab: int = 2048
+    hidden: int = 128
+    layers: int = 4
+    seq: int = 256
+    batch: int = 16
+    phase1_steps: int = 560
+    phase2_steps: int = 220
+    lr: float = 3e-3
+    mtp_weight: float = 0.6
+    distill_depths: int = 3
+
+
+def stdlib_files() -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "site-packages", "idlelib", "lib2to3", "turtledemo"}
+    return sorted(f for f in root.rglob("*.py") if not skip & set(f.relative_to(root).parts))
+
+
+def is_held_out(path: Path) -> bool:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    rel = str(path.relative_to(root))
+    return int(hashlib.sha1(rel.encode()).hexdigest(), 16) % HELD_OUT_EVERY == 0
+
+
+def text_config(r: Recipe) -> dict:
+    return {
+        "model_type": "qwen3_5_text", "hidden_size": r.hidden, "intermediate_size": 3 * r.hidden,
+        "num_hidden_layers": r.layers, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+        "rms_norm_eps": 1e-6, "vocab_size": r.vocab, "linear_num_value_heads": 4, "linear_num_key_heads": 2,
+        "linear_key_head_dim": 32, "linear_value_head_dim": 32, "linear_conv_kernel_dim": 4,
+        "full_attention_interval": 2, "tie_word_embeddings": True, "max_position_embeddings": 8192,
+        "rope_parameters": {"type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+        "mtp_num_hidden_layers": 1,
+    }
+
+
+class Net(nn.Module):
+    """Trunk + head in one module so one optimizer and one value_and_grad cover both."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        self.model = Model(ModelArgs.from_dict(config))
+        self.mtp = MTPHead(self.model.language_model.args)
+
+    def trunk(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        body = self.model.language_model.model
+        h = body(x)  # post-norm hidden
+        return h, body.embed_tokens.as_linear(h)
+
+    def head_logits(self, h: mx.array, next_tokens: mx.array) -> tuple[mx.array, mx.array]:
+        body = self.model.language_model.model
+        z = self.mtp(h, body.embed_tokens(next_tokens))
+        return z, body.embed_tokens.as_linear(z)
+
+
+def joint_loss(net: Net, x: mx.array, mtp_weight: float) -> mx.array:
+    h, logits = net.trunk(x[:, :-1])
+    trunk_ce = nn.losses.cross_entropy(logits, x[:, 1:], reduction="mean")
+    _, mtp_logits = net.head_logits(h[:, :-1], x[:, 1:-1])
+    mtp_ce = nn.losses.cross_entropy(mtp_logits, x[:, 2:], reduction="mean")
+    return trunk_ce + mtp_weight * mtp_ce
+
+
+def distill_loss(net: Net, x: mx.array, depths: int) -> mx.array:
+    """KL(trunk || head) at depths 1..D, the head chained on its own hidden like the drafter."""
+    h, logits = net.trunk(x)
+    h, teacher = mx.stop_gradient(h), mx.stop_gradient(nn.log_softmax(logits.astype(mx.float32), axis=-1))
+    total, z = 0.0, h
+    T = x.shape[1]
+    for d in range(1, depths + 1):
+        n = T - d  # positions t with a token t+d
+        z, student = net.head_logits(z[:, :n], x[:, d : d + n])
+        target = teacher[:, d : d + n]  # trunk's distribution for token t+d+1
+        kl = (mx.exp(target) * (target - nn.log_softmax(student.astype(mx.float32), axis=-1))).sum(-1).mean()
+        total = total + kl / d
+    return total
+
+
+def batches(data: np.ndarray, r: Recipe, rng: np.random.Generator):
+    while True:
+        starts = rng.integers(0, len(data) - r.seq - 2, size=r.batch)
+        yield mx.array(np.stack([data[s : s + r.seq + 1] for s in starts]).astype(np.int32))
+
+
+def train(out: Path, r: Recipe, prompts_out: Path | None) -> None:
+    t_start = time.time()
+    files = stdlib_files()
+    train_files = [f for f in files if not is_held_out(f)]
+    held = [f for f in files if is_held_out(f)]
+    texts = [f.read_text(encoding="utf-8", errors="replace") for f in train_files]
+    print(f"corpus: {len(train_files)} training files, {len(held)} held out; training tokenizer ...", flush=True)
+    tok = train_bpe(texts, r.vocab)
+    eot = tok.token_to_id("<|endoftext|>")
+    ids: list[int] = []
+    for enc in tok.encode_batch(texts):
+        ids.extend(enc.ids)
+        ids.append(eot)
+    data = np.array(ids, dtype=np.uint16)
+    print(f"corpus: {len(data):,} tokens ({time.time() - t_start:.0f}s)", flush=True)
+
+    mx.random.seed(r.seed)
+    config = checkpoint_config(text_config(r))
+    net = Net(config)
+    net.train()
+    n_params = sum(v.size for _, v in tree_flatten(net.parameters()))
+    print(f"model: {n_params:,} parameters", flush=True)
+    rng = np.random.default_rng(r.seed)
+    stream = batches(data, r, rng)
+
+    def run_phase(name: str, steps: int, loss_fn) -> None:
+        warm = min(50, steps // 5)
+        schedule = optim.join_schedules(
+            [optim.linear_schedule(1e-5, r.lr, warm), optim.cosine_decay(r.lr, steps - warm, r.lr / 20)], [warm])
+        opt = optim.AdamW(learning_rate=schedule, weight_decay=0.01)
+        loss_and_grad = nn.value_and_grad(net, loss_fn)
+        state = [net.state, opt.state, mx.random.state]
+
+        def one_step(x):
+            loss, grads = loss_and_grad(net, x)
+            grads, _ = optim.clip_grad_norm(grads, 1.0)
+            opt.update(net, grads)
+            return loss
+
+        step = mx.compile(one_step, inputs=state, outputs=state)
+        t0, ema = time.time(), None
+        for i in range(1, steps + 1):
+            loss = step(next(stream))
+            mx.eval(state, loss)
+            ema = float(loss) if ema is None else 0.95 * ema + 0.05 * float(loss)
+            if i % 5 == 0 or i == steps:
+                el = time.time() - t0
+                print(f"\r{name} step {i}/{steps} loss {ema:.3f} {i * r.batch * r.seq / el:,.0f} tok/s "
+                      f"eta {el / i * (steps - i) / 60:.1f} min   ", end="", flush=True)
+        print(flush=True)
+
+    run_phase("joint", r.phase1_steps, lambda m, x: joint_loss(m, x, r.mtp_weight))
+    net.model.freeze()  # phase 2 trains the head only (no weight decay on the frozen trunk either)
+    run_phase("distill", r.phase2_steps, lambda m, x: distill_loss(m, x, r.distill_depths))
+    save(out, net, config, tok, r, time.time() - t_start)
+    if prompts_out is not None:
+        write_heldout_prompts(held, prompts_out)
+
+
+def save(out: Path, net: Net, config: dict, tok, r: Recipe, seconds: float) -> None:
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    weights = dict(tree_flatten(net.model.parameters()))
+    weights.update({f"mtp.{k}": v for k, v in tree_flatten(net.mtp.parameters())})
+    weights = {k: v.astype(mx.bfloat16) if v.dtype == mx.float32 and not k.endswith("A_log") else v for k, v in weights.items()}
+    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
+    config = dict(config, torch_dtype="bfloat16")
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    write_tokenizer(tok, out)
+    (out / "recipe.json").write_text(json.dumps({**r.__dict__, "train_seconds": round(seconds),
+                                                  "python": sys.version.split()[0]}, indent=2))
+
+
+def write_heldout_prompts(held: list[Path], out: Path, n: int = 24, chars: int = 600) -> None:
+    """Code prefixes from held-out stdlib files: the model continues them (plain text, no chat template)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    rows = []
+    for f in held:
+        text = f.read_text(encoding="utf-8", errors="replace")
+        cut = text.find("\ndef ", len(text) // 3)
+        if cut < 0 or len(text) < 2 * chars:
+            continue
+        prefix = text[max(0, cut - chars) : cut + 1] + "def"
+        rows.append({"id": f"stdlib-{len(rows) + 1:02d}", "category": "code_completion",
+                     "prompt": prefix, "source": str(f.relative_to(root)), "max_tokens": 128})
+        if len(rows) == n:
+            break
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    print(f"wrote {len(rows)} held-out prompts to {out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "assets" / "demo")
+    ap.add_argument("--prompts-out", type=Path, default=Path(__file__).parent.parent / "prompts" / "stdlib.jsonl")
+    ap.add_argument("--phase1-steps", type=int, default=Recipe.phase1_steps)
+    ap.add_argument("--phase2-steps", type=int, default=Recipe.phase2_steps)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    train(a.out, Recipe(seed=a.seed, phase1_steps=a.phase1_steps, phase2_steps=a.phase2_steps), a.prompts_out)
+
+
+if __name__ == "__main__":
+    main()
