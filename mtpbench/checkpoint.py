@@ -78,8 +78,8 @@ def no_mtp_message(name: str) -> str:
             f"conversions strip mtp.*: graft it back with `mtpbench graft TRUNK --mtp-from ORIGINAL OUT`")
 
 
-def resolve(path_or_repo: str | Path) -> Path:
-    """A local directory, or a hub repo id found in the local cache (never downloads)."""
+def resolve(path_or_repo: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """A local directory, or a hub repo id found in the local cache (`cache_dir` or the default one; never downloads)."""
     p = Path(path_or_repo).expanduser()
     if p.exists():
         if not p.is_dir():
@@ -92,7 +92,7 @@ def resolve(path_or_repo: str | Path) -> Path:
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(text, local_files_only=True))
+        return Path(snapshot_download(text, local_files_only=True, cache_dir=cache_dir))
     except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
         raise UserError(f"{text}: not a local directory and not in the local Hugging Face cache; fetch it first "
                         f"with `hf download {text}` (mtpbench never downloads)") from None
@@ -242,9 +242,10 @@ def load(
     path_or_repo: str | Path,
     hidden_variant: HiddenVariant | str = HiddenVariant.POST_NORM,
     require_mtp: bool = False,
+    cache_dir: str | Path | None = None,
 ) -> Bundle:
     """Load trunk (mlx_lm), MTP head (safetensors), tokenizer and config from a directory or cached repo id."""
-    path = resolve(path_or_repo)
+    path = resolve(path_or_repo, cache_dir)
     config = read_config(path)
     files = weight_files(path)
     sidecar = path / SIDECAR

@@ -71,7 +71,20 @@ def main(blas: str) -> None:
     With no --model, commands use the embedded default: a small Qwen3.5-style model with an MTP head trained on
     the Python standard library, so every command runs offline on a fresh machine.
     """
-    reexec_with_openblas(blas)
+    # The choice is acted on in `entry()`, before anything loads mlx; here it only documents the option.
+
+
+def entry() -> None:
+    """Console-script entry: preload OpenBLAS (re-executing once) unless `--blas reference`, then run the CLI."""
+    argv = sys.argv[1:]
+    choice = "openblas"
+    for i, a in enumerate(argv):
+        if a == "--blas" and i + 1 < len(argv):
+            choice = argv[i + 1]
+        elif a.startswith("--blas="):
+            choice = a.split("=", 1)[1]
+    reexec_with_openblas(choice)
+    main()
 
 
 @main.command("make-tiny")
@@ -156,4 +169,4 @@ def generate_cmd(model, prompt, chat, ar_mode, k, draft_temp, temperature, top_p
 
 
 if __name__ == "__main__":
-    main()
+    entry()

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten
-from mlx_lm.models.qwen3_5 import Model, ModelArgs
+from mlx.utils import tree_flatten, tree_unflatten
 from safetensors.mlx import save_file
 
-from .mtp import MTP_NORM_SUFFIXES, MTPHead
+from .mtp import MTP_NORM_SUFFIXES
 from .tokenizer_build import train_bpe, write_tokenizer
 
 MTP_PREFIXES = ("mtp.", "model.mtp.", "language_model.mtp.", "model.language_model.mtp.")
@@ -53,6 +52,7 @@ class TinySpec:
     hf_norms: bool = False
     shards: int = 1
     tie_embeddings: bool = False
+    agree: float = 0.0  # 0..1: build the head to predict what the trunk predicts (drafts get accepted)
 
 
 def text_config(spec: TinySpec) -> dict:
@@ -100,17 +100,43 @@ def _perturb_norms(params: dict[str, mx.array], rng: np.random.Generator) -> dic
     return out
 
 
+def _perturbed(module, rng: np.random.Generator) -> None:
+    module.update(tree_unflatten(list(_perturb_norms(dict(tree_flatten(module.parameters())), rng).items())))
+
+
+def _agree(net, strength: float) -> None:
+    """Make drafts agree with the trunk, instantly and by construction (random heads almost never agree).
+
+    Shrinking every residual branch's output by (1 - strength) makes the trunk nearly a bigram model,
+    logits(t) ~ lm_head(norm(embed(x[t]))). A head whose fc passes the embedding half through (and whose own layer
+    is shrunk alike, its final norm equal to the trunk's) then computes nearly the same function of x[t+1] that
+    the trunk will compute one position later. `strength` near 1 gives acceptance near 1; lower values less.
+    """
+    keep = 1.0 - strength
+    for module in (net.model, net.mtp):
+        for path, m in module.named_modules():
+            if path.endswith(("o_proj", "out_proj", "down_proj")):
+                m.weight = m.weight * keep
+    hidden = net.mtp.fc.weight.shape[0]
+    net.mtp.fc.weight = mx.concatenate([mx.eye(hidden), mx.zeros((hidden, hidden))], axis=1)
+    net.mtp.pre_fc_norm_embedding.weight = mx.ones((hidden,))
+    net.mtp.norm.weight = net.model.language_model.model.norm.weight
+
+
 def random_weights(spec: TinySpec) -> tuple[dict, dict[str, mx.array], dict[str, mx.array]]:
     """(config, trunk tensors in MLX layout, MTP tensors without prefix), seeded."""
+    from .train_demo import Net
+
     mx.random.seed(spec.seed)
     rng = np.random.default_rng(spec.seed)
     config = checkpoint_config(text_config(spec))
-    model = Model(ModelArgs.from_dict(config))
-    trunk = _perturb_norms(dict(tree_flatten(model.parameters())), rng)
-    mtp: dict[str, mx.array] = {}
-    if spec.mtp:
-        head = MTPHead(model.language_model.args, num_layers=1)
-        mtp = _perturb_norms(dict(tree_flatten(head.parameters())), rng)
+    net = Net(config)
+    _perturbed(net.model, rng)
+    _perturbed(net.mtp, rng)
+    if spec.mtp and spec.agree:
+        _agree(net, spec.agree)
+    trunk = dict(tree_flatten(net.model.parameters()))
+    mtp = dict(tree_flatten(net.mtp.parameters())) if spec.mtp else {}
     return config, trunk, mtp
 
 

@@ -85,15 +85,17 @@ class Net(nn.Module):
         self.model = Model(ModelArgs.from_dict(config))
         self.mtp = MTPHead(self.model.language_model.args)
 
+    def logits(self, h: mx.array) -> mx.array:
+        lm = self.model.language_model
+        return lm.model.embed_tokens.as_linear(h) if lm.args.tie_word_embeddings else lm.lm_head(h)
+
     def trunk(self, x: mx.array) -> tuple[mx.array, mx.array]:
-        body = self.model.language_model.model
-        h = body(x)  # post-norm hidden
-        return h, body.embed_tokens.as_linear(h)
+        h = self.model.language_model.model(x)  # post-norm hidden
+        return h, self.logits(h)
 
     def head_logits(self, h: mx.array, next_tokens: mx.array) -> tuple[mx.array, mx.array]:
-        body = self.model.language_model.model
-        z = self.mtp(h, body.embed_tokens(next_tokens))
-        return z, body.embed_tokens.as_linear(z)
+        z = self.mtp(h, self.model.language_model.model.embed_tokens(next_tokens))
+        return z, self.logits(z)
 
 
 def joint_loss(net: Net, x: mx.array, mtp_weight: float) -> mx.array:
@@ -125,6 +127,37 @@ def batches(data: np.ndarray, r: Recipe, rng: np.random.Generator):
         yield mx.array(np.stack([data[s : s + r.seq + 1] for s in starts]).astype(np.int32))
 
 
+def train_steps(net: Net, loss_fn, steps: int, lr: float, stream, name: str, verbose: bool = True) -> float:
+    """AdamW with warm-up and cosine decay over the trainable parameters of `net`; returns the final smoothed loss."""
+    warm = min(50, steps // 5)
+    schedule = optim.join_schedules(
+        [optim.linear_schedule(1e-5, lr, warm), optim.cosine_decay(lr, steps - warm, lr / 20)], [warm])
+    opt = optim.AdamW(learning_rate=schedule, weight_decay=0.01)
+    loss_and_grad = nn.value_and_grad(net, loss_fn)
+    state = [net.state, opt.state, mx.random.state]
+
+    def one_step(x):
+        loss, grads = loss_and_grad(net, x)
+        grads, _ = optim.clip_grad_norm(grads, 1.0)
+        opt.update(net, grads)
+        return loss
+
+    step = mx.compile(one_step, inputs=state, outputs=state)
+    t0, ema = time.time(), float("nan")
+    for i in range(1, steps + 1):
+        x = next(stream)
+        loss = step(x)
+        mx.eval(state, loss)
+        ema = float(loss) if i == 1 else 0.95 * ema + 0.05 * float(loss)
+        if verbose and (i % 5 == 0 or i == steps):
+            el = time.time() - t0
+            print(f"\r{name} step {i}/{steps} loss {ema:.3f} {i * x.size / el:,.0f} tok/s "
+                  f"eta {el / i * (steps - i) / 60:.1f} min   ", end="", flush=True)
+    if verbose:
+        print(flush=True)
+    return ema
+
+
 def train(out: Path, r: Recipe, prompts_out: Path | None) -> None:
     t_start = time.time()
     files = stdlib_files()
@@ -150,35 +183,9 @@ def train(out: Path, r: Recipe, prompts_out: Path | None) -> None:
     rng = np.random.default_rng(r.seed)
     stream = batches(data, r, rng)
 
-    def run_phase(name: str, steps: int, loss_fn) -> None:
-        warm = min(50, steps // 5)
-        schedule = optim.join_schedules(
-            [optim.linear_schedule(1e-5, r.lr, warm), optim.cosine_decay(r.lr, steps - warm, r.lr / 20)], [warm])
-        opt = optim.AdamW(learning_rate=schedule, weight_decay=0.01)
-        loss_and_grad = nn.value_and_grad(net, loss_fn)
-        state = [net.state, opt.state, mx.random.state]
-
-        def one_step(x):
-            loss, grads = loss_and_grad(net, x)
-            grads, _ = optim.clip_grad_norm(grads, 1.0)
-            opt.update(net, grads)
-            return loss
-
-        step = mx.compile(one_step, inputs=state, outputs=state)
-        t0, ema = time.time(), None
-        for i in range(1, steps + 1):
-            loss = step(next(stream))
-            mx.eval(state, loss)
-            ema = float(loss) if ema is None else 0.95 * ema + 0.05 * float(loss)
-            if i % 5 == 0 or i == steps:
-                el = time.time() - t0
-                print(f"\r{name} step {i}/{steps} loss {ema:.3f} {i * r.batch * r.seq / el:,.0f} tok/s "
-                      f"eta {el / i * (steps - i) / 60:.1f} min   ", end="", flush=True)
-        print(flush=True)
-
-    run_phase("joint", r.phase1_steps, lambda m, x: joint_loss(m, x, r.mtp_weight))
+    train_steps(net, lambda m, x: joint_loss(m, x, r.mtp_weight), r.phase1_steps, r.lr, stream, "joint")
     net.model.freeze()  # phase 2 trains the head only (no weight decay on the frozen trunk either)
-    run_phase("distill", r.phase2_steps, lambda m, x: distill_loss(m, x, r.distill_depths))
+    train_steps(net, lambda m, x: distill_loss(m, x, r.distill_depths), r.phase2_steps, r.lr, stream, "distill")
     save(out, net, config, tok, r, time.time() - t_start)
     if prompts_out is not None:
         write_heldout_prompts(held, prompts_out)

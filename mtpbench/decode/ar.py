@@ -10,9 +10,10 @@ from .common import choose, host_probs, now, peak, reset_peak, rngs, token_recor
 from .records import DecodeResult
 
 
-def generate_ar(bundle: Bundle, prompt: list[int], cfg: SamplingConfig, max_tokens: int, records: bool = True) -> DecodeResult:
-    """Decode up to `max_tokens` tokens (stopping at EOS); prefill and decode are timed apart."""
-    trunk, eos = bundle.trunk, bundle.eos_ids
+def generate_ar(bundle: Bundle, prompt: list[int], cfg: SamplingConfig, max_tokens: int, records: bool = True,
+                ignore_eos: bool = False) -> DecodeResult:
+    """Decode up to `max_tokens` tokens (stopping at EOS unless `ignore_eos`); prefill and decode are timed apart."""
+    trunk, eos = bundle.trunk, frozenset() if ignore_eos else bundle.eos_ids
     rng, pit_rng = rngs(cfg.seed)
     cache = trunk.make_cache()
     reset_peak()
@@ -32,5 +33,5 @@ def generate_ar(bundle: Bundle, prompt: list[int], cfg: SamplingConfig, max_toke
     t2 = now()
     return DecodeResult(
         tokens=tokens, prompt_tokens=len(prompt), prefill_s=t1 - t0, decode_s=t2 - t1, token_records=recs,
-        finished_by="eos" if tokens[-1] in eos else "length", peak_memory_bytes=peak(),
+        finished_by="eos" if tokens[-1] in bundle.eos_ids else "length", peak_memory_bytes=peak(),
     )

@@ -40,6 +40,7 @@ def generate_mtp(
     draft_temperature: float | None = None,
     rule: Rule = EXACT,
     records: bool = True,
+    ignore_eos: bool = False,
 ) -> DecodeResult:
     """Speculatively decode up to `max_tokens` tokens at draft depth `k`."""
     if not 1 <= k <= MAX_K:
@@ -47,7 +48,7 @@ def generate_mtp(
     if draft_temperature is not None and draft_temperature < 0:
         raise UserError(f"draft temperature must be >= 0, got {draft_temperature}")
     head = bundle.require_mtp()
-    trunk, eos = bundle.trunk, bundle.eos_ids
+    trunk, eos = bundle.trunk, frozenset() if ignore_eos else bundle.eos_ids
     dcfg = cfg if draft_temperature is None else replace(cfg, temperature=draft_temperature)
     rule_cfg = cfg if rule.target_transform == "same" else _raw_target(cfg)
     rng, pit_rng = rngs(cfg.seed)
@@ -123,6 +124,6 @@ def generate_mtp(
     return DecodeResult(
         tokens=tokens, prompt_tokens=len(prompt), prefill_s=t1 - t0, decode_s=t2 - t1, k=k, verify_steps=steps,
         drafted_at_depth=[steps] * k, accepted_at_depth=accepted_at, accepted_per_step=accepted_per_step,
-        steps=step_recs, token_records=token_recs, finished_by="eos" if tokens[-1] in eos else "length",
+        steps=step_recs, token_records=token_recs, finished_by="eos" if tokens[-1] in bundle.eos_ids else "length",
         peak_memory_bytes=peak(),
     )

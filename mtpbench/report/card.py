@@ -1,0 +1,236 @@
+"""Model-card tables (markdown, or the same numbers as JSON) in the style of public MTP model cards.
+
+The numbers come from the same tables.py functions as the HTML report, so a card pasted on a hub page and the
+report it came from never disagree. Markdown is rendered from the JSON-able record dict, never recomputed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..errors import UserError
+from . import fmt, tables
+from .html import VERIFY_HINT
+from .load import Loaded, load
+from .present import acceptance_cell, k_label, mode_speedup_cell, survival_cell
+
+CELL_KEYS = ["policy", "backend", "setting"]
+
+
+def _plain(x: Any) -> Any:
+    """JSON-safe scalars: numpy to Python, NaN to None."""
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating, float)):
+        return None if math.isnan(float(x)) else float(x)
+    if isinstance(x, (np.bool_,)):
+        return bool(x)
+    return x
+
+
+def _records(df: pd.DataFrame, columns: list[str]) -> list[dict[str, Any]]:
+    if df.empty:
+        return []
+    return [{c: _plain(r[c]) for c in columns if c in df} for _, r in df.iterrows()]
+
+
+def _models(data: Loaded) -> list[str]:
+    from_runs = set(data.runs["model"].dropna()) if not data.runs.empty else set()
+    from_manifests = {m for man in data.manifests.values() for m in (man.get("models") or {})}
+    return sorted(from_runs | from_manifests)
+
+
+def _select_model(data: Loaded, model: str | None) -> str:
+    models = _models(data)
+    if model is None:
+        if len(models) == 1:
+            return models[0]
+        raise UserError(f"these results hold {len(models)} models; pick one with model=...: {', '.join(models)}"
+                        if models else "these results hold no runs and no model description")
+    if model not in models:
+        raise UserError(f"unknown model {model!r}; available: {', '.join(models) or '(none)'}")
+    return model
+
+
+def _subset(data: Loaded, model: str) -> Loaded:
+    runs = data.runs[data.runs["model"] == model] if not data.runs.empty else data.runs
+    verdicts = data.verdicts[data.verdicts["model"] == model] if not data.verdicts.empty else data.verdicts
+    steps = data.steps[data.steps["run_id"].isin(runs["run_id"])] if not data.steps.empty else data.steps
+    return Loaded(runs=runs, steps=steps, verdicts=verdicts, manifests=data.manifests, dirs=data.dirs)
+
+
+def _hardware(data: Loaded) -> dict[str, str]:
+    """Manifest provenance, falling back to what the runs recorded."""
+    (rows,) = tables.provenance(data).values()
+    return {r["field"]: r["manifest"] or r["runs"] for r in rows if r["field"] in tables.PROVENANCE_FIELDS}
+
+
+def _formats(manifest: dict[str, Any], model: str) -> dict[str, dict[str, str]]:
+    models = manifest.get("models") or {}
+    info = models.get(model) or next((m for m in models.values() if isinstance(m, dict) and m.get("name") == model),
+                                     {})
+    mtp = info.get("mtp") or {}
+    return {"trunk": dict(info.get("formats") or {}), "mtp": dict(mtp.get("formats") or {})}
+
+
+def _preservation(data: Loaded) -> dict[str, Any]:
+    """What was tested and what was not; never a claim without a verdict row."""
+    cells = tables.cell_verdicts(data.verdicts)
+    untested = tables.untested_cells(data.runs, data.verdicts)
+    v = tables.verdict_rows(data.verdicts)
+    controls = v[v["is_control"]] if not v.empty else v
+    return {
+        "tested": not cells.empty,
+        "cells": _records(cells, CELL_KEYS + ["k", "tests", "names", "rejected", "min_p_holm", "max_n"]),
+        "untested": _records(untested, CELL_KEYS + ["k"]),
+        "controls": {"rows": int(len(controls)),
+                     "rejected": int(controls["rejected"].fillna(False).astype(bool).sum()) if len(controls) else 0},
+    }
+
+
+def card_data(results_dir: Path, model: str | None = None) -> dict[str, Any]:
+    """Every number the card shows, as plain JSON-able values."""
+    data = load([results_dir])
+    name = _select_model(data, model)
+    sub = _subset(data, name)
+    (source,) = data.manifests
+    modes = tables.mode_table(sub.runs)
+    acc = tables.acceptance(sub.runs)
+    return {
+        "model": name, "source": source, "results_dir": str(results_dir),
+        "throughput": _records(modes, CELL_KEYS + ["mode", "k", "tok_s", "tok_s_std", "runs", "speedup",
+                                                   "speedup_lo", "speedup_hi", "n_prompts", "tau"]),
+        "acceptance": _records(acc, CELL_KEYS + ["k", "depth", "verify_steps", "reached", "accepted", "acceptance",
+                                                 "acceptance_lo", "acceptance_hi", "survival", "survival_lo",
+                                                 "survival_hi"]),
+        "sampling": _records(tables.sampling(sub.runs), ["setting", *tables.SAMPLING_FIELDS, "prompt_sets",
+                                                         "prompts", "repetitions"]),
+        "hardware": _hardware(data),
+        "preservation": _preservation(sub),
+        "formats": _formats(data.manifests[source], name),
+        "failed_runs": int(len(tables.failed(sub.runs))),
+    }
+
+
+# ---- markdown ------------------------------------------------------------------------------------------------
+
+def _md_cell(x: str) -> str:
+    return str(x).replace("|", "\\|").replace("\n", " ")
+
+
+def md_table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
+    lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _cell_name(rec: dict[str, Any], multi: bool) -> str:
+    """The setting label, naming policy and backend only when the card covers more than one."""
+    return f"{rec['setting']} ({rec['policy']}, {rec['backend']})" if multi else str(rec["setting"])
+
+
+def _groups(records: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
+    out: dict[tuple, list[dict[str, Any]]] = {}
+    for r in records:
+        out.setdefault(tuple(r[k] for k in CELL_KEYS), []).append(r)
+    return out
+
+
+def _throughput_md(card: dict[str, Any]) -> list[str]:
+    groups = _groups(card["throughput"])
+    if not groups:
+        return ["No completed runs: no throughput to report."]
+    out = []
+    for (policy, backend, setting), recs in groups.items():
+        out.append(f"**Decode throughput, `{setting}`** (policy {policy}, backend {backend})")
+        out.append("")
+        out.append(md_table(["Mode", "Decode tok/s", "Speedup"],
+                            [[k_label(r["k"]), fmt.tok_s(r["tok_s"]), mode_speedup_cell(r)] for r in recs]))
+        out.append("")
+    n = sorted({int(r["n_prompts"]) for r in card["throughput"] if r["n_prompts"] is not None})
+    n_text = "no paired prompts" if not n else f"n = {n[0]}" if len(n) == 1 else f"n = {n[0]}–{n[-1]}"
+    out.append(f"Speedup: geometric mean over prompts ({n_text}) of the paired per-prompt ratio of MTP to AR "
+               "decode tok/s, with a 95% bootstrap CI over prompts. Decode tok/s: mean over completed runs.")
+    return out
+
+
+def _acceptance_md(card: dict[str, Any], multi: bool) -> list[str]:
+    recs = card["acceptance"]
+    if not recs:
+        return ["No completed MTP runs: no acceptance to report."]
+    rows = [[_cell_name(r, multi), str(r["k"]), str(r["depth"]), acceptance_cell(r), survival_cell(r)] for r in recs]
+    return [md_table(["Setting", "K", "Depth", "Acceptance", "Survival"], rows), "",
+            "Acceptance at depth d: accepted at d / drafts that reached d. Survival to depth d: share of verify "
+            "steps whose first d drafts were all accepted. 95% Wilson intervals."]
+
+
+def _sampling_line(card: dict[str, Any]) -> str:
+    parts = []
+    for s in card["sampling"]:
+        top_k = fmt.integer(s["top_k"]) if s["top_k"] else "off"
+        parts.append(f"`{s['setting']}` = temperature {fmt.param(s['temperature'])}, top_p {fmt.param(s['top_p'])}, "
+                     f"top_k {top_k}, min_p {fmt.param(s['min_p'])}, draft temperature "
+                     f"{fmt.param(s['draft_temperature'])}, max_tokens {fmt.integer(s['max_tokens'])}, thinking "
+                     f"{fmt.text(s['thinking'])}; {s['prompts']} prompts ({s['prompt_sets']}) × "
+                     f"{s['repetitions']} repetitions")
+    return "**Sampling:** " + ("; ".join(parts) if parts else "no completed runs") + "."
+
+
+def _hardware_line(card: dict[str, Any]) -> str:
+    h = {k: fmt.text(v or None) for k, v in card["hardware"].items()}
+    return (f"**Hardware and versions:** {h.get('device', fmt.DASH)} on {h.get('host', fmt.DASH)}, "
+            f"{h.get('os', fmt.DASH)}, Python {h.get('python', fmt.DASH)}, BLAS {h.get('blas', fmt.DASH)}; "
+            f"mtpbench {h.get('mtpbench_version', fmt.DASH)}, mlx {h.get('mlx_version', fmt.DASH)}, "
+            f"mlx-lm {h.get('mlx_lm_version', fmt.DASH)}, git {h.get('git_sha', fmt.DASH)}.")
+
+
+def _preservation_line(card: dict[str, Any], multi: bool) -> str:
+    p = card["preservation"]
+    if not p["tested"]:
+        return f"**Distribution preservation:** not tested (no preservation test in these results; run `{VERIFY_HINT}`)."
+    parts = []
+    for c in p["cells"]:
+        verdict = f"rejected by {c['rejected']} of {c['tests']} tests" if c["rejected"] else "not rejected"
+        parts.append(f"K={c['k']} `{_cell_name(c, multi)}`: {verdict} ({c['names']}; n up to {fmt.integer(c['max_n'])}, "
+                     f"smallest Holm p {fmt.pvalue(c['min_p_holm'])})")
+    if p["untested"]:
+        parts.append("not tested: " + ", ".join(f"K={c['k']} `{_cell_name(c, multi)}`" for c in p["untested"]))
+    ctrl = p["controls"]
+    if ctrl["rows"]:
+        parts.append(f"control tests: {ctrl['rejected']} of {ctrl['rows']} rejected")
+    return "**Distribution preservation:** " + "; ".join(parts) + "."
+
+
+def _formats_md(card: dict[str, Any]) -> list[str]:
+    f = card["formats"]
+    rows = [[k, v] for k, v in f["trunk"].items()]
+    rows += [[k if k.startswith("mtp") else f"mtp.{k}", v] for k, v in f["mtp"].items()]
+    if not rows:
+        return ["Checkpoint formats were not recorded in the manifest."]
+    return [md_table(["Component", "Format"], rows)]
+
+
+def to_markdown(card: dict[str, Any]) -> str:
+    multi = len({tuple(r[k] for k in ("policy", "backend")) for r in card["throughput"]}) > 1
+    lines = [f"## MTP speculative decoding: {card['model']}", "",
+             f"Measured with mtpbench (results `{card['source']}`).", ""]
+    lines += _throughput_md(card) + ["", "**MTP draft acceptance**", ""] + _acceptance_md(card, multi) + [""]
+    lines += [_sampling_line(card), "", _hardware_line(card), "", _preservation_line(card, multi), ""]
+    if card["failed_runs"]:
+        lines += [f"{card['failed_runs']} failed run(s) are excluded from these numbers.", ""]
+    lines += ["**What's in this checkpoint**", ""] + _formats_md(card)
+    return "\n".join(lines) + "\n"
+
+
+def render_card(results_dir: Path, model: str | None = None, fmt: str = "markdown") -> str:
+    """Model-card tables for one model of one results directory, as markdown or (fmt="json") the same numbers."""
+    if fmt not in ("markdown", "json"):
+        raise UserError(f"unknown card format {fmt!r}; use 'markdown' or 'json'")
+    card = card_data(Path(results_dir), model)
+    return json.dumps(card, indent=2, sort_keys=False) + "\n" if fmt == "json" else to_markdown(card)

@@ -1,0 +1,246 @@
+"""The self-contained HTML comparison report: tables and inline-SVG plots from parquet results only.
+
+One file, no external URL, script or font, so it can be mailed, archived or opened offline; several results
+directories (machines, policies, checkpoints) merge into one comparison, told apart by a `source` column.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from jinja2 import Environment, PackageLoader, select_autoescape
+from markupsafe import Markup
+
+from . import fmt, plots, tables
+from .load import Loaded, load
+from .present import (Table, acceptance_cell, build, col, k_label, key_columns, mode_speedup_cell, shown_keys,
+                      speedup_cell, survival_cell)
+
+VERIFY_HINT = "mtpbench verify --out DIR"
+
+
+@dataclass
+class Section:
+    """One <section>: tables and an optional inline SVG; `empty` explains why there is nothing to show."""
+
+    id: str
+    title: str
+    tables: list[Table] = field(default_factory=list)
+    svg: Markup | None = None
+    empty: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _svg(svg: str | None) -> Markup | None:
+    return Markup(svg) if svg else None  # our own matplotlib output, not user text
+
+
+def headline_section(data: Loaded, keys: list[str]) -> Section:
+    best = tables.headline(data.runs)
+    t = build(best, key_columns(keys) + [
+        ("Best K", lambda r: str(int(r["k"])), True),
+        ("AR tok/s", lambda r: fmt.tok_s(r["ar_tok_s"]), True),
+        ("MTP tok/s", lambda r: fmt.tok_s(r["mtp_tok_s"]), True),
+        ("Speedup", lambda r: fmt.ratio(r["speedup"]), True),
+        ("95% CI", lambda r: fmt.ci(r["speedup_lo"], r["speedup_hi"], fmt.ratio), True),
+        ("Prompts", lambda r: fmt.integer(r["n_prompts"]), True),
+        ("τ", lambda r: fmt.num(r["tau"]), True),
+    ])
+    return Section("headline", "Headline: best K per model and setting", [t, settings_table(data)],
+                   empty="No paired AR/MTP runs completed, so no speedup can be stated.")
+
+
+def settings_table(data: Loaded) -> Table:
+    """What each setting label means, so a speedup is never quoted without its sampling settings."""
+    s = tables.sampling(data.runs)
+    return build(s, [
+        ("Source", col("source"), False), ("Model", col("model"), False), ("Setting", col("setting"), False),
+        ("temperature", lambda r: fmt.param(r["temperature"]), True), ("top_p", lambda r: fmt.param(r["top_p"]), True),
+        ("top_k", lambda r: fmt.integer(r["top_k"]), True), ("min_p", lambda r: fmt.param(r["min_p"]), True),
+        ("draft temperature", lambda r: fmt.param(r["draft_temperature"]), True),
+        ("max tokens", lambda r: fmt.integer(r["max_tokens"]), True), ("thinking", col("thinking"), False),
+        ("prompt sets", col("prompt_sets"), False), ("prompts", lambda r: fmt.integer(r["prompts"]), True),
+        ("repetitions", lambda r: fmt.integer(r["repetitions"]), True),
+    ], caption="Sampling settings")
+
+
+def throughput_section(data: Loaded, keys: list[str]) -> Section:
+    modes = tables.mode_table(data.runs)
+    t = build(modes, key_columns(keys) + [
+        ("Mode", lambda r: k_label(r["k"]), False),
+        ("Decode tok/s", lambda r: fmt.tok_s(r["tok_s"]), True),
+        ("± std", lambda r: fmt.tok_s(r["tok_s_std"]), True),
+        ("Runs", lambda r: fmt.integer(r["runs"]), True),
+        ("Speedup [95% CI]", mode_speedup_cell, True),
+        ("Peak memory", lambda r: fmt.memory(r["peak_memory_bytes"]), True),
+        ("Prefill s", lambda r: fmt.num(r["prefill_s"], 3), True),
+    ])
+    return Section("throughput", "Decode throughput: AR vs MTP by K", [t], _svg(plots.throughput(modes)),
+                   empty="No completed runs.")
+
+
+def acceptance_section(data: Loaded, keys: list[str]) -> Section:
+    acc = tables.acceptance(data.runs)
+    t = build(acc, key_columns(keys) + [
+        ("K", lambda r: str(int(r["k"])), True), ("Depth", lambda r: str(int(r["depth"])), True),
+        ("Reached", lambda r: fmt.integer(r["reached"]), True),
+        ("Accepted", lambda r: fmt.integer(r["accepted"]), True),
+        ("Acceptance [95% CI]", acceptance_cell, True), ("Survival [95% CI]", survival_cell, True),
+    ])
+    return Section("acceptance", "Acceptance by depth and survival", [t], _svg(plots.acceptance(acc)),
+                   empty="No completed MTP runs.")
+
+
+def position_section(data: Loaded, keys: list[str]) -> Section:
+    pos = tables.position(data.runs, data.steps)
+    t = build(pos, key_columns(keys) + [
+        ("K", lambda r: str(int(r["k"])), True),
+        ("Verify steps", lambda r: f"{int(r['step_lo'])}–{int(r['step_hi'])}", True),
+        ("Depth-1 drafts", lambda r: fmt.integer(r["n"]), True),
+        ("Acceptance [95% CI]", acceptance_cell, True),
+    ])
+    return Section("position", "Acceptance against position in the sequence", [t], _svg(plots.position(pos)),
+                   empty="No per-step records (the `steps` table is empty): these runs were recorded without "
+                         "step events, so acceptance cannot be resolved by position.")
+
+
+def tau_section(data: Loaded, keys: list[str]) -> Section:
+    tau = tables.tau_table(data.runs)
+    t = build(tau, key_columns(keys) + [
+        ("K", lambda r: str(int(r["k"])), True),
+        ("a (depth-1 acceptance)", lambda r: fmt.rate(r["a1"]), True),
+        ("τ measured", lambda r: fmt.num(r["tau"], 3), True),
+        ("τ i.i.d. prediction", lambda r: fmt.num(r["tau_iid"], 3), True),
+        ("measured / predicted", lambda r: fmt.rate(r["tau_ratio"]), True),
+    ])
+    return Section("tau", "Mean acceptance length τ vs the i.i.d. prediction", [t], _svg(plots.tau(tau)),
+                   empty="No completed MTP runs.")
+
+
+def efficiency_section(data: Loaded, keys: list[str]) -> Section:
+    eff = tables.efficiency(data.runs)
+    t = build(eff, key_columns(keys) + [
+        ("K", lambda r: str(int(r["k"])), True),
+        ("AR ms/token", lambda r: fmt.num(1000 * r["ar_s_per_token"], 2), True),
+        ("MTP ms/step", lambda r: fmt.num(1000 * r["mtp_s_per_step"], 2), True),
+        ("cost ratio c", lambda r: fmt.num(r["cost_ratio"], 3), True),
+        ("τ", lambda r: fmt.num(r["tau"], 3), True),
+        ("predicted τ/c", lambda r: fmt.ratio(r["predicted"]), True),
+        ("realized [95% CI]", speedup_cell, True),
+        ("efficiency", lambda r: fmt.rate(r["efficiency"]), True),
+    ])
+    return Section("efficiency", "Predicted vs realized speedup", [t], _svg(plots.efficiency(eff)),
+                   empty="Needs completed AR and MTP runs in the same cell.")
+
+
+def categories_section(data: Loaded, keys: list[str]) -> Section:
+    cat = tables.categories(data.runs)
+    t = build(cat, key_columns(keys) + [
+        ("K", lambda r: str(int(r["k"])), True), ("Category", col("category"), False),
+        ("Prompts", lambda r: fmt.integer(r["n_prompts"]), True),
+        ("Speedup [95% CI]", speedup_cell, True),
+        ("Depth-1 acceptance [95% CI]",
+         lambda r: fmt.with_ci(r.get("acceptance"), r.get("acceptance_lo"), r.get("acceptance_hi")), True),
+    ])
+    return Section("categories", "By prompt category", [t], _svg(plots.categories(cat, tables.headline(data.runs))),
+                   empty="No paired AR/MTP prompts.")
+
+
+def policies_section(data: Loaded, keys: list[str]) -> Section | None:
+    if tables.n_policies(data.runs) < 2:
+        return None
+    pol = tables.policies(data.runs)
+    keys = [k for k in keys if k != "policy"]
+    t = build(pol, key_columns(keys) + [
+        ("Mode", lambda r: k_label(r["k"]), False), ("Policy", col("policy"), False),
+        ("Decode tok/s", lambda r: fmt.tok_s(r["tok_s"]), True),
+        ("Speedup [95% CI]", mode_speedup_cell, True),
+        ("Depth-1 acceptance [95% CI]",
+         lambda r: fmt.DASH if r["mode"] == "ar" else acceptance_cell(r), True),
+        ("Peak memory", lambda r: fmt.memory(r["peak_memory_bytes"]), True),
+    ])
+    return Section("policies", "Quantization policies compared", [t], _svg(plots.policies(pol)),
+                   empty="No completed runs.")
+
+
+def verdicts_section(data: Loaded, keys: list[str]) -> Section:
+    v = tables.verdict_rows(data.verdicts)
+    t = build(v, key_columns([k for k in keys if k != "setting"]) + [
+        ("Setting", col("setting"), False), ("K", lambda r: fmt.integer(r["k"]), True),
+        ("Control", lambda r: fmt.text(r["control"]) if r["is_control"] else "—", False),
+        ("Test", col("test"), False), ("n", lambda r: fmt.integer(r["n"]), True),
+        ("Statistic", lambda r: fmt.stat(r["statistic"]), True), ("p", lambda r: fmt.pvalue(r["p_value"]), True),
+        ("p (Holm)", lambda r: fmt.pvalue(r["p_holm"]), True),
+        ("Detectable deviation", lambda r: f"{fmt.stat(r['detectable'])} {fmt.text(r['detectable_unit'])}", True),
+        ("Verdict", lambda r: "rejected" if bool(r["rejected"]) else "not rejected", False),
+    ])
+    untested = tables.untested_cells(data.runs, data.verdicts)
+    u = build(untested, key_columns(keys) + [("K", lambda r: str(int(r["k"])), True)],
+              caption="Benchmarked MTP cells with no preservation test (nothing is claimed for them)")
+    return Section("verdicts", "Distribution preservation", [t], extra={"untested": u, "hint": VERIFY_HINT},
+                   empty=f"No preservation test was run for these results; run `{VERIFY_HINT}`.")
+
+
+def provenance_section(data: Loaded) -> Section:
+    sources = []
+    for source, rows in tables.provenance(data).items():
+        manifest = data.manifests[source]
+        t = build(pd.DataFrame(rows), [("Field", col("field"), False), ("Manifest", col("manifest"), False),
+                                       ("Runs", col("runs"), False)])
+        sources.append({"name": source, "dir": str(data.dirs[source]), "table": t,
+                        "created_at": fmt.text(manifest.get("created_at")),
+                        "schema_version": fmt.text(manifest.get("schema_version")),
+                        "command": fmt.text(manifest.get("command")),
+                        "spec": json.dumps(manifest.get("spec", {}), indent=2, sort_keys=True, default=str)})
+    return Section("provenance", "Provenance and how to reproduce", extra={"sources": sources})
+
+
+def failed_table(data: Loaded, keys: list[str]) -> Table:
+    bad = tables.failed(data.runs)
+    return build(bad, key_columns(keys) + [
+        ("Mode", lambda r: k_label(r["k"]) if pd.notna(r["k"]) else fmt.text(r["mode"]), False),
+        ("Prompt", col("prompt_id"), False), ("Status", col("status"), False),
+        ("Error", lambda r: fmt.text(r["error"])[:200], False),
+    ])
+
+
+def sections(data: Loaded) -> list[Section]:
+    keys = shown_keys(data.runs)
+    out = [headline_section(data, keys), throughput_section(data, keys), acceptance_section(data, keys),
+           position_section(data, keys), tau_section(data, keys), efficiency_section(data, keys),
+           categories_section(data, keys), policies_section(data, keys), verdicts_section(data, keys),
+           provenance_section(data)]
+    return [s for s in out if s is not None]
+
+
+def _environment() -> Environment:
+    return Environment(loader=PackageLoader("mtpbench.report", "templates"),
+                       autoescape=select_autoescape(["html", "j2"]), trim_blocks=True, lstrip_blocks=True)
+
+
+def render_html(data: Loaded, title: str | None = None) -> str:
+    """The report as a string (render_report writes it)."""
+    names = list(data.manifests)
+    title = title or "mtpbench report: " + ", ".join(names)
+    runs = data.runs
+    summary_rows = [{"name": s, "dir": str(data.dirs[s]),
+                     "runs": int((runs["source"] == s).sum()) if not runs.empty else 0,
+                     "failed": int(((runs["source"] == s) & (runs["status"] != "ok")).sum()) if not runs.empty else 0}
+                    for s in names]
+    keys = shown_keys(runs)
+    return _environment().get_template("report.html.j2").render(
+        title=title, sources=summary_rows, failed=failed_table(data, keys),
+        n_failed=sum(r["failed"] for r in summary_rows), sections=sections(data))
+
+
+def render_report(results_dirs: list[Path], out: Path, title: str | None = None) -> Path:
+    """Read the results directories, write one self-contained HTML file to `out`, and return its path."""
+    out = Path(out)
+    html = render_html(load(results_dirs), title)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(html, encoding="utf-8")
+    return out

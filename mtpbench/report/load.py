@@ -1,0 +1,97 @@
+"""Read one or more results directories into one set of tables, tagged by `source`.
+
+Reports merge machines, policies and checkpoints; the `source` column (manifest name, else the directory name)
+keeps rows from different directories apart even when every other key is equal. Everything downstream reads
+these frames only, never live decoder objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ..results import read_manifest, read_results
+from ..stats.summary import SETTING_KEYS
+
+# Every aggregate in the report and the card is grouped by these keys, so both always agree.
+GROUP_KEYS: list[str] = ["source", *SETTING_KEYS]
+MISSING = "(none)"
+
+
+@dataclass
+class Loaded:
+    """Merged tables plus each source's manifest and directory."""
+
+    runs: pd.DataFrame
+    steps: pd.DataFrame
+    verdicts: pd.DataFrame
+    manifests: dict[str, dict[str, Any]] = field(default_factory=dict)
+    dirs: dict[str, Path] = field(default_factory=dict)
+
+
+def sampling_label(row: pd.Series) -> str:
+    """A readable setting name when the runs carry none (mirrors SamplingConfig.label)."""
+    t = row.get("temperature")
+    if t is None or pd.isna(t):
+        return MISSING
+    if t == 0:
+        return "greedy"
+    parts = [f"T={t:g}"]
+    if pd.notna(row.get("top_p")) and row["top_p"] < 1:
+        parts.append(f"top_p={row['top_p']:g}")
+    if pd.notna(row.get("top_k")) and row["top_k"]:
+        parts.append(f"top_k={int(row['top_k'])}")
+    if pd.notna(row.get("min_p")) and row["min_p"]:
+        parts.append(f"min_p={row['min_p']:g}")
+    return " ".join(parts)
+
+
+def _fill_keys(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Missing group keys become a visible placeholder, so groupby/merge never silently drop or mismatch them."""
+    df = df.copy()
+    for k in keys:
+        if k in df and k != "k":
+            col = df[k].astype(object)
+            df[k] = col.where(col.notna() & (col != ""), MISSING)
+    return df
+
+
+def _normalize_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    runs = runs.copy()
+    if not runs.empty:
+        no_setting = runs["setting"].isna() | (runs["setting"] == "")
+        if no_setting.any():
+            runs.loc[no_setting, "setting"] = runs[no_setting].apply(sampling_label, axis=1)
+    return _fill_keys(runs, GROUP_KEYS + ["category", "thinking"])
+
+
+def _source_names(dirs: list[Path], manifests: list[dict[str, Any]]) -> list[str]:
+    """Manifest name, else directory name; made unique so two machines never merge into one source."""
+    names: list[str] = []
+    for d, m in zip(dirs, manifests):
+        base = str(m.get("name") or d.name)
+        name, i = base, 2
+        while name in names:
+            name, i = f"{base}#{i}", i + 1
+        names.append(name)
+    return names
+
+
+def load(results_dirs: list[Path | str]) -> Loaded:
+    """Read each directory with results.read_results and tag its rows with a source name."""
+    dirs = [Path(d) for d in results_dirs]
+    manifests = [read_manifest(d) for d in dirs]
+    names = _source_names(dirs, manifests)
+    frames: dict[str, list[pd.DataFrame]] = {"runs": [], "steps": [], "verdicts": []}
+    for d, name in zip(dirs, names):
+        tables = read_results([d])
+        for t in frames:
+            frames[t].append(tables[t].assign(source=name))
+    runs = _normalize_runs(pd.concat(frames["runs"], ignore_index=True))
+    verdicts = _fill_keys(pd.concat(frames["verdicts"], ignore_index=True), GROUP_KEYS)
+    steps = pd.concat(frames["steps"], ignore_index=True)
+    return Loaded(runs=runs, steps=steps, verdicts=verdicts, manifests=dict(zip(names, manifests)),
+                  dirs=dict(zip(names, dirs)))

@@ -1,0 +1,260 @@
+"""The report's and the card's tables, built once from mtpbench.stats.summary so both always agree.
+
+Each function takes merged frames (see load.py) and returns a plain DataFrame of raw numbers grouped by
+GROUP_KEYS; formatting happens later (fmt.py), so the HTML page and the markdown card print the same values.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..stats import summary
+from .load import GROUP_KEYS, MISSING, Loaded
+
+BY = GROUP_KEYS
+PROVENANCE_FIELDS = ["host", "device", "os", "python", "blas", "mtpbench_version", "mlx_version",
+                     "mlx_lm_version", "git_sha"]
+SAMPLING_FIELDS = ["temperature", "top_p", "top_k", "min_p", "draft_temperature", "max_tokens", "thinking"]
+
+
+def ok_mtp(runs: pd.DataFrame) -> pd.DataFrame:
+    r = summary.ok_runs(runs)
+    return r[r["mode"] == "mtp"]
+
+
+def ok_ar(runs: pd.DataFrame) -> pd.DataFrame:
+    r = summary.ok_runs(runs)
+    return r[r["mode"] == "ar"]
+
+
+def failed(runs: pd.DataFrame) -> pd.DataFrame:
+    """Runs that did not finish ('status' != 'ok'): excluded from every aggregate, but counted and shown."""
+    return runs[runs["status"] != "ok"] if not runs.empty else runs
+
+
+def mode_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Decode tok/s per (group, mode, K) with the paired speedup and its CI on the MTP rows (AR is K = 0)."""
+    tp = summary.throughput_table(runs, BY)
+    if tp.empty:
+        return tp
+    sp = summary.speedup_table(runs, BY)
+    if not sp.empty:
+        sp = sp.rename(columns={"tau": "tau_prompts"}).drop(columns=["ar_tok_s", "mtp_tok_s"]).assign(mode="mtp")
+        tp = tp.merge(sp, on=[*BY, "mode", "k"], how="left")
+    else:
+        tp = tp.assign(n_prompts=np.nan, speedup=np.nan, speedup_lo=np.nan, speedup_hi=np.nan)
+    tp["k"] = tp["k"].astype(int)
+    return tp.sort_values([*BY, "k"], kind="stable").reset_index(drop=True)
+
+
+def headline(runs: pd.DataFrame) -> pd.DataFrame:
+    """Best K per group (summary.best_k over summary.speedup_table), with the AR and MTP tok/s of mode_table."""
+    best = summary.best_k(summary.speedup_table(runs, BY), BY)
+    if best.empty:
+        return best
+    modes = mode_table(runs)
+    ar = modes[modes["mode"] == "ar"][[*BY, "tok_s"]].rename(columns={"tok_s": "ar_tok_s_runs"})
+    mtp = modes[modes["mode"] == "mtp"][[*BY, "k", "tok_s"]].rename(columns={"tok_s": "mtp_tok_s_runs"})
+    best = best.drop(columns=["ar_tok_s", "mtp_tok_s"]).merge(ar, on=BY, how="left").merge(mtp, on=[*BY, "k"],
+                                                                                            how="left")
+    return best.rename(columns={"ar_tok_s_runs": "ar_tok_s", "mtp_tok_s_runs": "mtp_tok_s"})
+
+
+def acceptance(runs: pd.DataFrame) -> pd.DataFrame:
+    """Acceptance and survival by depth with Wilson CIs (summary.acceptance_by_depth)."""
+    return summary.acceptance_by_depth(runs, BY)
+
+
+def tau_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Measured tau per K against the i.i.d. prediction (1 - a^(K+1)) / (1 - a), a = depth-1 acceptance.
+
+    Measured tau here is pooled, 1 + sum(accepted) / sum(verify steps) = 1 + sum over depths of survival, i.e.
+    the same counts the acceptance table shows.
+    """
+    acc = acceptance(runs)
+    if acc.empty:
+        return acc
+    rows = []
+    for key, g in acc.groupby([*BY, "k"], dropna=False, sort=True):
+        k = int(key[-1])
+        a = float(g.loc[g["depth"] == 1, "acceptance"].iloc[0])
+        iid = float(k + 1) if a == 1 else (1 - a ** (k + 1)) / (1 - a)
+        rows.append({**dict(zip([*BY, "k"], key)), "a1": a, "tau": 1 + float(g["survival"].sum()), "tau_iid": iid,
+                     "verify_steps": int(g["verify_steps"].iloc[0])})
+    out = pd.DataFrame(rows)
+    out["tau_ratio"] = out["tau"] / out["tau_iid"]
+    return out
+
+
+def _cost_rows(runs: pd.DataFrame) -> pd.DataFrame:
+    """Seconds per AR token and per MTP verify step, pooled over ok runs (ratios of sums, robust to short runs)."""
+    ar = ok_ar(runs).assign(tokens=lambda d: (d["generated_tokens"] - 1).clip(lower=0))
+    ar = ar.groupby(BY, dropna=False)[["decode_s", "tokens"]].sum().reset_index()
+    ar["ar_s_per_token"] = ar["decode_s"] / ar["tokens"].where(ar["tokens"] > 0)
+    mtp = ok_mtp(runs).groupby([*BY, "k"], dropna=False)[["decode_s", "verify_steps"]].sum().reset_index()
+    mtp["mtp_s_per_step"] = mtp["decode_s"] / mtp["verify_steps"].where(mtp["verify_steps"] > 0)
+    return mtp[[*BY, "k", "mtp_s_per_step"]].merge(ar[[*BY, "ar_s_per_token"]], on=BY, how="inner")
+
+
+def efficiency(runs: pd.DataFrame) -> pd.DataFrame:
+    """Predicted speedup tau / c, c = (MTP s per verify step) / (AR s per token); efficiency = realized / predicted."""
+    tau = tau_table(runs)
+    sp = summary.speedup_table(runs, BY)
+    if tau.empty or sp.empty or ok_ar(runs).empty:
+        return pd.DataFrame()
+    out = _cost_rows(runs).merge(tau[[*BY, "k", "tau"]], on=[*BY, "k"], how="inner")
+    out = out.merge(sp[[*BY, "k", "speedup", "speedup_lo", "speedup_hi"]], on=[*BY, "k"], how="inner")
+    out["cost_ratio"] = out["mtp_s_per_step"] / out["ar_s_per_token"]
+    out["predicted"] = out["tau"] / out["cost_ratio"]
+    out["efficiency"] = out["speedup"] / out["predicted"]
+    return out.sort_values([*BY, "k"], kind="stable").reset_index(drop=True)
+
+
+def categories(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per prompt category: geometric-mean speedup with a bootstrap CI over prompts, and depth-1 acceptance."""
+    pp = summary.per_prompt_ratios(runs, BY)
+    if pp.empty:
+        return pd.DataFrame()
+    rows = []
+    for key, g in pp.groupby([*BY, "k", "category"], dropna=False, sort=True):
+        ratios = g["ratio"].to_numpy()
+        lo, hi = summary.bootstrap_ci(ratios, summary.geomean)
+        rows.append({**dict(zip([*BY, "k", "category"], key)), "n_prompts": len(g),
+                     "speedup": summary.geomean(ratios), "speedup_lo": lo, "speedup_hi": hi})
+    out = pd.DataFrame(rows)
+    acc = summary.acceptance_by_depth(runs, [*BY, "category"])
+    if not acc.empty:
+        acc = acc[acc["depth"] == 1][[*BY, "category", "k", "acceptance", "acceptance_lo", "acceptance_hi"]]
+        out = out.merge(acc, on=[*BY, "k", "category"], how="left")
+    return out
+
+
+def n_policies(runs: pd.DataFrame) -> int:
+    return 0 if runs.empty else int(runs["policy"].nunique(dropna=False))
+
+
+def policies(runs: pd.DataFrame) -> pd.DataFrame:
+    """Policies side by side: tok/s, speedup, depth-1 acceptance and peak memory per (cell, K)."""
+    modes = mode_table(runs)
+    if modes.empty:
+        return modes
+    acc = acceptance(runs)
+    if not acc.empty:
+        acc = acc[acc["depth"] == 1][[*BY, "k", "acceptance", "acceptance_lo", "acceptance_hi"]]
+        modes = modes.merge(acc, on=[*BY, "k"], how="left")
+    order = [k for k in BY if k != "policy"] + ["k", "policy"]
+    return modes.sort_values(order, kind="stable").reset_index(drop=True)
+
+
+def position(runs: pd.DataFrame, steps: pd.DataFrame, n_bins: int = 8) -> pd.DataFrame:
+    """Depth-1 acceptance against the verify-step index, in ~n_bins equal-width bins shared by every group."""
+    if steps.empty or runs.empty:
+        return pd.DataFrame()
+    d1 = steps[steps["depth"] == 1][["source", "run_id", "step", "accepted"]]
+    d1 = d1.merge(ok_mtp(runs)[["source", "run_id", *[k for k in BY if k != "source"], "k"]],
+                  on=["source", "run_id"], how="inner")
+    if d1.empty:
+        return pd.DataFrame()
+    edges = np.unique(np.linspace(0, int(d1["step"].max()) + 1, n_bins + 1).round().astype(int))
+    d1 = d1.assign(bin=np.searchsorted(edges, d1["step"].to_numpy(), side="right") - 1)
+    rows = []
+    for key, g in d1.groupby([*BY, "k", "bin"], dropna=False, sort=True):
+        b = int(key[-1])
+        n, acc = len(g), int(g["accepted"].sum())
+        lo, hi = summary.wilson(acc, n)
+        rows.append({**dict(zip([*BY, "k"], key[:-1])), "bin": b, "step_lo": int(edges[b]),
+                     "step_hi": int(edges[b + 1]) - 1, "n": n, "accepted": acc, "acceptance": acc / n,
+                     "acceptance_lo": lo, "acceptance_hi": hi})
+    return pd.DataFrame(rows)
+
+
+def is_control(v: pd.DataFrame) -> pd.Series:
+    c = v["control"].astype(object)
+    return c.notna() & ~c.isin(["", "none", MISSING])
+
+
+def verdict_rows(verdicts: pd.DataFrame) -> pd.DataFrame:
+    """The verdicts table as stored, sorted, with a boolean for negative/positive control rows."""
+    if verdicts.empty:
+        return verdicts.assign(is_control=pd.Series(dtype=bool))
+    v = verdicts.assign(is_control=is_control(verdicts))
+    return v.sort_values(["is_control", *BY, "k", "test"], kind="stable").reset_index(drop=True)
+
+
+def cell_verdicts(verdicts: pd.DataFrame) -> pd.DataFrame:
+    """Per tested cell (controls excluded): number of tests, which ones, and whether any rejected."""
+    v = verdict_rows(verdicts)
+    v = v[~v["is_control"]] if not v.empty else v
+    if v.empty:
+        return pd.DataFrame()
+    rows = []
+    for key, g in v.groupby([*BY, "k"], dropna=False, sort=True):
+        rows.append({**dict(zip([*BY, "k"], key)), "tests": len(g), "names": ", ".join(sorted(set(g["test"]))),
+                     "rejected": int(g["rejected"].fillna(False).astype(bool).sum()),
+                     "min_p_holm": float(g["p_holm"].min()), "max_n": int(g["n"].max())})
+    return pd.DataFrame(rows)
+
+
+def untested_cells(runs: pd.DataFrame, verdicts: pd.DataFrame) -> pd.DataFrame:
+    """MTP cells that were benchmarked but have no preservation test row: never implied to preserve anything."""
+    cells = ok_mtp(runs)[[*BY, "k"]].drop_duplicates()
+    tested = cell_verdicts(verdicts)
+    if cells.empty or tested.empty:
+        return cells.reset_index(drop=True)
+    keys = [k for k in BY if k != "source"] + ["k"]
+    merged = cells.merge(tested[keys].drop_duplicates().assign(_t=1), on=keys, how="left")
+    return merged[merged["_t"].isna()].drop(columns="_t").reset_index(drop=True)
+
+
+def sampling(runs: pd.DataFrame) -> pd.DataFrame:
+    """Distinct sampling settings per setting label, with prompt and repetition counts."""
+    r = summary.ok_runs(runs)
+    if r.empty:
+        return pd.DataFrame()
+    rows = []
+    for key, g in r.groupby(["source", "model", "setting"], dropna=False, sort=True):
+        first = g.iloc[0]
+        rows.append({"source": key[0], "model": key[1], "setting": key[2],
+                     **{f: first[f] for f in SAMPLING_FIELDS},
+                     "prompt_sets": ", ".join(sorted(set(map(str, g["prompt_set"].dropna())))),
+                     "prompts": int(g[["prompt_set", "prompt_id"]].drop_duplicates().shape[0]),
+                     "repetitions": int(g["repetition"].nunique())})
+    return pd.DataFrame(rows)
+
+
+def _distinct(values: pd.Series) -> str:
+    vals = sorted({str(v) for v in values.dropna() if str(v) != ""})
+    return ", ".join(vals)
+
+
+def provenance(data: Loaded) -> dict[str, list[dict[str, str]]]:
+    """Per source: field -> manifest value and the distinct values the runs recorded (they should agree)."""
+    out: dict[str, list[dict[str, str]]] = {}
+    for source, manifest in data.manifests.items():
+        prov: dict[str, Any] = manifest.get("provenance") or {}
+        runs = data.runs[data.runs["source"] == source] if not data.runs.empty else data.runs
+        fields = PROVENANCE_FIELDS + [f for f in prov if f not in PROVENANCE_FIELDS]
+        rows = [{"field": f, "manifest": str(prov.get(f, "")),
+                 "runs": _distinct(runs[f]) if f in runs else ""} for f in fields]
+        if "started_at" in runs and runs["started_at"].notna().any():
+            started = runs["started_at"].dropna().astype(str)
+            rows.append({"field": "runs started", "manifest": "", "runs": f"{started.min()} … {started.max()}"})
+        out[source] = rows
+    return out
+
+
+def group_label(row: pd.Series | dict, keys: list[str]) -> str:
+    """A short legend label from the group keys that actually vary."""
+    parts = [str(row[k]) for k in keys if k in row]
+    return " · ".join(parts) if parts else str(row.get("model", ""))
+
+
+def varying(df: pd.DataFrame, keys: list[str] = BY) -> list[str]:
+    """Group keys with more than one value in `df` (the ones worth naming in a legend or a column)."""
+    if df.empty:
+        return []
+    out = [k for k in keys if k in df and df[k].nunique(dropna=False) > 1]
+    return out or ["model"]

@@ -1,0 +1,117 @@
+"""The one parquet schema of mtpbench, and atomic, resumable storage of a sweep's results.
+
+A results directory holds `manifest.json` and one sub-directory per table (`runs`, `steps`, `tokens`,
+`verdicts`), each made of part files `part-<cell_id>.parquet`. A part is written to a temporary name and renamed,
+so a reader never sees half a file; the `runs` part of a cell is written last, so its presence means "cell done".
+Rerunning a cell overwrites its parts by name: no duplicates, whatever moment a sweep was killed at.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import UserError
+
+SCHEMA_VERSION = 1
+
+RUNS = pa.schema([
+    ("run_id", pa.string()), ("cell_id", pa.string()), ("sweep", pa.string()), ("backend", pa.string()),
+    ("model", pa.string()), ("model_fingerprint", pa.string()), ("model_path", pa.string()), ("policy", pa.string()),
+    ("mode", pa.string()), ("k", pa.int32()),
+    ("temperature", pa.float64()), ("top_p", pa.float64()), ("top_k", pa.int32()), ("min_p", pa.float64()),
+    ("draft_temperature", pa.float64()), ("setting", pa.string()), ("thinking", pa.string()),
+    ("prompt_set", pa.string()), ("prompt_id", pa.string()), ("category", pa.string()),
+    ("repetition", pa.int32()), ("seed", pa.int64()), ("max_tokens", pa.int32()), ("order", pa.int32()),
+    ("prompt_tokens", pa.int32()), ("generated_tokens", pa.int32()),
+    ("prefill_s", pa.float64()), ("decode_s", pa.float64()), ("decode_tok_s", pa.float64()), ("ttft_s", pa.float64()),
+    ("peak_memory_bytes", pa.int64()),
+    ("verify_steps", pa.int32()), ("drafted_tokens", pa.int32()), ("accepted_tokens", pa.int32()),
+    ("mean_acceptance_length", pa.float64()),
+    ("drafted_at_depth", pa.list_(pa.int32())), ("accepted_at_depth", pa.list_(pa.int32())),
+    ("finished_by", pa.string()), ("output_hash", pa.string()), ("status", pa.string()), ("error", pa.string()),
+    ("hidden_variant", pa.string()),
+    ("mtpbench_version", pa.string()), ("mlx_version", pa.string()), ("mlx_lm_version", pa.string()),
+    ("git_sha", pa.string()), ("host", pa.string()), ("device", pa.string()), ("os", pa.string()),
+    ("python", pa.string()), ("blas", pa.string()), ("started_at", pa.string()),
+])
+STEPS = pa.schema([
+    ("run_id", pa.string()), ("step", pa.int32()), ("depth", pa.int32()), ("drafted_token", pa.int32()),
+    ("accepted", pa.bool_()), ("p_draft", pa.float64()), ("q_draft", pa.float64()), ("alpha", pa.float64()),
+])
+TOKENS = pa.schema([
+    ("run_id", pa.string()), ("index", pa.int32()), ("token_id", pa.int32()), ("source", pa.string()),
+    ("target_logprob", pa.float64()), ("pit_u", pa.float64()),
+])
+VERDICTS = pa.schema([
+    ("scope", pa.string()),  # verify | sweep
+    ("model", pa.string()), ("policy", pa.string()), ("backend", pa.string()), ("k", pa.int32()),
+    ("setting", pa.string()), ("temperature", pa.float64()), ("top_p", pa.float64()), ("top_k", pa.int32()),
+    ("min_p", pa.float64()), ("draft_temperature", pa.float64()), ("control", pa.string()),
+    ("test", pa.string()), ("n", pa.int64()), ("statistic", pa.float64()), ("p_value", pa.float64()),
+    ("p_holm", pa.float64()), ("detectable", pa.float64()), ("detectable_unit", pa.string()),
+    ("rejected", pa.bool_()), ("note", pa.string()),
+])
+TABLES: dict[str, pa.Schema] = {"runs": RUNS, "steps": STEPS, "tokens": TOKENS, "verdicts": VERDICTS}
+
+
+def _atomic_write_bytes(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_part(root: Path, table: str, part: str, rows: list[dict[str, Any]]) -> None:
+    """Write rows as `root/table/part-<part>.parquet`, atomically, validated against the table's schema."""
+    schema = TABLES[table]
+    data = pa.Table.from_pylist(rows, schema=schema) if rows else schema.empty_table()
+    _atomic_write_bytes(root / table / f"part-{part}.parquet", lambda tmp: pq.write_table(data, tmp))
+
+
+def write_json(path: Path, obj: Any) -> None:
+    _atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True, default=str)))
+
+
+def done_parts(root: Path, table: str = "runs") -> set[str]:
+    d = root / table
+    return {p.name[len("part-"): -len(".parquet")] for p in d.glob("part-*.parquet")} if d.exists() else set()
+
+
+def read_table(root: Path | str, table: str) -> pd.DataFrame:
+    """All parts of one table as a DataFrame (empty with the right columns when there are none)."""
+    d = Path(root) / table
+    files = sorted(d.glob("part-*.parquet")) if d.exists() else []
+    if not files:
+        return TABLES[table].empty_table().to_pandas()
+    return pa.concat_tables([pq.read_table(f, schema=TABLES[table]) for f in files]).to_pandas()
+
+
+def read_manifest(root: Path | str) -> dict[str, Any]:
+    f = Path(root) / "manifest.json"
+    if not f.exists():
+        raise UserError(f"{root}: not a results directory (no manifest.json)")
+    return json.loads(f.read_text())
+
+
+def read_results(roots: list[Path | str]) -> dict[str, pd.DataFrame]:
+    """Merge several results directories (machines, policies, checkpoints) into one set of tables."""
+    out: dict[str, list[pd.DataFrame]] = {t: [] for t in TABLES}
+    for root in roots:
+        read_manifest(root)
+        for t in TABLES:
+            out[t].append(read_table(root, t))
+    return {t: pd.concat(frames, ignore_index=True) if frames else TABLES[t].empty_table().to_pandas()
+            for t, frames in out.items()}

@@ -1,0 +1,76 @@
+"""Session fixtures: tiny checkpoints built once, in every layout users meet."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from mtpbench.checkpoint import load
+from mtpbench.cli import main
+from mtpbench.tiny import TinySpec, make_tiny
+
+LAYOUTS = {
+    "inline-mtp": TinySpec(),
+    "inline-model.mtp": TinySpec(mtp_prefix="model.mtp."),
+    "inline-language_model.mtp": TinySpec(mtp_prefix="language_model.mtp."),
+    "inline-model.language_model.mtp-hf": TinySpec(mtp_prefix="model.language_model.mtp.", hf_norms=True),
+    "sidecar": TinySpec(mtp_layout="sidecar"),
+    "sidecar-hf-sharded": TinySpec(mtp_layout="sidecar", hf_norms=True, shards=3),
+    "sharded-inline": TinySpec(shards=2, mtp_prefix="model.mtp."),
+}
+
+
+@pytest.fixture(scope="session")
+def ckpt_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("checkpoints")
+
+
+@pytest.fixture(scope="session")
+def layout_dirs(ckpt_root) -> dict[str, Path]:
+    return {name: make_tiny(ckpt_root / name, spec) for name, spec in LAYOUTS.items()}
+
+
+@pytest.fixture(scope="session")
+def tiny(layout_dirs) -> Path:
+    """The plain tiny checkpoint (seed 0, MTP inline under `mtp.`): random, drafts rarely accepted."""
+    return layout_dirs["inline-mtp"]
+
+
+@pytest.fixture(scope="session")
+def tiny_agree(ckpt_root) -> Path:
+    """A tiny checkpoint whose head is built to agree with the trunk: real acceptance at every temperature."""
+    return make_tiny(ckpt_root / "agree", TinySpec(seed=1, agree=0.9))
+
+
+@pytest.fixture(scope="session")
+def tiny_agree2(ckpt_root) -> Path:
+    """A second agreeing checkpoint (other seed, raw HF layout, sharded sidecar)."""
+    return make_tiny(ckpt_root / "agree2", TinySpec(seed=2, agree=0.9, hf_norms=True, shards=2, mtp_layout="sidecar"))
+
+
+@pytest.fixture(scope="session")
+def tiny_no_mtp(ckpt_root) -> Path:
+    return make_tiny(ckpt_root / "no-mtp", TinySpec(mtp=False))
+
+
+@pytest.fixture(scope="session")
+def bundle_agree(tiny_agree):
+    return load(tiny_agree)
+
+
+@pytest.fixture(scope="session")
+def bundle(tiny):
+    return load(tiny)
+
+
+@pytest.fixture
+def cli():
+    """Invoke the `mtpbench` CLI in-process; returns click's Result (stdout, stderr, exit_code)."""
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+    return invoke
