@@ -238,6 +238,21 @@ def load_mtp_head(
     return head, source
 
 
+def preflight(path_or_repo: str | Path, require_mtp: bool = True, cache_dir: str | Path | None = None) -> Path:
+    """Every check that needs no model in memory (path, config, readable weights, MTP present): fail before work."""
+    path = resolve(path_or_repo, cache_dir)
+    config = read_config(path)
+    files = weight_files(path)
+    sidecar = path / SIDECAR
+    where = scan_headers(files + ([sidecar] if sidecar.exists() else []))
+    if require_mtp and not any(_MTP_KEY.match(k) for k in where):
+        raise UserError(no_mtp_message(str(path_or_repo)))
+    if require_mtp and mtp_layer_count(config) == 0:
+        raise UserError(f"{path}: weights contain mtp.* tensors but the config declares no MTP layers "
+                        f"(mtp_num_hidden_layers)")
+    return path
+
+
 def load(
     path_or_repo: str | Path,
     hidden_variant: HiddenVariant | str = HiddenVariant.POST_NORM,

@@ -168,5 +168,163 @@ def generate_cmd(model, prompt, chat, ar_mode, k, draft_temp, temperature, top_p
             click.echo(sample["text"])
 
 
+def _floats(text: str, name: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in str(text).split(",") if x.strip())
+    except ValueError:
+        raise UserError(f"--{name} {text!r}: expected numbers separated by commas") from None
+
+
+def _words(text) -> tuple[str, ...]:
+    items = text if isinstance(text, (list, tuple)) else str(text).split(",")
+    return tuple(x.strip() for x in items if str(x).strip())
+
+
+def _read_toml(path: str) -> dict:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise UserError(f"--config {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"--config {path}: invalid TOML ({e})") from None
+
+
+SWEEP_KEYS = {"model", "k", "temp", "top_p", "top_k", "min_p", "draft_temp", "max_tokens", "repeats", "seed",
+              "prompts", "thinking", "prompt_limit", "ignore_eos", "no_records", "out"}
+
+
+@main.command("sweep")
+@click.option("--model", "-m", multiple=True, help="Checkpoint dir or cached repo id; repeat for several (default: embedded demo).")
+@click.option("--k", default="1..4", show_default=True, help="Draft depths: 3, 1,2,4 or 1..4.")
+@click.option("--temp", default="0,0.6", show_default=True, help="Temperatures, comma-separated (0 = greedy).")
+@click.option("--top-p", type=float, default=0.95, show_default=True, help="Nucleus mass for sampled settings.")
+@click.option("--top-k", type=int, default=20, show_default=True, help="Top-k for sampled settings (0 disables).")
+@click.option("--min-p", type=float, default=0.0, show_default=True)
+@click.option("--draft-temp", type=float, default=None, help="Draft temperature (default: the target's).")
+@click.option("--max-tokens", type=int, default=128, show_default=True, help="Tokens per run (a prompt line may override).")
+@click.option("--repeats", type=int, default=2, show_default=True, help="Repetitions of every cell.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--prompts", default=None, help="Prompt sets by name or .jsonl path, comma-separated "
+              "(default: stdlib for the embedded demo, else every bundled set).")
+@click.option("--thinking", default="n/a", help="on,off: an axis when the chat template supports enable_thinking.")
+@click.option("--prompt-limit", type=int, default=0, help="Use only the first N prompts of each set (0: all).")
+@click.option("--ignore-eos", is_flag=True, help="Generate exactly --max-tokens tokens per run.")
+@click.option("--no-records", is_flag=True, help="Skip the steps/tokens tables (no per-cell preservation verdicts).")
+@click.option("--out", "-o", default=None, help="Results dir (default: results/<model>-<spec hash>, so reruns resume).")
+@click.option("--config", "config_file", default=None, help="TOML sweep file; command-line values override it.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary (for scripts).")
+@click.option("--no-report", is_flag=True, help="Do not render the HTML report at the end.")
+@click.pass_context
+@_friendly
+def sweep_cmd(ctx, config_file, quiet, no_report, **cli_values):
+    """Sweep checkpoints x K x sampling settings x prompt sets: AR and MTP side by side, into parquet.
+
+    Rerunning the same command resumes: only missing cells run. Results land in results/<name>/ as parquet
+    tables (runs, steps, tokens, verdicts) with a manifest; an HTML report is rendered at the end.
+    """
+    from click.core import ParameterSource
+
+    from .defaults import DEMO_PROMPT_SET, default_model, is_default_model
+    from .prompts import available_sets
+    from .results import read_table
+    from .sweep import SweepSpec, default_out, run_sweep
+
+    values = {}
+    if config_file:
+        values = {k.replace("-", "_"): v for k, v in _read_toml(config_file).items()}
+        unknown = sorted(set(values) - SWEEP_KEYS)
+        if unknown:
+            raise UserError(f"--config {config_file}: unknown key(s) {', '.join(unknown)}")
+    for name, v in cli_values.items():
+        if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE or name not in values:
+            values[name] = v
+    models = _words(values["model"]) or (default_model(),)
+    prompts = _words(values["prompts"] or "")
+    if not prompts:
+        prompts = (DEMO_PROMPT_SET,) if all(is_default_model(m) for m in models) else tuple(
+            s for s in available_sets() if s != DEMO_PROMPT_SET)
+    k_text = values["k"] if isinstance(values["k"], str) else ",".join(str(x) for x in values["k"])
+    temps = values["temp"] if isinstance(values["temp"], (list, tuple)) else _floats(values["temp"], "temp")
+    spec = SweepSpec(
+        models=models, prompts=prompts, ks=tuple(parse_k(k_text)), temps=tuple(float(t) for t in temps),
+        top_p=float(values["top_p"]), top_k=int(values["top_k"]), min_p=float(values["min_p"]),
+        draft_temp=None if values["draft_temp"] is None else float(values["draft_temp"]),
+        max_tokens=int(values["max_tokens"]), repeats=int(values["repeats"]), seed=int(values["seed"]),
+        thinking=_words(values["thinking"]) or ("n/a",), prompt_limit=int(values["prompt_limit"]),
+        ignore_eos=bool(values["ignore_eos"]), records=not values["no_records"],
+    )
+    out = Path(values["out"]) if values["out"] else default_out(spec)
+    command = "mtpbench " + " ".join(sys.argv[1:]) if sys.argv[0].endswith(("mtpbench", "cli.py", "__main__.py")) else ""
+    bar = None
+
+    def progress(ev):
+        nonlocal bar
+        if quiet:
+            return
+        if bar is None:
+            bar = click.progressbar(length=ev.total, label="sweep", show_eta=True, show_pos=True,
+                                    item_show_func=lambda s: s, file=sys.stderr)
+            bar.__enter__()
+        bar.update(1, f"{ev.label}: {ev.tok_s:.1f} tok/s")
+
+    try:
+        outcome = run_sweep(spec, out, command or f"mtpbench sweep --k {k_text}", progress)
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+    if not quiet:
+        if outcome.cells_skipped:
+            click.echo(f"resumed: {outcome.cells_skipped} of {outcome.cells_total} cells were already done")
+        from .console import sweep_summary
+
+        click.echo(sweep_summary(read_table(out, "runs")))
+    click.echo(f"results: {out}")
+    if not no_report:
+        from .report.html import render_report
+
+        report = render_report([out], Path("reports") / f"{out.name}.html")
+        click.echo(f"report: {report}")
+    if outcome.failed_runs:
+        click.echo(f"{len(outcome.failed_runs)} run(s) failed, e.g. {outcome.failed_runs[0]}", err=True)
+        sys.exit(1)
+
+
+@main.command("report")
+@click.argument("results_dirs", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--out", default=None, help="HTML file (default: reports/<first results dir>.html).")
+@click.option("--title", default=None)
+@_friendly
+def report_cmd(results_dirs, out, title):
+    """Render one self-contained HTML report from one or more results dirs (they merge into one comparison)."""
+    from .report import render_report
+
+    dirs = [Path(d) for d in results_dirs]
+    path = render_report(dirs, Path(out) if out else Path("reports") / f"{dirs[0].name}.html", title=title)
+    click.echo(str(path))
+
+
+@main.command("card")
+@click.argument("results_dir", type=click.Path())
+@click.option("--model", "-m", default=None, help="Model name in the results (needed when there are several).")
+@click.option("--format", "fmt", type=click.Choice(["markdown", "json"]), default="markdown", show_default=True)
+@click.option("-o", "--out", default=None, help="Write to a file instead of stdout.")
+@_friendly
+def card_cmd(results_dir, model, fmt, out):
+    """Model-card tables (Mode | tok/s | speedup, acceptance by depth, verdict, formats), ready to paste."""
+    from .report import render_card
+
+    text = render_card(Path(results_dir), model=model, fmt=fmt)
+    if out:
+        Path(out).write_text(text)
+        click.echo(out)
+    else:
+        click.echo(text)
+
+
 if __name__ == "__main__":
     entry()

@@ -217,7 +217,7 @@ def write_heldout_prompts(held: list[Path], out: Path, n: int = 24, chars: int =
             continue
         prefix = text[max(0, cut - chars) : cut + 1] + "def"
         rows.append({"id": f"stdlib-{len(rows) + 1:02d}", "category": "code_completion",
-                     "prompt": prefix, "source": str(f.relative_to(root)), "max_tokens": 128})
+                     "prompt": prefix, "completion": True, "source": str(f.relative_to(root)), "max_tokens": 128})
         if len(rows) == n:
             break
     out.parent.mkdir(parents=True, exist_ok=True)

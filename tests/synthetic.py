@@ -14,9 +14,9 @@ import numpy as np
 
 from mtpbench.results import SCHEMA_VERSION, write_json, write_part
 
-SETTINGS = {"greedy": dict(temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, draft_temperature=0.0),
-            "T=0.6 top_p=0.95 top_k=20": dict(temperature=0.6, top_p=0.95, top_k=20, min_p=0.0,
-                                              draft_temperature=0.6)}
+SETTINGS = {"greedy": {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "draft_temperature": 0.0},
+            "T=0.6 top_p=0.95 top_k=20": {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.0,
+                                          "draft_temperature": 0.6}}
 CATEGORIES = ("code", "chat", "math")
 
 

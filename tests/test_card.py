@@ -12,10 +12,10 @@ import pytest
 from markdown_it import MarkdownIt
 
 sys.path.insert(0, str(Path(__file__).parent))
-from synthetic import SETTINGS, Spec, build_results, verdict  # noqa: E402
+from synthetic import SETTINGS, Spec, build_results, verdict
 
-from mtpbench.errors import UserError  # noqa: E402
-from mtpbench.report import render_card  # noqa: E402
+from mtpbench.errors import UserError
+from mtpbench.report import render_card
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_card_tables_parse_and_match_recomputed_numbers(results, runs):
 
 def test_card_lines(results):
     md = render_card(results)
-    sampling = [ln for ln in md.splitlines() if ln.startswith("**Sampling:**")][0]
+    sampling = next(ln for ln in md.splitlines() if ln.startswith("**Sampling:**"))
     assert "`greedy` = temperature 0, top_p 1, top_k off" in sampling
     assert "`T=0.6 top_p=0.95 top_k=20` = temperature 0.6, top_p 0.95, top_k 20" in sampling
     assert "**Hardware and versions:** cpu on ci-runner" in md and "mlx 0.29.0" in md and "git abc1234" in md
@@ -96,10 +96,10 @@ def test_card_lines(results):
 
 def test_card_json_has_the_same_numbers(results, runs):
     card = json.loads(render_card(results, fmt="json"))
-    ar = [r for r in card["throughput"] if r["mode"] == "ar" and r["setting"] == "greedy"][0]
+    ar = next(r for r in card["throughput"] if r["mode"] == "ar" and r["setting"] == "greedy")
     expect = runs[(runs["mode"] == "ar") & (runs["setting"] == "greedy")]["decode_tok_s"].mean()
     assert ar["tok_s"] == pytest.approx(expect)
-    d1 = [r for r in card["acceptance"] if r["setting"] == "greedy" and r["k"] == 2 and r["depth"] == 1][0]
+    d1 = next(r for r in card["acceptance"] if r["setting"] == "greedy" and r["k"] == 2 and r["depth"] == 1)
     g = runs[(runs["setting"] == "greedy") & (runs["k"] == 2)]
     assert d1["acceptance"] == pytest.approx(sum(a[0] for a in g["accepted_at_depth"]) / g["verify_steps"].sum())
     assert card["preservation"]["tested"] is False
@@ -129,7 +129,7 @@ def test_card_reports_verdicts_without_overclaiming(tmp_path):
     spec.verdicts = [verdict(spec, 1, "greedy", "pit_ks", 0.4, False),
                      verdict(spec, 1, "greedy", "pit_ks", 1e-9, True, control="argmax_accept")]
     md = render_card(build_results(tmp_path / "v", spec))
-    line = [ln for ln in md.splitlines() if ln.startswith("**Distribution preservation:**")][0]
+    line = next(ln for ln in md.splitlines() if ln.startswith("**Distribution preservation:**"))
     assert "K=1 `greedy`: not rejected (pit_ks" in line
     assert "not tested: K=2 `greedy`" in line
     assert "control tests: 1 of 1 rejected" in line

@@ -7,15 +7,16 @@ import shutil
 import sys
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import ClassVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from synthetic import Spec, build_results, verdict  # noqa: E402
+from synthetic import Spec, build_results, verdict
 
-from mtpbench.report import render_report  # noqa: E402
+from mtpbench.report import render_report
 
 SECTIONS = ["headline", "throughput", "acceptance", "position", "tau", "efficiency", "categories", "policies",
             "verdicts", "provenance"]
@@ -51,7 +52,7 @@ def single(dirs, tmp_path_factory) -> Path:
 class Resources(HTMLParser):
     """Collects every attribute or stylesheet text that could make a browser fetch something."""
 
-    URL_ATTRS = {"src", "href", "xlink:href", "srcset", "action", "poster", "data", "formaction", "background"}
+    URL_ATTRS: ClassVar[set[str]] = {"src", "href", "xlink:href", "srcset", "action", "poster", "data", "formaction", "background"}
 
     def __init__(self) -> None:
         super().__init__()
@@ -91,9 +92,13 @@ def test_report_is_self_contained(merged):
 
 
 def test_report_renders_in_headless_browser(merged):
-    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    # No skip: a missing browser must fail loudly rather than hide a broken report.
+    try:
+        from playwright import sync_api as playwright
+    except ImportError:
+        pytest.fail("the browser test needs `pip install playwright` (no `playwright install`: it uses Debian's chromium)")
     if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} missing: apt-get install -y chromium")
+        pytest.fail(f"{CHROMIUM} missing: apt-get install -y chromium")
     url = merged.resolve().as_uri()
     errors: list[str] = []
     requests: list[str] = []
@@ -166,3 +171,23 @@ def test_failed_only_and_no_steps_do_not_crash(tmp_path):
     html = render_report([bad], tmp_path / "bad.html").read_text()
     assert f"{n} runs failed" in html
     assert all(f'id="{s}"' in html for s in SECTIONS if s != "policies")
+
+
+def test_report_package_never_imports_mlx_or_the_decoder():
+    """Reports must run wherever parquet can be read (DESIGN.md: report -> stats/results only)."""
+    import ast
+
+    from mtpbench import report
+
+    banned = ("mlx", "mlx_lm", "click", "mtpbench.decode", "mtpbench.checkpoint", "mtpbench.cli")
+    for path in Path(report.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [("mtpbench." if node.level else "") + (node.module or "")]
+                names = [n.replace("mtpbench.", "mtpbench.report.", 1) if node.level == 1 else n for n in names]
+            else:
+                continue
+            for name in names:
+                assert not name.startswith(banned), f"{path.name} imports {name}"

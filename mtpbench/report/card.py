@@ -16,7 +16,6 @@ import pandas as pd
 
 from ..errors import UserError
 from . import fmt, tables
-from .html import VERIFY_HINT
 from .load import Loaded, load
 from .present import acceptance_cell, k_label, mode_speedup_cell, survival_cell
 
@@ -89,7 +88,7 @@ def _preservation(data: Loaded) -> dict[str, Any]:
         "tested": not cells.empty,
         "cells": _records(cells, CELL_KEYS + ["k", "tests", "names", "rejected", "min_p_holm", "max_n"]),
         "untested": _records(untested, CELL_KEYS + ["k"]),
-        "controls": {"rows": int(len(controls)),
+        "controls": {"rows": len(controls),
                      "rejected": int(controls["rejected"].fillna(False).astype(bool).sum()) if len(controls) else 0},
     }
 
@@ -114,7 +113,7 @@ def card_data(results_dir: Path, model: str | None = None) -> dict[str, Any]:
         "hardware": _hardware(data),
         "preservation": _preservation(sub),
         "formats": _formats(data.manifests[source], name),
-        "failed_runs": int(len(tables.failed(sub.runs))),
+        "failed_runs": len(tables.failed(sub.runs)),
     }
 
 
@@ -166,8 +165,8 @@ def _acceptance_md(card: dict[str, Any], multi: bool) -> list[str]:
         return ["No completed MTP runs: no acceptance to report."]
     rows = [[_cell_name(r, multi), str(r["k"]), str(r["depth"]), acceptance_cell(r), survival_cell(r)] for r in recs]
     return [md_table(["Setting", "K", "Depth", "Acceptance", "Survival"], rows), "",
-            "Acceptance at depth d: accepted at d / drafts that reached d. Survival to depth d: share of verify "
-            "steps whose first d drafts were all accepted. 95% Wilson intervals."]
+            ("Acceptance at depth d: accepted at d / drafts that reached d. Survival to depth d: share of verify "
+             "steps whose first d drafts were all accepted. 95% Wilson intervals.")]
 
 
 def _sampling_line(card: dict[str, Any]) -> str:
@@ -193,12 +192,13 @@ def _hardware_line(card: dict[str, Any]) -> str:
 def _preservation_line(card: dict[str, Any], multi: bool) -> str:
     p = card["preservation"]
     if not p["tested"]:
-        return f"**Distribution preservation:** not tested (no preservation test in these results; run `{VERIFY_HINT}`)."
+        return ("**Distribution preservation:** not tested (no preservation test in these results; "
+                f"run `{tables.VERIFY_HINT}`).")
     parts = []
     for c in p["cells"]:
         verdict = f"rejected by {c['rejected']} of {c['tests']} tests" if c["rejected"] else "not rejected"
-        parts.append(f"K={c['k']} `{_cell_name(c, multi)}`: {verdict} ({c['names']}; n up to {fmt.integer(c['max_n'])}, "
-                     f"smallest Holm p {fmt.pvalue(c['min_p_holm'])})")
+        parts.append(f"K={c['k']} `{_cell_name(c, multi)}`: {verdict} ({c['names']}; "
+                     f"n up to {fmt.integer(c['max_n'])}, smallest Holm p {fmt.pvalue(c['min_p_holm'])})")
     if p["untested"]:
         parts.append("not tested: " + ", ".join(f"K={c['k']} `{_cell_name(c, multi)}`" for c in p["untested"]))
     ctrl = p["controls"]

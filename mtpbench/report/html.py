@@ -17,10 +17,20 @@ from markupsafe import Markup
 
 from . import fmt, plots, tables
 from .load import Loaded, load
-from .present import (Table, acceptance_cell, build, col, k_label, key_columns, mode_speedup_cell, shown_keys,
-                      speedup_cell, survival_cell)
+from .present import (
+    Table,
+    acceptance_cell,
+    build,
+    col,
+    k_label,
+    key_columns,
+    mode_speedup_cell,
+    shown_keys,
+    speedup_cell,
+    survival_cell,
+)
 
-VERIFY_HINT = "mtpbench verify --out DIR"
+VERIFY_HINT = tables.VERIFY_HINT
 
 
 @dataclass
@@ -154,9 +164,9 @@ def policies_section(data: Loaded, keys: list[str]) -> Section | None:
     if tables.n_policies(data.runs) < 2:
         return None
     pol = tables.policies(data.runs)
-    keys = [k for k in keys if k != "policy"]
+    keys = [k for k in ("model", "backend", "setting") if k in keys]
     t = build(pol, key_columns(keys) + [
-        ("Mode", lambda r: k_label(r["k"]), False), ("Policy", col("policy"), False),
+        ("Mode", lambda r: k_label(r["k"]), False), ("Policy", col("policy"), False), ("Source", col("source"), False),
         ("Decode tok/s", lambda r: fmt.tok_s(r["tok_s"]), True),
         ("Speedup [95% CI]", mode_speedup_cell, True),
         ("Depth-1 acceptance [95% CI]",
@@ -178,10 +188,19 @@ def verdicts_section(data: Loaded, keys: list[str]) -> Section:
         ("Detectable deviation", lambda r: f"{fmt.stat(r['detectable'])} {fmt.text(r['detectable_unit'])}", True),
         ("Verdict", lambda r: "rejected" if bool(r["rejected"]) else "not rejected", False),
     ])
+    cells = build(tables.cell_verdicts(data.verdicts), key_columns(keys) + [
+        ("K", lambda r: fmt.integer(r["k"]), True), ("Tests", col("names"), False),
+        ("Largest n", lambda r: fmt.integer(r["max_n"]), True),
+        ("Smallest p (Holm)", lambda r: fmt.pvalue(r["min_p_holm"]), True),
+        ("Verdict", lambda r: f"rejected by {r['rejected']} of {r['tests']}" if r["rejected"] else "not rejected",
+         False),
+    ], caption="Per tested cell (controls excluded)")
+    t.caption = "Every test row"
     untested = tables.untested_cells(data.runs, data.verdicts)
     u = build(untested, key_columns(keys) + [("K", lambda r: str(int(r["k"])), True)],
               caption="Benchmarked MTP cells with no preservation test (nothing is claimed for them)")
-    return Section("verdicts", "Distribution preservation", [t], extra={"untested": u, "hint": VERIFY_HINT},
+    return Section("verdicts", "Distribution preservation", [cells, t],
+                   extra={"untested": u, "hint": VERIFY_HINT, "tested": not t.empty},
                    empty=f"No preservation test was run for these results; run `{VERIFY_HINT}`.")
 
 

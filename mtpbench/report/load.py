@@ -88,8 +88,8 @@ def load(results_dirs: list[Path | str]) -> Loaded:
     frames: dict[str, list[pd.DataFrame]] = {"runs": [], "steps": [], "verdicts": []}
     for d, name in zip(dirs, names):
         tables = read_results([d])
-        for t in frames:
-            frames[t].append(tables[t].assign(source=name))
+        for t, parts in frames.items():
+            parts.append(tables[t].assign(source=name))
     runs = _normalize_runs(pd.concat(frames["runs"], ignore_index=True))
     verdicts = _fill_keys(pd.concat(frames["verdicts"], ignore_index=True), GROUP_KEYS)
     steps = pd.concat(frames["steps"], ignore_index=True)

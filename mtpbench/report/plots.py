@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import io
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import matplotlib
 import numpy as np
@@ -41,7 +41,7 @@ def to_svg(fig: Figure, name: str) -> str:
         fig.savefig(buf, format="svg", bbox_inches="tight", metadata=_NO_METADATA)
     svg = buf.getvalue()
     svg = svg[svg.index("<svg"):]
-    svg = re.sub(r"<metadata>.*?</metadata>", "", svg, flags=re.S)
+    svg = re.sub(r"<metadata>.*?</metadata>", "", svg, flags=re.DOTALL)
     svg = _prefix_ids(svg, name)
     return svg.replace("<svg ", f'<svg role="img" aria-label="{name} plot" ', 1)
 

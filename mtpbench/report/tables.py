@@ -15,6 +15,7 @@ from ..stats import summary
 from .load import GROUP_KEYS, MISSING, Loaded
 
 BY = GROUP_KEYS
+VERIFY_HINT = "mtpbench verify --out DIR"  # what to run when a cell has no preservation test
 PROVENANCE_FIELDS = ["host", "device", "os", "python", "blas", "mtpbench_version", "mlx_version",
                      "mlx_lm_version", "git_sha"]
 SAMPLING_FIELDS = ["temperature", "top_p", "top_k", "min_p", "draft_temperature", "max_tokens", "thinking"]
@@ -145,7 +146,7 @@ def policies(runs: pd.DataFrame) -> pd.DataFrame:
     if not acc.empty:
         acc = acc[acc["depth"] == 1][[*BY, "k", "acceptance", "acceptance_lo", "acceptance_hi"]]
         modes = modes.merge(acc, on=[*BY, "k"], how="left")
-    order = [k for k in BY if k != "policy"] + ["k", "policy"]
+    order = ["model", "backend", "setting", "k", "policy", "source"]  # policies of one cell on adjacent rows
     return modes.sort_values(order, kind="stable").reset_index(drop=True)
 
 

@@ -38,7 +38,8 @@ def acceptance_by_depth(runs: pd.DataFrame, by: list[str] | None = None) -> pd.D
     """One row per (group, k, depth): reached, accepted, conditional acceptance and survival with Wilson CIs."""
     by = by or SETTING_KEYS
     mtp = ok_runs(runs)
-    mtp = mtp[mtp["mode"] == "mtp"]
+    mtp = mtp[(mtp["mode"] == "mtp") & mtp["accepted_at_depth"].map(lambda a: a is not None and len(a) > 0)]
+    mtp = mtp[mtp["accepted_at_depth"].map(len) == mtp["k"]]
     rows = []
     for key, g in mtp.groupby(by + ["k"], dropna=False, sort=True):
         k = int(key[-1])

@@ -1,0 +1,43 @@
+"""Plain-text tables for the terminal (the sweep's closing summary); numbers come from stats.summary."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from .stats.summary import acceptance_by_depth, per_prompt_ratios, speedup_table, throughput_table
+
+
+def _fmt_ci(v: float, lo: float, hi: float) -> str:
+    return f"{v:.2f}x [{lo:.2f}, {hi:.2f}]" if pd.notna(lo) else f"{v:.2f}x"
+
+
+def sweep_summary(runs: pd.DataFrame) -> str:
+    if runs.empty:
+        return "no runs"
+    by = ["model", "setting"]
+    sp = speedup_table(runs, by)
+    thr = throughput_table(runs, by)
+    acc = acceptance_by_depth(runs, by)
+    lines = []
+    for (model, setting), g in sp.groupby(by, sort=True):
+        ar = thr[(thr.model == model) & (thr.setting == setting) & (thr["mode"] == "ar")]
+        lines.append(f"\n{model}  |  {setting}  |  AR {ar.tok_s.iloc[0]:.1f} tok/s (sd {ar.tok_s_std.iloc[0]:.1f}, "
+                     f"{int(ar.runs.iloc[0])} runs)")
+        table = []
+        for _, r in g.iterrows():
+            t = thr[(thr.model == model) & (thr.setting == setting) & (thr["mode"] == "mtp") & (thr.k == r.k)].iloc[0]
+            a = acc[(acc.model == model) & (acc.setting == setting) & (acc.k == r.k)].sort_values("depth")
+            table.append({"K": int(r.k), "MTP tok/s": f"{t.tok_s:.1f} (sd {t.tok_s_std:.1f})",
+                          "speedup [95% CI]": _fmt_ci(r.speedup, r.speedup_lo, r.speedup_hi),
+                          "acceptance by depth": " ".join(f"{x:.2f}" for x in a.acceptance),
+                          "survival": " ".join(f"{x:.2f}" for x in a.survival), "tau": f"{r.tau:.2f}",
+                          "prompts": int(r.n_prompts)})
+        lines.append(pd.DataFrame(table).to_string(index=False))
+    pp = per_prompt_ratios(runs, by)
+    if not pp.empty and pp["category"].nunique() > 1:
+        cat = pp.groupby(["model", "setting", "k", "category"]).agg(speedup=("ratio", "mean"), tau=("tau", "mean"))
+        lines += ["\nBy prompt category (mean per-prompt speedup, tau):", cat.round(2).to_string()]
+    failed = int((runs["status"] != "ok").sum())
+    if failed:
+        lines.append(f"\n{failed} run(s) failed; see the `error` column of the runs table")
+    return "\n".join(lines)

@@ -1,0 +1,112 @@
+"""Prompt sets: JSONL files, one prompt per line, validated with the file and line named in every error.
+
+A line is {"id", "category", "prompt" | "messages", optional "max_tokens", optional "completion"}. Chat messages
+always go through the tokenizer's chat template; a plain prompt does too when the tokenizer has one, unless the
+line says "completion": true (raw text to continue, like the demo's held-out code).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .defaults import PROMPTS_DIR
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class Prompt:
+    set_name: str
+    id: str
+    category: str
+    text: str | None
+    messages: tuple[tuple[str, str], ...] | None
+    max_tokens: int | None
+    completion: bool = False
+
+
+def available_sets() -> list[str]:
+    return sorted(p.stem for p in PROMPTS_DIR.glob("*.jsonl"))
+
+
+def _set_path(name: str) -> Path:
+    p = Path(name).expanduser()
+    if p.suffix == ".jsonl" or p.exists():
+        if not p.is_file():
+            raise UserError(f"prompt file {p} not found")
+        return p
+    builtin = PROMPTS_DIR / f"{name}.jsonl"
+    if not builtin.exists():
+        raise UserError(f"unknown prompt set {name!r}; available: {', '.join(available_sets())} (or a path to a .jsonl)")
+    return builtin
+
+
+def _parse_line(path: Path, lineno: int, obj: Any, set_name: str) -> Prompt:
+    where = f"{path}:{lineno}"
+    if not isinstance(obj, dict):
+        raise UserError(f"{where}: expected a JSON object")
+    for key in ("id", "category"):
+        if not isinstance(obj.get(key), str) or not obj[key]:
+            raise UserError(f"{where}: missing or empty {key!r}")
+    if ("prompt" in obj) == ("messages" in obj):
+        raise UserError(f"{where}: needs exactly one of 'prompt' or 'messages'")
+    messages = None
+    if "messages" in obj:
+        msgs = obj["messages"]
+        if not isinstance(msgs, list) or not msgs or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs):
+            raise UserError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+        messages = tuple((m["role"], m["content"]) for m in msgs)
+    elif not isinstance(obj["prompt"], str) or not obj["prompt"]:
+        raise UserError(f"{where}: 'prompt' must be a non-empty string")
+    max_tokens = obj.get("max_tokens")
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 2):
+        raise UserError(f"{where}: 'max_tokens' must be an integer >= 2")
+    return Prompt(set_name, obj["id"], obj["category"], obj.get("prompt"), messages, max_tokens,
+                  bool(obj.get("completion", False)))
+
+
+def load_set(name: str) -> list[Prompt]:
+    path = _set_path(name)
+    set_name = path.stem
+    prompts: list[Prompt] = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+        prompts.append(_parse_line(path, lineno, obj, set_name))
+    if not prompts:
+        raise UserError(f"{path}: empty prompt file")
+    ids = [p.id for p in prompts]
+    dup = next((i for i in ids if ids.count(i) > 1), None)
+    if dup:
+        raise UserError(f"{path}: duplicate id {dup!r}")
+    return prompts
+
+
+def load_sets(names: list[str]) -> list[Prompt]:
+    out: list[Prompt] = []
+    for n in names:
+        out.extend(load_set(n))
+    return out
+
+
+def supports_thinking(tokenizer: Any) -> bool:
+    return "enable_thinking" in (getattr(tokenizer, "chat_template", None) or "")
+
+
+def encode(tokenizer: Any, prompt: Prompt, thinking: bool | None) -> list[int]:
+    """Token ids of a prompt, through the chat template when there is one (and the line is not raw completion)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if prompt.completion or not template:
+        text = prompt.text if prompt.text is not None else "\n\n".join(c for _, c in prompt.messages or ())
+        return list(tokenizer.encode(text))
+    msgs = [{"role": r, "content": c} for r, c in prompt.messages] if prompt.messages else \
+        [{"role": "user", "content": prompt.text}]
+    extra = {} if thinking is None else {"enable_thinking": thinking}
+    return list(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, **extra))

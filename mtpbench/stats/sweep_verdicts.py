@@ -1,0 +1,53 @@
+"""Preservation verdicts for every sweep cell, computed from the `runs`, `steps` and `tokens` tables alone.
+
+Sampled settings get the per-token PIT test and the acceptance calibration test (Holm-corrected within the cell);
+greedy settings get token identity with the AR run of the same prompt and repetition. This is what lets every
+sweep cell carry a verdict on any checkpoint size, without re-running a model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .preservation import TestResult, calibration_test, holm, pit_test
+
+CELL_KEYS = ["model", "policy", "backend", "setting", "k"]
+
+
+def _row(key: dict[str, Any], first: pd.Series, r: TestResult) -> dict[str, Any]:
+    return {"scope": "sweep", **{k: key[k] for k in CELL_KEYS}, "temperature": float(first["temperature"]),
+            "top_p": float(first["top_p"]), "top_k": int(first["top_k"]), "min_p": float(first["min_p"]),
+            "draft_temperature": float(first["draft_temperature"]), "control": "none", "test": r.test, "n": r.n,
+            "statistic": r.statistic, "p_value": r.p_value, "p_holm": r.p_holm, "detectable": r.detectable,
+            "detectable_unit": r.unit, "rejected": r.rejected(), "note": r.note}
+
+
+def _greedy_identity(mtp: pd.DataFrame, ar: pd.DataFrame) -> TestResult:
+    pairs = mtp.merge(ar[["cell_id", "output_hash"]], on="cell_id", suffixes=("", "_ar"))
+    differ = int((pairs["output_hash"] != pairs["output_hash_ar"]).sum())
+    return TestResult("greedy_identity", len(pairs), float(differ), float("nan"), 1.0 / max(len(pairs), 1),
+                      "share of runs", note=f"{differ} of {len(pairs)} outputs differ from AR (near-ties are checked "
+                                            f"by `mtpbench verify`)" if differ else "all outputs equal AR")
+
+
+def sweep_verdicts(runs: pd.DataFrame, steps: pd.DataFrame, tokens: pd.DataFrame) -> list[dict[str, Any]]:
+    runs = runs[runs["status"] == "ok"]
+    ar = runs[runs["mode"] == "ar"]
+    rows: list[dict[str, Any]] = []
+    for key, g in runs[runs["mode"] == "mtp"].groupby(CELL_KEYS, dropna=False, sort=True):
+        keyd = dict(zip(CELL_KEYS, key))
+        first = g.iloc[0]
+        if float(first["temperature"]) == 0:
+            results = [_greedy_identity(g, ar)]
+            rows += [{**_row(keyd, first, r), "rejected": bool(r.statistic > 0)} for r in results]
+            continue
+        ids = set(g["run_id"])
+        toks = tokens[tokens["run_id"].isin(ids)]
+        st = steps[steps["run_id"].isin(ids)]
+        results = holm([pit_test(toks["pit_u"].to_numpy()),
+                        calibration_test(st["accepted"].to_numpy(dtype=bool), st["alpha"].to_numpy())])
+        rows += [_row(keyd, first, r) for r in results if r.n > 0 and np.isfinite(r.p_value)]
+    return rows
