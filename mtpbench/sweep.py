@@ -127,9 +127,11 @@ def plan(spec: SweepSpec, prompts: list[Prompt]) -> list[Cell]:
         for p in prompts:
             per_set.setdefault(p.set_name, []).append(p)
         chosen = [p for ps in per_set.values() for p in ps[: spec.prompt_limit]]
-    return [Cell(m, spec.setting(t), th, p, r, spec.seed + r)
+    # One seed per (prompt, repetition): runs of one verdict group never share a random stream (a shared PIT
+    # stream across prompts would make the u values dependent and the test invalid).
+    return [Cell(m, spec.setting(t), th, p, r, spec.seed + r * len(chosen) + i)
             for m in spec.models for t in spec.temps for th in spec.thinking
-            for r in range(spec.repeats) for p in chosen]
+            for r in range(spec.repeats) for i, p in enumerate(chosen)]
 
 
 @dataclass(frozen=True)
