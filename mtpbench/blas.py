@@ -82,4 +82,4 @@ def reexec_with_openblas(choice: str) -> None:
         env["LD_LIBRARY_PATH"] = ":".join(filter(None, [str(extra), env.get("LD_LIBRARY_PATH", "")]))
     env["LD_PRELOAD"] = ":".join(filter(None, [str(lib), env.get("LD_PRELOAD", "")]))
     env[_MARK] = "1"
-    os.execve(sys.executable, [sys.executable, "-m", "mtpbench.cli", *sys.argv[1:]], env)
+    os.execve(sys.executable, [sys.executable, "-m", "mtpbench", *sys.argv[1:]], env)

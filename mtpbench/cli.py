@@ -4,27 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
-from functools import wraps
 from pathlib import Path
 
 import click
 
 from .blas import reexec_with_openblas
+from .cli_common import _friendly
 from .errors import UserError
-
-
-def _friendly(fn):
-    """Turn a UserError into one line on stderr and a non-zero exit, never a traceback."""
-
-    @wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except UserError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(e.exit_code)
-
-    return wrapper
 
 
 def parse_k(text: str) -> list[int]:
@@ -325,6 +311,163 @@ def card_cmd(results_dir, model, fmt, out):
     else:
         click.echo(text)
 
+
+def _verify_table(report) -> str:
+    import pandas as pd
+
+    rows = []
+    for g in report.groups:
+        for r in g.results:
+            rows.append({"setting": g.setting.label, "K": g.k, "test": r.test, "family": r.family, "n": r.n,
+                         "statistic": f"{r.statistic:.4g}", "p": f"{r.p_value:.3g}", "p (Holm)": f"{r.p_holm:.3g}",
+                         "detectable": f"{r.detectable:.3g} {r.unit}" if r.detectable == r.detectable else "-",
+                         "verdict": "REJECTED" if r.rejected() else ("n/a" if r.p_value != r.p_value else "ok"),
+                         "acceptance (expected)": f"{g.acceptance:.3f} ({g.expected_acceptance:.3f})"})
+    return pd.DataFrame(rows).to_string(index=False)
+
+
+@main.command("verify")
+@click.option("--model", "-m", help="Checkpoint dir or cached repo id (default: embedded demo).")
+@click.option("--k", default="1..4", show_default=True, help="Draft depths: 3, 1,2,4 or 1..4.")
+@click.option("--temp", default="0,0.6,1.0", show_default=True, help="Temperatures, comma-separated (0: greedy identity).")
+@click.option("--top-p", type=float, default=0.95, show_default=True)
+@click.option("--top-k", type=int, default=20, show_default=True, help="<= 10 also enables the exact target test.")
+@click.option("--min-p", type=float, default=0.0, show_default=True)
+@click.option("--draft-temp", default="same", show_default=True,
+              help="Draft temperatures, comma-separated; 'same' = the target's. Each is crossed with --temp.")
+@click.option("--samples", type=int, default=None, help="Sequences per (setting, K) [default: 150].")
+@click.option("--tokens", type=int, default=None, help="Tokens per sequence [default: 12].")
+@click.option("--tests", default=",".join(("exact", "pit", "score", "calibration", "greedy")), show_default=True,
+              help="Subset of exact,pit,score,calibration,two_sample,greedy.")
+@click.option("--control", default=None, help="Run a deliberately different acceptance rule (see --list-controls).")
+@click.option("--list-controls", is_flag=True, help="Print the controls, one per line: NAME negative|positive description.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", "-o", default=None, help="Write the evidence (verdicts table) into this results dir.")
+@click.option("--quiet", "-q", is_flag=True)
+@_friendly
+def verify_cmd(model, k, temp, top_p, top_k, min_p, draft_temp, samples, tokens, tests, control, list_controls, seed,
+               out, quiet):
+    """Test that MTP sampling preserves the target distribution; exit 0 not rejected, 1 rejected, 2 bad input.
+
+    Tests: exact target (enumerated joint of the first tokens, when top-k makes it small), randomized PIT (KS),
+    log-likelihood score z-test, acceptance calibration against sum(alpha) (its own family: an unbiased but
+    different rule fails it without failing preservation), two-sample MTP vs AR (opt in), greedy identity.
+    Holm-corrected within each family over the whole run.
+    """
+    from .decode.controls import CONTROLS, get_control
+
+    if list_controls:
+        for c in CONTROLS.values():
+            click.echo(f"{c.name} {c.kind} {c.description}")
+        return
+    from .checkpoint import load
+    from .defaults import default_model
+    from .sweep import Setting
+    from .verify import TESTS, VerifyPlan, run_verify, total_ticks, verdict_rows
+
+    chosen = _words(tests)
+    bad = [t for t in chosen if t not in TESTS]
+    if bad:
+        raise UserError(f"--tests: unknown test {bad[0]!r}; choose from {', '.join(TESTS)}")
+    drafts = [None if d == "same" else float(d) for d in _words(draft_temp)]
+    if any(d is not None and d < 0 for d in drafts):
+        raise UserError("--draft-temp must be >= 0")
+    settings = []
+    for t in _floats(temp, "temp"):
+        for d in (drafts if t > 0 else [None]):
+            s = Setting(t, top_p, top_k, min_p, d)
+            s.config(0)
+            if s not in settings:
+                settings.append(s)
+    ctl = get_control(control)
+    plan = VerifyPlan(ks=tuple(parse_k(k)), settings=tuple(settings), tests=chosen, control=ctl, seed=seed,
+                      **({"samples": samples} if samples else {}), **({"tokens": tokens} if tokens else {}))
+    if plan.samples < 10 or plan.tokens < 2:
+        raise UserError("--samples must be >= 10 and --tokens >= 2")
+    bundle = load(model or default_model(), require_mtp=True)
+    if quiet:
+        report = run_verify(bundle, plan)
+    else:
+        with click.progressbar(length=total_ticks(plan), label="verify", show_eta=True, file=sys.stderr) as bar:
+            report = run_verify(bundle, plan, lambda: bar.update(1))
+    click.echo(_verify_table(report))
+    label = f"control {ctl.name} ({ctl.kind})" if ctl else "the exact rule"
+    verdict = "REJECTED" if report.rejected else "not rejected"
+    click.echo(f"\npreservation of the target distribution with {label}: {verdict} "
+               f"(family of {sum(r.family == 'preservation' for g in report.groups for r in g.results)} tests, "
+               f"Holm at 0.05)")
+    if report.acceptance_differs:
+        click.echo("acceptance differs from sum(alpha): the rule is not the optimal unbiased one")
+    if out:
+        from .results import write_json, write_part
+        from .provenance import now_iso, provenance
+
+        root = Path(out)
+        if not (root / "manifest.json").exists():
+            write_json(root / "manifest.json", {"schema_version": 1, "name": root.name, "created_at": now_iso(),
+                                                "command": "mtpbench " + " ".join(sys.argv[1:]), "spec": {},
+                                                "provenance": provenance(), "models": {}})
+        import hashlib
+
+        part = "verify-" + hashlib.sha1(repr((bundle.name, plan)).encode()).hexdigest()[:12]
+        write_part(root, "verdicts", part, verdict_rows(report, bundle.name, ctl))
+        click.echo(f"evidence: {root / 'verdicts' / ('part-' + part + '.parquet')}")
+    sys.exit(1 if report.rejected else 0)
+
+
+@main.command("acceptance")
+@click.option("--model", "-m", help="Checkpoint dir or cached repo id (default: embedded demo).")
+@click.option("--prompts", default=None, help="Prompt sets (names or .jsonl paths) whose text is scanned.")
+@click.option("--text", "text_file", default=None, type=click.Path(), help="A text file to scan instead.")
+@sampling_options
+@_friendly
+def acceptance_cmd(model, prompts, text_file, temperature, top_p, top_k, min_p, seed):
+    """Teacher-forced depth-1 acceptance scan: one trunk and one MTP pass per text, no decoding.
+
+    Prints, per category, the greedy draft-match rate and the mean alpha = sum min(p, q) at the given sampling
+    settings: the acceptance a decoder would see at depth 1 on such text, orders of magnitude faster.
+    """
+    import pandas as pd
+
+    from .checkpoint import load
+    from .decode.scan import scan
+    from .defaults import DEMO_PROMPT_SET, default_model, is_default_model
+    from .prompts import encode, load_sets
+    from .sampling import SamplingConfig
+
+    cfg = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
+    model = model or default_model()
+    bundle = load(model, require_mtp=True)
+    if text_file:
+        try:
+            texts = [("text", Path(text_file).name, list(bundle.tokenizer.encode(Path(text_file).read_text())))]
+        except OSError as e:
+            raise UserError(f"--text {text_file}: {e.strerror}") from None
+    else:
+        names = _words(prompts or "") or ((DEMO_PROMPT_SET,) if is_default_model(model) else ("code", "chat"))
+        texts = [(p.category, p.id, encode(bundle.tokenizer, p, None)) for p in load_sets(list(names))]
+    rows = []
+    for category, name, ids in texts:
+        if len(ids) < 3:
+            continue
+        s = scan(bundle, ids, cfg)
+        rows.append({"category": category, "positions": len(s.match), "greedy_match": s.match.mean(),
+                     "alpha": s.alpha.mean(), "matches": int(s.match.sum())})
+    if not rows:
+        raise UserError("no text long enough to scan (3 tokens or more)")
+    df = pd.DataFrame(rows)
+    g = df.groupby("category").agg(texts=("positions", "size"), positions=("positions", "sum"),
+                                   matches=("matches", "sum"), alpha=("alpha", "mean"))
+    g["greedy_match"] = g["matches"] / g["positions"]
+    click.echo(f"depth-1 teacher-forced acceptance of {bundle.name} ({cfg.label()} for alpha)")
+    click.echo(g[["texts", "positions", "greedy_match", "alpha"]].round(4).to_string())
+
+
+from .cli_quantize import graft_cmd, policies_cmd, quantize_cmd  # noqa: E402  (they import _friendly from here)
+
+main.add_command(policies_cmd)
+main.add_command(quantize_cmd)
+main.add_command(graft_cmd)
 
 if __name__ == "__main__":
     entry()

@@ -49,6 +49,7 @@ STEPS = pa.schema([
 TOKENS = pa.schema([
     ("run_id", pa.string()), ("index", pa.int32()), ("token_id", pa.int32()), ("source", pa.string()),
     ("target_logprob", pa.float64()), ("pit_u", pa.float64()),
+    ("logprob_mean", pa.float64()), ("logprob_var", pa.float64()),
 ])
 VERDICTS = pa.schema([
     ("scope", pa.string()),  # verify | sweep
@@ -58,6 +59,7 @@ VERDICTS = pa.schema([
     ("test", pa.string()), ("n", pa.int64()), ("statistic", pa.float64()), ("p_value", pa.float64()),
     ("p_holm", pa.float64()), ("detectable", pa.float64()), ("detectable_unit", pa.string()),
     ("rejected", pa.bool_()), ("note", pa.string()),
+    ("family", pa.string()),  # preservation (decides the verdict) | acceptance (is the rule the optimal one)
 ])
 TABLES: dict[str, pa.Schema] = {"runs": RUNS, "steps": STEPS, "tokens": TOKENS, "verdicts": VERDICTS}
 

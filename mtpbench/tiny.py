@@ -133,7 +133,7 @@ def random_weights(spec: TinySpec) -> tuple[dict, dict[str, mx.array], dict[str,
     net = Net(config)
     _perturbed(net.model, rng)
     _perturbed(net.mtp, rng)
-    if spec.mtp and spec.agree:
+    if spec.agree:  # shapes the trunk too, so a --no-mtp twin has the very same trunk (for graft tests)
         _agree(net, spec.agree)
     trunk = dict(tree_flatten(net.model.parameters()))
     mtp = dict(tree_flatten(net.mtp.parameters())) if spec.mtp else {}

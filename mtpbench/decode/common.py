@@ -33,7 +33,11 @@ def token_record(index: int, token: int, source: str, p: np.ndarray, pit_rng: np
     """Target log-prob and randomized PIT u = F(x-) + U p(x) of `token` under target row `p`."""
     pt = float(p[token])
     u = float(p[:token].sum() + pit_rng.random() * pt) if pit_rng is not None else float("nan")
-    return TokenRecord(index, token, source, math.log(pt) if pt > 0 else float("-inf"), u)
+    support = p[p > 0]
+    logs = np.log(support)
+    mean = float(support @ logs)
+    var = max(0.0, float(support @ (logs * logs)) - mean * mean)
+    return TokenRecord(index, token, source, math.log(pt) if pt > 0 else float("-inf"), u, mean, var)
 
 
 def rngs(seed: int) -> tuple[np.random.Generator, np.random.Generator]:

@@ -27,6 +27,8 @@ class TokenRecord:
     source: str  # ar | accepted | residual | bonus
     target_logprob: float  # log p(token) under the sampling distribution the token should follow
     pit_u: float  # randomized PIT value, Uniform(0, 1) under exact sampling
+    logprob_mean: float = float("nan")  # E_p[log p(X)] (= -entropy) of the row the token should follow
+    logprob_var: float = float("nan")  # Var_p[log p(X)]: with the mean, gives the log-likelihood score test
 
 
 @dataclass(frozen=True)

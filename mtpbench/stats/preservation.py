@@ -20,6 +20,8 @@ POWER = 0.8
 
 @dataclass(frozen=True)
 class TestResult:
+    __test__ = False  # not a pytest test class
+
     test: str
     n: int
     statistic: float
@@ -28,6 +30,12 @@ class TestResult:
     unit: str
     note: str = ""
     p_holm: float = float("nan")
+
+    @property
+    def family(self) -> str:
+        """`preservation` tests decide the verdict; `acceptance` (calibration) checks the rule is the optimal one:
+        an unbiased but different rule (sample-match) fails calibration while preserving the distribution."""
+        return "acceptance" if self.test == "acceptance_calibration" else "preservation"
 
     def rejected(self, alpha: float = ALPHA) -> bool:
         p = self.p_holm if np.isfinite(self.p_holm) else self.p_value
@@ -87,6 +95,26 @@ def pit_test(u: Sequence[float]) -> TestResult:
     # Asymptotic sup-distance detected with POWER: critical value plus the power quantile of the KS spread.
     detectable = (st.kstwobign.ppf(1 - ALPHA) + st.norm.ppf(POWER) * 0.5) / np.sqrt(n)
     return TestResult("pit_ks", n, float(res.statistic), float(res.pvalue), float(detectable), "KS distance")
+
+
+def score_test(logprob: Sequence[float], mean: Sequence[float], var: Sequence[float]) -> TestResult:
+    """Log-likelihood score test: sum of (log p(x_t) - E_p[log p]) over emitted tokens, standardised.
+
+    Under exact sampling each term has mean 0 and variance Var_p[log p] given the past (a martingale), so the
+    standardised sum is N(0, 1). Samplers that favour likely tokens (argmax shortcuts) or unlikely ones (wrong
+    residuals) shift it. Needs no AR samples, unlike the two-sample tests.
+    """
+    lp, m, v = (np.asarray(x, dtype=float) for x in (logprob, mean, var))
+    keep = np.isfinite(lp) & np.isfinite(m) & (v > 0)
+    n = int(keep.sum())
+    if n == 0:
+        return TestResult("logprob_score", 0, float("nan"), float("nan"), float("nan"), "nats per token",
+                          note="no token with a non-degenerate target")
+    total_var = float(v[keep].sum())
+    z = float((lp[keep] - m[keep]).sum() / np.sqrt(total_var))
+    detectable = (st.norm.ppf(1 - ALPHA / 2) + st.norm.ppf(POWER)) * np.sqrt(total_var) / n
+    return TestResult("logprob_score", n, z, float(2 * st.norm.sf(abs(z))), float(detectable), "nats per token",
+                      note=f"mean log p {lp[keep].mean():.4f} vs expected {m[keep].mean():.4f}")
 
 
 def calibration_test(accepted: Sequence[bool], alpha: Sequence[float]) -> TestResult:
@@ -153,6 +181,16 @@ def greedy_identity(ar: Sequence[int], mtp: Sequence[int], top2_gaps: Sequence[f
             return GreedyIdentity(False, i, i, gap < tie_tol, gap)
     same_length = len(ar) == len(mtp)
     return GreedyIdentity(same_length, n, None if same_length else n, False, float("nan"))
+
+
+def holm_by_family(results: Sequence[TestResult]) -> list[TestResult]:
+    """Holm within each family (preservation, acceptance), order kept."""
+    out = list(results)
+    for fam in {r.family for r in results}:
+        idx = [i for i, r in enumerate(results) if r.family == fam]
+        for i, r in zip(idx, holm([results[i] for i in idx])):
+            out[i] = r
+    return out
 
 
 def holm(results: Sequence[TestResult]) -> list[TestResult]:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .preservation import TestResult, calibration_test, holm, pit_test
+from .preservation import TestResult, calibration_test, holm_by_family, pit_test, score_test
 
 CELL_KEYS = ["model", "policy", "backend", "setting", "k"]
 
@@ -22,7 +22,7 @@ def _row(key: dict[str, Any], first: pd.Series, r: TestResult) -> dict[str, Any]
             "top_p": float(first["top_p"]), "top_k": int(first["top_k"]), "min_p": float(first["min_p"]),
             "draft_temperature": float(first["draft_temperature"]), "control": "none", "test": r.test, "n": r.n,
             "statistic": r.statistic, "p_value": r.p_value, "p_holm": r.p_holm, "detectable": r.detectable,
-            "detectable_unit": r.unit, "rejected": r.rejected(), "note": r.note}
+            "detectable_unit": r.unit, "rejected": r.rejected(), "note": r.note, "family": r.family}
 
 
 def _greedy_identity(mtp: pd.DataFrame, ar: pd.DataFrame) -> TestResult:
@@ -47,7 +47,8 @@ def sweep_verdicts(runs: pd.DataFrame, steps: pd.DataFrame, tokens: pd.DataFrame
         ids = set(g["run_id"])
         toks = tokens[tokens["run_id"].isin(ids)]
         st = steps[steps["run_id"].isin(ids)]
-        results = holm([pit_test(toks["pit_u"].to_numpy()),
+        results = holm_by_family([pit_test(toks["pit_u"].to_numpy()),
+                                  score_test(toks["target_logprob"], toks["logprob_mean"], toks["logprob_var"]),
                         calibration_test(st["accepted"].to_numpy(dtype=bool), st["alpha"].to_numpy())])
         rows += [_row(keyd, first, r) for r in results if r.n > 0 and np.isfinite(r.p_value)]
     return rows

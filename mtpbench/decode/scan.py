@@ -1,0 +1,55 @@
+"""Teacher-forced acceptance scan: one trunk forward and one MTP pass per text, no decoding.
+
+At every position t the head, fed the true (hidden[t], x[t+1]), drafts x[t+2]; comparing with the trunk's own
+distribution at t+1 gives the greedy draft match and alpha = sum min(p, q) at depth 1. Orders of magnitude faster
+than decoding, so policies and long contexts compare cheaply. Because decode-time MTP caches hold exactly these
+true pairs, walking the match array the way a K=1 greedy decode steps reproduces its acceptance (a sharp check of
+the MTP cache handling). Chained depths (>1) need the head's own outputs and are left to the decoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from ..checkpoint import Bundle
+from ..sampling import SamplingConfig
+from .common import host_probs
+
+
+@dataclass(frozen=True)
+class Scan:
+    match: np.ndarray  # (T-2,) bool: greedy draft at MTP position t equals the trunk argmax at t+1
+    alpha: np.ndarray  # (T-2,) sum_v min(p, q) under the sampling config
+
+
+def scan(bundle: Bundle, ids: list[int], cfg: SamplingConfig = SamplingConfig()) -> Scan:
+    head = bundle.require_mtp()
+    trunk = bundle.trunk
+    x = mx.array(ids)[None]
+    out = trunk(x, trunk.make_cache())
+    z = head(out.hidden[:, :-1], trunk.embed(x[:, 1:]), head.make_cache())  # position t drafts x[t+2]
+    q_logits = trunk.lm_head(z)[0, :-1]
+    p_logits = out.logits[0, 1:-1]  # the trunk's distribution for x[t+2]
+    match = np.asarray(mx.argmax(q_logits, -1) == mx.argmax(p_logits, -1))
+    if cfg.greedy:
+        alpha = match.astype(float)
+    else:
+        p, q = host_probs(p_logits, cfg), host_probs(q_logits, cfg)
+        alpha = np.minimum(p, q).sum(-1)
+    return Scan(match=match, alpha=alpha)
+
+
+def greedy_k1_walk(match: np.ndarray, prompt_len: int, generated: int) -> tuple[int, int]:
+    """(accepted, verify steps) of a K=1 greedy decode whose output is the scanned text after the prompt."""
+    t, n_tok, steps, accepted = prompt_len - 1, 1, 0, 0
+    while n_tok < generated and t < len(match):
+        steps += 1
+        if match[t]:
+            accepted += 1
+            n_tok, t = n_tok + 2, t + 2
+        else:
+            n_tok, t = n_tok + 1, t + 1
+    return accepted, steps

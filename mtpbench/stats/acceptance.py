@@ -1,0 +1,75 @@
+"""Acceptance analysis beyond the summary tables: the cost model, break-even acceptance, paired comparisons.
+
+Cost model of one speculative step at depth K on a given machine (all terms measured, never assumed):
+    t_step(K) = K * t_draft + t_verify(K) + p_reject * t_rollback
+and it emits E[tokens | survival s_1..s_K] = 1 + sum_d s_d tokens, where s_d is the survival to depth d.
+Predicted speedup = E[tokens] * t_ar / t_step(K), with t_ar the cost of one AR decode step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import optimize
+from scipy import stats as st
+
+from .summary import bootstrap_ci
+
+
+@dataclass(frozen=True)
+class StepCosts:
+    """Seconds per operation, measured on one machine."""
+
+    ar_step: float
+    draft_step: float
+    verify: dict[int, float]  # K -> one (K+1)-token verify forward
+    rollback: float = 0.0  # restore + re-forward of the accepted prefix, per rejected step
+
+
+def expected_tokens(survival: list[float]) -> float:
+    """Tokens per verify step: 1 (residual or bonus) + expected accepted drafts."""
+    return 1.0 + float(np.sum(survival))
+
+
+def iid_expected_tokens(alpha: float, k: int) -> float:
+    """(1 - a^(K+1)) / (1 - a): tokens per step when every depth accepts independently with probability a."""
+    return float(k + 1) if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
+
+
+def predicted_speedup(survival: list[float], costs: StepCosts) -> float:
+    k = len(survival)
+    p_reject = 1.0 - (survival[-1] if survival else 0.0)
+    t_step = k * costs.draft_step + costs.verify[k] + p_reject * costs.rollback
+    return expected_tokens(survival) * costs.ar_step / t_step
+
+
+def break_even_acceptance(k: int, costs: StepCosts) -> float:
+    """The i.i.d. acceptance below which MTP at depth K is slower than AR on this machine (NaN if never faster)."""
+    def gain(a: float) -> float:
+        surv = [a ** d for d in range(1, k + 1)]
+        return predicted_speedup(surv, costs) - 1.0
+
+    if gain(1.0) <= 0:
+        return float("nan")
+    if gain(0.0) >= 0:
+        return 0.0
+    return float(optimize.brentq(gain, 0.0, 1.0))
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    n: int
+    mean_ratio: float  # geometric mean of b / a over pairs
+    ci_low: float
+    ci_high: float
+    wilcoxon_p: float
+
+
+def paired_comparison(a: np.ndarray, b: np.ndarray, seed: int = 0) -> PairedComparison:
+    """Compare two policies or depths on the same prompts: ratio b/a with a bootstrap CI, and Wilcoxon signed-rank."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    logr = np.log(b / a)
+    lo, hi = bootstrap_ci(logr, np.mean, seed=seed)
+    p = float(st.wilcoxon(logr).pvalue) if len(logr) >= 2 and np.any(logr != 0) else float("nan")
+    return PairedComparison(len(a), float(np.exp(logr.mean())), float(np.exp(lo)), float(np.exp(hi)), p)

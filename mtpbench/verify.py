@@ -1,0 +1,192 @@
+"""`mtpbench verify`: run the preservation tests on a checkpoint, per K and sampling setting, optionally with a
+control rule, and return one family of Holm-corrected results.
+
+Sample sizes: N sequences of M tokens per (setting, K), each with its own seed; AR samples (also N, their own
+seeds) per setting for the two-sample tests; short sequences for the exact test when the target's support can be
+enumerated (top-k truncation); the greedy setting gets token identity with near-tie excuses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .checkpoint import Bundle
+from .decode import generate_ar, generate_mtp
+from .decode.controls import Control
+from .decode.rule import EXACT
+from .decode.teacher import enumerate_target, top2_gaps
+from .stats.preservation import (TestResult, calibration_test, exact_target_test, greedy_identity, holm_by_family,
+                                 pit_test, score_test, two_sample_categorical, two_sample_scalar)
+from .sweep import Setting
+
+TESTS = ("exact", "pit", "score", "calibration", "two_sample", "greedy")
+DEFAULT_TESTS = ("exact", "pit", "score", "calibration", "greedy")  # two_sample: opt in (weaker, costs AR runs)
+DEFAULT_PROMPTS = ("def add(a, b):\n    return", "The quick brown fox", "for i in range(10):\n", "x = ")
+EXACT_TOKENS = 3
+MAX_EXACT_SUPPORT = 1_000
+
+
+@dataclass(frozen=True)
+class VerifyPlan:
+    ks: tuple[int, ...]
+    settings: tuple[Setting, ...]
+    samples: int = 150
+    tokens: int = 12
+    tests: tuple[str, ...] = DEFAULT_TESTS
+    control: Control | None = None
+    seed: int = 0
+    prompts: tuple[str, ...] = DEFAULT_PROMPTS
+
+
+@dataclass(frozen=True)
+class GroupResult:
+    setting: Setting
+    k: int
+    results: list[TestResult]
+    acceptance: float  # observed acceptance rate of reached drafts
+    expected_acceptance: float  # mean alpha at reached drafts
+    accepted: int
+    reached: int
+
+
+@dataclass
+class VerifyReport:
+    groups: list[GroupResult] = field(default_factory=list)
+
+    @property
+    def rejected(self) -> bool:
+        """Preservation rejected by any test of the family (after Holm)."""
+        return any(r.rejected() for g in self.groups for r in g.results if r.family == "preservation")
+
+    @property
+    def acceptance_differs(self) -> bool:
+        return any(r.rejected() for g in self.groups for r in g.results if r.family == "acceptance")
+
+
+def _seq_logprob(records) -> float:
+    return float(np.mean([t.target_logprob for t in records[1:]])) if len(records) > 1 else 0.0
+
+
+def _sampled_group(bundle: Bundle, plan: VerifyPlan, setting: Setting, k: int, prompts: list[list[int]],
+                   ar_samples: list, tick: Callable[[], None]) -> GroupResult:
+    rule = plan.control.rule if plan.control else EXACT
+    u, accepted, alpha, seqs, logps, toks = [], [], [], [], [], []
+    for i in range(plan.samples):
+        r = generate_mtp(bundle, prompts[i % len(prompts)], setting.config(plan.seed + i), k, plan.tokens,
+                         setting.draft_temperature, rule=rule)
+        u += [t.pit_u for t in r.token_records]
+        toks += r.token_records
+        accepted += [s.accepted for s in r.steps]
+        alpha += [s.alpha for s in r.steps]
+        seqs.append((i % len(prompts), tuple(r.tokens[1:3])))
+        logps.append(_seq_logprob(r.token_records))
+        tick()
+    results = []
+    if "pit" in plan.tests:
+        results.append(pit_test(u))
+    if "score" in plan.tests:
+        results.append(score_test([t.target_logprob for t in toks], [t.logprob_mean for t in toks],
+                                  [t.logprob_var for t in toks]))
+    if "calibration" in plan.tests:
+        results.append(calibration_test(accepted, alpha))
+    if "two_sample" in plan.tests:
+        ar_seqs = [(i % len(prompts), tuple(r.tokens[1:3])) for i, r in enumerate(ar_samples)]
+        results.append(two_sample_categorical(seqs, ar_seqs))
+        results.append(two_sample_scalar(logps, [_seq_logprob(r.token_records) for r in ar_samples]))
+    if "exact" in plan.tests:
+        results.append(_exact(bundle, plan, setting, k, prompts[0], rule, tick))
+    acc = np.asarray(accepted, dtype=float)
+    return GroupResult(setting, k, results, float(acc.mean()) if len(acc) else float("nan"),
+                       float(np.mean(alpha)) if alpha else float("nan"), int(acc.sum()), len(acc))
+
+
+def _exact(bundle: Bundle, plan: VerifyPlan, setting: Setting, k: int, prompt: list[int], rule,
+           tick: Callable[[], None]) -> TestResult:
+    cfg = setting.config(0)
+    support = (setting.top_k or bundle.text_config["vocab_size"]) ** EXACT_TOKENS
+    if support > MAX_EXACT_SUPPORT:
+        return TestResult("exact_target", 0, float("nan"), float("nan"), float("nan"), "Cohen's w",
+                          note=f"support too large to enumerate ({support:,} sequences): use --top-k <= 10")
+    target = enumerate_target(bundle, prompt, cfg, EXACT_TOKENS)
+    samples = []
+    for i in range(plan.samples * 2):
+        r = generate_mtp(bundle, prompt, setting.config(plan.seed + 50_000 + i), k, EXACT_TOKENS,
+                         setting.draft_temperature, rule=rule, records=False)
+        samples.append(tuple(r.tokens))
+    tick()
+    return exact_target_test(samples, target)
+
+
+def _greedy_group(bundle: Bundle, plan: VerifyPlan, setting: Setting, k: int, prompts: list[list[int]],
+                  tick: Callable[[], None]) -> GroupResult:
+    differ, near_ties, compared, accepted, reached = 0, 0, 0, 0, 0
+    rule = plan.control.rule if plan.control else EXACT
+    for p in prompts:
+        cfg = setting.config(plan.seed)
+        ar = generate_ar(bundle, p, cfg, plan.tokens * 4, records=False, ignore_eos=True)
+        mtp = generate_mtp(bundle, p, cfg, k, plan.tokens * 4, setting.draft_temperature, rule=rule, records=False,
+                           ignore_eos=True)
+        res = greedy_identity(ar.tokens, mtp.tokens, top2_gaps(bundle, p, ar.tokens))
+        compared += res.compared
+        differ += not res.equal and not res.near_tie
+        near_ties += res.near_tie
+        accepted += mtp.accepted_tokens
+        reached += sum([mtp.verify_steps] + mtp.accepted_at_depth[:-1])
+        tick()
+    note = f"{near_ties} near-tie divergence(s) excused" if near_ties else "identical"
+    result = TestResult("greedy_identity", compared, float(differ), 0.0 if differ else 1.0, float("nan"),
+                        "sequences", note=note if not differ else f"{differ} of {len(prompts)} sequences diverge")
+    return GroupResult(setting, k, [result], accepted / reached if reached else float("nan"), float("nan"),
+                       accepted, reached)
+
+
+def run_verify(bundle: Bundle, plan: VerifyPlan, tick: Callable[[], None] = lambda: None) -> VerifyReport:
+    prompts = [list(bundle.tokenizer.encode(p)) for p in plan.prompts]
+    report = VerifyReport()
+    for setting in plan.settings:
+        if setting.temperature == 0:
+            if "greedy" in plan.tests:
+                report.groups += [_greedy_group(bundle, plan, setting, k, prompts, tick) for k in plan.ks]
+            continue
+        ar_samples = []
+        if "two_sample" in plan.tests:
+            for i in range(plan.samples):
+                ar_samples.append(generate_ar(bundle, prompts[i % len(prompts)],
+                                              setting.config(plan.seed + 100_000 + i), plan.tokens))
+                tick()
+        report.groups += [_sampled_group(bundle, plan, setting, k, prompts, ar_samples, tick) for k in plan.ks]
+    # Two families over the whole run (preservation, acceptance), each Holm-corrected together.
+    flat = [r for g in report.groups for r in g.results]
+    adjusted = iter(holm_by_family(flat))
+    report.groups = [GroupResult(g.setting, g.k, [next(adjusted) for _ in g.results], g.acceptance,
+                                 g.expected_acceptance, g.accepted, g.reached) for g in report.groups]
+    return report
+
+
+def total_ticks(plan: VerifyPlan) -> int:
+    n = 0
+    for s in plan.settings:
+        if s.temperature == 0:
+            n += len(plan.ks) * len(plan.prompts) if "greedy" in plan.tests else 0
+        else:
+            n += plan.samples * ("two_sample" in plan.tests) + len(plan.ks) * (plan.samples + ("exact" in plan.tests))
+    return n
+
+
+def verdict_rows(report: VerifyReport, model: str, control: Control | None) -> list[dict]:
+    """Rows of the `verdicts` table (scope 'verify') for the report."""
+    rows = []
+    for g in report.groups:
+        s = g.setting
+        for r in g.results:
+            rows.append({"scope": "verify", "model": model, "policy": "as-is", "backend": "reference", "k": g.k,
+                         "setting": s.label, "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
+                         "min_p": s.min_p, "draft_temperature": s.temperature if s.draft_temperature is None
+                         else s.draft_temperature, "control": control.name if control else "none", "test": r.test,
+                         "n": r.n, "statistic": r.statistic, "p_value": r.p_value, "p_holm": r.p_holm,
+                         "detectable": r.detectable, "detectable_unit": r.unit, "rejected": r.rejected(),
+                         "note": r.note, "family": r.family})
+    return rows

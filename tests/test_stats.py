@@ -1,0 +1,158 @@
+"""The statistics: calibrated under a true null, powerful against broken samplers, and the acceptance scan."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mtpbench.checkpoint import load
+from mtpbench.decode import generate_ar, generate_mtp
+from mtpbench.decode.controls import CONTROLS
+from mtpbench.decode.scan import greedy_k1_walk, scan
+from mtpbench.sampling import SamplingConfig, sample
+from mtpbench.stats.acceptance import StepCosts, break_even_acceptance, paired_comparison, predicted_speedup
+from mtpbench.stats.preservation import (TestResult, calibration_test, exact_target_test, holm, pit_test, score_test,
+                                         two_sample_categorical, two_sample_scalar)
+from mtpbench.stats.summary import wilson
+from mtpbench.sweep import Setting
+from mtpbench.verify import VerifyPlan, run_verify
+
+REPS = 200
+
+
+def _random_dists(rng, n, v=12):
+    logits = rng.normal(size=(n, v)) * rng.uniform(0.3, 3.0, size=(n, 1))
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    return p / p.sum(1, keepdims=True)
+
+
+def _null_draws(rng):
+    """One experiment under exact sampling: tokens drawn from their own target rows."""
+    p = _random_dists(rng, 300)
+    x = np.array([sample(row, rng) for row in p])
+    u = p.cumsum(1)[np.arange(300), x] - p[np.arange(300), x] * rng.random(300)
+    logs = np.where(p > 0, np.log(p), 0)
+    mean = (p * logs).sum(1)
+    var = (p * logs ** 2).sum(1) - mean ** 2
+    return p, x, u, np.log(p[np.arange(300), x]), mean, var
+
+
+def test_every_test_is_calibrated_under_a_true_null():
+    """200 seeded experiments under the null: each test rejects at 0.05 between 1% and 10% of the time."""
+    rng = np.random.default_rng(2024)
+    target = {s: float(w) for s, w in enumerate(_random_dists(np.random.default_rng(1), 1, 30)[0])}
+    keys, probs = list(target), np.array(list(target.values()))
+    rejections = {name: 0 for name in ("exact", "pit", "score", "calibration", "two_cat", "two_scalar")}
+    for _ in range(REPS):
+        _, _, u, lp, mean, var = _null_draws(rng)
+        rejections["pit"] += pit_test(u).p_value < 0.05
+        rejections["score"] += score_test(lp, mean, var).p_value < 0.05
+        samples = [keys[i] for i in rng.choice(len(keys), size=400, p=probs)]
+        rejections["exact"] += exact_target_test(samples, target).p_value < 0.05
+        alpha = rng.uniform(0.05, 0.95, size=300)
+        rejections["calibration"] += calibration_test(rng.random(300) < alpha, alpha).p_value < 0.05
+        other = [keys[i] for i in rng.choice(len(keys), size=400, p=probs)]
+        rejections["two_cat"] += two_sample_categorical(samples, other).p_value < 0.05
+        rejections["two_scalar"] += two_sample_scalar(rng.normal(size=150), rng.normal(size=150)).p_value < 0.05
+    rates = {k: v / REPS for k, v in rejections.items()}
+    assert all(0.01 <= r <= 0.10 for r in rates.values()), rates
+
+
+def test_tests_reject_a_biased_sampler():
+    """Sampling from a tempered copy of p (a classic bug) is caught by PIT, score and exact tests."""
+    rng = np.random.default_rng(7)
+    p = _random_dists(rng, 2000)
+    biased = p ** 1.6
+    biased /= biased.sum(1, keepdims=True)
+    x = np.array([sample(row, rng) for row in biased])
+    idx = np.arange(len(x))
+    u = p.cumsum(1)[idx, x] - p[idx, x] * rng.random(len(x))
+    logs = np.log(p)
+    mean = (p * logs).sum(1)
+    assert pit_test(u).p_value < 0.05  # KS on PIT is the weakest here: sharpening moves mass symmetrically
+    assert score_test(logs[idx, x], mean, (p * logs ** 2).sum(1) - mean ** 2).p_value < 1e-3
+    target = {i: float(w) for i, w in enumerate(p[0])}
+    samples = [sample(biased[0], rng) for _ in range(2000)]
+    assert exact_target_test(samples, target).p_value < 1e-3
+    assert exact_target_test(samples + [999], target).p_value == 0.0  # impossible outcome fails outright
+
+
+def test_holm_and_wilson_and_detectable_deviation():
+    rs = [TestResult(f"t{i}", 100, 0.0, p, 0.1, "u") for i, p in enumerate([0.01, 0.04, 0.03, 0.5])]
+    adjusted = [r.p_holm for r in holm(rs)]
+    assert adjusted == pytest.approx([0.04, 0.09, 0.09, 0.5])
+    lo, hi = wilson(30, 100)
+    assert lo < 0.3 < hi and hi - lo == pytest.approx(0.18, abs=0.01)
+    assert pit_test(np.random.default_rng(0).random(400)).detectable > pit_test(
+        np.random.default_rng(0).random(1600)).detectable
+
+
+def test_cost_model_break_even_and_paired_comparison():
+    costs = StepCosts(ar_step=2.0, draft_step=0.7, verify={1: 2.2, 2: 2.6})
+    assert predicted_speedup([1.0], costs) == pytest.approx(2 * 2.0 / 2.9)
+    be = break_even_acceptance(1, costs)
+    assert predicted_speedup([be], costs) == pytest.approx(1.0, abs=1e-6)
+    assert break_even_acceptance(2, costs) > be
+    a = np.array([10.0, 11, 12, 9, 10, 13, 12, 11])
+    cmp = paired_comparison(a, a * 1.2)
+    assert cmp.mean_ratio == pytest.approx(1.2) and cmp.ci_low <= 1.2 <= cmp.ci_high
+
+
+SETTINGS = (Setting(0.6, 0.95, 20), Setting(1.0, 1.0, 0, 0.0, 0.5))
+
+
+@pytest.fixture(scope="module")
+def control_reports(bundle_agree):
+    """The exact rule and every control at the default sample size (K=2, two settings)."""
+    out = {}
+    for name in [None, *CONTROLS]:
+        plan = VerifyPlan(ks=(2,), settings=SETTINGS, control=CONTROLS.get(name))
+        out[name] = run_verify(bundle_agree, plan)
+    return out
+
+
+def test_exact_rule_is_not_rejected_and_drafts_are_accepted(control_reports):
+    rep = control_reports[None]
+    assert not rep.rejected and not rep.acceptance_differs
+    for g in rep.groups:
+        assert 0.3 < g.acceptance < 0.99, "verification needs real acceptance to exercise the accept path"
+
+
+@pytest.mark.parametrize("name", [n for n, c in CONTROLS.items() if c.kind == "negative"])
+def test_every_negative_control_is_rejected(control_reports, name):
+    assert control_reports[name].rejected, name
+
+
+def test_positive_control_preserves_but_accepts_less(control_reports):
+    exact, positive = control_reports[None], control_reports["sample-match"]
+    assert not positive.rejected
+    assert positive.acceptance_differs
+    for g_exact, g_pos in zip(exact.groups, positive.groups):
+        assert g_pos.acceptance < g_exact.acceptance - 0.2
+
+
+def test_verify_cli_exit_codes(cli, tiny_agree, tmp_path):
+    args = ["verify", "-m", tiny_agree, "--k", "2", "--temp", "0,0.6", "--top-k", "10", "--samples", "60", "-q"]
+    ok = cli(*args, "--out", tmp_path / "ev")
+    assert ok.exit_code == 0, ok.stdout + ok.stderr
+    assert "pit_ks" in ok.stdout and "exact_target" in ok.stdout and "not rejected" in ok.stdout
+    assert list((tmp_path / "ev" / "verdicts").glob("part-verify-*.parquet"))
+    assert cli(*args, "--control", "bonus-argmax").exit_code == 1
+    assert cli(*args, "--control", "sample-match").exit_code == 0
+    listed = cli("verify", "--list-controls").stdout.strip().splitlines()
+    assert len(listed) == len(CONTROLS) and all(line.split()[1] in ("negative", "positive") for line in listed)
+    bad = cli("verify", "-m", tiny_agree, "--control", "nope")
+    assert bad.exit_code == 2 and "unknown control" in bad.stderr
+
+
+def test_scan_reproduces_decode_time_greedy_depth1_acceptance(tiny_agree, tiny_agree2):
+    for path in (tiny_agree, tiny_agree2):
+        b = load(path)
+        for text in ("def add(a, b):\n    return", "The quick brown fox"):
+            ids = b.tokenizer.encode(text)
+            ar = generate_ar(b, ids, SamplingConfig(), 120, ignore_eos=True)
+            mtp = generate_mtp(b, ids, SamplingConfig(), 1, 120, ignore_eos=True)
+            assert mtp.tokens == ar.tokens
+            s = scan(b, ids + ar.tokens)
+            assert greedy_k1_walk(s.match, len(ids), len(ar.tokens)) == (mtp.accepted_tokens, mtp.verify_steps)
+            assert 0 < mtp.accepted_tokens < mtp.verify_steps
