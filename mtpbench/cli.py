@@ -181,7 +181,7 @@ def _read_toml(path: str) -> dict:
 
 
 SWEEP_KEYS = {"model", "k", "temp", "top_p", "top_k", "min_p", "draft_temp", "max_tokens", "repeats", "seed",
-              "prompts", "thinking", "prompt_limit", "ignore_eos", "no_records", "out"}
+              "prompts", "thinking", "prompt_limit", "ignore_eos", "no_records", "out", "policy"}
 
 
 @main.command("sweep")
@@ -198,6 +198,8 @@ SWEEP_KEYS = {"model", "k", "temp", "top_p", "top_k", "min_p", "draft_temp", "ma
 @click.option("--prompts", default=None, help="Prompt sets by name or .jsonl path, comma-separated "
               "(default: stdlib for the embedded demo, else every bundled set).")
 @click.option("--thinking", default="n/a", help="on,off: an axis when the chat template supports enable_thinking.")
+@click.option("--policy", default="as-is", show_default=True,
+              help="Quantization policies, comma-separated, applied in memory (see `mtpbench policies`).")
 @click.option("--prompt-limit", type=int, default=0, help="Use only the first N prompts of each set (0: all).")
 @click.option("--ignore-eos", is_flag=True, help="Generate exactly --max-tokens tokens per run.")
 @click.option("--no-records", is_flag=True, help="Skip the steps/tokens tables (no per-cell preservation verdicts).")
@@ -243,6 +245,7 @@ def sweep_cmd(ctx, config_file, quiet, no_report, **cli_values):
         max_tokens=int(values["max_tokens"]), repeats=int(values["repeats"]), seed=int(values["seed"]),
         thinking=_words(values["thinking"]) or ("n/a",), prompt_limit=int(values["prompt_limit"]),
         ignore_eos=bool(values["ignore_eos"]), records=not values["no_records"],
+        policies=_words(values["policy"]) or ("as-is",),
     )
     out = Path(values["out"]) if values["out"] else default_out(spec)
     command = "mtpbench " + " ".join(sys.argv[1:]) if sys.argv[0].endswith(("mtpbench", "cli.py", "__main__.py")) else ""

@@ -62,6 +62,7 @@ class SweepSpec:
     repeats: int = 2
     seed: int = 0
     thinking: tuple[str, ...] = ("n/a",)  # "on", "off" when the chat template supports enable_thinking
+    policies: tuple[str, ...] = ("as-is",)  # quantization policies applied in memory (see `mtpbench policies`)
     prompt_limit: int = 0  # 0: every prompt of each set; N: the first N of each set
     ignore_eos: bool = False
     records: bool = True  # steps/tokens tables (p, q, alpha, PIT): needed for the preservation verdicts
@@ -83,6 +84,12 @@ class SweepSpec:
                 raise UserError(f"--thinking values are on and off, got {t!r}")
         for temp in self.temps:
             self.setting(temp).config(0)  # validates every sampling value up front
+        if any(p != "as-is" for p in self.policies):
+            from .quantize import get_policy
+
+            for p in self.policies:
+                if p != "as-is":
+                    get_policy(p)
         if self.draft_temp is not None and self.draft_temp < 0:
             raise UserError(f"--draft-temp must be >= 0, got {self.draft_temp}")
 
@@ -99,6 +106,7 @@ class SweepSpec:
 @dataclass(frozen=True)
 class Cell:
     model: str
+    policy: str
     setting: Setting
     thinking: str
     prompt: Prompt
@@ -108,6 +116,8 @@ class Cell:
     @property
     def cell_id(self) -> str:
         key = [self.model, asdict(self.setting), self.thinking, self.prompt.set_name, self.prompt.id, self.repetition]
+        if self.policy != "as-is":
+            key.append(self.policy)
         return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
     def run_id(self, mode: str, k: int) -> str:
@@ -129,8 +139,8 @@ def plan(spec: SweepSpec, prompts: list[Prompt]) -> list[Cell]:
         chosen = [p for ps in per_set.values() for p in ps[: spec.prompt_limit]]
     # One seed per (prompt, repetition): runs of one verdict group never share a random stream (a shared PIT
     # stream across prompts would make the u values dependent and the test invalid).
-    return [Cell(m, spec.setting(t), th, p, r, spec.seed + r * len(chosen) + i)
-            for m in spec.models for t in spec.temps for th in spec.thinking
+    return [Cell(m, pol, spec.setting(t), th, p, r, spec.seed + r * len(chosen) + i)
+            for m in spec.models for pol in spec.policies for t in spec.temps for th in spec.thinking
             for r in range(spec.repeats) for i, p in enumerate(chosen)]
 
 
@@ -199,11 +209,12 @@ def prepare_results_dir(out: Path, spec: SweepSpec, command: str) -> None:
                           "command": command, "spec": spec.to_dict(), "provenance": provenance(), "models": {}})
 
 
-def _record_model(out: Path, name: str, bundle: Bundle) -> None:
+def _record_model(out: Path, name: str, bundle: Bundle, policy: str = "as-is") -> None:
     from .describe import describe
 
     manifest = read_manifest(out)
     info = describe(bundle)
+    name = name if policy == "as-is" else f"{name}@{policy}"
     known = manifest["models"].get(name)
     if known and known.get("fingerprint") != info["fingerprint"]:
         raise UserError(f"{name} changed on disk since this sweep started (fingerprint {known['fingerprint']} -> "
@@ -219,7 +230,7 @@ def _run_row(cell: Cell, bundle: Bundle, mode: str, k: int, order: int, r: Decod
     row = {
         "run_id": cell.run_id(mode, k), "cell_id": cell.cell_id, "sweep": sweep, "backend": "reference",
         "model": cell.model, "model_fingerprint": bundle.fingerprint, "model_path": str(bundle.path),
-        "policy": "as-is", "mode": mode, "k": k, "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
+        "policy": cell.policy, "mode": mode, "k": k, "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
         "min_p": s.min_p, "draft_temperature": s.temperature if s.draft_temperature is None else s.draft_temperature,
         "setting": s.label, "thinking": cell.thinking, "prompt_set": cell.prompt.set_name,
         "prompt_id": cell.prompt.id, "category": cell.prompt.category, "repetition": cell.repetition,
@@ -288,11 +299,12 @@ def write_cell(out: Path, cell_id: str, runs: list[dict], steps: list[dict], tok
     write_part(out, "runs", cell_id, runs)
 
 
-def _by_model(cells: list[Cell]) -> Iterator[tuple[str, list[Cell]]]:
-    models: dict[str, list[Cell]] = {}
+def _by_model(cells: list[Cell]) -> Iterator[tuple[tuple[str, str], list[Cell]]]:
+    """Cells grouped by (model, policy): each group loads (and quantizes) its checkpoint once."""
+    groups: dict[tuple[str, str], list[Cell]] = {}
     for c in cells:
-        models.setdefault(c.model, []).append(c)
-    yield from models.items()
+        groups.setdefault((c.model, c.policy), []).append(c)
+    yield from groups.items()
 
 
 def run_sweep(spec: SweepSpec, out: Path, command: str = "",
@@ -324,9 +336,13 @@ def _execute(spec: SweepSpec, out: Path, cells: list[Cell], progress) -> SweepOu
         if progress:
             progress(RunEvent(counter["n"], runs_total, label, tok_s))
 
-    for model, model_cells in _by_model(todo):
+    for (model, policy), model_cells in _by_model(todo):
         bundle = load(model, require_mtp=True)
-        _record_model(out, model, bundle)
+        if policy != "as-is":
+            from .quantize import apply_policy
+
+            bundle = apply_policy(bundle, policy)
+        _record_model(out, model, bundle, policy)
         warmed: set[tuple] = set()
         for cell in model_cells:
             group = (cell.setting, cell.thinking)

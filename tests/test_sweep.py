@@ -192,3 +192,21 @@ def test_bad_sweep_input(cli, tmp_path, tiny_agree):
     blocker.write_text("")
     res = cli("sweep", "-m", tiny_agree, "--prompts", prompts, "--out", blocker / "sub", "--no-report")
     assert res.exit_code != 0 and "cannot write results" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_policy_axis_sweep_renders_one_report_comparing_policies(cli, tmp_path, tiny_agree):
+    prompts = _prompt_file(tmp_path)
+    out = tmp_path / "policies"
+    res = cli("sweep", "-m", tiny_agree, "--policy", "as-is,q8,q4+mtp-int4", "--k", "1..2", "--temp", "0",
+              "--prompts", prompts, "--repeats", "1", "--max-tokens", "16", "--out", out, "--quiet", "--no-report")
+    assert res.exit_code == 0, res.stderr
+    runs = read_table(out, "runs")
+    assert set(runs["policy"]) == {"as-is", "q8", "q4+mtp-int4"} and len(runs) == 3 * 2 * 3
+    for _, g in runs[runs["temperature"] == 0].groupby("cell_id"):
+        assert g["output_hash"].nunique() == 1  # greedy MTP == greedy AR under every policy
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert any("q4 g64" in str(m["formats"]) for m in manifest["models"].values())
+    report = cli("report", out, "-o", tmp_path / "p.html")
+    assert report.exit_code == 0
+    html = (tmp_path / "p.html").read_text()
+    assert 'id="policies"' in html and "q4+mtp-int4" in html
