@@ -209,11 +209,9 @@ def prepare_results_dir(out: Path, spec: SweepSpec, command: str) -> None:
                           "command": command, "spec": spec.to_dict(), "provenance": provenance(), "models": {}})
 
 
-def _record_model(out: Path, name: str, bundle: Bundle, policy: str = "as-is") -> None:
-    from .describe import describe
-
+def record_model(out: Path, name: str, info: dict[str, Any], policy: str = "as-is") -> None:
+    """Store a model's `inspect` description in the manifest (refusing a checkpoint that changed on disk)."""
     manifest = read_manifest(out)
-    info = describe(bundle)
     name = name if policy == "as-is" else f"{name}@{policy}"
     known = manifest["models"].get(name)
     if known and known.get("fingerprint") != info["fingerprint"]:
@@ -324,6 +322,32 @@ def run_sweep(spec: SweepSpec, out: Path, command: str = "",
         raise
 
 
+CellSink = Callable[[Cell, list[dict], list[dict], list[dict]], None]
+
+
+def run_group(spec: SweepSpec, model: str, policy: str, cells: list[Cell], sweep_name: str, on_cell: CellSink,
+              on_run: Callable[[str, float], None] | None = None) -> dict[str, Any]:
+    """Load (and quantize) one checkpoint once, warm up per setting, run its cells; returns its description.
+
+    The unit of work of every executor: in process, or one Ray task per (model, policy) group.
+    """
+    from .describe import describe
+
+    bundle = load(model, require_mtp=True)
+    if policy != "as-is":
+        from .quantize import apply_policy
+
+        bundle = apply_policy(bundle, policy)
+    warmed: set[tuple] = set()
+    for cell in cells:
+        group = (cell.setting, cell.thinking)
+        if group not in warmed:
+            warm_up(bundle, cell, spec)
+            warmed.add(group)
+        on_cell(cell, *run_cell(bundle, cell, spec, sweep_name, on_run))
+    return describe(bundle)
+
+
 def _execute(spec: SweepSpec, out: Path, cells: list[Cell], progress) -> SweepOutcome:
     done = done_parts(out)
     todo = [c for c in cells if c.cell_id not in done]
@@ -336,23 +360,14 @@ def _execute(spec: SweepSpec, out: Path, cells: list[Cell], progress) -> SweepOu
         if progress:
             progress(RunEvent(counter["n"], runs_total, label, tok_s))
 
-    for (model, policy), model_cells in _by_model(todo):
-        bundle = load(model, require_mtp=True)
-        if policy != "as-is":
-            from .quantize import apply_policy
+    def on_cell(cell: Cell, runs: list[dict], steps: list[dict], tokens: list[dict]) -> None:
+        write_cell(out, cell.cell_id, runs, steps, tokens)
+        outcome.cells_run += 1
+        outcome.failed_runs.extend(f"{r['run_id']}: {r['error']}" for r in runs if r["status"] != "ok")
 
-            bundle = apply_policy(bundle, policy)
-        _record_model(out, model, bundle, policy)
-        warmed: set[tuple] = set()
-        for cell in model_cells:
-            group = (cell.setting, cell.thinking)
-            if group not in warmed:
-                warm_up(bundle, cell, spec)
-                warmed.add(group)
-            runs, steps, tokens = run_cell(bundle, cell, spec, out.name, on_run)
-            write_cell(out, cell.cell_id, runs, steps, tokens)
-            outcome.cells_run += 1
-            outcome.failed_runs += [f"{r['run_id']}: {r['error']}" for r in runs if r["status"] != "ok"]
+    for (model, policy), group_cells in _by_model(todo):
+        info = run_group(spec, model, policy, group_cells, out.name, on_cell, on_run)
+        record_model(out, model, info, policy)
     _write_verdicts(out)
     return outcome
 

@@ -101,7 +101,7 @@ def test_greedy_rows_match_ar_and_sampled_cells_get_verdicts(small_sweep):
     for _, g in greedy.groupby("cell_id"):
         assert g["output_hash"].nunique() == 1
     verdicts = read_table(out, "verdicts")
-    assert set(verdicts["test"]) == {"greedy_identity", "pit_ks", "acceptance_calibration"}
+    assert set(verdicts["test"]) == {"greedy_identity", "pit_ks", "logprob_score", "acceptance_calibration"}
     assert not verdicts["rejected"].any()
 
 

@@ -1,0 +1,446 @@
+"""`mtpbench bench`: what the checkpoint costs on this machine, and how much of that the decoder delivers.
+
+The reference decoder must measure the checkpoint, not its own overhead. So this module times the terms of the
+speculative step in isolation (AR step, draft step, (K+1)-token verify, rollback), feeds them to the cost model of
+`stats.acceptance`, and compares the prediction with the speedup the decoder realizes (efficiency). It also checks
+our AR loop against mlx_lm's own (parity), prices the rich records, places throughput on a memory-bandwidth
+roofline, and shows how decode speed scales with context. Every figure is a ratio of things measured side by side
+in this one process, alternating (ABBA) so drift hits both sides (shared/DESIGN.md, timing protocol).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from .blas import active_blas
+from .checkpoint import Bundle, load
+from .decode import DecodeResult, generate_ar, generate_mtp
+from .decode.cache import restore, snapshot, state_arrays
+from .decode.common import now as _clock
+from .errors import UserError
+from .provenance import now_iso, provenance
+from .results import write_json
+from .sampling import SamplingConfig
+from .stats.acceptance import (
+    StepCosts,
+    break_even_acceptance,
+    expected_tokens,
+    predicted_speedup,
+)
+
+SCHEMA = "mtpbench.bench/1"
+GREEDY = SamplingConfig(temperature=0.0)
+Log = Callable[[str], None]
+# Held-out-looking code text: tiled to build prompts of any length from the checkpoint's own tokenizer.
+PROMPT_TEXT = (
+    "def merge(a, b):\n    out = []\n    i = j = 0\n    while i < len(a) and j < len(b):\n"
+    "        if a[i] <= b[j]:\n            out.append(a[i])\n            i += 1\n        else:\n"
+    "            out.append(b[j])\n            j += 1\n    return out + a[i:] + b[j:]\n\n"
+    "The quick brown fox jumps over the lazy dog. Speculative decoding drafts tokens and verifies them.\n"
+)
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """Sizes of one bench run; `quick()` is for smoke tests, where only the plumbing matters."""
+
+    ks: tuple[int, ...] = (1, 2, 3)
+    max_tokens: int = 128
+    repeats: int = 5
+    contexts: tuple[int, ...] = (512, 2048, 8192)
+    context_repeats: int = 1
+    prompt_tokens: int = 64
+    warmup: int = 2
+    copy_mb: int = 256
+
+    @classmethod
+    def quick(cls, ks: Sequence[int] = (1, 2), contexts: Sequence[int] = (64, 128)) -> BenchSettings:
+        return cls(ks=tuple(ks), max_tokens=12, repeats=2, contexts=tuple(contexts), prompt_tokens=24, warmup=1,
+                   copy_mb=16)
+
+
+# --- prompts -------------------------------------------------------------------------------------------------
+
+
+def pattern_prompt(bundle: Bundle, length: int) -> list[int]:
+    """About `length` tokens: the checkpoint's own encoding of PROMPT_TEXT, repeated (never empty)."""
+    pattern = [int(t) for t in bundle.tokenizer.encode(PROMPT_TEXT)] or [0]
+    reps = -(-max(1, length) // len(pattern))
+    return (pattern * reps)[: max(1, length)]
+
+
+def _context_cap(bundle: Bundle, max_tokens: int, ks: Sequence[int]) -> int:
+    """The longest prompt that still leaves room for the decode and the verify window in the position budget."""
+    return max(1, bundle.context_length - max_tokens - max(ks, default=0) - 2)
+
+
+# --- cost terms ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MeasuredCosts(StepCosts):
+    """StepCosts plus the detail behind them: rollback by accepted prefix j, the context they were measured at."""
+
+    rollback_by_j: tuple[float, ...] = ()  # j = 0..max K - 1: restore + re-forward of j + 1 tokens
+    context_tokens: int = 0
+    repeats: int = 0
+
+    def for_k(self, k: int, rejected_js: Sequence[int] = ()) -> StepCosts:
+        """Costs for depth K, the rollback weighted by how often each prefix j < K was actually rejected at."""
+        js = [j for j in rejected_js if j < k] or list(range(k))
+        rollback = float(np.mean([self.rollback_by_j[j] for j in js]))
+        return StepCosts(self.ar_step, self.draft_step, {k: self.verify[k]}, rollback)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ar_step_s": self.ar_step, "draft_step_s": self.draft_step, "rollback_s": self.rollback,
+            "verify_s": [{"k": k, "seconds": s, "over_ar_step": s / self.ar_step} for k, s in sorted(self.verify.items())],
+            "rollback_by_j_s": list(self.rollback_by_j), "draft_over_ar_step": self.draft_step / self.ar_step,
+            "context_tokens": self.context_tokens, "repeats": self.repeats,
+        }
+
+
+@dataclass(frozen=True)
+class _Primed:
+    """A trunk and MTP cache holding the prompt, exactly as the decoder holds them before its first step."""
+
+    cache: list
+    mtp_cache: list
+    last: int
+    hidden: mx.array  # (1, 1, H): the trunk hidden at the last prompt position
+
+
+def _prime(bundle: Bundle, prompt: list[int]) -> _Primed:
+    trunk, head = bundle.trunk, bundle.require_mtp()
+    cache, mtp_cache = trunk.make_cache(), head.make_cache()
+    x = mx.array(prompt)[None]
+    out = trunk(x, cache)
+    if len(prompt) > 1:
+        head(out.hidden[:, :-1], trunk.embed(x[:, 1:]), mtp_cache)
+    last = int(np.asarray(mx.argmax(out.logits[0, -1])))
+    hidden = out.hidden[:, -1:]
+    mx.eval(hidden, *state_arrays(cache), *state_arrays(mtp_cache))
+    return _Primed(cache, mtp_cache, last, hidden)
+
+
+def _host_argmax(logits: mx.array) -> np.ndarray:
+    """The host sync every decode step ends with: argmax ids on the host."""
+    return np.asarray(mx.argmax(logits, axis=-1))
+
+
+def _median_seconds(op: Callable[[], object], reset: Callable[[], None], repeats: int, warmup: int,
+                    setup: Callable[[], None] | None = None) -> float:
+    """Median wall time of `op` (which must end in a host sync); `setup`/`reset` run untimed around each call."""
+    samples = []
+    for i in range(warmup + repeats):
+        if setup:
+            setup()
+        t0 = _clock()
+        op()
+        dt = _clock() - t0
+        reset()
+        if i >= warmup:
+            samples.append(dt)
+    return float(statistics.median(samples))
+
+
+def measure_costs(bundle: Bundle, prompt_ids: list[int], ks: Sequence[int], repeats: int = 5,
+                  warmup: int = 2) -> MeasuredCosts:
+    """Median seconds of each cost term, on a cache primed with the prompt and put back after every call."""
+    trunk, head = bundle.trunk, bundle.require_mtp()
+    st = _prime(bundle, prompt_ids)
+    kmax = max(ks)
+    drafts = [st.last] * kmax  # token values do not change the cost of a forward
+    snap, mtp_offset = snapshot(st.cache), st.mtp_cache[0].offset
+
+    def put_back() -> None:
+        restore(st.cache, snap)
+        for c in st.mtp_cache:
+            c.trim(c.offset - mtp_offset)
+
+    def ar_step() -> None:
+        _host_argmax(trunk(mx.array([[st.last]]), st.cache).logits[0, -1:])
+
+    def draft_step() -> None:
+        z = head(st.hidden, trunk.embed(mx.array([[st.last]])), st.mtp_cache)
+        _host_argmax(trunk.lm_head(z)[0])
+
+    def verify(k: int) -> Callable[[], None]:
+        return lambda: _host_argmax(trunk(mx.array([[st.last] + drafts[:k]]), st.cache).logits[0])
+
+    def after_verify() -> None:  # the state a rollback starts from: the full verify window forwarded
+        trunk(mx.array([[st.last] + drafts]), st.cache)
+        mx.eval(*state_arrays(st.cache))
+
+    def rollback(j: int) -> Callable[[], None]:
+        def op() -> None:
+            restore(st.cache, snap)
+            trunk(mx.array([[st.last] + drafts[:j]]), st.cache)
+            mx.eval(*state_arrays(st.cache))
+        return op
+
+    timed = {"repeats": repeats, "warmup": warmup}
+    ar = _median_seconds(ar_step, put_back, **timed)
+    draft = _median_seconds(draft_step, put_back, **timed)
+    verify_s = {k: _median_seconds(verify(k), put_back, **timed) for k in sorted(set(ks))}
+    by_j = tuple(_median_seconds(rollback(j), put_back, setup=after_verify, **timed) for j in range(kmax))
+    return MeasuredCosts(ar_step=ar, draft_step=draft, verify=verify_s, rollback=float(np.mean(by_j)),
+                         rollback_by_j=by_j, context_tokens=len(prompt_ids), repeats=repeats)
+
+
+# --- decode runs ---------------------------------------------------------------------------------------------
+
+
+def _decode(bundle: Bundle, prompt: list[int], k: int, max_tokens: int, records: bool = False) -> DecodeResult:
+    """One greedy run of AR (k = 0) or MTP at depth k, EOS ignored so every run decodes the same length."""
+    if k == 0:
+        return generate_ar(bundle, prompt, GREEDY, max_tokens, records=records, ignore_eos=True)
+    return generate_mtp(bundle, prompt, GREEDY, k, max_tokens, records=records, ignore_eos=True)
+
+
+def _abba(arms: Sequence[Callable[[], Any]], repeats: int, warmup: int = 1) -> list[list[Any]]:
+    """Run every arm `warmup + repeats` times, reversing the order on every other round; keep the timed rounds."""
+    out: list[list[Any]] = [[] for _ in arms]
+    for r in range(warmup + repeats):
+        order = list(range(len(arms))) if r % 2 == 0 else list(range(len(arms)))[::-1]
+        for i in order:
+            value = arms[i]()
+            if r >= warmup:
+                out[i].append(value)
+    return out
+
+
+def _geomean_ratio(num: Sequence[float], den: Sequence[float]) -> float:
+    """Geometric mean of the paired (same round) ratios num/den."""
+    logs = [math.log(a / b) for a, b in zip(num, den) if a > 0 and b > 0 and math.isfinite(a / b)]
+    return math.exp(float(np.mean(logs))) if logs else float("nan")
+
+
+def _median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+# --- AR parity with mlx_lm -----------------------------------------------------------------------------------
+
+
+def _mlx_lm_tok_s(model, tokenizer, prompt: list[int], max_tokens: int) -> float:
+    """mlx_lm.stream_generate's decode tok/s, put on our definition: tokens after the first / time after the first.
+
+    Its `generation_tps` divides all N tokens by the time after the first, so it reads N/(N-1) high.
+    """
+    import mlx_lm
+
+    last = None
+    for last in mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens=max_tokens):
+        pass
+    if last is None or last.generation_tokens < 2:
+        return float("nan")
+    elapsed = last.generation_tokens / last.generation_tps
+    return (last.generation_tokens - 1) / elapsed
+
+
+def ar_parity(bundle: Bundle, prompt_ids: list[int], max_tokens: int, repeats: int = 5) -> dict[str, Any]:
+    """Our AR decode tok/s against mlx_lm's own loop on the same checkpoint, prompt and greedy settings."""
+    import mlx_lm
+
+    model, tokenizer = mlx_lm.load(str(bundle.path))
+    tokenizer.eos_token_ids = set()  # ours runs with ignore_eos: both decode exactly max_tokens
+
+    def ours() -> float:
+        return _decode(bundle, prompt_ids, 0, max_tokens).decode_tok_s
+
+    def theirs() -> float:
+        return _mlx_lm_tok_s(model, tokenizer, prompt_ids, max_tokens)
+
+    ours_s, theirs_s = _abba([ours, theirs], repeats)
+    return {
+        "ours_tok_s": ours_s, "mlx_lm_tok_s": theirs_s, "ours_median": _median(ours_s),
+        "mlx_lm_median": _median(theirs_s), "ratio": _geomean_ratio(ours_s, theirs_s),
+        "max_tokens": max_tokens, "prompt_tokens": len(prompt_ids), "repeats": repeats,
+        "note": "decode tok/s excluding the first token on both sides (mlx_lm's generation_tps rescaled by (N-1)/N)",
+    }
+
+
+# --- predicted vs realized speedup ---------------------------------------------------------------------------
+
+
+def _survival(runs: Sequence[DecodeResult], k: int) -> list[float]:
+    """Survival to depth d = steps whose first d drafts were all accepted / verify steps, pooled over runs."""
+    steps = sum(r.verify_steps for r in runs)
+    return [sum(r.accepted_at_depth[d] for r in runs) / steps if steps else 0.0 for d in range(k)]
+
+
+def _rejected_js(runs: Sequence[DecodeResult], k: int) -> list[int]:
+    return [j for r in runs for j in r.accepted_per_step if j < k]
+
+
+def _k_efficiency(k: int, ar: list[DecodeResult], mtp: list[DecodeResult], costs: MeasuredCosts) -> dict[str, Any]:
+    survival = _survival(mtp, k)
+    rejected = _rejected_js(mtp, k)
+    ck = costs.for_k(k, rejected)
+    predicted = predicted_speedup(survival, ck)
+    realized = _geomean_ratio([r.decode_tok_s for r in mtp], [r.decode_tok_s for r in ar])
+    p_reject = 1.0 - (survival[-1] if survival else 0.0)
+    model_step = k * ck.draft_step + ck.verify[k] + p_reject * ck.rollback
+    steps = sum(r.verify_steps for r in mtp)
+    real_step = sum(r.decode_s for r in mtp) / steps if steps else float("nan")
+    real_ar = sum(r.decode_s for r in ar) / sum(r.generated_tokens - 1 for r in ar)
+    return {
+        "k": k, "survival": survival, "tau": expected_tokens(survival), "rollback_s": ck.rollback,
+        "ar_tok_s": _median([r.decode_tok_s for r in ar]), "mtp_tok_s": _median([r.decode_tok_s for r in mtp]),
+        "predicted_speedup": predicted, "realized_speedup": realized, "efficiency": realized / predicted,
+        "break_even_acceptance": break_even_acceptance(k, ck),
+        "model_step_s": model_step, "measured_step_s": real_step, "step_overhead": real_step / model_step,
+        "model_ar_step_s": ck.ar_step, "measured_ar_step_s": real_ar, "ar_overhead": real_ar / ck.ar_step,
+        "verify_steps": steps, "no_draft_accepted": sum(r.accepted_tokens for r in mtp) == 0,
+    }
+
+
+def mtp_efficiency(bundle: Bundle, prompt_ids: list[int], ks: Sequence[int], max_tokens: int, repeats: int,
+                   costs: MeasuredCosts) -> list[dict[str, Any]]:
+    """Per K: realized speedup (MTP vs AR, side by side) over the speedup the measured costs predict."""
+    modes = [0, *ks]
+    arms = [lambda m=m: _decode(bundle, prompt_ids, m, max_tokens) for m in modes]
+    runs = dict(zip(modes, _abba(arms, repeats)))
+    return [_k_efficiency(k, runs[0], runs[k], costs) for k in ks]
+
+
+def records_overhead(bundle: Bundle, prompt_ids: list[int], ks: Sequence[int], max_tokens: int,
+                     repeats: int) -> list[dict[str, Any]]:
+    """What the rich records (p, q, alpha, PIT) cost: decode tok/s with and without them, per mode (K = 0 is AR)."""
+    out = []
+    for m in [0, *ks]:
+        arms = [lambda m=m, r=r: _decode(bundle, prompt_ids, m, max_tokens, records=r).decode_tok_s
+                for r in (False, True)]
+        lean, rich = _abba(arms, repeats)
+        ratio = _geomean_ratio(rich, lean)
+        out.append({"k": m, "records_tok_s": _median(rich), "no_records_tok_s": _median(lean),
+                    "ratio": ratio, "overhead": 1.0 - ratio})
+    return out
+
+
+# --- roofline ------------------------------------------------------------------------------------------------
+
+
+def _nbytes(module) -> int:
+    """Bytes of every parameter of a module, quantized weights' scales and biases included."""
+    return int(sum(v.nbytes for _, v in tree_flatten(module.parameters())))
+
+
+def _lm_head_bytes(bundle: Bundle) -> int:
+    lm = bundle.trunk.lm
+    return _nbytes(lm.model.embed_tokens if lm.args.tie_word_embeddings else lm.lm_head)
+
+
+def copy_bandwidth(mb: int = 256, best_of: int = 5) -> float:
+    """Machine memory bandwidth in GB/s: best large numpy copy, read + write bytes counted."""
+    src = np.ones(mb * (1 << 20) // 8)
+    dst = np.empty_like(src)
+    best = math.inf
+    for _ in range(best_of):
+        t0 = _clock()
+        np.copyto(dst, src)
+        best = min(best, _clock() - t0)
+    return 2 * src.nbytes / best / 1e9
+
+
+def roofline(bundle: Bundle, tok_s: dict[int, float], tau: dict[int, float] | None = None,
+             copy_mb: int = 256) -> dict[str, Any]:
+    """Weight bytes read per token x tok/s = achieved weight bandwidth, and its share of the machine's.
+
+    AR reads every trunk weight once per token. An MTP step reads the trunk once plus K draft steps of the head
+    and the lm head (drafts use the trunk's), and emits tau tokens. The untied embedding table is counted whole
+    although a step reads one row of it (`embedding_bytes` says how much that is).
+    """
+    tau = tau or {}
+    trunk = _nbytes(bundle.model)
+    head = _nbytes(bundle.require_mtp()) + _lm_head_bytes(bundle)
+    machine = copy_bandwidth(copy_mb)
+    rows = []
+    for k, ts in sorted(tok_s.items()):
+        per_token = trunk if k == 0 else (trunk + k * head) / tau.get(k, 1.0)
+        gbs = per_token * ts / 1e9
+        rows.append({"k": k, "tok_s": ts, "bytes_per_token": per_token, "achieved_gb_s": gbs,
+                     "share": gbs / machine})
+    emb = bundle.trunk.lm.model.embed_tokens
+    return {"trunk_bytes": trunk, "draft_step_bytes": head, "embedding_bytes": _nbytes(emb),
+            "tied_embeddings": bool(bundle.trunk.lm.args.tie_word_embeddings),
+            "machine_gb_s": machine, "copy_mb": copy_mb, "modes": rows}
+
+
+# --- context scaling -----------------------------------------------------------------------------------------
+
+
+def context_scaling(bundle: Bundle, lengths: Sequence[int] = (512, 2048, 8192), ks: Sequence[int] = (1, 2, 3),
+                    max_tokens: int = 64, repeats: int = 1) -> list[dict[str, Any]]:
+    """AR and MTP(K) decode tok/s at prompts of about each length (capped at the model's position budget)."""
+    cap = _context_cap(bundle, max_tokens, ks)
+    out = []
+    for target in lengths:
+        prompt = pattern_prompt(bundle, min(target, cap))
+        modes = [0, *ks]
+        arms = [lambda m=m, p=prompt: _decode(bundle, p, m, max_tokens) for m in modes]
+        runs = dict(zip(modes, _abba(arms, repeats, warmup=0)))
+        ar = _median([r.decode_tok_s for r in runs[0]])
+        out.append({
+            "target_tokens": target, "prompt_tokens": len(prompt), "capped": target > cap,
+            "prefill_tok_s": _median([len(prompt) / r.prefill_s for r in runs[0]]), "ar_tok_s": ar,
+            "mtp": [{"k": k, "tok_s": _median([r.decode_tok_s for r in runs[k]]),
+                     "speedup": _geomean_ratio([r.decode_tok_s for r in runs[k]], [r.decode_tok_s for r in runs[0]]),
+                     "tau": float(np.mean([r.mean_acceptance_length for r in runs[k]]))} for k in ks],
+        })
+    return out
+
+
+# --- the whole bench -----------------------------------------------------------------------------------------
+
+
+def _model_facts(bundle: Bundle) -> dict[str, Any]:
+    text = bundle.text_config
+    params = sum(v.size for _, v in tree_flatten(bundle.model.parameters()))
+    return {"name": bundle.name, "path": str(bundle.path), "fingerprint": bundle.fingerprint,
+            "hidden_size": text.get("hidden_size"), "layers": text.get("num_hidden_layers"),
+            "vocab_size": text.get("vocab_size"), "trunk_params": int(params),
+            "mtp_params": int(sum(v.size for _, v in tree_flatten(bundle.require_mtp().parameters()))),
+            "hidden_variant": bundle.hidden_variant.value, "max_position_embeddings": bundle.context_length}
+
+
+def run_bench(model: str | Path, out_dir: Path, ks: Sequence[int] = (1, 2, 3), settings: BenchSettings | None = None,
+              log: Log | None = None) -> dict[str, Any]:
+    """Run every measurement on one checkpoint and write `out_dir/bench.json` (atomic); return what was written."""
+    s = replace(settings or BenchSettings(), ks=tuple(ks))
+    if not s.ks or s.repeats < 1 or s.max_tokens < 4:
+        raise UserError("bench needs at least one K, --repeats >= 1 and --max-tokens >= 4")
+    say = log or (lambda _msg: None)
+    bundle = load(model, require_mtp=True)
+    prompt = pattern_prompt(bundle, min(s.prompt_tokens, _context_cap(bundle, s.max_tokens, s.ks)))
+    say(f"costs: AR step, draft step, verify K={list(s.ks)}, rollback ({s.repeats} repeats)")
+    costs = measure_costs(bundle, prompt, s.ks, s.repeats, s.warmup)
+    say("AR parity with mlx_lm.stream_generate")
+    parity = ar_parity(bundle, prompt, s.max_tokens, s.repeats)
+    say("predicted vs realized speedup")
+    eff = mtp_efficiency(bundle, prompt, s.ks, s.max_tokens, s.repeats, costs)
+    say("records overhead")
+    rec = records_overhead(bundle, prompt, s.ks, s.max_tokens, s.repeats)
+    say("roofline")
+    roof = roofline(bundle, {0: eff[0]["ar_tok_s"], **{e["k"]: e["mtp_tok_s"] for e in eff}},
+                    {e["k"]: e["tau"] for e in eff}, s.copy_mb)
+    say(f"context scaling {list(s.contexts)}")
+    ctx = context_scaling(bundle, s.contexts, s.ks, s.max_tokens, s.context_repeats)
+    bench = {
+        "schema": SCHEMA, "created_at": now_iso(), "blas": active_blas(), "provenance": dict(provenance()),
+        "model": _model_facts(bundle), "settings": {**asdict(s), "prompt_tokens": len(prompt), "sampling": "greedy"},
+        "costs": costs.to_dict(), "ar_parity": parity, "mtp": eff, "records_overhead": rec, "roofline": roof,
+        "context_scaling": ctx,
+    }
+    write_json(Path(out_dir) / "bench.json", bench)
+    return bench

@@ -1,0 +1,104 @@
+"""`mtpbench bench`: a thin click wrapper over mtpbench.bench, printing a readable summary.
+
+A plain command (not attached to a group here); mtpbench.cli registers it with `main.add_command(bench_cmd)`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .cli_common import _friendly
+from .errors import UserError
+
+
+def _ints(text: str, what: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise UserError(f"{what} {text!r}: expected comma-separated integers, e.g. 512,2048,8192") from None
+    if not values or min(values) < 1:
+        raise UserError(f"{what} {text!r}: expected positive integers")
+    return values
+
+
+def default_out(model: str) -> Path:
+    """reports/bench-<model name>, the name made safe for a directory."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model.rstrip("/")).name or model).strip("-") or "model"
+    return Path("reports") / f"bench-{name}"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:+.1f}%"
+
+
+def summary_lines(bench: dict[str, Any]) -> list[str]:
+    """The figures a reader wants first, as plain lines (the HTML page has them all)."""
+    c, p, roof = bench["costs"], bench["ar_parity"], bench["roofline"]
+    m = bench["model"]
+    lines = [
+        (f"model {m['name']}: {m['trunk_params'] / 1e6:.1f}M trunk params, BLAS {bench['blas']}, "
+         f"{bench['provenance'].get('device', '?')}"),
+        (f"AR parity: ours {p['ours_median']:.1f} tok/s vs mlx_lm {p['mlx_lm_median']:.1f} tok/s, "
+         f"ratio {p['ratio']:.3f}"),
+        (f"costs at {c['context_tokens']} tokens of context: AR step {1e3 * c['ar_step_s']:.3f} ms, "
+         f"draft step {1e3 * c['draft_step_s']:.3f} ms ({c['draft_over_ar_step']:.2f}x AR)"),
+    ]
+    lines += [f"  verify K={v['k']}: {1e3 * v['seconds']:.3f} ms ({v['over_ar_step']:.2f}x AR)" for v in c["verify_s"]]
+    lines.append("  rollback by accepted prefix j: "
+                 + ", ".join(f"j={j} {1e3 * s:.3f} ms" for j, s in enumerate(c["rollback_by_j_s"])))
+    lines.append("K  tau    predicted  realized  efficiency  break-even α  step overhead")
+    lines += [f"{e['k']:<2} {e['tau']:.2f}   {e['predicted_speedup']:.3f}x     {e['realized_speedup']:.3f}x    "
+              f"{e['efficiency']:.3f}       {e['break_even_acceptance']:.3f}         {e['step_overhead']:.2f}x"
+              for e in bench["mtp"]]
+    lines.append("records overhead (rich p/q/alpha/PIT records vs none): "
+                 + ", ".join(f"{'AR' if r['k'] == 0 else 'K=' + str(r['k'])} {_pct(r['overhead'])}"
+                             for r in bench["records_overhead"]))
+    lines.append(f"roofline: machine copy bandwidth {roof['machine_gb_s']:.1f} GB/s; weights "
+                 f"{roof['trunk_bytes'] / 1e6:.1f} MB trunk, {roof['draft_step_bytes'] / 1e6:.1f} MB per draft step")
+    lines += [f"  {'AR ' if r['k'] == 0 else 'K=' + str(r['k'])}: {r['tok_s']:.1f} tok/s -> "
+              f"{r['achieved_gb_s']:.2f} GB/s ({100 * r['share']:.1f}% of machine)" for r in roof["modes"]]
+    lines.append("context scaling (decode tok/s): prompt  AR  " + "  ".join(f"K={k}" for k in bench["settings"]["ks"]))
+    for row in bench["context_scaling"]:
+        cells = "  ".join(f"{r['tok_s']:.1f} ({r['speedup']:.2f}x)" for r in row["mtp"])
+        lines.append(f"  {row['prompt_tokens']:>6}{' (capped)' if row['capped'] else ''}  {row['ar_tok_s']:.1f}  {cells}")
+    return lines
+
+
+@click.command("bench")
+@click.option("--model", default=None, help="Checkpoint directory or cached hub repo id (default: the embedded demo).")
+@click.option("--k", "k_text", default="1..3", show_default=True, help="Draft depths: 3, 1,2,4 or 1..4.")
+@click.option("--max-tokens", type=int, default=None, help="Tokens per decode run [default: 128; --quick 12].")
+@click.option("--repeats", type=int, default=None, help="Timed repetitions per measurement [default: 5; --quick 2].")
+@click.option("--contexts", default=None, help="Prompt lengths for context scaling [default: 512,2048,8192].")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output directory [default: reports/bench-<model>].")
+@click.option("--quick", is_flag=True, help="Small sizes: a smoke test of the plumbing, not a measurement.")
+@_friendly
+def bench_cmd(model: str | None, k_text: str, max_tokens: int | None, repeats: int | None, contexts: str | None,
+              out_dir: Path | None, quick: bool) -> None:
+    """Measure the cost terms of MTP decoding, AR parity with mlx_lm, predicted vs realized speedup, records
+    overhead, a bandwidth roofline and context scaling; write bench.json and bench.html."""
+    from dataclasses import replace
+
+    from .bench import BenchSettings, run_bench
+    from .cli import parse_k
+    from .defaults import default_model
+    from .report.bench_section import render_bench_page
+
+    model = model or default_model()
+    ks = tuple(parse_k(k_text))
+    s = BenchSettings.quick(ks) if quick else BenchSettings(ks=ks)
+    overrides = {"max_tokens": max_tokens, "repeats": repeats,
+                 "contexts": _ints(contexts, "--contexts") if contexts else None}
+    s = replace(s, **{k: v for k, v in overrides.items() if v is not None})
+    out = out_dir or default_out(model)
+    bench = run_bench(model, out, ks, s, log=lambda msg: click.echo(f"... {msg}", err=True))
+    for line in summary_lines(bench):
+        click.echo(line)
+    page = render_bench_page(out / "bench.json", out / "bench.html")
+    click.echo(f"wrote {out / 'bench.json'}")
+    click.echo(f"wrote {page}")

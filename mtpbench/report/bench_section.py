@@ -1,0 +1,139 @@
+"""The `mtpbench bench` results as HTML: a self-contained fragment (tables + one inline SVG) and a standalone page.
+
+Reads only bench.json (never mlx or the decoder), like the rest of `report`; no external URL, font or script.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from jinja2 import Environment, PackageLoader, select_autoescape
+from markupsafe import Markup
+
+from . import fmt
+from .plots import _figure, _legend, _styled, to_svg
+from .present import Table
+
+
+def _mode(k: int) -> str:
+    return "AR" if int(k) == 0 else f"K={int(k)}"
+
+
+def _ms(seconds: float) -> str:
+    return fmt.num(1e3 * seconds, 3)
+
+
+def _pct(x: float) -> str:
+    return fmt.DASH if fmt._bad(x) else f"{100 * float(x):+.1f}%"
+
+
+def parity_table(b: dict[str, Any]) -> Table:
+    p = b["ar_parity"]
+    return Table(["ours tok/s (median)", "mlx_lm tok/s (median)", "ratio ours / mlx_lm", "repeats", "max tokens"],
+                 [[fmt.tok_s(p["ours_median"]), fmt.tok_s(p["mlx_lm_median"]), fmt.num(p["ratio"], 3),
+                   fmt.integer(p["repeats"]), fmt.integer(p["max_tokens"])]], [True] * 5,
+                 "AR decode parity with mlx_lm.stream_generate (greedy, same checkpoint and prompt, ABBA)")
+
+
+def costs_table(b: dict[str, Any]) -> Table:
+    c = b["costs"]
+    rows = [["AR step (1 token + host argmax)", _ms(c["ar_step_s"]), "1.00"],
+            ["MTP draft step", _ms(c["draft_step_s"]), fmt.num(c["draft_over_ar_step"], 2)]]
+    rows += [[f"verify K={v['k']} ({v['k'] + 1} tokens)", _ms(v["seconds"]), fmt.num(v["over_ar_step"], 2)]
+             for v in c["verify_s"]]
+    rows += [[f"rollback j={j} (restore + {j + 1} tokens)", _ms(s), fmt.num(s / c["ar_step_s"], 2)]
+             for j, s in enumerate(c["rollback_by_j_s"])]
+    return Table(["operation", "ms (median)", "× AR step"], rows, [False, True, True],
+                 f"Cost terms at {c['context_tokens']} tokens of context, {c['repeats']} timed repeats each")
+
+
+def efficiency_table(b: dict[str, Any]) -> Table:
+    rows = [[str(e["k"]), " / ".join(fmt.rate(s) for s in e["survival"]), fmt.num(e["tau"], 3),
+             fmt.tok_s(e["ar_tok_s"]), fmt.tok_s(e["mtp_tok_s"]), fmt.ratio(e["predicted_speedup"]),
+             fmt.ratio(e["realized_speedup"]), fmt.rate(e["efficiency"]), fmt.rate(e["break_even_acceptance"]),
+             fmt.num(e["step_overhead"], 2), fmt.num(e["ar_overhead"], 2)] for e in b["mtp"]]
+    return Table(["K", "survival by depth", "τ", "AR tok/s", "MTP tok/s", "predicted", "realized", "efficiency",
+                  "break-even α", "step time / model", "AR token time / model"], rows,
+                 [True, False] + [True] * 9, "Predicted (cost model) vs realized speedup, greedy")
+
+
+def records_table(b: dict[str, Any]) -> Table:
+    rows = [[_mode(r["k"]), fmt.tok_s(r["no_records_tok_s"]), fmt.tok_s(r["records_tok_s"]), _pct(r["overhead"])]
+            for r in b["records_overhead"]]
+    return Table(["mode", "tok/s without records", "tok/s with records", "overhead"], rows,
+                 [False, True, True, True], "Cost of the rich records (p, q, alpha, PIT)")
+
+
+def roofline_table(b: dict[str, Any]) -> Table:
+    r = b["roofline"]
+    rows = [[_mode(m["k"]), fmt.tok_s(m["tok_s"]), fmt.num(m["bytes_per_token"] / 1e6, 2),
+             fmt.num(m["achieved_gb_s"], 2), f"{100 * m['share']:.1f}%"] for m in r["modes"]]
+    return Table(["mode", "tok/s", "MB of weights per token", "achieved GB/s", "share of machine"], rows,
+                 [False] + [True] * 4,
+                 f"Weight-bandwidth roofline (machine: {r['machine_gb_s']:.1f} GB/s, numpy copy of "
+                 f"{r['copy_mb']} MB, read + write)")
+
+
+def context_table(b: dict[str, Any]) -> Table:
+    ks = [m["k"] for m in b["context_scaling"][0]["mtp"]] if b["context_scaling"] else []
+    rows = [[fmt.integer(c["prompt_tokens"]) + (" (capped)" if c["capped"] else ""), fmt.tok_s(c["prefill_tok_s"]),
+             fmt.tok_s(c["ar_tok_s"])] + [f"{fmt.tok_s(m['tok_s'])} ({fmt.ratio(m['speedup'])})" for m in c["mtp"]]
+            for c in b["context_scaling"]]
+    return Table(["prompt tokens", "prefill tok/s", "AR tok/s"] + [f"K={k} tok/s (speedup)" for k in ks], rows,
+                 [True] * (3 + len(ks)), "Decode throughput against context length")
+
+
+@_styled
+def speedup_plot(b: dict[str, Any]) -> str | None:
+    """Predicted and realized speedup side by side per K, with the no-speedup line."""
+    eff = b["mtp"]
+    if not eff:
+        return None
+    fig, ax = _figure(5.6, 3.2)
+    x = np.arange(len(eff))
+    ax.bar(x - 0.18, [e["predicted_speedup"] for e in eff], width=0.36, label="predicted (measured costs)")
+    ax.bar(x + 0.18, [e["realized_speedup"] for e in eff], width=0.36, label="realized (decoder)")
+    ax.axhline(1.0, color="grey", lw=0.8, label="AR")
+    ax.set_xticks(x, [f"K={e['k']}" for e in eff])
+    ax.set_ylabel("speedup over AR")
+    _legend(ax)
+    return to_svg(fig, "bench-speedup")
+
+
+def _inline(svg: str | None) -> Markup | None:
+    """Inline SVG needs no namespace declarations inside HTML: drop them, so the page names no URL at all."""
+    if not svg:
+        return None
+    return Markup(re.sub(r'\s+xmlns(:\w+)?="[^"]*"', "", svg))  # our own matplotlib output, not user text
+
+
+def _environment() -> Environment:
+    return Environment(loader=PackageLoader("mtpbench.report", "templates"),
+                       autoescape=select_autoescape(["html", "j2"]), trim_blocks=True, lstrip_blocks=True)
+
+
+def _render(bench: dict[str, Any], page: bool) -> str:
+    tables = [parity_table(bench), costs_table(bench), efficiency_table(bench), records_table(bench),
+              roofline_table(bench), context_table(bench)]
+    prov = sorted((k, str(v)) for k, v in bench.get("provenance", {}).items())
+    return _environment().get_template("bench.html.j2").render(
+        page=page, b=bench, model=bench["model"], tables=tables, svg=_inline(speedup_plot(bench)), provenance=prov,
+        settings=json.dumps(bench.get("settings", {}), sort_keys=True))
+
+
+def render_bench_html(bench: dict[str, Any]) -> str:
+    """A <section> fragment for embedding in another page."""
+    return _render(bench, page=False)
+
+
+def render_bench_page(bench_json: Path, out: Path) -> Path:
+    """Read bench.json and write one standalone, self-contained HTML page to `out`."""
+    bench = json.loads(Path(bench_json).read_text())
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(_render(bench, page=True), encoding="utf-8")
+    return out

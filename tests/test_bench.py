@@ -1,0 +1,96 @@
+"""`mtpbench bench` on a tiny checkpoint: every section is written, finite and rendered. Never asserts a timing."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from click.testing import CliRunner
+
+from mtpbench.bench import BenchSettings, _context_cap, pattern_prompt, run_bench
+from mtpbench.cli_bench import bench_cmd
+from mtpbench.report.bench_section import render_bench_html, render_bench_page
+
+SECTIONS = ("costs", "ar_parity", "mtp", "records_overhead", "roofline", "context_scaling", "provenance", "blas")
+
+
+def _finite_positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def bench(tiny_agree, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    result = run_bench(tiny_agree, out, ks=(1, 2), settings=BenchSettings.quick(contexts=(32, 48)))
+    return out, result
+
+
+def test_bench_json_has_every_section(bench):
+    out, result = bench
+    written = json.loads((out / "bench.json").read_text())
+    assert written["schema"] == result["schema"]
+    assert all(s in written for s in SECTIONS)
+    assert written["blas"] == written["provenance"]["blas"]
+    assert [e["k"] for e in written["mtp"]] == [1, 2]
+    assert [r["k"] for r in written["records_overhead"]] == [0, 1, 2]
+
+
+def test_costs_positive_and_finite(bench):
+    c = bench[1]["costs"]
+    assert _finite_positive(c["ar_step_s"]) and _finite_positive(c["draft_step_s"]) and _finite_positive(c["rollback_s"])
+    assert [v["k"] for v in c["verify_s"]] == [1, 2]
+    assert all(_finite_positive(v["seconds"]) for v in c["verify_s"])
+    assert len(c["rollback_by_j_s"]) == 2 and all(_finite_positive(s) for s in c["rollback_by_j_s"])
+
+
+def test_ratios_finite(bench):
+    b = bench[1]
+    p = b["ar_parity"]
+    assert _finite_positive(p["ratio"]) and len(p["ours_tok_s"]) == len(p["mlx_lm_tok_s"]) == p["repeats"]
+    for e in b["mtp"]:
+        for key in ("predicted_speedup", "realized_speedup", "efficiency", "tau", "step_overhead"):
+            assert _finite_positive(e[key]), (e["k"], key, e[key])
+        assert len(e["survival"]) == e["k"] and all(0 <= s <= 1 for s in e["survival"])
+        assert math.isnan(e["break_even_acceptance"]) or 0 <= e["break_even_acceptance"] <= 1
+    assert all(math.isfinite(r["overhead"]) for r in b["records_overhead"])
+    roof = b["roofline"]
+    assert _finite_positive(roof["machine_gb_s"]) and roof["trunk_bytes"] > 0
+    assert all(_finite_positive(m["achieved_gb_s"]) for m in roof["modes"])
+
+
+def test_context_scaling_rows(bench):
+    rows = bench[1]["context_scaling"]
+    assert [r["prompt_tokens"] for r in rows] == [32, 48] and not any(r["capped"] for r in rows)
+    assert all(_finite_positive(r["ar_tok_s"]) and len(r["mtp"]) == 2 for r in rows)
+
+
+def test_long_prompts_capped_at_position_budget(bundle_agree):
+    cap = _context_cap(bundle_agree, max_tokens=12, ks=(1, 2))
+    assert 0 < cap < bundle_agree.context_length
+    prompt = pattern_prompt(bundle_agree, min(100_000, cap))
+    assert len(prompt) == cap and len(set(prompt)) > 1
+
+
+def test_report_renders_self_contained(bench):
+    out, result = bench
+    fragment = render_bench_html(result)
+    assert fragment.lstrip().startswith("<section") and "<svg" in fragment
+    page = render_bench_page(out / "bench.json", out / "bench.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "<svg" in page
+    assert "http" not in page
+    assert page.count("<table") >= 6
+
+
+def test_cli_bench_runs(tiny_agree, tmp_path):
+    out = tmp_path / "cli"
+    res = CliRunner().invoke(bench_cmd, ["--model", str(tiny_agree), "--quick", "--k", "1", "--contexts", "32",
+                                         "--out", str(out)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert (out / "bench.json").exists() and (out / "bench.html").exists()
+    assert "AR parity" in res.output and "bench.json" in res.output
+
+
+def test_cli_bench_bad_contexts_is_one_line(tiny_agree, tmp_path):
+    res = CliRunner().invoke(bench_cmd, ["--model", str(tiny_agree), "--quick", "--contexts", "a,b"])
+    assert res.exit_code != 0 and "--contexts" in res.output
