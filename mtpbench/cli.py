@@ -10,6 +10,7 @@ import click
 
 from .blas import reexec_with_openblas
 from .cli_common import _friendly
+from .cli_server import server_options
 from .errors import UserError
 
 
@@ -207,9 +208,11 @@ SWEEP_KEYS = {"model", "k", "temp", "top_p", "top_k", "min_p", "draft_temp", "ma
 @click.option("--config", "config_file", default=None, help="TOML sweep file; command-line values override it.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary (for scripts).")
 @click.option("--no-report", is_flag=True, help="Do not render the HTML report at the end.")
+@server_options
 @click.pass_context
 @_friendly
-def sweep_cmd(ctx, config_file, quiet, no_report, **cli_values):
+def sweep_cmd(ctx, config_file, quiet, no_report, endpoints, served_models, api_key_env, endpoint_modes, concurrency,
+              request_timeout, retries, **cli_values):
     """Sweep checkpoints x K x sampling settings x prompt sets: AR and MTP side by side, into parquet.
 
     Rerunning the same command resumes: only missing cells run. Results land in results/<name>/ as parquet
@@ -231,7 +234,11 @@ def sweep_cmd(ctx, config_file, quiet, no_report, **cli_values):
     for name, v in cli_values.items():
         if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE or name not in values:
             values[name] = v
-    models = _words(values["model"]) or (default_model(),)
+    from .cli_server import endpoints_from_cli
+
+    servers = endpoints_from_cli(endpoints, served_models, api_key_env, endpoint_modes, concurrency, request_timeout,
+                                 retries)
+    models = tuple(e.name for e in servers) or _words(values["model"]) or (default_model(),)
     prompts = _words(values["prompts"] or "")
     if not prompts:
         prompts = (DEMO_PROMPT_SET,) if all(is_default_model(m) for m in models) else tuple(
@@ -262,7 +269,12 @@ def sweep_cmd(ctx, config_file, quiet, no_report, **cli_values):
         bar.update(1, f"{ev.label}: {ev.tok_s:.1f} tok/s")
 
     try:
-        outcome = run_sweep(spec, out, command or f"mtpbench sweep --k {k_text}", progress)
+        if servers:
+            from .backends.server import run_server_sweep
+
+            outcome = run_server_sweep(spec, servers, out, None if quiet else click.echo, command)
+        else:
+            outcome = run_sweep(spec, out, command or f"mtpbench sweep --k {k_text}", progress)
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)

@@ -26,6 +26,14 @@ class Prompt:
     max_tokens: int | None
     completion: bool = False
 
+    def raw_text(self) -> str:
+        return self.text if self.text is not None else "\n\n".join(c for _, c in self.messages or ())
+
+    def chat_messages(self) -> list[dict[str, str]]:
+        if self.messages:
+            return [{"role": r, "content": c} for r, c in self.messages]
+        return [{"role": "user", "content": self.text or ""}]
+
 
 def available_sets() -> list[str]:
     return sorted(p.stem for p in PROMPTS_DIR.glob("*.jsonl"))
@@ -104,9 +112,7 @@ def encode(tokenizer: Any, prompt: Prompt, thinking: bool | None) -> list[int]:
     """Token ids of a prompt, through the chat template when there is one (and the line is not raw completion)."""
     template = getattr(tokenizer, "chat_template", None)
     if prompt.completion or not template:
-        text = prompt.text if prompt.text is not None else "\n\n".join(c for _, c in prompt.messages or ())
-        return list(tokenizer.encode(text))
-    msgs = [{"role": r, "content": c} for r, c in prompt.messages] if prompt.messages else \
-        [{"role": "user", "content": prompt.text}]
+        return list(tokenizer.encode(prompt.raw_text()))
+    msgs = prompt.chat_messages()
     extra = {} if thinking is None else {"enable_thinking": thinking}
     return list(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, **extra))

@@ -163,7 +163,7 @@ class SweepOutcome:
     failed_runs: list[str] = field(default_factory=list)
 
 
-def _thinking_flag(thinking: str) -> bool | None:
+def thinking_flag(thinking: str) -> bool | None:
     return {"on": True, "off": False}.get(thinking)
 
 
@@ -180,7 +180,7 @@ def _validate_prompts(spec: SweepSpec, paths: dict[str, Path], prompts: list[Pro
             raise UserError(f"{model}: --thinking needs a chat template with enable_thinking; this one has none")
         for p in prompts:
             for th in spec.thinking:
-                n = len(encode(tok, p, _thinking_flag(th)))
+                n = len(encode(tok, p, thinking_flag(th)))
                 budget = n + (p.max_tokens or spec.max_tokens) + max(spec.ks) + 1
                 if budget > ctx:
                     raise UserError(f"prompt {p.set_name}/{p.id} needs {budget} positions ({n} prompt tokens + "
@@ -252,7 +252,7 @@ def _run_row(cell: Cell, bundle: Bundle, mode: str, k: int, order: int, r: Decod
 def run_cell(bundle: Bundle, cell: Cell, spec: SweepSpec, sweep: str,
              on_run: Callable[[str, float], None] | None = None) -> tuple[list[dict], list[dict], list[dict]]:
     """Run AR and every K of one cell; returns (runs, steps, tokens) rows."""
-    ids = encode(bundle.tokenizer, cell.prompt, _thinking_flag(cell.thinking))
+    ids = encode(bundle.tokenizer, cell.prompt, thinking_flag(cell.thinking))
     max_tokens = cell.prompt.max_tokens or spec.max_tokens
     runs, steps, tokens = [], [], []
     for order, (mode, k) in enumerate(cell.order(spec.ks)):
@@ -282,7 +282,7 @@ def run_cell(bundle: Bundle, cell: Cell, spec: SweepSpec, sweep: str,
 
 def warm_up(bundle: Bundle, cell: Cell, spec: SweepSpec) -> None:
     """Unrecorded AR and MTP runs so first-call costs (allocation, kernel setup) never land in a timed row."""
-    ids = encode(bundle.tokenizer, cell.prompt, _thinking_flag(cell.thinking))
+    ids = encode(bundle.tokenizer, cell.prompt, thinking_flag(cell.thinking))
     cfg = cell.setting.config(cell.seed)
     n = min(spec.warmup_tokens, cell.prompt.max_tokens or spec.max_tokens)
     generate_ar(bundle, ids, cfg, n, records=spec.records, ignore_eos=True)

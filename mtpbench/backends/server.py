@@ -32,7 +32,7 @@ from ..errors import UserError
 from ..prompts import Prompt, load_sets
 from ..provenance import now_iso, provenance
 from ..results import done_parts, read_manifest, write_json, write_part
-from ..sweep import Cell, SweepOutcome, SweepSpec, _thinking_flag, plan, prepare_results_dir
+from ..sweep import Cell, SweepOutcome, SweepSpec, thinking_flag, plan, prepare_results_dir
 
 MODES = ("mtp", "ar")
 CELL_MODEL = "server"  # the plan's model key: one cell id per (setting, prompt, repetition), shared by endpoints
@@ -141,23 +141,11 @@ def request_body(cell: Cell, model: str, max_tokens: int, ignore_eos: bool) -> t
         body["ignore_eos"] = True
     p = cell.prompt
     if p.completion:
-        return "completions", {**body, "prompt": _raw_text(p)}
-    thinking = _thinking_flag(cell.thinking)
+        return "completions", {**body, "prompt": p.raw_text()}
+    thinking = thinking_flag(cell.thinking)
     if thinking is not None:
         body["chat_template_kwargs"] = {"enable_thinking": thinking}
-    return "chat/completions", {**body, "messages": _messages(p)}
-
-
-def _raw_text(p: Prompt) -> str:
-    """The same raw text `prompts.encode` tokenizes for a completion prompt."""
-    return p.text if p.text is not None else "\n\n".join(c for _, c in p.messages or ())
-
-
-def _messages(p: Prompt) -> list[dict[str, str]]:
-    """The same messages `prompts.encode` hands the chat template (a plain prompt is one user message)."""
-    if p.messages:
-        return [{"role": r, "content": c} for r, c in p.messages]
-    return [{"role": "user", "content": p.text or ""}]
+    return "chat/completions", {**body, "messages": p.chat_messages()}
 
 
 def _transport_failure(e: Exception, endpoint: Endpoint, tokens_seen: int) -> RequestFailed:
