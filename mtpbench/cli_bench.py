@@ -31,6 +31,10 @@ def default_out(model: str) -> Path:
     return Path("reports") / f"bench-{name}"
 
 
+def _alpha(x: float) -> str:
+    return "never" if x != x else f"{x:.3f}"  # NaN: slower than AR even at acceptance 1
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:+.1f}%"
 
@@ -52,7 +56,7 @@ def summary_lines(bench: dict[str, Any]) -> list[str]:
                  + ", ".join(f"j={j} {1e3 * s:.3f} ms" for j, s in enumerate(c["rollback_by_j_s"])))
     lines.append("K  tau    predicted  realized  efficiency  break-even α  step overhead")
     lines += [f"{e['k']:<2} {e['tau']:.2f}   {e['predicted_speedup']:.3f}x     {e['realized_speedup']:.3f}x    "
-              f"{e['efficiency']:.3f}       {e['break_even_acceptance']:.3f}         {e['step_overhead']:.2f}x"
+              f"{e['efficiency']:.3f}       {_alpha(e['break_even_acceptance'])}         {e['step_overhead']:.2f}x"
               for e in bench["mtp"]]
     lines.append("records overhead (rich p/q/alpha/PIT records vs none): "
                  + ", ".join(f"{'AR' if r['k'] == 0 else 'K=' + str(r['k'])} {_pct(r['overhead'])}"

@@ -27,6 +27,10 @@ def _ms(seconds: float) -> str:
     return fmt.num(1e3 * seconds, 3)
 
 
+def _break_even(x: float) -> str:
+    return "never" if fmt._bad(x) else fmt.rate(x)
+
+
 def _pct(x: float) -> str:
     return fmt.DASH if fmt._bad(x) else f"{100 * float(x):+.1f}%"
 
@@ -45,7 +49,7 @@ def costs_table(b: dict[str, Any]) -> Table:
             ["MTP draft step", _ms(c["draft_step_s"]), fmt.num(c["draft_over_ar_step"], 2)]]
     rows += [[f"verify K={v['k']} ({v['k'] + 1} tokens)", _ms(v["seconds"]), fmt.num(v["over_ar_step"], 2)]
              for v in c["verify_s"]]
-    rows += [[f"rollback j={j} (restore + {j + 1} tokens)", _ms(s), fmt.num(s / c["ar_step_s"], 2)]
+    rows += [[f"rollback j={j} (restore + {j + 1} token{'s' if j else ''})", _ms(s), fmt.num(s / c["ar_step_s"], 2)]
              for j, s in enumerate(c["rollback_by_j_s"])]
     return Table(["operation", "ms (median)", "× AR step"], rows, [False, True, True],
                  f"Cost terms at {c['context_tokens']} tokens of context, {c['repeats']} timed repeats each")
@@ -54,7 +58,7 @@ def costs_table(b: dict[str, Any]) -> Table:
 def efficiency_table(b: dict[str, Any]) -> Table:
     rows = [[str(e["k"]), " / ".join(fmt.rate(s) for s in e["survival"]), fmt.num(e["tau"], 3),
              fmt.tok_s(e["ar_tok_s"]), fmt.tok_s(e["mtp_tok_s"]), fmt.ratio(e["predicted_speedup"]),
-             fmt.ratio(e["realized_speedup"]), fmt.rate(e["efficiency"]), fmt.rate(e["break_even_acceptance"]),
+             fmt.ratio(e["realized_speedup"]), fmt.rate(e["efficiency"]), _break_even(e["break_even_acceptance"]),
              fmt.num(e["step_overhead"], 2), fmt.num(e["ar_overhead"], 2)] for e in b["mtp"]]
     return Table(["K", "survival by depth", "τ", "AR tok/s", "MTP tok/s", "predicted", "realized", "efficiency",
                   "break-even α", "step time / model", "AR token time / model"], rows,
