@@ -5,6 +5,7 @@ A plain command (not attached to a group here); mtpbench.cli registers it with `
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ def default_out(model: str) -> Path:
 
 
 def _alpha(x: float) -> str:
-    return "never" if x != x else f"{x:.3f}"  # NaN: slower than AR even at acceptance 1
+    return "never" if math.isnan(x) else f"{x:.3f}"  # NaN: slower than AR even at acceptance 1
 
 
 def _pct(x: float) -> str:

@@ -1,0 +1,246 @@
+"""Run a sweep's cells on a Ray cluster (or a local Ray instance): `mtpbench sweep --executor ray`.
+
+The unit of work is the same as the local executor's: one (model, policy) group, run by `sweep.run_group`
+(load and quantize the checkpoint once, warm up per setting, run its cells). Each group is one Ray task that
+declares `num_cpus`; a cell (AR and MTP at every K, in ABBA order) always runs whole inside one task, so the
+timing pairs compared in a report were measured back to back on one machine.
+
+Workers return records, the driver writes them
+    A worker never writes results. When a cell finishes, the worker sends its (runs, steps, tokens) rows to a
+    small collector actor (`_Sink`) and waits until they are stored; the driver drains the collector a few times
+    a second and writes each cell with `sweep.write_cell`, exactly as the local executor does. So:
+    * no shared filesystem is needed for results: workers only need the checkpoints (see the README);
+    * the driver is the only writer of the results dir, so the atomic-rename parts, the "runs part last = cell
+      done" rule and `done_parts`-based resume hold unchanged, and a local and a Ray run of the same spec can
+      resume each other's directory;
+    * results stream back per cell (not per group): progress is per cell, and a worker killed mid-group loses
+      at most the cell it was running.
+
+Failures and retries
+    A task that dies (worker or machine lost, out of memory, any exception other than UserError) is resubmitted
+    with only the cells of its group not yet received, at most `max_retries` times per group (Ray's own task
+    retry is off: it would rerun the whole group). After that the group's remaining cells are left MISSING (no
+    row is written) and listed in `SweepOutcome.failed_runs`, so the command exits non-zero and simply rerunning
+    it runs them: a failed row would have a runs part, which marks a cell done and would stop a rerun from
+    retrying it. A UserError on a worker (e.g. a checkpoint missing on that machine) is not retried: it is
+    raised on the driver, naming the host, as the local executor would raise it.
+
+Ctrl-C cancels every outstanding task (`ray.cancel(force=True)`), writes the cells already received, and
+shuts down a Ray instance this function started (or disconnects from a cluster it connected to).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+from .. import sweep
+from ..errors import UserError
+from ..results import done_parts
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = '--executor ray needs Ray: pip install -e ".[ray]"'
+POLL_S = 0.25  # how often the driver drains finished cells while tasks run
+
+_test_hooks: dict[str, Any] = {}
+"""TEST-ONLY fault injection; empty in normal use. Workers are other processes and never see this dict: the driver
+copies it into every task's arguments at submission. Keys:
+
+``"exit_after_first_cell_unless"``: a file path. A task that has delivered its first cell checks the file; if it
+does not exist, the task creates it and kills its own process (`os._exit`), like a machine lost mid-group. The
+file makes this happen once, so the retry runs normally.
+"""
+
+
+class _Sink:
+    """Collects finished cells from every worker until the driver drains them (a Ray actor, 0 CPUs)."""
+
+    def __init__(self) -> None:
+        self._items: list[tuple] = []
+
+    def put(self, item: tuple) -> None:
+        self._items.append(item)
+
+    def drain(self) -> list[tuple]:
+        items, self._items = self._items, []
+        return items
+
+
+def _group_task(spec: sweep.SweepSpec, model: str, policy: str, cells: list[sweep.Cell], sweep_name: str, sink,
+                hooks: dict[str, Any]) -> dict[str, Any]:
+    """Runs on a worker: one (model, policy) group via `sweep.run_group`; each cell's rows go to `sink` as it ends.
+
+    Returns the model's `describe()` dict for the manifest.
+    """
+    import ray
+
+    delivered = 0
+
+    def on_cell(cell: sweep.Cell, runs: list[dict], steps: list[dict], tokens: list[dict]) -> None:
+        nonlocal delivered
+        ray.get(sink.put.remote((cell.cell_id, runs, steps, tokens)))  # stored before the next cell starts
+        delivered += 1
+        marker = hooks.get("exit_after_first_cell_unless")
+        if marker and delivered == 1 and not Path(marker).exists():
+            Path(marker).touch()
+            os._exit(1)
+
+    try:
+        return sweep.run_group(spec, model, policy, cells, sweep_name, on_cell)
+    except UserError as e:
+        raise UserError(f"{platform.node()}: {e}") from None
+
+
+def _one_line(err: BaseException) -> str:
+    """A task's error as one line: the worker's own exception when Ray wraps one, else Ray's first line."""
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, BaseException):
+        text = f"{type(cause).__name__}: {cause}"
+    else:
+        text = f"{type(err).__name__}: {err}"
+    line = next((s.strip() for s in text.splitlines() if s.strip()), type(err).__name__)
+    return line[:300]
+
+
+def _user_error(err: BaseException) -> UserError | None:
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, UserError):
+        return UserError(str(cause))
+    return None
+
+
+def _init_ray(ray, address: str | None) -> None:
+    """Worker output stays on the workers (errors come back as exceptions): the driver's progress bar stays clean."""
+    opts = dict(include_dashboard=False, log_to_driver=False)
+    if address is None:
+        # A local instance, bounded to this machine; its start-up notices are noise here.
+        ray.init(num_cpus=os.cpu_count() or 1, logging_level=logging.ERROR, **opts)
+        return
+    try:
+        ray.init(address=address, logging_level=logging.WARNING, **opts)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise UserError(f"cannot connect to the Ray cluster at {address}: {_one_line(e)}") from None
+
+
+def run_ray(spec: sweep.SweepSpec, out: Path, cells: list[sweep.Cell], progress, address: str | None = None,
+            max_retries: int = 2, num_cpus_per_task: float = 1) -> sweep.SweepOutcome:
+    """Run the cells not done yet in `out`, one Ray task per (model, policy) group; same contract as `sweep._execute`.
+
+    `address=None` starts a local Ray instance with this machine's CPUs (shut down on return); an address
+    (`HEAD:6379`) connects to a running cluster. A Ray already initialised in this process is used as it is
+    and left running. `num_cpus_per_task` is what each task declares: Ray runs at most cores/num_cpus_per_task
+    groups at once on a machine, and sets the worker's OMP/BLAS thread count to it.
+    """
+    try:
+        import ray
+    except ImportError:
+        raise UserError(INSTALL_HINT) from None
+    if max_retries < 0:
+        raise UserError(f"max_retries must be >= 0, got {max_retries}")
+    if not num_cpus_per_task > 0:
+        raise UserError(f"num_cpus_per_task must be > 0, got {num_cpus_per_task}")
+
+    done = done_parts(out)
+    todo = [c for c in cells if c.cell_id not in done]
+    outcome = sweep.SweepOutcome(out, len(cells), 0, len(cells) - len(todo))
+    groups = {key: list(group) for key, group in sweep._by_model(todo)}
+    if not groups:
+        sweep._write_verdicts(out)
+        return outcome
+
+    runs_total = len(todo) * (1 + len(spec.ks))
+    received: set[str] = set()
+    counter = {"n": 0}
+
+    def take(item: tuple) -> None:
+        cell_id, runs, steps, tokens = item
+        if cell_id in received:  # a cell sent twice (never expected): same part names, so skip, not duplicate
+            return
+        sweep.write_cell(out, cell_id, runs, steps, tokens)
+        received.add(cell_id)
+        outcome.cells_run += 1
+        outcome.failed_runs.extend(f"{r['run_id']}: {r['error']}" for r in runs if r["status"] != "ok")
+        for r in runs:
+            counter["n"] += 1
+            if progress:
+                label = f"{r['prompt_id']} {r['mode']}{r['k'] if r['mode'] == 'mtp' else ''}"
+                tok_s = r.get("decode_tok_s")
+                progress(sweep.RunEvent(counter["n"], runs_total, label, math.nan if tok_s is None else tok_s))
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        _init_ray(ray, address)
+    pending: dict[Any, tuple[str, str]] = {}
+    sink = None
+    try:
+        sink = ray.remote(num_cpus=0)(_Sink).remote()
+        task = ray.remote(_group_task)
+        attempts = dict.fromkeys(groups, 0)
+
+        def submit(key: tuple[str, str], group_cells: list[sweep.Cell]) -> None:
+            model, policy = key
+            ref = task.options(num_cpus=num_cpus_per_task, max_retries=0, retry_exceptions=False,
+                               name=f"mtpbench:{Path(model).name}@{policy}").remote(
+                spec, model, policy, group_cells, out.name, sink, dict(_test_hooks))
+            pending[ref] = key
+
+        def drain() -> None:
+            for item in ray.get(sink.drain.remote()):
+                take(item)
+
+        for key, group_cells in groups.items():
+            submit(key, group_cells)
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)
+            drain()  # a finished task's cells are all in the sink: each put was awaited before it went on
+            for ref in ready:
+                key = pending.pop(ref)
+                try:
+                    info = ray.get(ref)
+                except Exception as e:  # noqa: BLE001 - any task failure: worker lost, OOM, an exception
+                    user = _user_error(e)
+                    if user is not None:
+                        raise user from None
+                    remaining = [c for c in groups[key] if c.cell_id not in received]
+                    attempts[key] += 1
+                    if attempts[key] > max_retries:
+                        why = f"ray task failed {attempts[key]} time(s), cell left for a rerun: {_one_line(e)}"
+                        log.error("%s@%s: %s", key[0], key[1], why)
+                        outcome.failed_runs.extend(f"{c.run_id(mode, k)}: {why}"
+                                                   for c in remaining for mode, k in c.order(spec.ks))
+                        continue
+                    # Remaining may be empty (the task died after its last cell): the retry then only loads
+                    # the checkpoint to describe it for the manifest.
+                    log.warning("%s@%s: ray task failed (%s); retry %d/%d with its %d remaining cell(s)",
+                                key[0], key[1], _one_line(e), attempts[key], max_retries, len(remaining))
+                    submit(key, remaining)
+                    continue
+                sweep.record_model(out, key[0], info, key[1])
+    except BaseException:
+        for ref in pending:
+            try:
+                ray.cancel(ref, force=True)
+            except Exception:  # noqa: BLE001 - already finished or gone
+                pass
+        if sink is not None:
+            try:
+                for item in ray.get(sink.drain.remote(), timeout=10):  # keep what was measured
+                    take(item)
+            except Exception:  # noqa: BLE001 - the collector may be gone too
+                pass
+        raise
+    finally:
+        if sink is not None:
+            try:
+                ray.kill(sink)
+            except Exception:  # noqa: BLE001
+                pass
+        if started_here:
+            ray.shutdown()
+    sweep._write_verdicts(out)
+    return outcome
