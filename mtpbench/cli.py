@@ -208,11 +208,15 @@ SWEEP_KEYS = {"model", "k", "temp", "top_p", "top_k", "min_p", "draft_temp", "ma
 @click.option("--config", "config_file", default=None, help="TOML sweep file; command-line values override it.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary (for scripts).")
 @click.option("--no-report", is_flag=True, help="Do not render the HTML report at the end.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Where cells run: in this process, or one Ray task per (model, policy) group (needs the ray extra).")
+@click.option("--ray-address", default=None, metavar="HOST:PORT",
+              help="With --executor ray: the cluster's head (e.g. HEAD:6379); default: a local Ray instance.")
 @server_options
 @click.pass_context
 @_friendly
-def sweep_cmd(ctx, config_file, quiet, no_report, endpoints, served_models, api_key_env, endpoint_modes, concurrency,
-              request_timeout, retries, **cli_values):
+def sweep_cmd(ctx, config_file, quiet, no_report, executor, ray_address, endpoints, served_models, api_key_env,
+              endpoint_modes, concurrency, request_timeout, retries, **cli_values):
     """Sweep checkpoints x K x sampling settings x prompt sets: AR and MTP side by side, into parquet.
 
     Rerunning the same command resumes: only missing cells run. Results land in results/<name>/ as parquet
@@ -238,6 +242,11 @@ def sweep_cmd(ctx, config_file, quiet, no_report, endpoints, served_models, api_
 
     servers = endpoints_from_cli(endpoints, served_models, api_key_env, endpoint_modes, concurrency, request_timeout,
                                  retries)
+    if ray_address and executor != "ray":
+        raise UserError("--ray-address needs --executor ray")
+    if servers and executor != "local":
+        raise UserError("--executor ray runs checkpoints with the reference decoder; --endpoint sweeps measure "
+                        "servers from this machine: use one or the other")
     models = tuple(e.name for e in servers) or _words(values["model"]) or (default_model(),)
     prompts = _words(values["prompts"] or "")
     if not prompts:
@@ -274,7 +283,8 @@ def sweep_cmd(ctx, config_file, quiet, no_report, endpoints, served_models, api_
 
             outcome = run_server_sweep(spec, servers, out, None if quiet else click.echo, command)
         else:
-            outcome = run_sweep(spec, out, command or f"mtpbench sweep --k {k_text}", progress)
+            outcome = run_sweep(spec, out, command or f"mtpbench sweep --k {k_text}", progress, executor=executor,
+                                ray_address=ray_address)
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)

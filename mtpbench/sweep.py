@@ -297,7 +297,7 @@ def write_cell(out: Path, cell_id: str, runs: list[dict], steps: list[dict], tok
     write_part(out, "runs", cell_id, runs)
 
 
-def _by_model(cells: list[Cell]) -> Iterator[tuple[tuple[str, str], list[Cell]]]:
+def by_model(cells: list[Cell]) -> Iterator[tuple[tuple[str, str], list[Cell]]]:
     """Cells grouped by (model, policy): each group loads (and quantizes) its checkpoint once."""
     groups: dict[tuple[str, str], list[Cell]] = {}
     for c in cells:
@@ -306,8 +306,20 @@ def _by_model(cells: list[Cell]) -> Iterator[tuple[tuple[str, str], list[Cell]]]
 
 
 def run_sweep(spec: SweepSpec, out: Path, command: str = "",
-              progress: Callable[[RunEvent], None] | None = None) -> SweepOutcome:
-    """Validate everything, then run every missing cell; safe to call again on the same dir to resume."""
+              progress: Callable[[RunEvent], None] | None = None, executor: str = "local",
+              ray_address: str | None = None) -> SweepOutcome:
+    """Validate everything, then run every missing cell; safe to call again on the same dir to resume.
+
+    `executor`: "local" runs the cells in this process; "ray" runs each (model, policy) group as a Ray task
+    (`mtpbench.executors.ray_executor.run_ray`) on the cluster at `ray_address`, or on a local Ray instance.
+    Both write the same parts, so either can resume a dir the other started.
+    """
+    from .executors import EXECUTORS
+
+    if executor not in EXECUTORS:
+        raise UserError(f"unknown executor {executor!r} (choose from {', '.join(EXECUTORS)})")
+    if ray_address and executor != "ray":
+        raise UserError("--ray-address needs --executor ray")
     prompts = load_sets(list(spec.prompts))
     paths = {m: preflight(m, require_mtp=True) for m in spec.models}
     _validate_prompts(spec, paths, prompts)
@@ -315,6 +327,10 @@ def run_sweep(spec: SweepSpec, out: Path, command: str = "",
     created = not (out / "manifest.json").exists()
     prepare_results_dir(out, spec, command)
     try:
+        if executor == "ray":
+            from .executors.ray_executor import run_ray
+
+            return run_ray(spec, out, cells, progress, address=ray_address)
         return _execute(spec, out, cells, progress)
     except BaseException:
         if created and not done_parts(out):
@@ -365,7 +381,7 @@ def _execute(spec: SweepSpec, out: Path, cells: list[Cell], progress) -> SweepOu
         outcome.cells_run += 1
         outcome.failed_runs.extend(f"{r['run_id']}: {r['error']}" for r in runs if r["status"] != "ok")
 
-    for (model, policy), group_cells in _by_model(todo):
+    for (model, policy), group_cells in by_model(todo):
         info = run_group(spec, model, policy, group_cells, out.name, on_cell, on_run)
         record_model(out, model, info, policy)
     _write_verdicts(out)

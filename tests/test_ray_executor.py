@@ -148,6 +148,16 @@ def test_a_user_error_on_a_worker_is_raised_not_retried(tmp_path, tiny_agree, ra
     assert "not-there" in str(err.value) and "\n" not in str(err.value)
 
 
+def test_an_unreachable_cluster_address_fails_fast(tmp_path, tiny_agree):
+    pytest.importorskip("ray")
+    spec, cells = _setup(tmp_path, tiny_agree)
+    out = _fresh(tmp_path, "unreachable", spec)
+    with pytest.raises(UserError, match="cannot reach the Ray head at 127.0.0.1:1"):
+        ray_executor.run_ray(spec, out, cells, None, address="127.0.0.1:1")
+    with pytest.raises(UserError, match="expected HOST:PORT"):
+        ray_executor.run_ray(spec, out, cells, None, address="head-without-port")
+
+
 def test_without_ray_installed_run_ray_says_how_to_install(tmp_path, tiny_agree, monkeypatch):
     spec, cells = _setup(tmp_path, tiny_agree)
     monkeypatch.setitem(sys.modules, "ray", None)

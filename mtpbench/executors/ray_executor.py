@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import platform
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +52,9 @@ _test_hooks: dict[str, Any] = {}
 """TEST-ONLY fault injection; empty in normal use. Workers are other processes and never see this dict: the driver
 copies it into every task's arguments at submission. Keys:
 
-``"exit_after_first_cell_unless"``: a file path. A task that has delivered its first cell checks the file; if it
-does not exist, the task creates it and kills its own process (`os._exit`), like a machine lost mid-group. The
-file makes this happen once, so the retry runs normally.
+``"exit_after_first_cell_unless"``: a file path. A task that has delivered its first cell tries to create the file
+(O_EXCL); the one task that succeeds kills its own process (`os._exit`), like a machine lost mid-group. Once per
+file, across concurrent tasks, so every retry and every other group runs normally.
 """
 
 
@@ -86,8 +87,11 @@ def _group_task(spec: sweep.SweepSpec, model: str, policy: str, cells: list[swee
         ray.get(sink.put.remote((cell.cell_id, runs, steps, tokens)))  # stored before the next cell starts
         delivered += 1
         marker = hooks.get("exit_after_first_cell_unless")
-        if marker and delivered == 1 and not Path(marker).exists():
-            Path(marker).touch()
+        if marker and delivered == 1:
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))  # atomic: one task wins
+            except FileExistsError:
+                return
             os._exit(1)
 
     try:
@@ -114,6 +118,20 @@ def _user_error(err: BaseException) -> UserError | None:
     return None
 
 
+def _check_reachable(address: str) -> None:
+    """Fail fast on a HOST:PORT nobody listens on (ray.init would retry for minutes); other forms go to Ray."""
+    if "://" in address or address == "auto":
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise UserError(f"--ray-address {address!r}: expected HOST:PORT of the Ray head, e.g. head.local:6379")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as e:
+        raise UserError(f"cannot reach the Ray head at {address}: {e.strerror or e} (is `ray start --head` "
+                        f"running there, and the port open?)") from None
+
+
 def _init_ray(ray, address: str | None) -> None:
     """Worker output stays on the workers (errors come back as exceptions): the driver's progress bar stays clean."""
     opts = dict(include_dashboard=False, log_to_driver=False)
@@ -132,7 +150,7 @@ def run_ray(spec: sweep.SweepSpec, out: Path, cells: list[sweep.Cell], progress,
     """Run the cells not done yet in `out`, one Ray task per (model, policy) group; same contract as `sweep._execute`.
 
     `address=None` starts a local Ray instance with this machine's CPUs (shut down on return); an address
-    (`HEAD:6379`) connects to a running cluster. A Ray already initialised in this process is used as it is
+    (`HEAD:6379`, checked to be reachable first) connects to a running cluster. A Ray already initialised in this process is used as it is
     and left running. `num_cpus_per_task` is what each task declares: Ray runs at most cores/num_cpus_per_task
     groups at once on a machine, and sets the worker's OMP/BLAS thread count to it.
     """
@@ -148,7 +166,7 @@ def run_ray(spec: sweep.SweepSpec, out: Path, cells: list[sweep.Cell], progress,
     done = done_parts(out)
     todo = [c for c in cells if c.cell_id not in done]
     outcome = sweep.SweepOutcome(out, len(cells), 0, len(cells) - len(todo))
-    groups = {key: list(group) for key, group in sweep._by_model(todo)}
+    groups = {key: list(group) for key, group in sweep.by_model(todo)}
     if not groups:
         sweep._write_verdicts(out)
         return outcome
@@ -172,6 +190,8 @@ def run_ray(spec: sweep.SweepSpec, out: Path, cells: list[sweep.Cell], progress,
                 tok_s = r.get("decode_tok_s")
                 progress(sweep.RunEvent(counter["n"], runs_total, label, math.nan if tok_s is None else tok_s))
 
+    if address is not None:
+        _check_reachable(address)
     started_here = not ray.is_initialized()
     if started_here:
         _init_ray(ray, address)
