@@ -416,31 +416,44 @@ def _model_facts(bundle: Bundle) -> dict[str, Any]:
 
 def run_bench(model: str | Path, out_dir: Path, ks: Sequence[int] = (1, 2, 3), settings: BenchSettings | None = None,
               log: Log | None = None) -> dict[str, Any]:
-    """Run every measurement on one checkpoint and write `out_dir/bench.json` (atomic); return what was written."""
+    """Run every measurement on one checkpoint and write `out_dir/bench.json`; return what was written.
+
+    The file is rewritten (atomically) after each section with `complete: false`, so a long run that is killed
+    still leaves what it measured.
+    """
     s = replace(settings or BenchSettings(), ks=tuple(ks))
     if not s.ks or s.repeats < 1 or s.max_tokens < 4:
         raise UserError("bench needs at least one K, --repeats >= 1 and --max-tokens >= 4")
     say = log or (lambda _msg: None)
     bundle = load(model, require_mtp=True)
     prompt = pattern_prompt(bundle, min(s.prompt_tokens, _context_cap(bundle, s.max_tokens, s.ks)))
-    say(f"costs: AR step, draft step, verify K={list(s.ks)}, rollback ({s.repeats} repeats)")
-    costs = measure_costs(bundle, prompt, s.ks, s.repeats, s.warmup)
-    say("AR parity with mlx_lm.stream_generate")
-    parity = ar_parity(bundle, prompt, s.max_tokens, s.repeats)
-    say("predicted vs realized speedup")
-    eff = mtp_efficiency(bundle, prompt, s.ks, s.max_tokens, s.repeats, costs)
-    say("records overhead")
-    rec = records_overhead(bundle, prompt, s.ks, s.max_tokens, s.repeats)
-    say("roofline")
-    roof = roofline(bundle, {0: eff[0]["ar_tok_s"], **{e["k"]: e["mtp_tok_s"] for e in eff}},
-                    {e["k"]: e["tau"] for e in eff}, s.copy_mb)
-    say(f"context scaling {list(s.contexts)}")
-    ctx = context_scaling(bundle, s.contexts, s.ks, s.max_tokens, s.context_repeats)
-    bench = {
-        "schema": SCHEMA, "created_at": now_iso(), "blas": active_blas(), "provenance": dict(provenance()),
-        "model": _model_facts(bundle), "settings": {**asdict(s), "prompt_tokens": len(prompt), "sampling": "greedy"},
-        "costs": costs.to_dict(), "ar_parity": parity, "mtp": eff, "records_overhead": rec, "roofline": roof,
-        "context_scaling": ctx,
+    path = Path(out_dir) / "bench.json"
+    bench: dict[str, Any] = {
+        "schema": SCHEMA, "created_at": now_iso(), "complete": False, "blas": active_blas(),
+        "provenance": dict(provenance()), "model": _model_facts(bundle),
+        "settings": {**asdict(s), "prompt_tokens": len(prompt), "sampling": "greedy"},
     }
-    write_json(Path(out_dir) / "bench.json", bench)
+
+    def section(key: str, message: str, measure: Callable[[], Any], to_json: Callable[[Any], Any] = lambda x: x) -> Any:
+        say(message)
+        value = measure()
+        bench[key] = to_json(value)
+        write_json(path, bench)
+        return value
+
+    costs = section("costs", f"costs: AR step, draft step, verify K={list(s.ks)}, rollback ({s.repeats} repeats)",
+                    lambda: measure_costs(bundle, prompt, s.ks, s.repeats, s.warmup), MeasuredCosts.to_dict)
+    section("ar_parity", "AR parity with mlx_lm.stream_generate",
+            lambda: ar_parity(bundle, prompt, s.max_tokens, s.repeats))
+    eff = section("mtp", "predicted vs realized speedup",
+                  lambda: mtp_efficiency(bundle, prompt, s.ks, s.max_tokens, s.repeats, costs))
+    section("records_overhead", "records overhead",
+            lambda: records_overhead(bundle, prompt, s.ks, s.max_tokens, s.repeats))
+    section("roofline", "roofline", lambda: roofline(
+        bundle, {0: eff[0]["ar_tok_s"], **{e["k"]: e["mtp_tok_s"] for e in eff}}, {e["k"]: e["tau"] for e in eff},
+        s.copy_mb))
+    section("context_scaling", f"context scaling {list(s.contexts)}",
+            lambda: context_scaling(bundle, s.contexts, s.ks, s.max_tokens, s.context_repeats))
+    bench["complete"] = True
+    write_json(path, bench)
     return bench

@@ -204,9 +204,11 @@ def load_mtp_head(
         raise UserError(f"{path}: MTP head incomplete, missing {len(missing)} tensor(s) e.g. mtp.{missing[0]}")
 
     tensors: dict[str, mx.array] = {}
+    files: dict[Path, dict[str, mx.array]] = {}
     for name, (key, f) in found.items():
-        with safe_open(str(f), framework="mlx") as st:
-            tensors[name] = st.get_tensor(key)
+        if f not in files:  # mx.load reads bf16 (numpy, behind safetensors' mlx reader, cannot)
+            files[f] = mx.load(str(f))
+        tensors[name] = files[f][key]
     quantized = {}
     for name in names:
         if name.endswith(".weight") and name[: -len(".weight")] + ".scales" in tensors:

@@ -16,7 +16,6 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
-from safetensors.mlx import save_file
 
 from .mtp import MTP_NORM_SUFFIXES
 from .tokenizer_build import train_bpe, write_tokenizer
@@ -53,6 +52,7 @@ class TinySpec:
     shards: int = 1
     tie_embeddings: bool = False
     agree: float = 0.0  # 0..1: build the head to predict what the trunk predicts (drafts get accepted)
+    dtype: str = "float32"  # or bfloat16, the dtype of real releases
 
 
 def text_config(spec: TinySpec) -> dict:
@@ -135,8 +135,10 @@ def random_weights(spec: TinySpec) -> tuple[dict, dict[str, mx.array], dict[str,
     _perturbed(net.mtp, rng)
     if spec.agree:  # shapes the trunk too, so a --no-mtp twin has the very same trunk (for graft tests)
         _agree(net, spec.agree)
-    trunk = dict(tree_flatten(net.model.parameters()))
-    mtp = dict(tree_flatten(net.mtp.parameters())) if spec.mtp else {}
+    dtype = getattr(mx, spec.dtype)
+    trunk = {k: v.astype(dtype) for k, v in tree_flatten(net.model.parameters())}
+    mtp = {k: v.astype(dtype) for k, v in tree_flatten(net.mtp.parameters())} if spec.mtp else {}
+    config["torch_dtype"] = spec.dtype
     return config, trunk, mtp
 
 
@@ -161,18 +163,18 @@ def write_weights(out: Path, tensors: dict[str, mx.array], shards: int, sidecar:
     """Write `model.safetensors` or N shards plus an index; the sidecar (if any) as `mtp.safetensors`."""
     names = sorted(tensors)
     if shards <= 1:
-        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "mlx"})
+        mx.save_safetensors(str(out / "model.safetensors"), tensors, metadata={"format": "mlx"})
     else:
         groups = [names[i::shards] for i in range(shards)]
         weight_map = {}
         for i, group in enumerate(groups):
             fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-            save_file({n: tensors[n] for n in group}, str(out / fname), metadata={"format": "mlx"})
+            mx.save_safetensors(str(out / fname), {n: tensors[n] for n in group}, metadata={"format": "mlx"})
             weight_map.update({n: fname for n in group})
         index = {"metadata": {"total_size": int(sum(v.nbytes for v in tensors.values()))}, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     if sidecar:
-        save_file(sidecar, str(out / "mtp.safetensors"), metadata={"format": "mlx"})
+        mx.save_safetensors(str(out / "mtp.safetensors"), sidecar, metadata={"format": "mlx"})
 
 
 def make_tiny(out: str | Path, spec: TinySpec = TinySpec()) -> Path:

@@ -19,6 +19,7 @@ LAYOUTS = {
     "sidecar": TinySpec(mtp_layout="sidecar"),
     "sidecar-hf-sharded": TinySpec(mtp_layout="sidecar", hf_norms=True, shards=3),
     "sharded-inline": TinySpec(shards=2, mtp_prefix="model.mtp."),
+    "bf16-hf-language_model.mtp": TinySpec(dtype="bfloat16", hf_norms=True, mtp_prefix="language_model.mtp."),
 }
 
 

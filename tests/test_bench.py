@@ -29,7 +29,7 @@ def bench(tiny_agree, tmp_path_factory):
 def test_bench_json_has_every_section(bench):
     out, result = bench
     written = json.loads((out / "bench.json").read_text())
-    assert written["schema"] == result["schema"]
+    assert written["schema"] == result["schema"] and written["complete"] is True
     assert all(s in written for s in SECTIONS)
     assert written["blas"] == written["provenance"]["blas"]
     assert [e["k"] for e in written["mtp"]] == [1, 2]
