@@ -52,7 +52,7 @@ def test_every_layout_loads_the_same_head_and_trunk(layout_dirs):
             np.testing.assert_allclose(np.asarray(v.astype(mx.float32)), np.asarray(ref_head[k]), atol=tol, rtol=tol,
                                        err_msg=f"{name}: {k}")
         logits = b.trunk(ids, b.trunk.make_cache()).logits.astype(mx.float32)
-        np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=0.1 if bf16 else 1e-5, err_msg=name)
+        np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=0.3 if bf16 else 1e-5, err_msg=name)
 
 
 def test_greedy_ar_equals_mlx_lm_generate(cli, tiny_agree):
