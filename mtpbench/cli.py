@@ -488,8 +488,10 @@ def acceptance_cmd(model, prompts, text_file, temperature, top_p, top_k, min_p, 
     click.echo(g[["texts", "positions", "greedy_match", "alpha"]].round(4).to_string())
 
 
-from .cli_quantize import graft_cmd, policies_cmd, quantize_cmd  # noqa: E402  (they import _friendly from here)
+from .cli_bench import bench_cmd  # noqa: E402
+from .cli_quantize import graft_cmd, policies_cmd, quantize_cmd  # noqa: E402
 
+main.add_command(bench_cmd)
 main.add_command(policies_cmd)
 main.add_command(quantize_cmd)
 main.add_command(graft_cmd)
