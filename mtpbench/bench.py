@@ -137,20 +137,24 @@ def _host_argmax(logits: mx.array) -> np.ndarray:
     return np.asarray(mx.argmax(logits, axis=-1))
 
 
-def _median_seconds(op: Callable[[], object], reset: Callable[[], None], repeats: int, warmup: int,
-                    setup: Callable[[], None] | None = None) -> float:
-    """Median wall time of `op` (which must end in a host sync); `setup`/`reset` run untimed around each call."""
-    samples = []
+def _interleaved_medians(ops: dict[str, tuple[Callable[[], object], Callable[[], None] | None]],
+                         reset: Callable[[], None], repeats: int, warmup: int) -> dict[str, float]:
+    """Median wall time of each op (each must end in a host sync), timed round-robin so drift hits every term.
+
+    Each op is `(op, setup)`: `setup` and `reset` run untimed before and after every call.
+    """
+    samples: dict[str, list[float]] = {name: [] for name in ops}
     for i in range(warmup + repeats):
-        if setup:
-            setup()
-        t0 = _clock()
-        op()
-        dt = _clock() - t0
-        reset()
-        if i >= warmup:
-            samples.append(dt)
-    return float(statistics.median(samples))
+        for name, (op, setup) in ops.items():
+            if setup:
+                setup()
+            t0 = _clock()
+            op()
+            dt = _clock() - t0
+            reset()
+            if i >= warmup:
+                samples[name].append(dt)
+    return {name: float(statistics.median(xs)) for name, xs in samples.items()}
 
 
 def measure_costs(bundle: Bundle, prompt_ids: list[int], ks: Sequence[int], repeats: int = 5,
@@ -188,12 +192,13 @@ def measure_costs(bundle: Bundle, prompt_ids: list[int], ks: Sequence[int], repe
             mx.eval(*state_arrays(st.cache))
         return op
 
-    timed = {"repeats": repeats, "warmup": warmup}
-    ar = _median_seconds(ar_step, put_back, **timed)
-    draft = _median_seconds(draft_step, put_back, **timed)
-    verify_s = {k: _median_seconds(verify(k), put_back, **timed) for k in sorted(set(ks))}
-    by_j = tuple(_median_seconds(rollback(j), put_back, setup=after_verify, **timed) for j in range(kmax))
-    return MeasuredCosts(ar_step=ar, draft_step=draft, verify=verify_s, rollback=float(np.mean(by_j)),
+    ops = {"ar": (ar_step, None), "draft": (draft_step, None)}
+    ops |= {f"verify{k}": (verify(k), None) for k in sorted(set(ks))}
+    ops |= {f"rollback{j}": (rollback(j), after_verify) for j in range(kmax)}
+    t = _interleaved_medians(ops, put_back, repeats, warmup)
+    by_j = tuple(t[f"rollback{j}"] for j in range(kmax))
+    return MeasuredCosts(ar_step=t["ar"], draft_step=t["draft"], verify={k: t[f"verify{k}"] for k in sorted(set(ks))},
+                         rollback=float(np.mean(by_j)),
                          rollback_by_j=by_j, context_tokens=len(prompt_ids), repeats=repeats)
 
 
