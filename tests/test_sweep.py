@@ -210,3 +210,17 @@ def test_policy_axis_sweep_renders_one_report_comparing_policies(cli, tmp_path, 
     assert report.exit_code == 0
     html = (tmp_path / "p.html").read_text()
     assert 'id="policies"' in html and "q4+mtp-int4" in html
+
+
+def test_thinking_is_an_axis_of_the_chat_template(cli, tmp_path, tiny_agree):
+    prompts = tmp_path / "chatty.jsonl"
+    prompts.write_text(json.dumps({"id": "c1", "category": "chat",
+                                   "messages": [{"role": "user", "content": "Say hi"}]}) + "\n")
+    out = tmp_path / "thinking"
+    res = cli("sweep", "-m", tiny_agree, "--thinking", "on,off", "--k", "1", "--temp", "0", "--prompts", prompts,
+              "--repeats", "1", "--max-tokens", "8", "--out", out, "--quiet", "--no-report")
+    assert res.exit_code == 0, res.stderr
+    runs = read_table(out, "runs")
+    assert set(runs["thinking"]) == {"on", "off"} and len(runs) == 4
+    lengths = runs.groupby("thinking")["prompt_tokens"].first()
+    assert lengths["off"] > lengths["on"]  # "off" closes an empty <think></think> block in the prompt
