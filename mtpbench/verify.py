@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .checkpoint import Bundle
-from .decode import generate_ar, generate_mtp
+from .decode import MAX_K, generate_ar, generate_mtp
 from .decode.controls import Control
 from .decode.rule import EXACT
 from .decode.teacher import enumerate_target, top2_gaps
@@ -70,12 +70,22 @@ def _seq_logprob(records) -> float:
     return float(np.mean([t.target_logprob for t in records[1:]])) if len(records) > 1 else 0.0
 
 
+def group_seed(plan: VerifyPlan, setting_index: int, k: int) -> int:
+    """First seed of one (setting, K) group (K = 0: the setting's AR samples).
+
+    Every group draws from its own seed range, so no two groups share uniforms: with shared seeds the first
+    token (and first drafts) of every group were the same draws, one unlucky draw showed up in every group,
+    and the family's tests were needlessly dependent.
+    """
+    return plan.seed + 1_000_000 * (setting_index * (MAX_K + 1) + k)
+
+
 def _sampled_group(bundle: Bundle, plan: VerifyPlan, setting: Setting, k: int, prompts: list[list[int]],
-                   ar_samples: list, tick: Callable[[], None]) -> GroupResult:
+                   ar_samples: list, tick: Callable[[], None], base: int) -> GroupResult:
     rule = plan.control.rule if plan.control else EXACT
     u, accepted, alpha, seqs, logps, toks = [], [], [], [], [], []
     for i in range(plan.samples):
-        r = generate_mtp(bundle, prompts[i % len(prompts)], setting.config(plan.seed + i), k, plan.tokens,
+        r = generate_mtp(bundle, prompts[i % len(prompts)], setting.config(base + i), k, plan.tokens,
                          setting.draft_temperature, rule=rule)
         u += [t.pit_u for t in r.token_records]
         toks += r.token_records
@@ -97,14 +107,14 @@ def _sampled_group(bundle: Bundle, plan: VerifyPlan, setting: Setting, k: int, p
         results.append(two_sample_categorical(seqs, ar_seqs))
         results.append(two_sample_scalar(logps, [_seq_logprob(r.token_records) for r in ar_samples]))
     if "exact" in plan.tests:
-        results.append(_exact(bundle, plan, setting, k, prompts[0], rule, tick))
+        results.append(_exact(bundle, plan, setting, k, prompts[0], rule, tick, base))
     acc = np.asarray(accepted, dtype=float)
     return GroupResult(setting, k, results, float(acc.mean()) if len(acc) else float("nan"),
                        float(np.mean(alpha)) if alpha else float("nan"), int(acc.sum()), len(acc))
 
 
 def _exact(bundle: Bundle, plan: VerifyPlan, setting: Setting, k: int, prompt: list[int], rule,
-           tick: Callable[[], None]) -> TestResult:
+           tick: Callable[[], None], base: int) -> TestResult:
     cfg = setting.config(0)
     support = (setting.top_k or bundle.text_config["vocab_size"]) ** EXACT_TOKENS
     if support > MAX_EXACT_SUPPORT:
@@ -113,7 +123,7 @@ def _exact(bundle: Bundle, plan: VerifyPlan, setting: Setting, k: int, prompt: l
     target = enumerate_target(bundle, prompt, cfg, EXACT_TOKENS)
     samples = []
     for i in range(plan.samples * 2):
-        r = generate_mtp(bundle, prompt, setting.config(plan.seed + 50_000 + i), k, EXACT_TOKENS,
+        r = generate_mtp(bundle, prompt, setting.config(base + 500_000 + i), k, EXACT_TOKENS,
                          setting.draft_temperature, rule=rule, records=False)
         samples.append(tuple(r.tokens))
     tick()
@@ -146,7 +156,7 @@ def _greedy_group(bundle: Bundle, plan: VerifyPlan, setting: Setting, k: int, pr
 def run_verify(bundle: Bundle, plan: VerifyPlan, tick: Callable[[], None] = lambda: None) -> VerifyReport:
     prompts = [list(bundle.tokenizer.encode(p)) for p in plan.prompts]
     report = VerifyReport()
-    for setting in plan.settings:
+    for si, setting in enumerate(plan.settings):
         if setting.temperature == 0:
             if "greedy" in plan.tests:
                 report.groups += [_greedy_group(bundle, plan, setting, k, prompts, tick) for k in plan.ks]
@@ -155,9 +165,10 @@ def run_verify(bundle: Bundle, plan: VerifyPlan, tick: Callable[[], None] = lamb
         if "two_sample" in plan.tests:
             for i in range(plan.samples):
                 ar_samples.append(generate_ar(bundle, prompts[i % len(prompts)],
-                                              setting.config(plan.seed + 100_000 + i), plan.tokens))
+                                              setting.config(group_seed(plan, si, 0) + i), plan.tokens))
                 tick()
-        report.groups += [_sampled_group(bundle, plan, setting, k, prompts, ar_samples, tick) for k in plan.ks]
+        report.groups += [_sampled_group(bundle, plan, setting, k, prompts, ar_samples, tick, group_seed(plan, si, k))
+                          for k in plan.ks]
     # Two families over the whole run (preservation, acceptance), each Holm-corrected together.
     flat = [r for g in report.groups for r in g.results]
     adjusted = iter(holm_by_family(flat))
