@@ -65,7 +65,7 @@ class Bundle:
 
     @property
     def context_length(self) -> int:
-        return int(self.text_config.get("max_position_embeddings", 32768))
+        return context_length(self.config)
 
     def require_mtp(self) -> MTPHead:
         if self.mtp is None:
@@ -121,6 +121,11 @@ def read_config(path: Path) -> dict[str, Any]:
     if int(text.get("num_experts", 0) or 0) > 0:
         raise UserError(f"{path}: mixture-of-experts Qwen3.5 checkpoints are not supported yet")
     return config
+
+
+def context_length(config: dict[str, Any]) -> int:
+    """Positions the trunk supports (max_position_embeddings, under text_config for Qwen3.5/3.6)."""
+    return int(config.get("text_config", config).get("max_position_embeddings", 32768))
 
 
 def mtp_layer_count(config: dict[str, Any]) -> int:

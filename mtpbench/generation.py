@@ -8,15 +8,15 @@ from typing import Any
 
 from .checkpoint import Bundle
 from .decode import DecodeResult, generate_ar, generate_mtp
+from .prompts import Prompt, encode
 from .sampling import SamplingConfig
 
 
 def encode_prompt(bundle: Bundle, text: str, chat: bool = False, thinking: bool | None = None) -> list[int]:
-    tok = bundle.tokenizer
-    if chat and getattr(tok, "chat_template", None):
-        extra = {} if thinking is None else {"enable_thinking": thinking}
-        return list(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, **extra))
-    return list(tok.encode(text))
+    """One prompt text as ids: raw, or through the chat template (the same encoding the sweep uses)."""
+    prompt = Prompt(set_name="cli", id="prompt", category="cli", text=text, messages=None, max_tokens=None,
+                    completion=not chat)
+    return encode(bundle.tokenizer, prompt, thinking)
 
 
 def result_dict(bundle: Bundle, r: DecodeResult) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import Bundle, load, preflight
+from .checkpoint import Bundle, context_length, load, preflight, read_config
 from .decode import DecodeResult, generate_ar, generate_mtp
 from .errors import UserError
 from .prompts import Prompt, encode, load_sets, supports_thinking
@@ -173,8 +173,7 @@ def _validate_prompts(spec: SweepSpec, paths: dict[str, Path], prompts: list[Pro
 
     for model, path in paths.items():
         tok = load_tokenizer(path)
-        config = json.loads((path / "config.json").read_text())
-        ctx = int(config.get("text_config", config).get("max_position_embeddings", 32768))
+        ctx = context_length(read_config(path))
         wants_thinking = [t for t in spec.thinking if t != "n/a"]
         if wants_thinking and not supports_thinking(tok):
             raise UserError(f"{model}: --thinking needs a chat template with enable_thinking; this one has none")
