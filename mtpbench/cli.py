@@ -162,6 +162,14 @@ def _floats(text: str, name: str) -> tuple[float, ...]:
         raise UserError(f"--{name} {text!r}: expected numbers separated by commas") from None
 
 
+def _ints(text, name: str) -> tuple[int, ...]:
+    items = text if isinstance(text, (list, tuple)) else str(text).split(",")
+    try:
+        return tuple(int(x) for x in items if str(x).strip())
+    except ValueError:
+        raise UserError(f"--{name} {text!r}: expected integers separated by commas") from None
+
+
 def _words(text) -> tuple[str, ...]:
     items = text if isinstance(text, (list, tuple)) else str(text).split(",")
     return tuple(x.strip() for x in items if str(x).strip())
@@ -182,7 +190,8 @@ def _read_toml(path: str) -> dict:
 
 
 SWEEP_KEYS = {"model", "k", "temp", "top_p", "top_k", "min_p", "draft_temp", "max_tokens", "repeats", "seed",
-              "prompts", "thinking", "prompt_limit", "ignore_eos", "no_records", "out", "policy"}
+              "prompts", "thinking", "prompt_limit", "ignore_eos", "no_records", "out", "policy", "kv_bits",
+              "kv_group_size"}
 
 
 @main.command("sweep")
@@ -201,6 +210,11 @@ SWEEP_KEYS = {"model", "k", "temp", "top_p", "top_k", "min_p", "draft_temp", "ma
 @click.option("--thinking", default="n/a", help="on,off: an axis when the chat template supports enable_thinking.")
 @click.option("--policy", default="as-is", show_default=True,
               help="Quantization policies, comma-separated, applied in memory (see `mtpbench policies`).")
+@click.option("--kv-bits", default="0", show_default=True,
+              help="Trunk KV-cache bits, comma-separated (0: unquantized; 8, 4, ...: mlx_lm's quantized KV cache). "
+                   "Each value is an axis point, shown as policy `<policy>+kv8`.")
+@click.option("--kv-group-size", type=int, default=0,
+              help="Quantization group of the KV cache (default: 64, or what divides the head dim).")
 @click.option("--prompt-limit", type=int, default=0, help="Use only the first N prompts of each set (0: all).")
 @click.option("--ignore-eos", is_flag=True, help="Generate exactly --max-tokens tokens per run.")
 @click.option("--no-records", is_flag=True, help="Skip the steps/tokens tables (no per-cell preservation verdicts).")
@@ -261,7 +275,8 @@ def sweep_cmd(ctx, config_file, quiet, no_report, executor, ray_address, endpoin
         max_tokens=int(values["max_tokens"]), repeats=int(values["repeats"]), seed=int(values["seed"]),
         thinking=_words(values["thinking"]) or ("n/a",), prompt_limit=int(values["prompt_limit"]),
         ignore_eos=bool(values["ignore_eos"]), records=not values["no_records"],
-        policies=_words(values["policy"]) or ("as-is",),
+        policies=_words(values["policy"]) or ("as-is",), kv_bits=_ints(values["kv_bits"], "kv-bits"),
+        kv_group_size=int(values["kv_group_size"]),
     )
     out = Path(values["out"]) if values["out"] else default_out(spec)
     command = "mtpbench " + " ".join(sys.argv[1:]) if sys.argv[0].endswith(("mtpbench", "cli.py", "__main__.py")) else ""

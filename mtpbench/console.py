@@ -14,19 +14,28 @@ def _fmt_ci(v: float, lo: float, hi: float) -> str:
 def sweep_summary(runs: pd.DataFrame) -> str:
     if runs.empty:
         return "no runs"
-    by = ["model", "setting"]
+    by = [c for c in ("model", "policy", "backend", "setting") if c in runs]
     sp = speedup_table(runs, by)
     thr = throughput_table(runs, by)
     acc = acceptance_by_depth(runs, by)
     lines = []
-    for (model, setting), g in sp.groupby(by, sort=True):
-        ar = thr[(thr.model == model) & (thr.setting == setting) & (thr["mode"] == "ar")]
-        lines.append(f"\n{model}  |  {setting}  |  AR {ar.tok_s.iloc[0]:.1f} tok/s (sd {ar.tok_s_std.iloc[0]:.1f}, "
+    for key, g in sp.groupby(by, sort=True, dropna=False):
+        sel = dict(zip(by, key))
+
+        def rows(df: pd.DataFrame, _sel=sel) -> pd.DataFrame:
+            return df[(df[list(_sel)] == pd.Series(_sel)).all(axis=1)]
+
+        ar = rows(thr)
+        ar = ar[ar["mode"] == "ar"]
+        head = "  |  ".join(str(v) for c, v in sel.items() if c not in ("policy", "backend") or runs[c].nunique() > 1)
+        lines.append(f"\n{head}  |  AR {ar.tok_s.iloc[0]:.1f} tok/s (sd {ar.tok_s_std.iloc[0]:.1f}, "
                      f"{int(ar.runs.iloc[0])} runs)")
         table = []
         for _, r in g.iterrows():
-            t = thr[(thr.model == model) & (thr.setting == setting) & (thr["mode"] == "mtp") & (thr.k == r.k)].iloc[0]
-            a = acc[(acc.model == model) & (acc.setting == setting) & (acc.k == r.k)].sort_values("depth")
+            t = rows(thr)
+            t = t[(t["mode"] == "mtp") & (t.k == r.k)].iloc[0]
+            a = rows(acc)
+            a = a[a.k == r.k].sort_values("depth")
             table.append({"K": int(r.k), "MTP tok/s": f"{t.tok_s:.1f} (sd {t.tok_s_std:.1f})",
                           "speedup [95% CI]": _fmt_ci(r.speedup, r.speedup_lo, r.speedup_hi),
                           "acceptance by depth": " ".join(f"{x:.2f}" for x in a.acceptance),
@@ -35,7 +44,7 @@ def sweep_summary(runs: pd.DataFrame) -> str:
         lines.append(pd.DataFrame(table).to_string(index=False))
     pp = per_prompt_ratios(runs, by)
     if not pp.empty and pp["category"].nunique() > 1:
-        cat = pp.groupby(["model", "setting", "k", "category"]).agg(speedup=("ratio", "mean"), tau=("tau", "mean"))
+        cat = pp.groupby([*by, "k", "category"]).agg(speedup=("ratio", "mean"), tau=("tau", "mean"))
         lines += ["\nBy prompt category (mean per-prompt speedup, tau):", cat.round(2).to_string()]
     failed = int((runs["status"] != "ok").sum())
     if failed:

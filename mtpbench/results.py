@@ -25,6 +25,7 @@ SCHEMA_VERSION = 1
 RUNS = pa.schema([
     ("run_id", pa.string()), ("cell_id", pa.string()), ("sweep", pa.string()), ("backend", pa.string()),
     ("model", pa.string()), ("model_fingerprint", pa.string()), ("model_path", pa.string()), ("policy", pa.string()),
+    ("kv_bits", pa.int32()),  # trunk KV-cache bits (0: unquantized); also folded into `policy` as `+kv8`
     ("mode", pa.string()), ("k", pa.int32()),
     ("temperature", pa.float64()), ("top_p", pa.float64()), ("top_k", pa.int32()), ("min_p", pa.float64()),
     ("draft_temperature", pa.float64()), ("setting", pa.string()), ("thinking", pa.string()),
@@ -51,7 +52,7 @@ STEPS = pa.schema([
 TOKENS = pa.schema([
     ("run_id", pa.string()), ("index", pa.int32()), ("token_id", pa.int32()), ("source", pa.string()),
     ("target_logprob", pa.float64()), ("pit_u", pa.float64()),
-    ("logprob_mean", pa.float64()), ("logprob_var", pa.float64()),
+    ("logprob_mean", pa.float64()), ("logprob_var", pa.float64()), ("logprob_m3", pa.float64()),
 ])
 VERDICTS = pa.schema([
     ("scope", pa.string()),  # verify | sweep

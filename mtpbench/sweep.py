@@ -19,6 +19,7 @@ from typing import Any
 from .checkpoint import Bundle, context_length, load, preflight, read_config
 from .decode import DecodeResult, generate_ar, generate_mtp
 from .errors import UserError
+from .kvcache import FULL_KV, KVCacheSpec
 from .prompts import Prompt, encode, load_sets, supports_thinking
 from .provenance import now_iso, provenance
 from .results import SCHEMA_VERSION, done_parts, read_manifest, write_json, write_part
@@ -63,6 +64,8 @@ class SweepSpec:
     seed: int = 0
     thinking: tuple[str, ...] = ("n/a",)  # "on", "off" when the chat template supports enable_thinking
     policies: tuple[str, ...] = ("as-is",)  # quantization policies applied in memory (see `mtpbench policies`)
+    kv_bits: tuple[int, ...] = (0,)  # trunk KV-cache bits per cell (0: unquantized), see mtpbench.kvcache
+    kv_group_size: int = 0
     prompt_limit: int = 0  # 0: every prompt of each set; N: the first N of each set
     ignore_eos: bool = False
     records: bool = True  # steps/tokens tables (p, q, alpha, PIT): needed for the preservation verdicts
@@ -90,6 +93,8 @@ class SweepSpec:
             for p in self.policies:
                 if p != "as-is":
                     get_policy(p)
+        for bits in self.kv_bits:
+            KVCacheSpec(bits, self.kv_group_size)
         if self.draft_temp is not None and self.draft_temp < 0:
             raise UserError(f"--draft-temp must be >= 0, got {self.draft_temp}")
 
@@ -112,12 +117,18 @@ class Cell:
     prompt: Prompt
     repetition: int
     seed: int
+    kv: KVCacheSpec = FULL_KV
+
+    @property
+    def policy_label(self) -> str:
+        """What was quantized: the weight policy, plus `+kv8` etc. when the KV cache is too (one comparable axis)."""
+        return f"{self.policy}+{self.kv.label}" if self.kv.quantized else self.policy
 
     @property
     def cell_id(self) -> str:
         key = [self.model, asdict(self.setting), self.thinking, self.prompt.set_name, self.prompt.id, self.repetition]
-        if self.policy != "as-is":
-            key.append(self.policy)
+        if self.policy_label != "as-is":
+            key.append(self.policy_label)
         return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
     def run_id(self, mode: str, k: int) -> str:
@@ -139,9 +150,9 @@ def plan(spec: SweepSpec, prompts: list[Prompt]) -> list[Cell]:
         chosen = [p for ps in per_set.values() for p in ps[: spec.prompt_limit]]
     # One seed per (prompt, repetition): runs of one verdict group never share a random stream (a shared PIT
     # stream across prompts would make the u values dependent and the test invalid).
-    return [Cell(m, pol, spec.setting(t), th, p, r, spec.seed + r * len(chosen) + i)
-            for m in spec.models for pol in spec.policies for t in spec.temps for th in spec.thinking
-            for r in range(spec.repeats) for i, p in enumerate(chosen)]
+    return [Cell(m, pol, spec.setting(t), th, p, r, spec.seed + r * len(chosen) + i, KVCacheSpec(kv, spec.kv_group_size))
+            for m in spec.models for pol in spec.policies for kv in spec.kv_bits for t in spec.temps
+            for th in spec.thinking for r in range(spec.repeats) for i, p in enumerate(chosen)]
 
 
 @dataclass(frozen=True)
@@ -168,12 +179,20 @@ def thinking_flag(thinking: str) -> bool | None:
 
 
 def _validate_prompts(spec: SweepSpec, paths: dict[str, Path], prompts: list[Prompt]) -> None:
-    """Tokenize every prompt with every model's tokenizer and check the context length, before any work."""
+    """Tokenize every prompt with every model's tokenizer, check the context length and that the KV cache can be
+    quantized as asked, before any work."""
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
     for model, path in paths.items():
         tok = load_tokenizer(path)
-        ctx = context_length(read_config(path))
+        config = read_config(path)
+        ctx = context_length(config)
+        head_dim = int(config.get("text_config", config).get("head_dim", 0) or 0)
+        for bits in (b for b in spec.kv_bits if b):
+            try:
+                KVCacheSpec(bits, spec.kv_group_size).resolved_group_size(head_dim)
+            except UserError as e:
+                raise UserError(f"{model}: --kv-bits {bits}: {e}") from None
         wants_thinking = [t for t in spec.thinking if t != "n/a"]
         if wants_thinking and not supports_thinking(tok):
             raise UserError(f"{model}: --thinking needs a chat template with enable_thinking; this one has none")
@@ -227,7 +246,7 @@ def _run_row(cell: Cell, bundle: Bundle, mode: str, k: int, order: int, r: Decod
     row = {
         "run_id": cell.run_id(mode, k), "cell_id": cell.cell_id, "sweep": sweep, "backend": "reference",
         "model": cell.model, "model_fingerprint": bundle.fingerprint, "model_path": str(bundle.path),
-        "policy": cell.policy, "mode": mode, "k": k, "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
+        "policy": cell.policy_label, "kv_bits": cell.kv.bits, "mode": mode, "k": k, "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
         "min_p": s.min_p, "draft_temperature": s.temperature if s.draft_temperature is None else s.draft_temperature,
         "setting": s.label, "thinking": cell.thinking, "prompt_set": cell.prompt.set_name,
         "prompt_id": cell.prompt.id, "category": cell.prompt.category, "repetition": cell.repetition,
@@ -259,10 +278,11 @@ def run_cell(bundle: Bundle, cell: Cell, spec: SweepSpec, sweep: str,
         started, error, result = now_iso(), "", None
         try:
             if mode == "ar":
-                result = generate_ar(bundle, ids, cfg, max_tokens, records=spec.records, ignore_eos=spec.ignore_eos)
+                result = generate_ar(bundle, ids, cfg, max_tokens, records=spec.records, ignore_eos=spec.ignore_eos,
+                                     kv=cell.kv)
             else:
                 result = generate_mtp(bundle, ids, cfg, k, max_tokens, cell.setting.draft_temperature,
-                                      records=spec.records, ignore_eos=spec.ignore_eos)
+                                      records=spec.records, ignore_eos=spec.ignore_eos, kv=cell.kv)
                 if result.verify_steps == 0:
                     error = "drafted nothing: generation ended after the first token, so MTP was never exercised"
         except UserError:
@@ -284,9 +304,10 @@ def warm_up(bundle: Bundle, cell: Cell, spec: SweepSpec) -> None:
     ids = encode(bundle.tokenizer, cell.prompt, thinking_flag(cell.thinking))
     cfg = cell.setting.config(cell.seed)
     n = min(spec.warmup_tokens, cell.prompt.max_tokens or spec.max_tokens)
-    generate_ar(bundle, ids, cfg, n, records=spec.records, ignore_eos=True)
+    generate_ar(bundle, ids, cfg, n, records=spec.records, ignore_eos=True, kv=cell.kv)
     for k in spec.ks:
-        generate_mtp(bundle, ids, cfg, k, n, cell.setting.draft_temperature, records=spec.records, ignore_eos=True)
+        generate_mtp(bundle, ids, cfg, k, n, cell.setting.draft_temperature, records=spec.records, ignore_eos=True,
+                     kv=cell.kv)
 
 
 def write_cell(out: Path, cell_id: str, runs: list[dict], steps: list[dict], tokens: list[dict]) -> None:
@@ -355,7 +376,7 @@ def run_group(spec: SweepSpec, model: str, policy: str, cells: list[Cell], sweep
         bundle = apply_policy(bundle, policy)
     warmed: set[tuple] = set()
     for cell in cells:
-        group = (cell.setting, cell.thinking)
+        group = (cell.setting, cell.thinking, cell.kv)
         if group not in warmed:
             warm_up(bundle, cell, spec)
             warmed.add(group)

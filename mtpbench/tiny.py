@@ -53,6 +53,7 @@ class TinySpec:
     tie_embeddings: bool = False
     agree: float = 0.0  # 0..1: build the head to predict what the trunk predicts (drafts get accepted)
     dtype: str = "float32"  # or bfloat16, the dtype of real releases
+    head_dim: int = 16  # attention head dim; 32+ lets mlx quantize the KV cache (its groups are 32, 64, 128)
 
 
 def text_config(spec: TinySpec) -> dict:
@@ -64,7 +65,7 @@ def text_config(spec: TinySpec) -> dict:
         "num_hidden_layers": spec.layers,
         "num_attention_heads": heads,
         "num_key_value_heads": max(1, heads // 2),
-        "head_dim": 16,
+        "head_dim": spec.head_dim,
         "rms_norm_eps": 1e-6,
         "vocab_size": spec.vocab,
         "linear_num_value_heads": heads,

@@ -10,10 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import mlx.core as mx
-import mlx.nn as nn
+from mlx import nn
 from mlx_lm.models.base import create_attention_mask, create_ssm_mask
 
+from .kvcache import FULL_KV, KVCacheSpec, quantize_kv
 from .mtp import HiddenVariant
+from .trunk_capture import Captured, LayerStates, decoder_layer_capturing
 
 
 @dataclass(frozen=True)
@@ -31,8 +33,9 @@ class Trunk:
         self.body = self.lm.model
         self.variant = variant
 
-    def make_cache(self) -> list:
-        return self.model.make_cache()
+    def make_cache(self, kv: KVCacheSpec = FULL_KV) -> list:
+        """mlx_lm's own hybrid cache, with the attention KV quantized when `kv` asks for it."""
+        return quantize_kv(self.model.make_cache(), kv, self.lm.args.head_dim)
 
     def embed(self, tokens: mx.array) -> mx.array:
         return self.body.embed_tokens(tokens)
@@ -43,12 +46,29 @@ class Trunk:
         return self.lm.lm_head(hidden)
 
     def __call__(self, tokens: mx.array, cache: list) -> TrunkOutput:
+        return self._forward(tokens, cache, capture=False)[0]
+
+    def forward_capturing(self, tokens: mx.array, cache: list) -> tuple[TrunkOutput, Captured]:
+        """The same forward, keeping every position's GatedDeltaNet state so any prefix can be committed."""
+        out, captured = self._forward(tokens, cache, capture=True)
+        assert captured is not None
+        return out, captured
+
+    def _forward(self, tokens: mx.array, cache: list, capture: bool) -> tuple[TrunkOutput, Captured | None]:
         h = self.body.embed_tokens(tokens)
         layers = self.body.layers
         fa_mask = create_attention_mask(h, cache[self.body.fa_idx])
         ssm_mask = create_ssm_mask(h, cache[self.body.ssm_idx])
-        for layer, c in zip(layers, cache):
-            h = layer(h, mask=ssm_mask if layer.is_linear else fa_mask, cache=c)
+        if capture and ssm_mask is not None:
+            raise ValueError("capturing verify runs batch 1 without padding masks")
+        states: dict[int, LayerStates] = {}
+        kv_offsets = {i: c.offset for i, (layer, c) in enumerate(zip(layers, cache)) if not layer.is_linear}
+        for i, (layer, c) in enumerate(zip(layers, cache)):
+            if capture and layer.is_linear:
+                h, states[i] = decoder_layer_capturing(layer, h, c)
+            else:
+                h = layer(h, mask=ssm_mask if layer.is_linear else fa_mask, cache=c)
         normed = self.body.norm(h)
         hidden = normed if self.variant is HiddenVariant.POST_NORM else h
-        return TrunkOutput(logits=self.lm_head(normed), hidden=hidden)
+        out = TrunkOutput(logits=self.lm_head(normed), hidden=hidden)
+        return out, Captured(states, kv_offsets) if capture else None

@@ -99,7 +99,7 @@ def _sampled_group(bundle: Bundle, plan: VerifyPlan, setting: Setting, k: int, p
         results.append(pit_test(u))
     if "score" in plan.tests:
         results.append(score_test([t.target_logprob for t in toks], [t.logprob_mean for t in toks],
-                                  [t.logprob_var for t in toks]))
+                                  [t.logprob_var for t in toks], [t.logprob_m3 for t in toks]))
     if "calibration" in plan.tests:
         results.append(calibration_test(accepted, alpha))
     if "two_sample" in plan.tests:

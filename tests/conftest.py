@@ -52,6 +52,12 @@ def tiny_agree2(ckpt_root) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_kv(ckpt_root) -> Path:
+    """An agreeing checkpoint with 32-wide attention heads, so its KV cache can be quantized."""
+    return make_tiny(ckpt_root / "kv", TinySpec(seed=3, agree=0.9, head_dim=32))
+
+
+@pytest.fixture(scope="session")
 def tiny_no_mtp(ckpt_root) -> Path:
     return make_tiny(ckpt_root / "no-mtp", TinySpec(mtp=False))
 

@@ -9,6 +9,7 @@ import pytest
 from mtpbench.checkpoint import load
 from mtpbench.decode import generate_ar, generate_mtp
 from mtpbench.decode.cache import restore, snapshot, state_arrays
+from mtpbench.kvcache import KVCacheSpec
 from mtpbench.decode.teacher import enumerate_target, top2_gaps
 from mtpbench.sampling import SamplingConfig
 from mtpbench.stats.preservation import exact_target_test, greedy_identity
@@ -37,6 +38,17 @@ def test_greedy_mtp_equals_greedy_ar(k, tiny, tiny_agree, tiny_agree2):
         for p in prompts:
             accepted += _assert_greedy_identity(b, p, k)[0]
     assert accepted > 0, "no draft was ever accepted: the test would not exercise rollback-free steps"
+
+
+def test_a_cache_whose_rollback_is_not_exact_is_refused(bundle):
+    from mlx_lm.models.cache import RotatingKVCache
+
+    from mtpbench.errors import UserError
+
+    cache = bundle.trunk.make_cache()
+    cache[1] = RotatingKVCache(max_size=8)
+    with pytest.raises(UserError, match="cannot be rolled back exactly"):
+        snapshot(cache)
 
 
 @pytest.mark.parametrize("cfg", [SamplingConfig(temperature=1.0, top_k=5, seed=3),
@@ -92,18 +104,26 @@ def test_eos_stops_even_inside_an_accepted_run_and_max_tokens_is_exact(bundle_ag
     assert ended > 0, "no run reached EOS: the stop path is untested"
 
 
-def test_rollback_restores_the_state_of_a_fresh_prefill(bundle):
-    """Snapshot, verify K+1 tokens, restore, re-forward the accepted prefix == prefill of the committed tokens."""
-    trunk = bundle.trunk
+@pytest.mark.parametrize("kv_bits", [0, 8, 4], ids=["kv-full", "kv8", "kv4"])
+def test_rollback_restores_the_state_of_a_fresh_prefill(tiny_kv, kv_bits):
+    """Both rollbacks after a K+1 verify (snapshot + re-forward, per-position capture + commit) == a fresh prefill
+    of the committed tokens, for every number of accepted drafts.
+
+    Also with mlx_lm's quantized KV cache: each position is quantized on its own, so trimming is exact there too.
+    """
+    trunk, kv = load(tiny_kv).trunk, KVCacheSpec(kv_bits)
     prompt, drafts = [3, 17, 42, 8, 99, 5], [11, 23, 7, 64]
-    for accepted in range(len(drafts)):
-        cache = trunk.make_cache()
+    for accepted, capture in ((a, c) for a in range(len(drafts) + 1) for c in (False, True)):
+        cache = trunk.make_cache(kv)
         trunk(mx.array([prompt]), cache)
-        snap = snapshot(cache)
-        trunk(mx.array([[1] + drafts]), cache)
-        restore(cache, snap)
-        trunk(mx.array([[1] + drafts[:accepted]]), cache)
-        fresh = trunk.make_cache()
+        if capture:  # keep every position's GatedDeltaNet state, commit the accepted one
+            trunk.forward_capturing(mx.array([[1] + drafts]), cache)[1].commit(cache, accepted)
+        else:  # snapshot, restore, forward the accepted prefix again
+            snap = snapshot(cache)
+            trunk(mx.array([[1] + drafts]), cache)
+            restore(cache, snap)
+            trunk(mx.array([[1] + drafts[:accepted]]), cache)
+        fresh = trunk.make_cache(kv)
         trunk(mx.array([prompt + [1] + drafts[:accepted]]), fresh)
         got, want = state_arrays(cache), state_arrays(fresh)
         assert len(got) == len(want)
@@ -129,3 +149,58 @@ def test_generate_json_reports_speculative_counters(cli, tiny_agree):
     assert out["k"] == 3 and len(out["accepted_at_depth"]) == 3 and len(out["drafted_at_depth"]) == 3
     assert out["accepted_tokens"] == sum(out["accepted_per_step"]) == sum(out["accepted_at_depth"])
     assert out["drafted_tokens"] == 3 * out["verify_steps"]
+
+
+def test_capturing_verify_gives_mlx_lm_logits(bundle_agree):
+    """The capturing forward re-implements mlx_lm's GatedDeltaNet layer: its logits must be mlx_lm's, bit for bit."""
+    import mlx_lm.models.cache as mlx_cache
+
+    trunk, model = bundle_agree.trunk, bundle_agree.trunk.model
+    ids = mx.array([[5, 9, 200, 17, 3, 88, 41]])
+    want = model(ids, cache=mlx_cache.make_prompt_cache(model))
+    got, _ = trunk.forward_capturing(ids, trunk.make_cache())
+    assert np.array_equal(np.asarray(got.logits), np.asarray(want))
+
+
+def test_greedy_rule_specialisation_equals_the_rule_on_point_masses():
+    from mtpbench.decode.rule import apply_rule, apply_rule_greedy
+
+    rng, v = np.random.default_rng(0), 6
+    for _ in range(500):
+        k = int(rng.integers(1, 5))
+        drafts, targets = rng.integers(0, 3, k).tolist(), rng.integers(0, 3, k + 1).tolist()
+        p, q = np.eye(v)[targets], np.eye(v)[drafts]
+        assert apply_rule_greedy(drafts, targets) == apply_rule(p, q, drafts, rng)
+
+
+@pytest.mark.parametrize("cfg", [SamplingConfig(), SamplingConfig(temperature=0.6, top_p=0.95, top_k=20, seed=5)],
+                         ids=["greedy", "T0.6"])
+def test_rollback_mode_and_greedy_fast_path_change_how_not_what(bundle_agree, cfg):
+    """Every implementation choice gives the same tokens, counters and records (PIT draws included)."""
+    prompt = bundle_agree.tokenizer.encode(PROMPTS[0])
+    runs = [generate_mtp(bundle_agree, prompt, cfg, 3, 96, ignore_eos=True, rollback=rb, greedy_fast_path=fast)
+            for rb in ("capture", "reforward") for fast in (True, False)]
+    first = runs[0]
+    assert 0 < first.accepted_tokens < first.drafted_tokens
+    for r in runs[1:]:
+        assert (r.tokens, r.accepted_at_depth, r.accepted_per_step) == (first.tokens, first.accepted_at_depth,
+                                                                         first.accepted_per_step)
+        assert r.steps == first.steps
+        np.testing.assert_allclose([tuple(t.__dict__.values())[3:] for t in r.token_records],
+                                   [tuple(t.__dict__.values())[3:] for t in first.token_records], atol=1e-12)
+        assert [t.source for t in r.token_records] == [t.source for t in first.token_records]
+
+
+def test_greedy_ar_and_mtp_stop_at_eos(bundle_agree):
+    """The pipelined greedy AR loop and the greedy MTP fast path stop on the first EOS, even mid-run."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    prompt = bundle_agree.tokenizer.encode(PROMPTS[1])
+    free = generate_ar(bundle_agree, prompt, SamplingConfig(), 40, ignore_eos=True).tokens
+    stop = free[9]
+    b = replace(bundle_agree, tokenizer=SimpleNamespace(eos_token_ids=[stop]))  # the decoders read only the EOS ids
+    want = free[: free.index(stop) + 1]
+    assert generate_ar(b, prompt, SamplingConfig(), 40).tokens == want
+    for k in (1, 2, 4):
+        assert generate_mtp(b, prompt, SamplingConfig(), k, 40).tokens == want

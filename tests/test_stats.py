@@ -77,6 +77,24 @@ def test_tests_reject_a_biased_sampler():
     assert exact_target_test(samples + [999], target).p_value == 0.0  # impossible outcome fails outright
 
 
+def test_score_test_tail_follows_the_skew_of_log_probabilities():
+    """Log p terms are left-skewed; the plain normal tail understates their p-values, the skew-corrected one does not.
+
+    Terms 1 - Exp(1) (mean 0, variance 1, third moment -2) sum to n - Gamma(n), whose tail is known exactly.
+    """
+    from scipy import stats as st
+
+    for n in (30, 100, 300):
+        for z in (-2.5, -3.0, -3.5):
+            total = z * np.sqrt(n)
+            exact = 2 * st.gamma.sf(n - total, n)
+            terms, zeros, ones = np.full(n, total / n), np.zeros(n), np.ones(n)
+            plain = score_test(terms, zeros, ones).p_value
+            corrected = score_test(terms, zeros, ones, np.full(n, -2.0)).p_value
+            assert plain < exact  # the plain normal tail is too thin: a true null rejects too often
+            assert abs(np.log(corrected / exact)) < 0.5 * abs(np.log(plain / exact)), (n, z, exact, plain, corrected)
+
+
 def test_holm_and_wilson_and_detectable_deviation():
     rs = [TestResult(f"t{i}", 100, 0.0, p, 0.1, "u") for i, p in enumerate([0.01, 0.04, 0.03, 0.5])]
     adjusted = [r.p_holm for r in holm(rs)]

@@ -212,6 +212,26 @@ def test_policy_axis_sweep_renders_one_report_comparing_policies(cli, tmp_path, 
     assert 'id="policies"' in html and "q4+mtp-int4" in html
 
 
+def test_kv_cache_bits_axis_compares_quantized_caches(cli, tmp_path, tiny_kv, tiny_agree):
+    """--kv-bits 0,8,4: one policy point per cache precision, greedy MTP == AR in each, one report comparing them."""
+    prompts = _prompt_file(tmp_path)
+    out = tmp_path / "kv"
+    res = cli("sweep", "-m", tiny_kv, "--kv-bits", "0,8,4", "--k", "1..2", "--temp", "0", "--prompts", prompts,
+              "--repeats", "1", "--max-tokens", "24", "--out", out, "--quiet", "--no-report")
+    assert res.exit_code == 0, res.stderr
+    runs = read_table(out, "runs")
+    assert set(zip(runs["policy"], runs["kv_bits"])) == {("as-is", 0), ("as-is+kv8", 8), ("as-is+kv4", 4)}
+    assert runs["cell_id"].nunique() == 3 * runs["prompt_id"].nunique()
+    for _, g in runs.groupby("cell_id"):
+        assert g["output_hash"].nunique() == 1  # greedy MTP == greedy AR with every cache precision
+    assert runs[runs["mode"] == "mtp"]["accepted_tokens"].sum() > 0
+    report = cli("report", out, "-o", tmp_path / "kv.html")
+    assert report.exit_code == 0 and "as-is+kv4" in (tmp_path / "kv.html").read_text()
+    # Refused up front, one line, exit 2, nothing written: bits mlx cannot store, heads it cannot group.
+    assert "KV-cache bits must be 0" in _bad(cli, tmp_path, tiny_kv, "--kv-bits", "7", "--prompts", str(prompts))
+    assert "not a multiple of 32" in _bad(cli, tmp_path, tiny_agree, "--kv-bits", "8", "--prompts", str(prompts))
+
+
 def test_thinking_is_an_axis_of_the_chat_template(cli, tmp_path, tiny_agree):
     prompts = tmp_path / "chatty.jsonl"
     prompts.write_text(json.dumps({"id": "c1", "category": "chat",

@@ -1,8 +1,12 @@
-"""Snapshot and restore of the trunk's hybrid cache (GatedDeltaNet conv + recurrent states, attention KV).
+"""Rollback of the trunk's hybrid cache (GatedDeltaNet conv + recurrent states, attention KV).
 
 KV caches roll back by moving their offset; GatedDeltaNet states are recurrent and cannot be "un-applied", so a
-snapshot taken before verify is restored and the accepted tokens are forwarded again. mx arrays are immutable,
-so a snapshot is a list of references, not a copy of the data.
+snapshot taken before verify is restored and the accepted tokens are forwarded again (or, with per-position
+capture, the state after the last accepted token is committed directly). mx arrays are immutable, so a snapshot
+is a list of references, not a copy of the data.
+
+Quantized KV caches (see `mtpbench.kvcache`) roll back exactly the same way; caches whose trim is not exact
+(mlx_lm's rotating window once it has wrapped) are refused, never approximated.
 """
 
 from __future__ import annotations
@@ -10,7 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import mlx.core as mx
-from mlx_lm.models.cache import ArraysCache, KVCache
+from mlx_lm.models.cache import ArraysCache, KVCache, QuantizedKVCache
+
+from ..errors import UserError
 
 
 @dataclass(frozen=True)
@@ -19,18 +25,23 @@ class Snapshot:
     offsets: tuple[int | None, ...]  # per layer: KV offset, or None for GDN layers
 
 
-def snapshot(cache: list) -> Snapshot:
-    arrays, offsets = [], []
+def _is_kv(c) -> bool:
+    return isinstance(c, (KVCache, QuantizedKVCache))
+
+
+def require_exact_rollback(cache: list) -> None:
+    """Refuse, before decoding, any cache layer whose rollback would not be exact."""
     for c in cache:
-        if isinstance(c, ArraysCache):
-            arrays.append(tuple(c.cache))
-            offsets.append(None)
-        elif isinstance(c, KVCache):
-            arrays.append(None)
-            offsets.append(c.offset)
-        else:
-            raise TypeError(f"unsupported cache type for rollback: {type(c).__name__}")
-    return Snapshot(tuple(arrays), tuple(offsets))
+        if not isinstance(c, ArraysCache) and not _is_kv(c):
+            raise UserError(f"{type(c).__name__} cannot be rolled back exactly after a rejected draft; the reference "
+                            f"decoder supports KVCache, QuantizedKVCache and GatedDeltaNet state caches")
+
+
+def snapshot(cache: list) -> Snapshot:
+    require_exact_rollback(cache)
+    arrays = tuple(tuple(c.cache) if isinstance(c, ArraysCache) else None for c in cache)
+    offsets = tuple(None if isinstance(c, ArraysCache) else c.offset for c in cache)
+    return Snapshot(arrays, offsets)
 
 
 def restore(cache: list, snap: Snapshot) -> None:
@@ -48,6 +59,10 @@ def state_arrays(cache: list) -> list[mx.array]:
     for c in cache:
         if isinstance(c, ArraysCache):
             out.extend(a for a in c.cache if a is not None)
+        elif isinstance(c, QuantizedKVCache):  # dequantized: what attention reads
+            for packed in (c.keys, c.values):
+                parts = [x[..., : c.offset, :] for x in packed]
+                out.append(mx.dequantize(*parts, group_size=c.group_size, bits=c.bits))
         else:
             out.append(c.keys[..., : c.offset, :])
             out.append(c.values[..., : c.offset, :])

@@ -36,8 +36,16 @@ def token_record(index: int, token: int, source: str, p: np.ndarray, pit_rng: np
     support = p[p > 0]
     logs = np.log(support)
     mean = float(support @ logs)
-    var = max(0.0, float(support @ (logs * logs)) - mean * mean)
-    return TokenRecord(index, token, source, math.log(pt) if pt > 0 else float("-inf"), u, mean, var)
+    centred = logs - mean
+    var = float(support @ (centred * centred))
+    m3 = float(support @ (centred * centred * centred))
+    return TokenRecord(index, token, source, math.log(pt) if pt > 0 else float("-inf"), u, mean, var, m3)
+
+
+def point_mass_record(index: int, token: int, source: str, pit_rng: np.random.Generator | None) -> TokenRecord:
+    """`token_record` of a greedy token (p = onehot(token)) without building a vocabulary-sized row."""
+    u = float(pit_rng.random()) if pit_rng is not None else float("nan")
+    return TokenRecord(index, token, source, 0.0, u, 0.0, 0.0, 0.0)
 
 
 def rngs(seed: int) -> tuple[np.random.Generator, np.random.Generator]:

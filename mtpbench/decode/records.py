@@ -29,6 +29,7 @@ class TokenRecord:
     pit_u: float  # randomized PIT value, Uniform(0, 1) under exact sampling
     logprob_mean: float = float("nan")  # E_p[log p(X)] (= -entropy) of the row the token should follow
     logprob_var: float = float("nan")  # Var_p[log p(X)]: with the mean, gives the log-likelihood score test
+    logprob_m3: float = float("nan")  # E_p[(log p(X) - mean)^3]: the skew the score test's tail correction needs
 
 
 @dataclass(frozen=True)

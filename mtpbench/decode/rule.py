@@ -66,3 +66,17 @@ def apply_rule(p: np.ndarray, q: np.ndarray, drafts: list[int], rng: np.random.G
     last = p[len(drafts)]
     token = int(np.argmax(last)) if rule.bonus == "argmax" else sample(last, rng)
     return Verdict(len(drafts), token, "bonus")
+
+
+def apply_rule_greedy(drafts: list[int], targets: list[int]) -> Verdict:
+    """`apply_rule(EXACT)` on point masses, from ids alone: p_i = onehot(targets[i]), q_i = onehot(drafts[i]).
+
+    The ratio test accepts exactly when the draft equals the target's argmax; at the first mismatch the residual
+    max(0, p - q) is p itself; after K matches the bonus is the target's argmax. Taking ids, not (K+1, V) rows,
+    lets the greedy decoder read K + (K+1) integers per step instead of one-hot rows of vocabulary size; a test
+    holds it equal to `apply_rule` on the one-hot rows.
+    """
+    for i, (d, t) in enumerate(zip(drafts, targets)):
+        if d != t:
+            return Verdict(i, t, "residual")
+    return Verdict(len(drafts), targets[len(drafts)], "bonus")

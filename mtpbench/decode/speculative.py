@@ -6,29 +6,106 @@ Cache invariants at the top of every step:
 - the MTP cache holds one entry per committed trunk position before the pending ones; `pending_h` / `pending_tok`
   are the true (trunk hidden at i, token at i+1) pairs still to be fed to it. Feeding them and drafting the first
   token is one MTP call; deeper drafts chain the head on its own output.
+
+Rollback after j < K accepted drafts: `capture` (default) keeps every verify position's GatedDeltaNet state and
+commits position j (see `trunk_capture`); `reforward` restores a snapshot and forwards the j+1 accepted tokens
+again. Both are exact against a fresh prefill (tested); the second costs about one decode step per rejection.
+
+Greedy (target and draft at temperature 0, the exact rule) runs a fast path: drafts, verify and the target
+argmaxes stay on the device and the step reads 2K+1 integers in one host synchronisation, instead of K+1 rows
+of vocabulary size. Its acceptance is `apply_rule_greedy`, the exact rule on point masses.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import mlx.core as mx
 import numpy as np
 
 from ..checkpoint import Bundle
 from ..errors import UserError
+from ..kvcache import FULL_KV, KVCacheSpec
 from ..sampling import SamplingConfig
-from .cache import restore, snapshot
-from .common import choose, host_probs, now, peak, reset_peak, rngs, token_record
+from .cache import require_exact_rollback, restore, snapshot
+from .common import choose, host_probs, now, peak, point_mass_record, reset_peak, rngs, token_record
 from .records import DecodeResult, StepRecord, TokenRecord
-from .rule import EXACT, Rule, apply_rule
+from .rule import EXACT, Rule, Verdict, apply_rule, apply_rule_greedy
 
 MAX_K = 16
+ROLLBACKS = ("capture", "reforward")
 
 
 def _raw_target(cfg: SamplingConfig) -> SamplingConfig:
     """The untransformed target (plain softmax at T=1), used only by the `target_transform='raw'` control."""
     return SamplingConfig(temperature=0.0 if cfg.greedy else 1.0, seed=cfg.seed)
+
+
+@dataclass
+class _State:
+    """What a decode carries from step to step (mutable on purpose: it is the loop's state)."""
+
+    tokens: list[int]
+    last: int
+    pending_h: mx.array
+    pending_tok: list[int]
+    accepted_at: list[int]
+    accepted_per_step: list[int] = field(default_factory=list)
+    step_recs: list[StepRecord] = field(default_factory=list)
+    token_recs: list[TokenRecord] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What stays fixed for one decode."""
+
+    bundle: Bundle
+    cache: list
+    mtp_cache: list
+    k: int
+    cfg: SamplingConfig
+    dcfg: SamplingConfig
+    rule: Rule
+    rng: np.random.Generator
+    pit_rng: np.random.Generator | None  # None: no records
+    max_tokens: int
+    eos: frozenset[int]
+    rollback: str
+
+
+def _verify(trunk, cache: list, x: mx.array, rollback: str):
+    """One trunk forward over [last, d1..dK]; returns the output and a function that rolls back to j accepted."""
+    if rollback == "capture":
+        out, captured = trunk.forward_capturing(x, cache)
+        return out, lambda j: captured.commit(cache, j)
+    snap = snapshot(cache)
+    out = trunk(x, cache)
+
+    def reforward(j: int) -> None:
+        restore(cache, snap)
+        trunk(x[:, : j + 1], cache)
+    return out, reforward
+
+
+def _emit(st: _State, verdict: Verdict, drafts: list[int], max_tokens: int, eos: frozenset[int],
+          record: Callable[[int, int, int, str], TokenRecord] | None) -> None:
+    """Append the accepted drafts and the residual/bonus token, stopping at EOS or max_tokens inside the run."""
+    j = verdict.accepted
+    new = drafts[:j] + [verdict.token]
+    st.accepted_per_step.append(j)
+    for i in range(j):
+        st.accepted_at[i] += 1
+    for i, (tok, src) in enumerate(zip(new, ["accepted"] * j + [verdict.source])):
+        if len(st.tokens) >= max_tokens:
+            break
+        if record:
+            st.token_recs.append(record(i, len(st.tokens), tok, src))
+        st.tokens.append(tok)
+        st.last = tok
+        if tok in eos:
+            break
+    st.pending_tok = new
 
 
 def generate_mtp(
@@ -41,18 +118,27 @@ def generate_mtp(
     rule: Rule = EXACT,
     records: bool = True,
     ignore_eos: bool = False,
+    kv: KVCacheSpec = FULL_KV,
+    rollback: str = "capture",
+    greedy_fast_path: bool = True,
 ) -> DecodeResult:
-    """Speculatively decode up to `max_tokens` tokens at draft depth `k`."""
+    """Speculatively decode up to `max_tokens` tokens at draft depth `k`.
+
+    `rollback` and `greedy_fast_path` change how, never what: tests hold every combination to the same tokens and
+    records, and `mtpbench bench` reports what each costs.
+    """
     if not 1 <= k <= MAX_K:
         raise UserError(f"k must be between 1 and {MAX_K}, got {k}")
     if draft_temperature is not None and draft_temperature < 0:
         raise UserError(f"draft temperature must be >= 0, got {draft_temperature}")
+    if rollback not in ROLLBACKS:
+        raise UserError(f"rollback must be one of {', '.join(ROLLBACKS)}, got {rollback!r}")
     head = bundle.require_mtp()
     trunk, eos = bundle.trunk, frozenset() if ignore_eos else bundle.eos_ids
     dcfg = cfg if draft_temperature is None else replace(cfg, temperature=draft_temperature)
-    rule_cfg = cfg if rule.target_transform == "same" else _raw_target(cfg)
     rng, pit_rng = rngs(cfg.seed)
-    cache, mtp_cache = trunk.make_cache(), head.make_cache()
+    cache, mtp_cache = trunk.make_cache(kv), head.make_cache()
+    require_exact_rollback(cache)
     reset_peak()
 
     t0 = now()
@@ -64,66 +150,89 @@ def generate_mtp(
     last = choose(p, cfg, rng)
     t1 = now()
 
-    tokens = [last]
-    token_recs: list[TokenRecord] = [token_record(0, last, "ar", p, pit_rng)] if records else []
-    step_recs: list[StepRecord] = []
-    accepted_at = [0] * k
-    accepted_per_step: list[int] = []
-    pending_h, pending_tok = out.hidden[:, -1:], [last]
-
-    while len(tokens) < max_tokens and last not in eos:
-        # 1. Draft: catch the MTP cache up on the true pairs and draft d1 in one call, then chain.
-        z = head(pending_h, trunk.embed(mx.array([pending_tok])), mtp_cache)[:, -1:]
-        committed = mtp_cache[0].offset
-        drafts: list[int] = []
-        q = np.empty((k, trunk.lm.args.vocab_size))
-        for i in range(k):
-            if i:
-                z = head(z, trunk.embed(mx.array([[drafts[-1]]])), mtp_cache)
-            q[i] = host_probs(trunk.lm_head(z)[0], dcfg)[0]
-            drafts.append(choose(q[i], dcfg, rng))
-
-        # 2. Verify all K drafts with one trunk forward over K+1 positions.
-        snap = snapshot(cache)
-        verify = trunk(mx.array([[last] + drafts]), cache)
-        p = host_probs(verify.logits[0], cfg)
-        verdict = apply_rule(p if rule_cfg is cfg else host_probs(verify.logits[0], rule_cfg), q, drafts, rng, rule)
-        j = verdict.accepted
-
-        # 3. Roll back: the trunk to `last` + accepted drafts, the MTP cache to its committed entries.
-        if j < k:
-            restore(cache, snap)
-            trunk(mx.array([[last] + drafts[:j]]), cache)
-        for c in mtp_cache:
-            c.trim(c.offset - committed)
-
-        # 4. Emit, stopping at EOS or max_tokens even inside an accepted run.
-        step = len(accepted_per_step)
-        accepted_per_step.append(j)
-        for i in range(j):
-            accepted_at[i] += 1
-        new = drafts[:j] + [verdict.token]
-        sources = ["accepted"] * j + [verdict.source]
-        if records:
-            for i in range(min(j + 1, k)):
-                d = drafts[i]
-                step_recs.append(StepRecord(step, i + 1, d, i < j, float(p[i, d]), float(q[i, d]),
-                                            float(np.minimum(p[i], q[i]).sum())))
-        for i, (tok, src) in enumerate(zip(new, sources)):
-            if len(tokens) >= max_tokens:
-                break
-            if records:
-                token_recs.append(token_record(len(tokens), tok, src, p[i], pit_rng))
-            tokens.append(tok)
-            last = tok
-            if tok in eos:
-                break
-        pending_h, pending_tok = verify.hidden[:, : j + 1], new
+    st = _State(tokens=[last], last=last, pending_h=out.hidden[:, -1:], pending_tok=[last], accepted_at=[0] * k)
+    if records:
+        st.token_recs.append(token_record(0, last, "ar", p, pit_rng))
+    run = _Run(bundle, cache, mtp_cache, k, cfg, dcfg, rule, rng, pit_rng if records else None, max_tokens, eos,
+               rollback)
+    step = _greedy_step if greedy_fast_path and cfg.greedy and dcfg.greedy and rule == EXACT else _sampled_step
+    while len(st.tokens) < max_tokens and st.last not in eos:
+        step(run, st)
     t2 = now()
-    steps = len(accepted_per_step)
+    steps = len(st.accepted_per_step)
     return DecodeResult(
-        tokens=tokens, prompt_tokens=len(prompt), prefill_s=t1 - t0, decode_s=t2 - t1, k=k, verify_steps=steps,
-        drafted_at_depth=[steps] * k, accepted_at_depth=accepted_at, accepted_per_step=accepted_per_step,
-        steps=step_recs, token_records=token_recs, finished_by="eos" if tokens[-1] in bundle.eos_ids else "length",
-        peak_memory_bytes=peak(),
+        tokens=st.tokens, prompt_tokens=len(prompt), prefill_s=t1 - t0, decode_s=t2 - t1, k=k, verify_steps=steps,
+        drafted_at_depth=[steps] * k, accepted_at_depth=st.accepted_at, accepted_per_step=st.accepted_per_step,
+        steps=st.step_recs, token_records=st.token_recs,
+        finished_by="eos" if st.tokens[-1] in bundle.eos_ids else "length", peak_memory_bytes=peak(),
     )
+
+
+def _sampled_step(r: _Run, st: _State) -> None:
+    """One step with host-side rows: any temperature, draft temperature and rule (controls included)."""
+    trunk, head, mtp_cache, k, rng = r.bundle.trunk, r.bundle.mtp, r.mtp_cache, r.k, r.rng
+    # 1. Draft: catch the MTP cache up on the true pairs and draft d1 in one call, then chain.
+    z = head(st.pending_h, trunk.embed(mx.array([st.pending_tok])), mtp_cache)[:, -1:]
+    committed = mtp_cache[0].offset
+    drafts: list[int] = []
+    q = np.empty((k, trunk.lm.args.vocab_size))
+    for i in range(k):
+        if i:
+            z = head(z, trunk.embed(mx.array([[drafts[-1]]])), mtp_cache)
+        q[i] = host_probs(trunk.lm_head(z)[0], r.dcfg)[0]
+        drafts.append(choose(q[i], r.dcfg, rng))
+
+    # 2. Verify all K drafts with one trunk forward over K+1 positions, and accept by the rule.
+    verify, roll_back = _verify(trunk, r.cache, mx.array([[st.last] + drafts]), r.rollback)
+    p = host_probs(verify.logits[0], r.cfg)
+    rule_p = p if r.rule.target_transform == "same" else host_probs(verify.logits[0], _raw_target(r.cfg))
+    verdict = apply_rule(rule_p, q, drafts, rng, r.rule)
+    j = verdict.accepted
+
+    # 3. Roll back: the trunk to `last` + accepted drafts, the MTP cache to its committed entries.
+    if j < k:
+        roll_back(j)
+    for c in mtp_cache:
+        c.trim(c.offset - committed)
+
+    # 4. Record and emit.
+    pit_rng = r.pit_rng
+    if pit_rng is not None:
+        step = len(st.accepted_per_step)
+        st.step_recs += [StepRecord(step, i + 1, drafts[i], i < j, float(p[i, drafts[i]]), float(q[i, drafts[i]]),
+                                    float(np.minimum(p[i], q[i]).sum())) for i in range(min(j + 1, k))]
+    _emit(st, verdict, drafts, r.max_tokens, r.eos,
+          (lambda i, index, tok, src: token_record(index, tok, src, p[i], pit_rng)) if pit_rng is not None else None)
+    st.pending_h = verify.hidden[:, : j + 1]
+
+
+def _greedy_step(r: _Run, st: _State) -> None:
+    """The same step for greedy target and draft, with one host synchronisation and no vocabulary-sized rows."""
+    trunk, head, mtp_cache, k = r.bundle.trunk, r.bundle.mtp, r.mtp_cache, r.k
+    z = head(st.pending_h, trunk.embed(mx.array([st.pending_tok])), mtp_cache)[:, -1:]
+    committed = mtp_cache[0].offset
+    d = mx.argmax(trunk.lm_head(z)[0, -1], keepdims=True)
+    drafted = [d]
+    for _ in range(1, k):
+        z = head(z, trunk.embed(d[None]), mtp_cache)
+        d = mx.argmax(trunk.lm_head(z)[0, -1], keepdims=True)
+        drafted.append(d)
+    draft_ids = mx.concatenate(drafted)
+    verify, roll_back = _verify(trunk, r.cache, mx.concatenate([mx.array([st.last]), draft_ids])[None], r.rollback)
+    target_ids = mx.argmax(verify.logits[0], axis=-1)
+    mx.eval(draft_ids, target_ids)  # the step's one host synchronisation
+    drafts, targets = draft_ids.tolist(), target_ids.tolist()
+    verdict = apply_rule_greedy(drafts, targets)
+    j = verdict.accepted
+    if j < k:
+        roll_back(j)
+    for c in mtp_cache:
+        c.trim(c.offset - committed)
+    pit_rng = r.pit_rng
+    if pit_rng is not None:
+        step = len(st.accepted_per_step)
+        st.step_recs += [StepRecord(step, i + 1, drafts[i], i < j, float(drafts[i] == targets[i]), 1.0,
+                                    float(drafts[i] == targets[i])) for i in range(min(j + 1, k))]
+    _emit(st, verdict, drafts, r.max_tokens, r.eos,
+          (lambda i, index, tok, src: point_mass_record(index, tok, src, pit_rng)) if pit_rng is not None else None)
+    st.pending_h = verify.hidden[:, : j + 1]

@@ -48,7 +48,8 @@ def sweep_verdicts(runs: pd.DataFrame, steps: pd.DataFrame, tokens: pd.DataFrame
         toks = tokens[tokens["run_id"].isin(ids)]
         st = steps[steps["run_id"].isin(ids)]
         results = holm_by_family([pit_test(toks["pit_u"].to_numpy()),
-                                  score_test(toks["target_logprob"], toks["logprob_mean"], toks["logprob_var"]),
+                                  score_test(toks["target_logprob"], toks["logprob_mean"], toks["logprob_var"],
+                                             toks["logprob_m3"]),
                         calibration_test(st["accepted"].to_numpy(dtype=bool), st["alpha"].to_numpy())])
         rows += [_row(keyd, first, r) for r in results if r.n > 0 and np.isfinite(r.p_value)]
     return rows
