@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from .stats.summary import acceptance_by_depth, per_prompt_ratios, speedup_table, throughput_table
+from .stats.summary import (acceptance_by_depth, per_prompt_ratios, server_speedup_table, speedup_table,
+                            throughput_table)
 
 
 def _fmt_ci(v: float, lo: float, hi: float) -> str:
@@ -46,7 +47,30 @@ def sweep_summary(runs: pd.DataFrame) -> str:
     if not pp.empty and pp["category"].nunique() > 1:
         cat = pp.groupby([*by, "k", "category"]).agg(speedup=("ratio", "mean"), tau=("tau", "mean"))
         lines += ["\nBy prompt category (mean per-prompt speedup, tau):", cat.round(2).to_string()]
+    lines += _server_lines(runs)
     failed = int((runs["status"] != "ok").sum())
     if failed:
         lines.append(f"\n{failed} run(s) failed; see the `error` column of the runs table")
     return "\n".join(lines)
+
+
+def _server_lines(runs: pd.DataFrame) -> list[str]:
+    """Server endpoints: tok/s and latency per (backend, mode, setting, concurrency), and MTP-over-AR speedups."""
+    servers = runs[runs["backend"] != "reference"]
+    if servers.empty:
+        return []
+    ok = servers[servers["status"] == "ok"]
+    table = servers.assign(ok=servers["status"] == "ok").groupby(
+        ["backend", "mode", "setting", "concurrency"], dropna=False).agg(runs=("ok", "sum"), failed=("ok", lambda x: int((~x).sum())))
+    stats = ok.groupby(["backend", "mode", "setting", "concurrency"], dropna=False).agg(
+        tok_s=("decode_tok_s", "mean"), ttft_p50_s=("ttft_s", "median"), itl_p50_ms=("itl_p50_s", "median"),
+        itl_p95_ms=("itl_p95_s", "median"))
+    stats[["itl_p50_ms", "itl_p95_ms"]] *= 1e3
+    lines = ["\nServer endpoints:", table.join(stats).round(3).to_string()]
+    sp = server_speedup_table(runs, ["model", "backend", "setting"])
+    if not sp.empty:
+        lines.append("Server MTP over AR endpoint (paired per prompt):")
+        lines += [f"  {r.backend} over {r.baseline_backend} | {r.setting} | concurrency {int(r.concurrency)}: "
+                  f"{_fmt_ci(r.speedup, r.speedup_lo, r.speedup_hi)} ({int(r.n_prompts)} prompts)"
+                  for r in sp.itertuples()]
+    return lines

@@ -163,3 +163,63 @@ def verdict(spec: Spec, k: int, setting: str, test: str, p: float, rejected: boo
             "setting": setting, **SETTINGS[setting], "control": control, "test": test, "n": n,
             "statistic": 1.23, "p_value": p, "p_holm": min(1.0, 2 * p), "detectable": 0.021,
             "detectable_unit": "KS distance", "rejected": rejected, "note": None}
+
+
+# ---- server endpoints (rows as mtpbench.backends.server.batch_rows writes them) --------------------------------
+
+def server_rows(spec: Spec, backend: str, mode: str, concurrency: tuple[int, ...] = (1, 2), positions: int = 3,
+                speedup: float | dict[str, float] = 1.0, failed: int = 0, seed: int = 0) -> list[dict[str, Any]]:
+    """One endpoint's runs over `spec`'s settings, prompts and repetitions: k = 0, policy "as-is", a cell_id shared
+    by every endpoint for the same (setting, prompt, repetition), one row per concurrent request, and (MTP only)
+    vLLM-style speculative counters over the whole batch on its first row (null on the others).
+
+    A prompt's base speed depends on the prompt only (widely spread), so endpoints agree per prompt and pairing by
+    anything but the prompt gives a visibly different speedup; `speedup` (per category when a dict) scales the MTP
+    endpoint, with noise."""
+    rng = np.random.default_rng(seed)
+    rows: list[dict[str, Any]] = []
+    for setting in spec.settings:
+        for p, (category, i) in enumerate((c, i) for c in CATEGORIES for i in range(spec.prompts_per_category)):
+            pid = f"{category}-{i}"
+            for rep in range(spec.repetitions):
+                cell = f"srv-{setting}-{pid}-r{rep}".replace(" ", "_")
+                for c in concurrency:
+                    counters = _batch_counters(rng, spec, positions, c) if mode == "mtp" else {}
+                    for j in range(c):
+                        gain = (speedup[category] if isinstance(speedup, dict) else speedup) if mode == "mtp" else 1
+                        tok_s = spec.ar_tok_s * 1.6 ** p * c ** -0.3 * gain
+                        tok_s *= rng.lognormal(0, 0.05)
+                        row = {**_base_row(spec, setting, mode, 0, category, pid, rep, len(rows)),
+                               "run_id": f"{backend}-{cell}-c{c}-{j}", "cell_id": cell, "backend": backend,
+                               "policy": "as-is", "draft_temperature": None, "hidden_variant": None,
+                               "model_path": f"http://127.0.0.1/{backend}/v1", "concurrency": c,
+                               "generated_tokens": spec.max_tokens, "decode_tok_s": tok_s,
+                               "decode_s": (spec.max_tokens - 1) / tok_s, "ttft_s": 0.05 * c,
+                               "itl_p50_s": 1 / tok_s, "itl_p95_s": 1.5 / tok_s, "itl_p99_s": 2 / tok_s,
+                               "server_completion_tokens": spec.max_tokens}
+                        rows.append({**row, **(counters if j == 0 else {})})
+    for n in range(failed):
+        row = _base_row(spec, spec.settings[0], mode, 0, CATEGORIES[0], "code-0", 0, len(rows))
+        rows.append({**row, "run_id": f"{backend}-failed-{n}", "cell_id": "srv-failed", "backend": backend,
+                     "policy": "as-is", "concurrency": concurrency[0], "status": "failed",
+                     "error": "RequestFailed: timed out", "decode_tok_s": None})
+    return rows
+
+
+def _batch_counters(rng: np.random.Generator, spec: Spec, positions: int, requests: int) -> dict[str, Any]:
+    """Counter deltas of one batch: the sum over its requests of the same Bernoulli chain as _simulate_mtp."""
+    sims = [_simulate_mtp(rng, spec, positions, "")[0] for _ in range(requests)]
+    drafts = sum(s["verify_steps"] for s in sims)
+    accepted = [sum(s["accepted_at_depth"][d] for s in sims) for d in range(positions)]
+    return {"verify_steps": drafts, "drafted_tokens": drafts * positions, "accepted_tokens": sum(accepted),
+            "accepted_at_depth": accepted, "drafted_at_depth": [drafts] * positions,
+            "mean_acceptance_length": 1 + sum(accepted) / drafts}
+
+
+def add_server_runs(root: Path, spec: Spec, rows: list[dict[str, Any]], part: str, shuffle_seed: int = 0) -> Path:
+    """Write `rows` as one runs part of `root` in shuffled order (a results directory is made when missing)."""
+    order = np.random.default_rng(shuffle_seed).permutation(len(rows))
+    write_part(root, "runs", part, [rows[i] for i in order])
+    if not (root / "manifest.json").exists():
+        write_json(root / "manifest.json", manifest(spec))
+    return root

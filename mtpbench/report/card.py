@@ -15,11 +15,15 @@ import numpy as np
 import pandas as pd
 
 from ..errors import UserError
-from . import fmt, tables
+from . import backends, fmt, tables
 from .load import Loaded, load
-from .present import acceptance_cell, k_label, mode_speedup_cell, survival_cell
+from .present import acceptance_cell, mode_label, mode_speedup_cell, survival_cell
 
 CELL_KEYS = ["policy", "backend", "setting"]
+BACKEND_FIELDS = CELL_KEYS + ["mode", "k", "positions", "concurrency", "ok", "failed", "tok_s", "ttft_p50_s",
+                              "itl_p50_s", "itl_p95_s", "speedup", "speedup_lo", "speedup_hi", "n_prompts", "baseline"]
+SURVIVAL_FIELDS = ["setting", "k", "depth", "series", *CELL_KEYS, "verify_steps", "accepted", "survival",
+                   "survival_lo", "survival_hi"]
 
 
 def _plain(x: Any) -> Any:
@@ -108,6 +112,8 @@ def card_data(results_dir: Path, model: str | None = None) -> dict[str, Any]:
         "acceptance": _records(acc, CELL_KEYS + ["k", "depth", "verify_steps", "reached", "accepted", "acceptance",
                                                  "acceptance_lo", "acceptance_hi", "survival", "survival_lo",
                                                  "survival_hi"]),
+        "backends": _records(backends.comparison(sub.runs), BACKEND_FIELDS),
+        "backend_survival": _records(backends.survival(sub.runs), SURVIVAL_FIELDS),
         "sampling": _records(tables.sampling(sub.runs), ["setting", *tables.SAMPLING_FIELDS, "prompt_sets",
                                                          "prompts", "repetitions"]),
         "hardware": _hardware(data),
@@ -150,7 +156,7 @@ def _throughput_md(card: dict[str, Any]) -> list[str]:
         out.append(f"**Decode throughput, `{setting}`** (policy {policy}, backend {backend})")
         out.append("")
         out.append(md_table(["Mode", "Decode tok/s", "Speedup"],
-                            [[k_label(r["k"]), fmt.tok_s(r["tok_s"]), mode_speedup_cell(r)] for r in recs]))
+                            [[mode_label(r), fmt.tok_s(r["tok_s"]), mode_speedup_cell(r)] for r in recs]))
         out.append("")
     n = sorted({int(r["n_prompts"]) for r in card["throughput"] if r["n_prompts"] is not None})
     n_text = "no paired prompts" if not n else f"n = {n[0]}" if len(n) == 1 else f"n = {n[0]}–{n[-1]}"
@@ -167,6 +173,29 @@ def _acceptance_md(card: dict[str, Any], multi: bool) -> list[str]:
     return [md_table(["Setting", "K", "Depth", "Acceptance", "Survival"], rows), "",
             ("Acceptance at depth d: accepted at d / drafts that reached d. Survival to depth d: share of verify "
              "steps whose first d drafts were all accepted. 95% Wilson intervals.")]
+
+
+def _backends_md(card: dict[str, Any]) -> list[str]:
+    """Backends side by side (only when the card covers more than one), from the records, never recomputed."""
+    recs = card["backends"]
+    if len({r["backend"] for r in recs}) < 2:
+        return []
+    df = pd.DataFrame(recs)
+    keys = ["setting"] + (["policy"] if df["policy"].nunique() > 1 else [])
+    t = backends.comparison_table(df, keys)
+    out = ["**Backends side by side**", "", md_table(t.headers, t.rows), "",
+           ("Speedup: the reference decoder's MTP over its own AR mode at each K; a server's MTP endpoint over the AR "
+            "endpoint named as its baseline, paired per prompt at the same concurrency (geometric mean over prompts, "
+            "95% bootstrap CI). A server's K is the number of draft positions its speculative counters report. "
+            "TTFT p50: median time to first token; ITL p50/p95: median over runs of each run's inter-token-latency "
+            "percentile."), ""]
+    surv = backends.survival_table(pd.DataFrame(card["backend_survival"]))
+    if surv.empty:
+        return out + [("No acceptance by position to compare: no server exposed speculative counters for a K "
+                       "that another backend also ran."), ""]
+    return out + [md_table(surv.headers, surv.rows), "",
+                  ("Survival to depth d: share of drafts whose first d positions were all accepted (a server: accepted "
+                   "tokens at position d / drafts, from its counters). 95% Wilson intervals."), ""]
 
 
 def _sampling_line(card: dict[str, Any]) -> str:
@@ -221,6 +250,7 @@ def to_markdown(card: dict[str, Any]) -> str:
     lines = [f"## MTP speculative decoding: {card['model']}", "",
              f"Measured with mtpbench (results `{card['source']}`).", ""]
     lines += _throughput_md(card) + ["", "**MTP draft acceptance**", ""] + _acceptance_md(card, multi) + [""]
+    lines += _backends_md(card)
     lines += [_sampling_line(card), "", _hardware_line(card), "", _preservation_line(card, multi), ""]
     if card["failed_runs"]:
         lines += [f"{card['failed_runs']} failed run(s) are excluded from these numbers.", ""]

@@ -15,15 +15,15 @@ import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
 
-from . import fmt, plots, tables
+from . import backends, fmt, plots, tables
 from .load import Loaded, load
 from .present import (
     Table,
     acceptance_cell,
     build,
     col,
-    k_label,
     key_columns,
+    mode_label,
     mode_speedup_cell,
     shown_keys,
     speedup_cell,
@@ -81,7 +81,7 @@ def settings_table(data: Loaded) -> Table:
 def throughput_section(data: Loaded, keys: list[str]) -> Section:
     modes = tables.mode_table(data.runs)
     t = build(modes, key_columns(keys) + [
-        ("Mode", lambda r: k_label(r["k"]), False),
+        ("Mode", mode_label, False),
         ("Decode tok/s", lambda r: fmt.tok_s(r["tok_s"]), True),
         ("± std", lambda r: fmt.tok_s(r["tok_s_std"]), True),
         ("Runs", lambda r: fmt.integer(r["runs"]), True),
@@ -166,7 +166,7 @@ def policies_section(data: Loaded, keys: list[str]) -> Section | None:
     pol = tables.policies(data.runs)
     keys = [k for k in ("model", "backend", "setting") if k in keys]
     t = build(pol, key_columns(keys) + [
-        ("Mode", lambda r: k_label(r["k"]), False), ("Policy", col("policy"), False), ("Source", col("source"), False),
+        ("Mode", mode_label, False), ("Policy", col("policy"), False), ("Source", col("source"), False),
         ("Decode tok/s", lambda r: fmt.tok_s(r["tok_s"]), True),
         ("Speedup [95% CI]", mode_speedup_cell, True),
         ("Depth-1 acceptance [95% CI]",
@@ -175,6 +175,15 @@ def policies_section(data: Loaded, keys: list[str]) -> Section | None:
     ])
     return Section("policies", "Quantization policies compared", [t], _svg(plots.policies(pol)),
                    empty="No completed runs.")
+
+
+def backends_section(data: Loaded, keys: list[str]) -> Section | None:
+    if backends.n_backends(data.runs) < 2:
+        return None
+    t = backends.comparison_table(backends.comparison(data.runs), keys)
+    s = backends.survival_table(backends.survival(data.runs))
+    return Section("backends", "Backends side by side", [t, s], empty="No completed runs.",
+                   extra={"no_survival": s.empty})
 
 
 def verdicts_section(data: Loaded, keys: list[str]) -> Section:
@@ -221,7 +230,7 @@ def provenance_section(data: Loaded) -> Section:
 def failed_table(data: Loaded, keys: list[str]) -> Table:
     bad = tables.failed(data.runs)
     return build(bad, key_columns(keys) + [
-        ("Mode", lambda r: k_label(r["k"]) if pd.notna(r["k"]) else fmt.text(r["mode"]), False),
+        ("Mode", lambda r: mode_label(r) if pd.notna(r["k"]) else fmt.text(r["mode"]), False),
         ("Prompt", col("prompt_id"), False), ("Status", col("status"), False),
         ("Error", lambda r: fmt.text(r["error"])[:200], False),
     ])
@@ -231,7 +240,8 @@ def sections(data: Loaded) -> list[Section]:
     keys = shown_keys(data.runs)
     out = [headline_section(data, keys), throughput_section(data, keys), acceptance_section(data, keys),
            position_section(data, keys), tau_section(data, keys), efficiency_section(data, keys),
-           categories_section(data, keys), policies_section(data, keys), verdicts_section(data, keys),
+           categories_section(data, keys), policies_section(data, keys), backends_section(data, keys),
+           verdicts_section(data, keys),
            provenance_section(data)]
     return [s for s in out if s is not None]
 

@@ -55,6 +55,11 @@ def k_label(k: Any) -> str:
     return "AR" if int(k) == 0 else f"MTP K={int(k)}"
 
 
+def mode_label(r: pd.Series | dict) -> str:
+    """k_label, except that an MTP row recorded with K = 0 (a server endpoint: K unknown to the client) says MTP."""
+    return "MTP" if r["mode"] == "mtp" and int(r["k"]) == 0 else k_label(r["k"])
+
+
 def speedup_cell(r: pd.Series) -> str:
     return fmt.with_ci(r.get("speedup"), r.get("speedup_lo"), r.get("speedup_hi"), fmt.ratio)
 

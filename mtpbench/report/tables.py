@@ -214,6 +214,12 @@ def untested_cells(runs: pd.DataFrame, verdicts: pd.DataFrame) -> pd.DataFrame:
     return merged[merged["_t"].isna()].drop(columns="_t").reset_index(drop=True)
 
 
+def _first(values: pd.Series) -> Any:
+    """The first recorded value (a server's rows leave e.g. draft_temperature empty; the reference's fill it)."""
+    known = values.dropna()
+    return known.iloc[0] if len(known) else values.iloc[0]
+
+
 def sampling(runs: pd.DataFrame) -> pd.DataFrame:
     """Distinct sampling settings per setting label, with prompt and repetition counts."""
     r = summary.ok_runs(runs)
@@ -221,9 +227,8 @@ def sampling(runs: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     rows = []
     for key, g in r.groupby(["source", "model", "setting"], dropna=False, sort=True):
-        first = g.iloc[0]
         rows.append({"source": key[0], "model": key[1], "setting": key[2],
-                     **{f: first[f] for f in SAMPLING_FIELDS},
+                     **{f: _first(g[f]) for f in SAMPLING_FIELDS},
                      "prompt_sets": ", ".join(sorted(set(map(str, g["prompt_set"].dropna())))),
                      "prompts": int(g[["prompt_set", "prompt_id"]].drop_duplicates().shape[0]),
                      "repetitions": int(g["repetition"].nunique())})

@@ -7,6 +7,8 @@ Words, used identically everywhere:
 - acceptance rate: accepted drafts / drafted tokens
 - speedup: per prompt, mean MTP decode tok/s / mean AR decode tok/s over repetitions; summarised by the geometric
   mean over prompts with a percentile bootstrap CI resampling prompts.
+- draft depth K: the reference decoder records it in `k`; a server endpoint records k = 0 (the client cannot set
+  it), and its depth is the number of positions its speculative counters cover (len(accepted_at_depth)).
 """
 
 from __future__ import annotations
@@ -34,11 +36,26 @@ def ok_runs(runs: pd.DataFrame) -> pd.DataFrame:
     return runs[runs["status"] == "ok"] if "status" in runs else runs
 
 
+def draft_depth(runs: pd.DataFrame) -> pd.Series:
+    """Each row's draft depth: `k`, or for a row recorded with k = 0 (a server endpoint) the number of positions
+    its accepted_at_depth counters cover (0 when it has none)."""
+    positions = runs["accepted_at_depth"].map(lambda a: len(a) if hasattr(a, "__len__") else 0)
+    k = runs["k"].fillna(0)
+    return k.where(k != 0, positions).astype(int)
+
+
 def acceptance_by_depth(runs: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
-    """One row per (group, k, depth): reached, accepted, conditional acceptance and survival with Wilson CIs."""
+    """One row per (group, k, depth): reached, accepted, conditional acceptance and survival with Wilson CIs.
+
+    Counts the reference decoder's MTP rows and server rows with speculative counters alike (k = draft_depth):
+    vLLM accepts draft position i only if positions < i were accepted, so its accepted-per-position counts are the
+    same chain as the reference's accepted-at-depth and a server drafting 3 positions compares with K = 3.
+    """
     by = by or SETTING_KEYS
     mtp = ok_runs(runs)
     mtp = mtp[(mtp["mode"] == "mtp") & mtp["accepted_at_depth"].map(lambda a: a is not None and len(a) > 0)]
+    mtp = mtp[mtp["verify_steps"].notna()]
+    mtp = mtp.assign(k=draft_depth(mtp))
     mtp = mtp[mtp["accepted_at_depth"].map(len) == mtp["k"]]
     rows = []
     for key, g in mtp.groupby(by + ["k"], dropna=False, sort=True):
@@ -74,32 +91,89 @@ def geomean(x: np.ndarray) -> float:
     return float(np.exp(np.mean(np.log(x))))
 
 
-def per_prompt_ratios(runs: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
-    """Per (group, k, prompt): mean AR and MTP decode tok/s over repetitions and their ratio (paired by prompt)."""
+PROMPT_KEYS = ["prompt_set", "prompt_id", "thinking"]
+
+
+def per_prompt_ratios(runs: pd.DataFrame, by: list[str] | None = None, baseline: list[str] | None = None,
+                      pair_keys: list[str] | None = None) -> pd.DataFrame:
+    """Per (group, k, prompt): mean AR and MTP decode tok/s over repetitions and their ratio (paired by prompt).
+
+    By default an MTP group's baseline is the AR runs of the same group. `baseline` names group columns allowed to
+    differ on the AR side (e.g. ["backend"]: a server's MTP endpoint over another endpoint serving AR); their AR
+    values come back as `baseline_<column>` and every MTP group pairs with every AR group agreeing on the other
+    keys, so the caller keeps the pairs it means (server_speedup_table). `pair_keys` are further columns both sides
+    must share (e.g. ["concurrency"]).
+    """
     by = by or SETTING_KEYS
+    baseline = list(baseline or [])
+    prompt_keys = PROMPT_KEYS + list(pair_keys or [])
     r = ok_runs(runs)
     r = r[np.isfinite(r["decode_tok_s"])]
-    prompt_keys = ["prompt_set", "prompt_id", "thinking"]
     ar = r[r["mode"] == "ar"].groupby(by + prompt_keys, dropna=False)["decode_tok_s"].mean().rename("ar_tok_s")
+    ar = ar.reset_index().rename(columns={c: f"baseline_{c}" for c in baseline})
     mtp = r[r["mode"] == "mtp"].groupby(by + ["k"] + prompt_keys + ["category"], dropna=False).agg(
         mtp_tok_s=("decode_tok_s", "mean"), tau=("mean_acceptance_length", "mean")).reset_index()
-    out = mtp.merge(ar.reset_index(), on=by + prompt_keys, how="inner")
+    out = mtp.merge(ar, on=[c for c in by if c not in baseline] + prompt_keys, how="inner")
     out["ratio"] = out["mtp_tok_s"] / out["ar_tok_s"]
     return out
+
+
+def ratio_summary(pp: pd.DataFrame, keys: list[str], seed: int = 0) -> pd.DataFrame:
+    """Per-prompt ratios (per_prompt_ratios) summarised per `keys` group: geometric mean with a bootstrap CI."""
+    rows = []
+    for key, g in pp.groupby(keys, dropna=False, sort=True):
+        ratios = g["ratio"].to_numpy()
+        lo, hi = bootstrap_ci(ratios, geomean, seed=seed)
+        rows.append({**dict(zip(keys, key)), "n_prompts": len(g), "ar_tok_s": g["ar_tok_s"].mean(),
+                     "mtp_tok_s": g["mtp_tok_s"].mean(), "speedup": geomean(ratios), "speedup_lo": lo,
+                     "speedup_hi": hi, "tau": g["tau"].mean()})
+    return pd.DataFrame(rows, columns=[*keys, "n_prompts", "ar_tok_s", "mtp_tok_s", "speedup", "speedup_lo",
+                                       "speedup_hi", "tau"])
 
 
 def speedup_table(runs: pd.DataFrame, by: list[str] | None = None, seed: int = 0) -> pd.DataFrame:
     """One row per (group, k): AR and MTP tok/s, geometric-mean speedup over prompts with a bootstrap CI, tau."""
     by = by or SETTING_KEYS
-    pp = per_prompt_ratios(runs, by)
-    rows = []
-    for key, g in pp.groupby(by + ["k"], dropna=False, sort=True):
-        ratios = g["ratio"].to_numpy()
-        lo, hi = bootstrap_ci(ratios, geomean, seed=seed)
-        rows.append({**dict(zip(by + ["k"], key)), "n_prompts": len(g), "ar_tok_s": g["ar_tok_s"].mean(),
-                     "mtp_tok_s": g["mtp_tok_s"].mean(), "speedup": geomean(ratios), "speedup_lo": lo,
-                     "speedup_hi": hi, "tau": g["tau"].mean()})
-    return pd.DataFrame(rows)
+    return ratio_summary(per_prompt_ratios(runs, by), by + ["k"], seed)
+
+
+SERVER_PAIR_KEYS = ["concurrency"]
+SWAPPABLE = ["backend", "model"]  # may differ between an MTP endpoint and its AR baseline
+
+
+def server_speedup_table(runs: pd.DataFrame, by: list[str] | None = None, seed: int = 0) -> pd.DataFrame:
+    """MTP-over-AR speedup between backends that each ran one mode: a server's MTP endpoint over its AR endpoint.
+
+    Pairing rule. A server endpoint is declared AR or MTP, so its backend holds one mode only (the reference
+    decoder holds both and is compared with its own AR mode by speedup_table, never here). Within one scope (the
+    `by` keys other than model, policy, backend and setting: the results directory, `source`, in the report), each
+    MTP-only backend is paired with every AR-only backend serving the same model; when none serves the same model
+    and the scope has exactly one AR-only backend, with that one. Otherwise it gets no speedup. The ratio is paired
+    like the reference's: the same cells (setting, thinking, prompt set and id; runs averaged over repetitions and
+    the concurrent requests of a batch, i.e. matching cell_ids) at the same concurrency, per prompt mean MTP tok/s /
+    mean AR tok/s, then the geometric mean over prompts with a bootstrap CI (ratio_summary). The baseline used is
+    in `baseline_backend` / `baseline_model`; one row per (group, baseline, concurrency, k). Both sides must agree
+    on the other group keys (policy: servers record "as-is").
+    """
+    by = list(dict.fromkeys([*(by or SETTING_KEYS), *SWAPPABLE]))  # a server speedup is always per backend
+    if runs.empty:
+        return pd.DataFrame()
+    scope = [c for c in by if c not in ("model", "policy", "backend", "setting")]
+    one_mode = runs[runs.groupby(scope + ["backend"], dropna=False)["mode"].transform("nunique") == 1]
+    pp = per_prompt_ratios(one_mode, by, baseline=SWAPPABLE, pair_keys=SERVER_PAIR_KEYS)
+    if pp.empty:
+        return pd.DataFrame()
+    ar_only = one_mode[one_mode["mode"] == "ar"]
+    if scope:
+        n_ar = ar_only.groupby(scope, dropna=False)["backend"].nunique().rename("n_ar").reset_index()
+        pp = pp.merge(n_ar, on=scope, how="left")
+    else:
+        pp = pp.assign(n_ar=ar_only["backend"].nunique())
+    same_model = pp["baseline_model"] == pp["model"]
+    any_same = same_model.groupby([pp[c] for c in scope + ["backend", "model"]], dropna=False).transform("any")
+    pp = pp[same_model | (~any_same & (pp["n_ar"] == 1))]
+    keys = by + [f"baseline_{c}" for c in SWAPPABLE] + SERVER_PAIR_KEYS + ["k"]
+    return ratio_summary(pp, keys, seed)
 
 
 def throughput_table(runs: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
