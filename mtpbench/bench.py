@@ -10,10 +10,14 @@ in this one process, alternating (ABBA) so drift hits both sides (shared/DESIGN.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import shutil
 import statistics
+import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +40,7 @@ from .stats.acceptance import (
     expected_tokens,
     predicted_speedup,
 )
+from .tiny import TinySpec, make_tiny
 
 SCHEMA = "mtpbench.bench/1"
 GREEDY = SamplingConfig(temperature=0.0)
@@ -63,9 +68,39 @@ class BenchSettings:
     copy_mb: int = 256
 
     @classmethod
+    def large(cls, ks: Sequence[int] = (1, 2, 3)) -> BenchSettings:
+        """Sizes for the ~118M-parameter checkpoint, where one token costs ~100x the demo's: a few minutes in all."""
+        return cls(ks=tuple(ks), max_tokens=48, repeats=3, contexts=(512, 2048), warmup=1)
+
+    @classmethod
     def quick(cls, ks: Sequence[int] = (1, 2), contexts: Sequence[int] = (64, 128)) -> BenchSettings:
         return cls(ks=tuple(ks), max_tokens=12, repeats=2, contexts=tuple(contexts), prompt_tokens=24, warmup=1,
                    copy_mb=16)
+
+
+# --- the larger generated checkpoint ---------------------------------------------------------------------------
+
+# ~118M trunk parameters in float32 (8 layers in the hybrid pattern, hidden 1024, 128-wide heads, 16k vocab): big
+# enough that a (K+1)-token verify costs little more than one decode step, as on real checkpoints. Random weights
+# with a head built to agree with the trunk (see tiny._agree), so drafts get accepted; built in seconds, cached.
+LARGE = TinySpec(seed=7, hidden=1024, layers=8, vocab=16384, head_dim=128, agree=0.98, dtype="float32")
+
+
+def large_checkpoint(cache_root: Path | None = None) -> Path:
+    """The LARGE checkpoint's directory, built on first use under ~/.cache/mtpbench (atomically renamed in)."""
+    root = cache_root or Path.home() / ".cache" / "mtpbench"
+    key = hashlib.sha1(json.dumps(asdict(LARGE), sort_keys=True).encode()).hexdigest()[:10]
+    out = root / f"bench-large-{key}"
+    if not (out / "config.json").exists():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-large-", dir=root))
+        try:
+            make_tiny(tmp, LARGE)
+            shutil.rmtree(out, ignore_errors=True)
+            tmp.rename(out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 # --- prompts -------------------------------------------------------------------------------------------------
@@ -88,23 +123,34 @@ def _context_cap(bundle: Bundle, max_tokens: int, ks: Sequence[int]) -> int:
 
 @dataclass(frozen=True)
 class MeasuredCosts(StepCosts):
-    """StepCosts plus the detail behind them: rollback by accepted prefix j, the context they were measured at."""
+    """StepCosts of the decoder's default (capture) rollback, plus the detail behind them: both rollback modes by
+    accepted prefix j, and the context they were measured at.
 
-    rollback_by_j: tuple[float, ...] = ()  # j = 0..max K - 1: restore + re-forward of j + 1 tokens
+    `verify` / `rollback` (inherited) are the capture mode's: a verify that keeps every position's GatedDeltaNet
+    state, and a commit. `verify_plain` / `reforward_by_j` are the snapshot + re-forward fallback's.
+    """
+
+    rollback_by_j: tuple[float, ...] = ()  # capture: commit of position j, j = 0..max K - 1
+    verify_plain: dict[int, float] = field(default_factory=dict)  # K -> plain (K+1)-token verify forward
+    reforward_by_j: tuple[float, ...] = ()  # restore + re-forward of j + 1 tokens
     context_tokens: int = 0
     repeats: int = 0
 
-    def for_k(self, k: int, rejected_js: Sequence[int] = ()) -> StepCosts:
+    def for_k(self, k: int, rejected_js: Sequence[int] = (), rollback: str = "capture") -> StepCosts:
         """Costs for depth K, the rollback weighted by how often each prefix j < K was actually rejected at."""
         js = [j for j in rejected_js if j < k] or list(range(k))
-        rollback = float(np.mean([self.rollback_by_j[j] for j in js]))
-        return StepCosts(self.ar_step, self.draft_step, {k: self.verify[k]}, rollback)
+        by_j, verify = ((self.rollback_by_j, self.verify) if rollback == "capture"
+                        else (self.reforward_by_j, self.verify_plain))
+        return StepCosts(self.ar_step, self.draft_step, {k: verify[k]}, float(np.mean([by_j[j] for j in js])))
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "ar_step_s": self.ar_step, "draft_step_s": self.draft_step, "rollback_s": self.rollback,
-            "verify_s": [{"k": k, "seconds": s, "over_ar_step": s / self.ar_step} for k, s in sorted(self.verify.items())],
-            "rollback_by_j_s": list(self.rollback_by_j), "draft_over_ar_step": self.draft_step / self.ar_step,
+            "verify_s": [{"k": k, "seconds": s, "over_ar_step": s / self.ar_step,
+                          "plain_seconds": self.verify_plain.get(k, float("nan"))}
+                         for k, s in sorted(self.verify.items())],
+            "rollback_by_j_s": list(self.rollback_by_j), "reforward_by_j_s": list(self.reforward_by_j),
+            "draft_over_ar_step": self.draft_step / self.ar_step,
             "context_tokens": self.context_tokens, "repeats": self.repeats,
         }
 
@@ -159,12 +205,18 @@ def _interleaved_medians(ops: dict[str, tuple[Callable[[], object], Callable[[],
 
 def measure_costs(bundle: Bundle, prompt_ids: list[int], ks: Sequence[int], repeats: int = 5,
                   warmup: int = 2) -> MeasuredCosts:
-    """Median seconds of each cost term, on a cache primed with the prompt and put back after every call."""
+    """Median seconds of each cost term, on a cache primed with the prompt and put back after every call.
+
+    Each term is timed as the decoder runs it: the AR step and each verify end in their host sync; the draft step
+    is a chain of K_max drafts with one sync at the end, divided by K_max (the greedy decoder syncs once per step).
+    """
     trunk, head = bundle.trunk, bundle.require_mtp()
     st = _prime(bundle, prompt_ids)
     kmax = max(ks)
     drafts = [st.last] * kmax  # token values do not change the cost of a forward
+    window = mx.array([[st.last] + drafts])
     snap, mtp_offset = snapshot(st.cache), st.mtp_cache[0].offset
+    captured: list = []
 
     def put_back() -> None:
         restore(st.cache, snap)
@@ -174,32 +226,53 @@ def measure_costs(bundle: Bundle, prompt_ids: list[int], ks: Sequence[int], repe
     def ar_step() -> None:
         _host_argmax(trunk(mx.array([[st.last]]), st.cache).logits[0, -1:])
 
-    def draft_step() -> None:
-        z = head(st.hidden, trunk.embed(mx.array([[st.last]])), st.mtp_cache)
-        _host_argmax(trunk.lm_head(z)[0])
+    def draft_chain() -> None:
+        z, d = st.hidden, mx.array([st.last])
+        for _ in range(kmax):
+            z = head(z, trunk.embed(d[None]), st.mtp_cache)[:, -1:]
+            d = mx.argmax(trunk.lm_head(z)[0, -1], keepdims=True)
+        _host_argmax(d)
 
-    def verify(k: int) -> Callable[[], None]:
-        return lambda: _host_argmax(trunk(mx.array([[st.last] + drafts[:k]]), st.cache).logits[0])
+    def verify(k: int, capture: bool) -> Callable[[], None]:
+        if capture:
+            return lambda: _host_argmax(trunk.forward_capturing(window[:, : k + 1], st.cache)[0].logits[0])
+        return lambda: _host_argmax(trunk(window[:, : k + 1], st.cache).logits[0])
 
-    def after_verify() -> None:  # the state a rollback starts from: the full verify window forwarded
-        trunk(mx.array([[st.last] + drafts]), st.cache)
+    def after_verify() -> None:  # the state a reforward rollback starts from: the full window forwarded
+        trunk(window, st.cache)
         mx.eval(*state_arrays(st.cache))
 
-    def rollback(j: int) -> Callable[[], None]:
+    def after_capturing_verify() -> None:  # ... and a commit's: the window forwarded with every state kept
+        out, cap = trunk.forward_capturing(window, st.cache)
+        mx.eval(out.logits, *[a for layer in cap.layers.values() for a in (*layer.conv, *layer.recurrent)])
+        captured[:] = [cap]
+
+    def reforward(j: int) -> Callable[[], None]:
         def op() -> None:
             restore(st.cache, snap)
-            trunk(mx.array([[st.last] + drafts[:j]]), st.cache)
+            trunk(window[:, : j + 1], st.cache)
             mx.eval(*state_arrays(st.cache))
         return op
 
-    ops = {"ar": (ar_step, None), "draft": (draft_step, None)}
-    ops |= {f"verify{k}": (verify(k), None) for k in sorted(set(ks))}
-    ops |= {f"rollback{j}": (rollback(j), after_verify) for j in range(kmax)}
+    def commit(j: int) -> Callable[[], None]:
+        def op() -> None:
+            captured[0].commit(st.cache, j)
+            mx.eval(*state_arrays(st.cache))
+        return op
+
+    ops = {"ar": (ar_step, None), "draft": (draft_chain, None)}
+    ops |= {f"verify{k}": (verify(k, False), None) for k in sorted(set(ks))}
+    ops |= {f"verify_capture{k}": (verify(k, True), None) for k in sorted(set(ks))}
+    ops |= {f"reforward{j}": (reforward(j), after_verify) for j in range(kmax)}
+    ops |= {f"commit{j}": (commit(j), after_capturing_verify) for j in range(kmax)}
     t = _interleaved_medians(ops, put_back, repeats, warmup)
-    by_j = tuple(t[f"rollback{j}"] for j in range(kmax))
-    return MeasuredCosts(ar_step=t["ar"], draft_step=t["draft"], verify={k: t[f"verify{k}"] for k in sorted(set(ks))},
-                         rollback=float(np.mean(by_j)),
-                         rollback_by_j=by_j, context_tokens=len(prompt_ids), repeats=repeats)
+    commit_by_j = tuple(t[f"commit{j}"] for j in range(kmax))
+    return MeasuredCosts(
+        ar_step=t["ar"], draft_step=t["draft"] / kmax,
+        verify={k: t[f"verify_capture{k}"] for k in sorted(set(ks))}, rollback=float(np.mean(commit_by_j)),
+        rollback_by_j=commit_by_j, verify_plain={k: t[f"verify{k}"] for k in sorted(set(ks))},
+        reforward_by_j=tuple(t[f"reforward{j}"] for j in range(kmax)), context_tokens=len(prompt_ids),
+        repeats=repeats)
 
 
 # --- decode runs ---------------------------------------------------------------------------------------------
@@ -293,6 +366,7 @@ def _k_efficiency(k: int, ar: list[DecodeResult], mtp: list[DecodeResult], costs
     rejected = _rejected_js(mtp, k)
     ck = costs.for_k(k, rejected)
     predicted = predicted_speedup(survival, ck)
+    predicted_reforward = predicted_speedup(survival, costs.for_k(k, rejected, rollback="reforward"))
     realized = _geomean_ratio([r.decode_tok_s for r in mtp], [r.decode_tok_s for r in ar])
     p_reject = 1.0 - (survival[-1] if survival else 0.0)
     model_step = k * ck.draft_step + ck.verify[k] + p_reject * ck.rollback
@@ -302,7 +376,8 @@ def _k_efficiency(k: int, ar: list[DecodeResult], mtp: list[DecodeResult], costs
     return {
         "k": k, "survival": survival, "tau": expected_tokens(survival), "rollback_s": ck.rollback,
         "ar_tok_s": _median([r.decode_tok_s for r in ar]), "mtp_tok_s": _median([r.decode_tok_s for r in mtp]),
-        "predicted_speedup": predicted, "realized_speedup": realized, "efficiency": realized / predicted,
+        "predicted_speedup": predicted, "predicted_speedup_reforward": predicted_reforward,
+        "realized_speedup": realized, "efficiency": realized / predicted,
         "break_even_acceptance": break_even_acceptance(k, ck),
         "model_step_s": model_step, "measured_step_s": real_step, "step_overhead": real_step / model_step,
         "model_ar_step_s": ck.ar_step, "measured_ar_step_s": real_ar, "ar_overhead": real_ar / ck.ar_step,

@@ -189,6 +189,24 @@ def _read_toml(path: str) -> dict:
         raise UserError(f"--config {path}: invalid TOML ({e})") from None
 
 
+def _bench_into(out: Path, models: list[str], ks: tuple[int, ...], large: bool, quiet: bool) -> None:
+    """`mtpbench bench` per checkpoint into out/bench/<name>/bench.json; a complete one is kept (resume)."""
+    import json
+
+    from .bench import BenchSettings, large_checkpoint, run_bench
+    from .cli_bench import safe_name
+
+    targets = [(m, BenchSettings(ks=ks)) for m in models]
+    if large:
+        targets.append((str(large_checkpoint()), BenchSettings.large(ks)))
+    for model, settings in targets:
+        where = out / "bench" / safe_name(model)
+        done = where / "bench.json"
+        if done.exists() and json.loads(done.read_text()).get("complete"):
+            continue
+        run_bench(model, where, ks, settings, log=None if quiet else (lambda m: click.echo(f"bench: {m}", err=True)))
+
+
 SWEEP_KEYS = {"model", "k", "temp", "top_p", "top_k", "min_p", "draft_temp", "max_tokens", "repeats", "seed",
               "prompts", "thinking", "prompt_limit", "ignore_eos", "no_records", "out", "policy", "kv_bits",
               "kv_group_size"}
@@ -222,6 +240,11 @@ SWEEP_KEYS = {"model", "k", "temp", "top_p", "top_k", "min_p", "draft_temp", "ma
 @click.option("--config", "config_file", default=None, help="TOML sweep file; command-line values override it.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary (for scripts).")
 @click.option("--no-report", is_flag=True, help="Do not render the HTML report at the end.")
+@click.option("--bench", "bench_models", is_flag=True,
+              help="Also run `mtpbench bench` on each checkpoint (cost terms, AR parity with mlx_lm, predicted vs "
+                   "realized speedup, roofline, context scaling) into <out>/bench/; the report shows it.")
+@click.option("--bench-large", is_flag=True,
+              help="With --bench: also bench a generated ~118M-parameter checkpoint, where verify is cheap.")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="Where cells run: in this process, or one Ray task per (model, policy) group (needs the ray extra).")
 @click.option("--ray-address", default=None, metavar="HOST:PORT",
@@ -229,7 +252,7 @@ SWEEP_KEYS = {"model", "k", "temp", "top_p", "top_k", "min_p", "draft_temp", "ma
 @server_options
 @click.pass_context
 @_friendly
-def sweep_cmd(ctx, config_file, quiet, no_report, executor, ray_address, endpoints, served_models, api_key_env,
+def sweep_cmd(ctx, config_file, quiet, no_report, bench_models, bench_large, executor, ray_address, endpoints, served_models, api_key_env,
               endpoint_modes, concurrency, request_timeout, retries, **cli_values):
     """Sweep checkpoints x K x sampling settings x prompt sets: AR and MTP side by side, into parquet.
 
@@ -310,6 +333,8 @@ def sweep_cmd(ctx, config_file, quiet, no_report, executor, ray_address, endpoin
 
         click.echo(sweep_summary(read_table(out, "runs")))
     click.echo(f"results: {out}")
+    if bench_models and not servers:
+        _bench_into(out, list(spec.models), spec.ks, bench_large, quiet)
     if not no_report:
         from .report.html import render_report
 

@@ -26,10 +26,14 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
     return values
 
 
+def safe_name(model: str) -> str:
+    """A checkpoint's directory name (or repo id), made safe for a directory name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model.rstrip("/")).name or model).strip("-") or "model"
+
+
 def default_out(model: str) -> Path:
-    """reports/bench-<model name>, the name made safe for a directory."""
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model.rstrip("/")).name or model).strip("-") or "model"
-    return Path("reports") / f"bench-{name}"
+    """reports/bench-<model name>."""
+    return Path("reports") / f"bench-{safe_name(model)}"
 
 
 def _alpha(x: float) -> str:
@@ -52,9 +56,12 @@ def summary_lines(bench: dict[str, Any]) -> list[str]:
         (f"costs at {c['context_tokens']} tokens of context: AR step {1e3 * c['ar_step_s']:.3f} ms, "
          f"draft step {1e3 * c['draft_step_s']:.3f} ms ({c['draft_over_ar_step']:.2f}x AR)"),
     ]
-    lines += [f"  verify K={v['k']}: {1e3 * v['seconds']:.3f} ms ({v['over_ar_step']:.2f}x AR)" for v in c["verify_s"]]
-    lines.append("  rollback by accepted prefix j: "
+    lines += [f"  verify K={v['k']}: {1e3 * v['seconds']:.3f} ms ({v['over_ar_step']:.2f}x AR) keeping every "
+              f"GDN state; {1e3 * v['plain_seconds']:.3f} ms plain" for v in c["verify_s"]]
+    lines.append("  rollback by accepted prefix j, capture (commit): "
                  + ", ".join(f"j={j} {1e3 * s:.3f} ms" for j, s in enumerate(c["rollback_by_j_s"])))
+    lines.append("  rollback by accepted prefix j, snapshot + re-forward: "
+                 + ", ".join(f"j={j} {1e3 * s:.3f} ms" for j, s in enumerate(c["reforward_by_j_s"])))
     lines.append("K  tau    predicted  realized  efficiency  break-even α  step overhead")
     lines += [f"{e['k']:<2} {e['tau']:.2f}   {e['predicted_speedup']:.3f}x     {e['realized_speedup']:.3f}x    "
               f"{e['efficiency']:.3f}       {_alpha(e['break_even_acceptance'])}         {e['step_overhead']:.2f}x"
@@ -74,36 +81,47 @@ def summary_lines(bench: dict[str, Any]) -> list[str]:
 
 
 @click.command("bench")
-@click.option("--model", default=None, help="Checkpoint directory or cached hub repo id (default: the embedded demo).")
+@click.option("--model", "models", multiple=True,
+              help="Checkpoint directory or cached hub repo id; repeat for several (default: the embedded demo).")
+@click.option("--large", is_flag=True, help="Also bench a generated ~118M-parameter checkpoint (random weights, "
+              "head built to agree; built and cached on first use), where a verify costs little more than one step.")
 @click.option("--k", "k_text", default="1..3", show_default=True, help="Draft depths: 3, 1,2,4 or 1..4.")
 @click.option("--max-tokens", type=int, default=None, help="Tokens per decode run [default: 128; --quick 12].")
 @click.option("--repeats", type=int, default=None, help="Timed repetitions per measurement [default: 5; --quick 2].")
 @click.option("--contexts", default=None, help="Prompt lengths for context scaling [default: 512,2048,8192].")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Output directory [default: reports/bench-<model>].")
+              help="Output directory [default: reports/bench-<model>, or reports/bench with several].")
 @click.option("--quick", is_flag=True, help="Small sizes: a smoke test of the plumbing, not a measurement.")
 @_friendly
-def bench_cmd(model: str | None, k_text: str, max_tokens: int | None, repeats: int | None, contexts: str | None,
-              out_dir: Path | None, quick: bool) -> None:
-    """Measure the cost terms of MTP decoding, AR parity with mlx_lm, predicted vs realized speedup, records
-    overhead, a bandwidth roofline and context scaling; write bench.json and bench.html."""
+def bench_cmd(models: tuple[str, ...], large: bool, k_text: str, max_tokens: int | None, repeats: int | None,
+              contexts: str | None, out_dir: Path | None, quick: bool) -> None:
+    """Measure the cost terms of MTP decoding (both rollbacks), AR parity with mlx_lm, predicted vs realized
+    speedup, records overhead, a bandwidth roofline and context scaling; write bench.json and one bench.html."""
     from dataclasses import replace
 
-    from .bench import BenchSettings, run_bench
+    from .bench import BenchSettings, large_checkpoint, run_bench
     from .cli import parse_k
     from .defaults import default_model
     from .report.bench_section import render_bench_page
 
-    model = model or default_model()
     ks = tuple(parse_k(k_text))
-    s = BenchSettings.quick(ks) if quick else BenchSettings(ks=ks)
     overrides = {"max_tokens": max_tokens, "repeats": repeats,
                  "contexts": _ints(contexts, "--contexts") if contexts else None}
-    s = replace(s, **{k: v for k, v in overrides.items() if v is not None})
-    out = out_dir or default_out(model)
-    bench = run_bench(model, out, ks, s, log=lambda msg: click.echo(f"... {msg}", err=True))
-    for line in summary_lines(bench):
-        click.echo(line)
-    page = render_bench_page(out / "bench.json", out / "bench.html")
-    click.echo(f"wrote {out / 'bench.json'}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    base = BenchSettings.quick(ks) if quick else BenchSettings(ks=ks)
+    targets = [(m, replace(base, **overrides)) for m in (models or (default_model(),))]
+    if large:
+        targets.append((str(large_checkpoint()), replace(BenchSettings.quick(ks) if quick else BenchSettings.large(ks),
+                                                         **overrides)))
+    single = len(targets) == 1
+    out = out_dir or (default_out(targets[0][0]) if single else Path("reports") / "bench")
+    written = []
+    for model, settings in targets:
+        where = out if single else out / safe_name(model)
+        bench = run_bench(model, where, ks, settings, log=lambda msg: click.echo(f"... {msg}", err=True))
+        for line in summary_lines(bench):
+            click.echo(line)
+        written.append(where / "bench.json")
+        click.echo(f"wrote {written[-1]}")
+    page = render_bench_page(written, out / "bench.html")
     click.echo(f"wrote {page}")

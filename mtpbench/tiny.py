@@ -53,11 +53,12 @@ class TinySpec:
     tie_embeddings: bool = False
     agree: float = 0.0  # 0..1: build the head to predict what the trunk predicts (drafts get accepted)
     dtype: str = "float32"  # or bfloat16, the dtype of real releases
-    head_dim: int = 16  # attention head dim; 32+ lets mlx quantize the KV cache (its groups are 32, 64, 128)
+    head_dim: int = 16  # attention and GatedDeltaNet head dim (heads = hidden / head_dim); 32+ lets mlx quantize
+    # the KV cache (its groups are 32, 64, 128)
 
 
 def text_config(spec: TinySpec) -> dict:
-    heads = max(2, spec.hidden // 16)
+    heads = max(2, spec.hidden // spec.head_dim)
     return {
         "model_type": "qwen3_5_text",
         "hidden_size": spec.hidden,
@@ -70,8 +71,8 @@ def text_config(spec: TinySpec) -> dict:
         "vocab_size": spec.vocab,
         "linear_num_value_heads": heads,
         "linear_num_key_heads": max(1, heads // 2),
-        "linear_key_head_dim": 16,
-        "linear_value_head_dim": 16,
+        "linear_key_head_dim": spec.head_dim,
+        "linear_value_head_dim": spec.head_dim,
         "linear_conv_kernel_dim": 4,
         "full_attention_interval": 2,
         "tie_word_embeddings": spec.tie_embeddings,

@@ -82,13 +82,35 @@ def test_report_renders_self_contained(bench):
     assert page.count("<table") >= 6
 
 
-def test_cli_bench_runs(tiny_agree, tmp_path):
+def test_cli_bench_two_checkpoints_one_page(tiny_agree, tiny_kv, tmp_path):
     out = tmp_path / "cli"
-    res = CliRunner().invoke(bench_cmd, ["--model", str(tiny_agree), "--quick", "--k", "1", "--contexts", "32",
-                                         "--out", str(out)], catch_exceptions=False)
+    res = CliRunner().invoke(bench_cmd, ["--model", str(tiny_agree), "--model", str(tiny_kv), "--quick", "--k", "1",
+                                         "--contexts", "32", "--out", str(out)], catch_exceptions=False)
     assert res.exit_code == 0, res.output
-    assert (out / "bench.json").exists() and (out / "bench.html").exists()
-    assert "AR parity" in res.output and "bench.json" in res.output
+    assert (out / "agree" / "bench.json").exists() and (out / "kv" / "bench.json").exists()
+    page = (out / "bench.html").read_text()
+    assert 'id="bench-0"' in page and 'id="bench-1"' in page and "side by side" in page
+    assert "AR parity" in res.output and "snapshot + re-forward" in res.output
+
+
+def test_costs_cover_both_rollbacks(bench):
+    c = bench[1]["costs"]
+    assert len(c["reforward_by_j_s"]) == len(c["rollback_by_j_s"]) == 2
+    assert all(_finite_positive(v["plain_seconds"]) for v in c["verify_s"])
+    assert all(_finite_positive(e["predicted_speedup_reforward"]) for e in bench[1]["mtp"])
+
+
+def test_sweep_report_shows_bench_kept_with_the_results(bench, tmp_path):
+    """A results dir holding bench/<model>/bench.json (sweep --bench) gets a performance section in its report."""
+    import shutil
+
+    from mtpbench.report import render_report
+    from tests.synthetic import build_results
+
+    root = build_results(tmp_path / "res")
+    shutil.copytree(bench[0], root / "bench" / "tiny")
+    html = render_report([root], tmp_path / "r.html").read_text()
+    assert 'id="performance"' in html and "Where the time goes" in html and "AR decode parity" in html
 
 
 def test_cli_bench_bad_contexts_is_one_line(tiny_agree, tmp_path):

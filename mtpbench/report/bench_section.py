@@ -47,12 +47,18 @@ def costs_table(b: dict[str, Any]) -> Table:
     c = b["costs"]
     rows = [["AR step (1 token + host argmax)", _ms(c["ar_step_s"]), "1.00"],
             ["MTP draft step", _ms(c["draft_step_s"]), fmt.num(c["draft_over_ar_step"], 2)]]
-    rows += [[f"verify K={v['k']} ({v['k'] + 1} tokens)", _ms(v["seconds"]), fmt.num(v["over_ar_step"], 2)]
-             for v in c["verify_s"]]
-    rows += [[f"rollback j={j} (restore + {j + 1} token{'s' if j else ''})", _ms(s), fmt.num(s / c["ar_step_s"], 2)]
+    rows += [[f"verify K={v['k']} ({v['k'] + 1} tokens), keeping every GDN state", _ms(v["seconds"]),
+              fmt.num(v["over_ar_step"], 2)] for v in c["verify_s"]]
+    rows += [[f"rollback j={j}: commit the captured state", _ms(s), fmt.num(s / c["ar_step_s"], 2)]
              for j, s in enumerate(c["rollback_by_j_s"])]
+    rows += [[f"fallback: verify K={v['k']}, plain forward", _ms(v["plain_seconds"]),
+              fmt.num(v["plain_seconds"] / c["ar_step_s"], 2)] for v in c["verify_s"] if "plain_seconds" in v]
+    rows += [[f"fallback: rollback j={j}, restore + re-forward {j + 1} token{'s' if j else ''}", _ms(s),
+              fmt.num(s / c["ar_step_s"], 2)] for j, s in enumerate(c.get("reforward_by_j_s", []))]
     return Table(["operation", "ms (median)", "× AR step"], rows, [False, True, True],
-                 f"Cost terms at {c['context_tokens']} tokens of context, {c['repeats']} timed repeats each")
+                 f"Cost terms at {c['context_tokens']} tokens of context, {c['repeats']} timed repeats each. The "
+                 f"decoder captures per-position GatedDeltaNet states and commits the accepted one; snapshot + "
+                 f"re-forward is its verified fallback (`rollback='reforward'`)")
 
 
 def efficiency_table(b: dict[str, Any]) -> Table:
@@ -120,24 +126,48 @@ def _environment() -> Environment:
                        autoescape=select_autoescape(["html", "j2"]), trim_blocks=True, lstrip_blocks=True)
 
 
-def _render(bench: dict[str, Any], page: bool) -> str:
+def overview_table(benches: list[dict[str, Any]]) -> Table:
+    """One line per benched checkpoint: the figures to compare across sizes."""
+    rows = []
+    for b in benches:
+        best = max(b["mtp"], key=lambda e: e["realized_speedup"]) if b.get("mtp") else None
+        rows.append([b["model"]["name"], fmt.integer(b["model"]["trunk_params"]), fmt.tok_s(b["ar_parity"]["ours_median"]),
+                     fmt.num(b["ar_parity"]["ratio"], 3),
+                     fmt.num(b["costs"]["verify_s"][0]["over_ar_step"], 2) if b["costs"]["verify_s"] else fmt.DASH,
+                     f"K={best['k']}: {fmt.ratio(best['realized_speedup'])}" if best else fmt.DASH,
+                     " / ".join(fmt.rate(e["efficiency"]) for e in b.get("mtp", []))])
+    return Table(["checkpoint", "trunk params", "AR tok/s", "AR parity (ours / mlx_lm)", "verify K=1 / AR step",
+                  "best realized speedup", "efficiency by K"], rows, [False, True, True, True, True, False, False],
+                 "Benched checkpoints side by side (same machine, same settings unless stated in each section)")
+
+
+def _render(bench: dict[str, Any], sid: str = "bench") -> str:
     tables = [parity_table(bench), costs_table(bench), efficiency_table(bench), records_table(bench),
               roofline_table(bench), context_table(bench)]
     prov = sorted((k, str(v)) for k, v in bench.get("provenance", {}).items())
     return _environment().get_template("bench.html.j2").render(
-        page=page, b=bench, model=bench["model"], tables=tables, svg=_inline(speedup_plot(bench)), provenance=prov,
+        sid=sid, b=bench, model=bench["model"], tables=tables, svg=_inline(speedup_plot(bench)), provenance=prov,
         settings=json.dumps(bench.get("settings", {}), sort_keys=True))
 
 
-def render_bench_html(bench: dict[str, Any]) -> str:
+def render_bench_html(bench: dict[str, Any], sid: str = "bench") -> str:
     """A <section> fragment for embedding in another page."""
-    return _render(bench, page=False)
+    return _render(bench, sid)
 
 
-def render_bench_page(bench_json: Path, out: Path) -> Path:
-    """Read bench.json and write one standalone, self-contained HTML page to `out`."""
-    bench = json.loads(Path(bench_json).read_text())
+def render_benches_html(benches: list[dict[str, Any]]) -> str:
+    """The fragments of several benches, one section each."""
+    return "\n".join(_render(b, f"bench-{i}" if len(benches) > 1 else "bench") for i, b in enumerate(benches))
+
+
+def render_bench_page(bench_json: Path | list[Path], out: Path) -> Path:
+    """Read one or more bench.json files and write one standalone, self-contained HTML page to `out`."""
+    paths = bench_json if isinstance(bench_json, list) else [bench_json]
+    benches = [json.loads(Path(p).read_text()) for p in paths]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(_render(bench, page=True), encoding="utf-8")
+    page = _environment().get_template("bench_page.html.j2").render(
+        names=", ".join(b["model"]["name"] for b in benches), body=Markup(render_benches_html(benches)),
+        overview=overview_table(benches) if len(benches) > 1 else None)
+    out.write_text(page, encoding="utf-8")
     return out

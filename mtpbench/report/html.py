@@ -236,12 +236,22 @@ def failed_table(data: Loaded, keys: list[str]) -> Table:
     ])
 
 
+def performance_section(data: Loaded) -> Section | None:
+    """`mtpbench bench` results stored with the sweep (sweep --bench): cost terms, parity, efficiency, roofline."""
+    if not data.benches:
+        return None
+    from .bench_section import render_benches_html
+
+    return Section("performance", "Where the time goes (mtpbench bench)",
+                   extra={"html": Markup(render_benches_html(data.benches))})  # our own template output
+
+
 def sections(data: Loaded) -> list[Section]:
     keys = shown_keys(data.runs)
     out = [headline_section(data, keys), throughput_section(data, keys), acceptance_section(data, keys),
            position_section(data, keys), tau_section(data, keys), efficiency_section(data, keys),
            categories_section(data, keys), policies_section(data, keys), backends_section(data, keys),
-           verdicts_section(data, keys),
+           verdicts_section(data, keys), performance_section(data),
            provenance_section(data)]
     return [s for s in out if s is not None]
 

@@ -7,6 +7,7 @@ these frames only, never live decoder objects.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ class Loaded:
     verdicts: pd.DataFrame
     manifests: dict[str, dict[str, Any]] = field(default_factory=dict)
     dirs: dict[str, Path] = field(default_factory=dict)
+    benches: list[dict[str, Any]] = field(default_factory=list)  # `mtpbench bench` results kept in a dir's bench/
 
 
 def sampling_label(row: pd.Series) -> str:
@@ -93,5 +95,6 @@ def load(results_dirs: list[Path | str]) -> Loaded:
     runs = _normalize_runs(pd.concat(frames["runs"], ignore_index=True))
     verdicts = _fill_keys(pd.concat(frames["verdicts"], ignore_index=True), GROUP_KEYS)
     steps = pd.concat(frames["steps"], ignore_index=True)
+    benches = [json.loads(f.read_text()) for d in dirs for f in sorted(d.glob("bench/**/bench.json"))]
     return Loaded(runs=runs, steps=steps, verdicts=verdicts, manifests=dict(zip(names, manifests)),
-                  dirs=dict(zip(names, dirs)))
+                  dirs=dict(zip(names, dirs)), benches=benches)
