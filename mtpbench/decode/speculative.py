@@ -218,6 +218,7 @@ def _greedy_step(r: _Run, st: _State) -> None:
         d = mx.argmax(trunk.lm_head(z)[0, -1], keepdims=True)
         drafted.append(d)
     draft_ids = mx.concatenate(drafted)
+    mx.async_eval(draft_ids)  # the device drafts while the host builds the verify graph
     verify, roll_back = _verify(trunk, r.cache, mx.concatenate([mx.array([st.last]), draft_ids])[None], r.rollback)
     target_ids = mx.argmax(verify.logits[0], axis=-1)
     mx.eval(draft_ids, target_ids)  # the step's one host synchronisation
