@@ -66,6 +66,7 @@ class BenchSettings:
     prompt_tokens: int = 64
     warmup: int = 2
     copy_mb: int = 256
+    blas: bool = True  # also measure with the reference BLAS (Linux with OpenBLAS preloaded only)
 
     @classmethod
     def large(cls, ks: Sequence[int] = (1, 2, 3)) -> BenchSettings:
@@ -75,7 +76,7 @@ class BenchSettings:
     @classmethod
     def quick(cls, ks: Sequence[int] = (1, 2), contexts: Sequence[int] = (64, 128)) -> BenchSettings:
         return cls(ks=tuple(ks), max_tokens=12, repeats=2, contexts=tuple(contexts), prompt_tokens=24, warmup=1,
-                   copy_mb=16)
+                   copy_mb=16, blas=False)
 
 
 # --- the larger generated checkpoint ---------------------------------------------------------------------------
@@ -484,6 +485,44 @@ def context_scaling(bundle: Bundle, lengths: Sequence[int] = (512, 2048, 8192), 
 # --- the whole bench -----------------------------------------------------------------------------------------
 
 
+# --- BLAS ----------------------------------------------------------------------------------------------------
+
+
+def _costs_and_ar(model: str, prompt_tokens: int, ks: Sequence[int], max_tokens: int, repeats: int) -> dict[str, Any]:
+    """Cost terms and AR decode tok/s of one checkpoint in this process (whatever BLAS it has mapped)."""
+    bundle = load(model, require_mtp=True)
+    prompt = pattern_prompt(bundle, min(prompt_tokens, _context_cap(bundle, max_tokens, ks)))
+    costs = measure_costs(bundle, prompt, ks, repeats, warmup=1)
+    ar = [_decode(bundle, prompt, 0, max_tokens).decode_tok_s for _ in range(repeats + 1)][1:]
+    return {"blas": active_blas(), "costs": costs.to_dict(), "ar_tok_s": _median(ar)}
+
+
+def blas_comparison(model: str, prompt_tokens: int, ks: Sequence[int], max_tokens: int, repeats: int,
+                    here: dict[str, Any]) -> dict[str, Any]:
+    """The same cost terms and AR tok/s with mlx's bundled reference BLAS, measured in a child process without the
+    OpenBLAS preload (a library cannot be unloaded), next to this process's. Only where OpenBLAS is active."""
+    import os
+    import subprocess
+    import sys
+
+    if active_blas() != "openblas":
+        return {"available": False, "note": f"this process runs {active_blas()} BLAS; nothing to compare with"}
+    env = dict(os.environ)
+    env["LD_PRELOAD"] = ":".join(x for x in env.get("LD_PRELOAD", "").split(":") if x and "openblas" not in x)
+    env["MTPBENCH_BLAS_CHOSEN"] = "1"  # the child must not re-execute itself with OpenBLAS (blas._MARK)
+    args = [sys.executable, "-m", "mtpbench.bench", model, str(prompt_tokens), ",".join(map(str, ks)),
+            str(max_tokens), str(repeats)]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0:
+        return {"available": False, "note": f"reference-BLAS child failed: {done.stderr.strip().splitlines()[-1:]}"}
+    ref = json.loads(done.stdout.strip().splitlines()[-1])
+    verify = {v["k"]: v["seconds"] for v in here["costs"]["verify_s"]}
+    return {"available": True, "reference": ref, "openblas": here,
+            "ar_tok_s_ratio": here["ar_tok_s"] / ref["ar_tok_s"],
+            "ar_step_ratio": ref["costs"]["ar_step_s"] / here["costs"]["ar_step_s"],
+            "verify_ratio": {str(v["k"]): v["seconds"] / verify[v["k"]] for v in ref["costs"]["verify_s"]}}
+
+
 def _model_facts(bundle: Bundle) -> dict[str, Any]:
     text = bundle.text_config
     params = sum(v.size for _, v in tree_flatten(bundle.model.parameters()))
@@ -534,6 +573,17 @@ def run_bench(model: str | Path, out_dir: Path, ks: Sequence[int] = (1, 2, 3), s
         s.copy_mb))
     section("context_scaling", f"context scaling {list(s.contexts)}",
             lambda: context_scaling(bundle, s.contexts, s.ks, s.max_tokens, s.context_repeats))
+    if s.blas:
+        section("blas_vs_reference", "the same costs with mlx's bundled reference BLAS (child process)", lambda: blas_comparison(
+            str(bundle.path), len(prompt), s.ks, s.max_tokens, s.repeats,
+            {"blas": active_blas(), "costs": costs.to_dict(), "ar_tok_s": eff[0]["ar_tok_s"]}))
     bench["complete"] = True
     write_json(path, bench)
     return bench
+
+
+if __name__ == "__main__":  # the reference-BLAS child of blas_comparison: MODEL PROMPT_TOKENS KS MAX_TOKENS REPEATS
+    import sys
+
+    _m, _p, _ks, _n, _r = sys.argv[1:6]
+    print(json.dumps(_costs_and_ar(_m, int(_p), [int(k) for k in _ks.split(",")], int(_n), int(_r))))

@@ -73,6 +73,13 @@ def summary_lines(bench: dict[str, Any]) -> list[str]:
                  f"{roof['trunk_bytes'] / 1e6:.1f} MB trunk, {roof['draft_step_bytes'] / 1e6:.1f} MB per draft step")
     lines += [f"  {'AR ' if r['k'] == 0 else 'K=' + str(r['k'])}: {r['tok_s']:.1f} tok/s -> "
               f"{r['achieved_gb_s']:.2f} GB/s ({100 * r['share']:.1f}% of machine)" for r in roof["modes"]]
+    bl = bench.get("blas_vs_reference")
+    if bl and bl.get("available"):
+        lines.append(f"BLAS: {bench['blas']} vs mlx's bundled reference: AR {bl['openblas']['ar_tok_s']:.1f} vs "
+                     f"{bl['reference']['ar_tok_s']:.1f} tok/s ({bl['ar_tok_s_ratio']:.2f}x); verify time reference/"
+                     f"openblas " + ", ".join(f"K={k} {r:.2f}x" for k, r in bl["verify_ratio"].items()))
+    elif bl:
+        lines.append(f"BLAS comparison: {bl.get('note')}")
     lines.append("context scaling (decode tok/s): prompt  AR  " + "  ".join(f"K={k}" for k in bench["settings"]["ks"]))
     for row in bench["context_scaling"]:
         cells = "  ".join(f"{r['tok_s']:.1f} ({r['speedup']:.2f}x)" for r in row["mtp"])

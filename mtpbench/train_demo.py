@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import shutil
 import sys
 import sysconfig
@@ -202,8 +203,11 @@ def save(out: Path, net: Net, config: dict, tok, r: Recipe, seconds: float) -> N
     config = dict(config, torch_dtype="bfloat16")
     (out / "config.json").write_text(json.dumps(config, indent=2))
     write_tokenizer(tok, out)
-    (out / "recipe.json").write_text(json.dumps({**r.__dict__, "train_seconds": round(seconds),
-                                                  "python": sys.version.split()[0]}, indent=2))
+    from .blas import active_blas
+
+    env = {"blas": active_blas(), "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+           "mlx": mx.__version__, "python": sys.version.split()[0]}
+    (out / "recipe.json").write_text(json.dumps({**r.__dict__, "train_seconds": round(seconds), **env}, indent=2))
 
 
 def write_heldout_prompts(held: list[Path], out: Path, n: int = 24, chars: int = 600) -> None:

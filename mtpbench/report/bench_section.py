@@ -97,6 +97,20 @@ def context_table(b: dict[str, Any]) -> Table:
                  [True] * (3 + len(ks)), "Decode throughput against context length")
 
 
+def blas_table(b: dict[str, Any]) -> Table:
+    bl = b.get("blas_vs_reference") or {}
+    if not bl.get("available"):
+        return Table(["BLAS comparison"], [[fmt.text(bl.get("note"))]] if bl else [], [False], "BLAS")
+    o, r = bl["openblas"], bl["reference"]
+    rows = [["AR decode tok/s", fmt.tok_s(o["ar_tok_s"]), fmt.tok_s(r["ar_tok_s"]), fmt.num(bl["ar_tok_s_ratio"], 2)],
+            ["AR step (ms)", _ms(o["costs"]["ar_step_s"]), _ms(r["costs"]["ar_step_s"]), fmt.num(bl["ar_step_ratio"], 2)]]
+    rows += [[f"verify K={k} (ms)", _ms(v["seconds"]), _ms(w["seconds"]), fmt.num(w["seconds"] / v["seconds"], 2)]
+             for k, v, w in ((v["k"], v, w) for v, w in zip(o["costs"]["verify_s"], r["costs"]["verify_s"]))]
+    return Table(["", f"{b['blas']} (this run)", "mlx's bundled reference BLAS", "gain"], rows,
+                 [False, True, True, True], "The same terms with the BLAS mlx's Linux CPU wheel ships (measured in a "
+                 "child process without the OpenBLAS preload, same checkpoint and prompt)")
+
+
 @_styled
 def speedup_plot(b: dict[str, Any]) -> str | None:
     """Predicted and realized speedup side by side per K, with the no-speedup line."""
@@ -143,7 +157,7 @@ def overview_table(benches: list[dict[str, Any]]) -> Table:
 
 def _render(bench: dict[str, Any], sid: str = "bench") -> str:
     tables = [parity_table(bench), costs_table(bench), efficiency_table(bench), records_table(bench),
-              roofline_table(bench), context_table(bench)]
+              roofline_table(bench), context_table(bench), blas_table(bench)]
     prov = sorted((k, str(v)) for k, v in bench.get("provenance", {}).items())
     return _environment().get_template("bench.html.j2").render(
         sid=sid, b=bench, model=bench["model"], tables=tables, svg=_inline(speedup_plot(bench)), provenance=prov,
