@@ -108,17 +108,28 @@ def joint_loss(net: Net, x: mx.array, mtp_weight: float) -> mx.array:
 
 
 def distill_loss(net: Net, x: mx.array, depths: int) -> mx.array:
-    """KL(trunk || head) at depths 1..D, the head chained on its own hidden like the drafter."""
+    """KL(trunk || head) at depths 1..D, the head chained on its own hidden like the drafter.
+
+    Depth d > 1 is only reached at decode time when the drafts before it were accepted, i.e. equal to the trunk's
+    greedy tokens; the text's own tokens are that input only where the trunk's greedy path agrees with the text.
+    So depth d learns only at those positions: there its input token and its teacher (the trunk's distribution
+    after that prefix) are exactly what the verifier will see.
+    """
     h, logits = net.trunk(x)
     h, teacher = mx.stop_gradient(h), mx.stop_gradient(nn.log_softmax(logits.astype(mx.float32), axis=-1))
+    greedy = mx.argmax(teacher, axis=-1)  # [:, t]: the trunk's greedy token for position t + 1
     total, z = 0.0, h
     T = x.shape[1]
+    on_path = mx.ones((x.shape[0], T - 1))
     for d in range(1, depths + 1):
         n = T - d  # positions t with a token t+d
         z, student = net.head_logits(z[:, :n], x[:, d : d + n])
         target = teacher[:, d : d + n]  # trunk's distribution for token t+d+1
-        kl = (mx.exp(target) * (target - nn.log_softmax(student.astype(mx.float32), axis=-1))).sum(-1).mean()
-        total = total + kl / d
+        on_path = on_path[:, :n]
+        if d > 1:  # the drafted input x[t+d] must be the trunk's greedy choice after x[..t+d-1]
+            on_path = on_path * (greedy[:, d - 1 : d - 1 + n] == x[:, d : d + n])
+        kl = (mx.exp(target) * (target - nn.log_softmax(student.astype(mx.float32), axis=-1))).sum(-1)
+        total = total + (kl * on_path).sum() / mx.maximum(on_path.sum(), 1.0) / d
     return total
 
 

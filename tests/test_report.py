@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import sys
+from contextlib import contextmanager
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import ClassVar
@@ -91,38 +92,44 @@ def test_report_is_self_contained(merged):
     assert "<svg" in merged.read_text()
 
 
-def test_report_renders_in_headless_browser(merged):
-    # No skip: a missing browser must fail loudly rather than hide a broken report.
+@contextmanager
+def browser_page(html: Path, width: int):
+    """Open a report in headless Chromium; yields (page, console errors, requested URLs). Never skips: a missing
+    browser must fail loudly rather than hide a broken report."""
     try:
         from playwright import sync_api as playwright
     except ImportError:
         pytest.fail("the browser test needs `pip install playwright` (no `playwright install`: it uses Debian's chromium)")
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} missing: apt-get install -y chromium")
-    url = merged.resolve().as_uri()
     errors: list[str] = []
     requests: list[str] = []
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page = browser.new_page(viewport={"width": width, "height": 800})
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.on("request", lambda r: requests.append(r.url))
-            page.goto(url, wait_until="load")
-            for sid in SECTIONS:
-                section = page.locator(f"section#{sid}")
-                assert section.count() == 1, sid
-                assert section.is_visible(), sid
-                assert section.locator("h2").first.is_visible(), sid
-            assert page.title() == "Merged <test>"
-            # Laptop width: the page itself must not scroll sideways; wide tables scroll in their own box.
-            page.set_viewport_size({"width": 800, "height": 800})
-            assert page.evaluate("document.documentElement.scrollWidth") <= 800
+            page.goto(html.resolve().as_uri(), wait_until="load")
+            yield page, errors, requests
         finally:
             browser.close()
+
+
+def test_report_renders_in_headless_browser(merged):
+    with browser_page(merged, 1280) as (page, errors, requests):
+        for sid in SECTIONS:
+            section = page.locator(f"section#{sid}")
+            assert section.count() == 1, sid
+            assert section.is_visible(), sid
+            assert section.locator("h2").first.is_visible(), sid
+        assert page.title() == "Merged <test>"
+        # Laptop width: the page itself must not scroll sideways; wide tables scroll in their own box.
+        page.set_viewport_size({"width": 800, "height": 800})
+        assert page.evaluate("document.documentElement.scrollWidth") <= 800
     assert errors == []
-    assert requests == [url]
+    assert requests == [merged.resolve().as_uri()]
 
 
 def test_merged_report_compares_both_sources(merged):

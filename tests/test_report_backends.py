@@ -30,7 +30,7 @@ from mtpbench.report import backends, render_card, render_report, tables
 from mtpbench.report.load import load
 from mtpbench.stats import summary
 from tests.test_card import md_tables
-from tests.test_report import CHROMIUM, CHROMIUM_ARGS, Resources
+from tests.test_report import Resources, browser_page
 
 SPEC = Spec(name="mixed", backend="reference", seed=11)
 SPEEDUP = {"code": 2.0, "chat": 1.3, "math": 1.6}  # the MTP endpoint's gain per prompt category (with noise)
@@ -281,30 +281,12 @@ def test_report_with_backends_is_self_contained_and_renders_in_headless_browser(
     parser.feed(html.read_text())
     assert all(ref.startswith("#") for ref in parser.refs)
     assert len(parser.ids) == len(set(parser.ids))
-    try:
-        from playwright import sync_api as playwright
-    except ImportError:
-        pytest.fail("the browser test needs `pip install playwright` (it uses Debian's chromium)")
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} missing: apt-get install -y chromium")
-    url = html.resolve().as_uri()
-    errors: list[str] = []
-    requests: list[str] = []
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 800, "height": 800})
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.on("request", lambda r: requests.append(r.url))
-            page.goto(url, wait_until="load")
-            section = page.locator("section#backends")
-            assert section.count() == 1 and section.is_visible()
-            assert section.locator("table").count() == 2
-            assert page.evaluate("document.documentElement.scrollWidth") <= 800
-        finally:
-            browser.close()
-    assert errors == [] and requests == [url]
+    with browser_page(html, 800) as (page, errors, requests):
+        section = page.locator("section#backends")
+        assert section.count() == 1 and section.is_visible()
+        assert section.locator("table").count() == 2
+        assert page.evaluate("document.documentElement.scrollWidth") <= 800
+    assert errors == [] and requests == [html.resolve().as_uri()]
 
 
 def test_sweep_console_summary_lists_servers_and_their_speedup(dirs):

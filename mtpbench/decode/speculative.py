@@ -187,23 +187,12 @@ def _sampled_step(r: _Run, st: _State) -> None:
     p = host_probs(verify.logits[0], r.cfg)
     rule_p = p if r.rule.target_transform == "same" else host_probs(verify.logits[0], _raw_target(r.cfg))
     verdict = apply_rule(rule_p, q, drafts, rng, r.rule)
-    j = verdict.accepted
 
-    # 3. Roll back: the trunk to `last` + accepted drafts, the MTP cache to its committed entries.
-    if j < k:
-        roll_back(j)
-    for c in mtp_cache:
-        c.trim(c.offset - committed)
-
-    # 4. Record and emit.
-    pit_rng = r.pit_rng
-    if pit_rng is not None:
-        step = len(st.accepted_per_step)
-        st.step_recs += [StepRecord(step, i + 1, drafts[i], i < j, float(p[i, drafts[i]]), float(q[i, drafts[i]]),
-                                    float(np.minimum(p[i], q[i]).sum())) for i in range(min(j + 1, k))]
-    _emit(st, verdict, drafts, r.max_tokens, r.eos,
-          (lambda i, index, tok, src: token_record(index, tok, src, p[i], pit_rng)) if pit_rng is not None else None)
-    st.pending_h = verify.hidden[:, : j + 1]
+    # 3.-4. Roll back, record, emit.
+    _finish(r, st, verdict, drafts, roll_back, committed, verify.hidden,
+            lambda step, i, j: StepRecord(step, i + 1, drafts[i], i < j, float(p[i, drafts[i]]), float(q[i, drafts[i]]),
+                                          float(np.minimum(p[i], q[i]).sum())),
+            lambda i, index, tok, src: token_record(index, tok, src, p[i], r.pit_rng))
 
 
 def _greedy_step(r: _Run, st: _State) -> None:
@@ -223,17 +212,25 @@ def _greedy_step(r: _Run, st: _State) -> None:
     target_ids = mx.argmax(verify.logits[0], axis=-1)
     mx.eval(draft_ids, target_ids)  # the step's one host synchronisation
     drafts, targets = draft_ids.tolist(), target_ids.tolist()
-    verdict = apply_rule_greedy(drafts, targets)
+    _finish(r, st, apply_rule_greedy(drafts, targets), drafts, roll_back, committed, verify.hidden,
+            lambda step, i, j: StepRecord(step, i + 1, drafts[i], i < j, float(drafts[i] == targets[i]), 1.0,
+                                          float(drafts[i] == targets[i])),
+            lambda i, index, tok, src: point_mass_record(index, tok, src, r.pit_rng))
+
+
+def _finish(r: _Run, st: _State, verdict: Verdict, drafts: list[int], roll_back: Callable[[int], None],
+            committed: int, hidden: mx.array, step_record: Callable[[int, int, int], StepRecord],
+            token_rec: Callable[[int, int, int, str], TokenRecord]) -> None:
+    """The tail both steps share: roll the trunk back to the accepted prefix and the MTP cache to its committed
+    entries, record (when asked), emit, and keep the true hiddens still to be fed to the head."""
     j = verdict.accepted
-    if j < k:
+    if j < r.k:
         roll_back(j)
-    for c in mtp_cache:
+    for c in r.mtp_cache:
         c.trim(c.offset - committed)
-    pit_rng = r.pit_rng
-    if pit_rng is not None:
+    records = r.pit_rng is not None
+    if records:
         step = len(st.accepted_per_step)
-        st.step_recs += [StepRecord(step, i + 1, drafts[i], i < j, float(drafts[i] == targets[i]), 1.0,
-                                    float(drafts[i] == targets[i])) for i in range(min(j + 1, k))]
-    _emit(st, verdict, drafts, r.max_tokens, r.eos,
-          (lambda i, index, tok, src: point_mass_record(index, tok, src, pit_rng)) if pit_rng is not None else None)
-    st.pending_h = verify.hidden[:, : j + 1]
+        st.step_recs += [step_record(step, i, j) for i in range(min(j + 1, r.k))]
+    _emit(st, verdict, drafts, r.max_tokens, r.eos, token_rec if records else None)
+    st.pending_h = hidden[:, : j + 1]
