@@ -56,6 +56,7 @@ def summary_lines(bench: dict[str, Any]) -> list[str]:
         (f"costs at {c['context_tokens']} tokens of context: AR step {1e3 * c['ar_step_s']:.3f} ms, "
          f"draft step {1e3 * c['draft_step_s']:.3f} ms ({c['draft_over_ar_step']:.2f}x AR)"),
     ]
+    lines += [f"  {d['k']} chained drafts: {1e3 * d['seconds']:.3f} ms" for d in c.get("draft_chain_s", []) if d["k"] > 1]
     lines += [f"  verify K={v['k']}: {1e3 * v['seconds']:.3f} ms ({v['over_ar_step']:.2f}x AR) keeping every "
               f"GDN state; {1e3 * v['plain_seconds']:.3f} ms plain" for v in c["verify_s"]]
     lines.append("  rollback by accepted prefix j, capture (commit): "

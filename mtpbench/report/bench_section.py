@@ -47,6 +47,8 @@ def costs_table(b: dict[str, Any]) -> Table:
     c = b["costs"]
     rows = [["AR step (1 token + host argmax)", _ms(c["ar_step_s"]), "1.00"],
             ["MTP draft step", _ms(c["draft_step_s"]), fmt.num(c["draft_over_ar_step"], 2)]]
+    rows += [[f"{d['k']} chained drafts, one sync", _ms(d["seconds"]), fmt.num(d["seconds"] / c["ar_step_s"], 2)]
+             for d in c.get("draft_chain_s", []) if d["k"] > 1]
     rows += [[f"verify K={v['k']} ({v['k'] + 1} tokens), keeping every GDN state", _ms(v["seconds"]),
               fmt.num(v["over_ar_step"], 2)] for v in c["verify_s"]]
     rows += [[f"rollback j={j}: commit the captured state", _ms(s), fmt.num(s / c["ar_step_s"], 2)]
@@ -67,7 +69,7 @@ def efficiency_table(b: dict[str, Any]) -> Table:
              fmt.ratio(e["realized_speedup"]), fmt.rate(e["efficiency"]), _break_even(e["break_even_acceptance"]),
              fmt.num(e["step_overhead"], 2), fmt.num(e["ar_overhead"], 2)] for e in b["mtp"]]
     return Table(["K", "survival by depth", "τ", "AR tok/s", "MTP tok/s", "predicted", "realized", "efficiency",
-                  "break-even α", "step time / model", "AR token time / model"], rows,
+                  "break-even α", "MTP step time / model", "AR loop token time / isolated AR step"], rows,
                  [True, False] + [True] * 9, "Predicted (cost model) vs realized speedup, greedy")
 
 

@@ -1,14 +1,16 @@
 """Acceptance analysis beyond the summary tables: the cost model, break-even acceptance, paired comparisons.
 
 Cost model of one speculative step at depth K on a given machine (all terms measured, never assumed):
-    t_step(K) = K * t_draft + t_verify(K) + p_reject * t_rollback
+    t_step(K) = t_drafts(K) + t_verify(K) + p_reject * t_rollback
+where t_drafts(K) is K chained draft steps ended by one host sync (measured per K where known: on small models a
+sync costs more than a draft, so K * t_draft would overstate deep drafts), else K * t_draft.
 and it emits E[tokens | survival s_1..s_K] = 1 + sum_d s_d tokens, where s_d is the survival to depth d.
 Predicted speedup = E[tokens] * t_ar / t_step(K), with t_ar the cost of one AR decode step.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import optimize
@@ -25,6 +27,10 @@ class StepCosts:
     draft_step: float
     verify: dict[int, float]  # K -> one (K+1)-token verify forward
     rollback: float = 0.0  # restore + re-forward of the accepted prefix, per rejected step
+    draft_chain: dict[int, float] = field(default_factory=dict)  # K -> K chained drafts, one sync
+
+    def drafts(self, k: int) -> float:
+        return self.draft_chain.get(k, k * self.draft_step)
 
 
 def expected_tokens(survival: list[float]) -> float:
@@ -40,7 +46,7 @@ def iid_expected_tokens(alpha: float, k: int) -> float:
 def predicted_speedup(survival: list[float], costs: StepCosts) -> float:
     k = len(survival)
     p_reject = 1.0 - (survival[-1] if survival else 0.0)
-    t_step = k * costs.draft_step + costs.verify[k] + p_reject * costs.rollback
+    t_step = costs.drafts(k) + costs.verify[k] + p_reject * costs.rollback
     return expected_tokens(survival) * costs.ar_step / t_step
 
 
