@@ -33,6 +33,7 @@ from .decode.common import now as _clock
 from .errors import UserError
 from .provenance import now_iso, provenance
 from .results import write_json
+from .roofline import bytes_per_token, copy_bandwidth, draft_step_bytes, nbytes
 from .sampling import SamplingConfig
 from .stats.acceptance import (
     StepCosts,
@@ -424,28 +425,6 @@ def records_overhead(bundle: Bundle, prompt_ids: list[int], ks: Sequence[int], m
 # --- roofline ------------------------------------------------------------------------------------------------
 
 
-def _nbytes(module) -> int:
-    """Bytes of every parameter of a module, quantized weights' scales and biases included."""
-    return int(sum(v.nbytes for _, v in tree_flatten(module.parameters())))
-
-
-def _lm_head_bytes(bundle: Bundle) -> int:
-    lm = bundle.trunk.lm
-    return _nbytes(lm.model.embed_tokens if lm.args.tie_word_embeddings else lm.lm_head)
-
-
-def copy_bandwidth(mb: int = 256, best_of: int = 5) -> float:
-    """Machine memory bandwidth in GB/s: best large numpy copy, read + write bytes counted."""
-    src = np.ones(mb * (1 << 20) // 8)
-    dst = np.empty_like(src)
-    best = math.inf
-    for _ in range(best_of):
-        t0 = _clock()
-        np.copyto(dst, src)
-        best = min(best, _clock() - t0)
-    return 2 * src.nbytes / best / 1e9
-
-
 def roofline(bundle: Bundle, tok_s: dict[int, float], tau: dict[int, float] | None = None,
              copy_mb: int = 256) -> dict[str, Any]:
     """Weight bytes read per token x tok/s = achieved weight bandwidth, and its share of the machine's.
@@ -455,17 +434,17 @@ def roofline(bundle: Bundle, tok_s: dict[int, float], tau: dict[int, float] | No
     although a step reads one row of it (`embedding_bytes` says how much that is).
     """
     tau = tau or {}
-    trunk = _nbytes(bundle.model)
-    head = _nbytes(bundle.require_mtp()) + _lm_head_bytes(bundle)
+    trunk = nbytes(bundle.model)
+    head = draft_step_bytes(bundle)
     machine = copy_bandwidth(copy_mb)
     rows = []
     for k, ts in sorted(tok_s.items()):
-        per_token = trunk if k == 0 else (trunk + k * head) / tau.get(k, 1.0)
+        per_token = bytes_per_token(trunk, head, k, tau.get(k, 1.0))
         gbs = per_token * ts / 1e9
         rows.append({"k": k, "tok_s": ts, "bytes_per_token": per_token, "achieved_gb_s": gbs,
                      "share": gbs / machine})
     emb = bundle.trunk.lm.model.embed_tokens
-    return {"trunk_bytes": trunk, "draft_step_bytes": head, "embedding_bytes": _nbytes(emb),
+    return {"trunk_bytes": trunk, "draft_step_bytes": head, "embedding_bytes": nbytes(emb),
             "tied_embeddings": bool(bundle.trunk.lm.args.tie_word_embeddings),
             "machine_gb_s": machine, "copy_mb": copy_mb, "modes": rows}
 

@@ -34,6 +34,8 @@ RUNS = pa.schema([
     ("prompt_tokens", pa.int32()), ("generated_tokens", pa.int32()),
     ("prefill_s", pa.float64()), ("decode_s", pa.float64()), ("decode_tok_s", pa.float64()), ("ttft_s", pa.float64()),
     ("peak_memory_bytes", pa.int64()),
+    ("weight_bytes_per_token", pa.float64()),  # roofline: trunk (+ K draft steps / tau) weight bytes per token
+    ("memory_gb_s", pa.float64()),  # the machine's copy bandwidth, measured once per process
     ("verify_steps", pa.int32()), ("drafted_tokens", pa.int32()), ("accepted_tokens", pa.int32()),
     ("mean_acceptance_length", pa.float64()),
     ("drafted_at_depth", pa.list_(pa.int32())), ("accepted_at_depth", pa.list_(pa.int32())),

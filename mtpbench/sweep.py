@@ -23,6 +23,7 @@ from .kvcache import FULL_KV, KVCacheSpec
 from .prompts import Prompt, encode, load_sets, supports_thinking
 from .provenance import now_iso, provenance
 from .results import SCHEMA_VERSION, done_parts, read_manifest, write_json, write_part
+from .roofline import bytes_per_token, copy_bandwidth, draft_step_bytes, weight_bytes
 from .sampling import SamplingConfig
 
 
@@ -255,7 +256,10 @@ def _run_row(cell: Cell, bundle: Bundle, mode: str, k: int, order: int, r: Decod
         "started_at": started, **provenance(),
     }
     if r is not None:
+        tau = r.mean_acceptance_length if mode == "mtp" else 1.0
         row.update(
+            weight_bytes_per_token=bytes_per_token(weight_bytes(bundle), draft_step_bytes(bundle), k, tau),
+            memory_gb_s=copy_bandwidth(),
             prompt_tokens=r.prompt_tokens, generated_tokens=r.generated_tokens, prefill_s=r.prefill_s,
             decode_s=r.decode_s, decode_tok_s=r.decode_tok_s, ttft_s=r.prefill_s,
             peak_memory_bytes=r.peak_memory_bytes, verify_steps=r.verify_steps, drafted_tokens=r.drafted_tokens,

@@ -12,10 +12,12 @@ import time
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from mtpbench.checkpoint import load
 from mtpbench.results import read_table
 
 
@@ -63,6 +65,21 @@ def test_sweep_writes_exactly_the_expected_rows(small_sweep):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["schema_version"] == 1 and manifest["provenance"]["mlx_version"]
     assert "results:" in res.output and "speedup" in res.output
+
+
+def test_roofline_columns(small_sweep, tiny_agree):
+    """Weight bytes per token: the trunk's for AR, trunk + K draft steps over tau for MTP; the machine's bandwidth."""
+    from mtpbench.roofline import draft_step_bytes, weight_bytes
+
+    b = load(tiny_agree)
+    trunk, draft = weight_bytes(b), draft_step_bytes(b)
+    runs = read_table(small_sweep[0], "runs")
+    ok = runs[(runs["status"] == "ok") & (runs["model"] == str(tiny_agree))]
+    ar, mtp = ok[ok["mode"] == "ar"], ok[ok["mode"] == "mtp"]
+    assert (ar["weight_bytes_per_token"] == trunk).all()
+    want = (trunk + mtp["k"] * draft) / mtp["mean_acceptance_length"]
+    assert np.allclose(mtp["weight_bytes_per_token"], want)
+    assert (ok["memory_gb_s"] > 0).all() and ok["memory_gb_s"].nunique() == 1
 
 
 def test_results_read_with_pandas_pyarrow_and_duckdb(small_sweep):

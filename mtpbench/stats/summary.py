@@ -177,13 +177,17 @@ def server_speedup_table(runs: pd.DataFrame, by: list[str] | None = None, seed: 
 
 
 def throughput_table(runs: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
-    """Decode tok/s by mode and k: mean, std over runs, n; AR is k = 0."""
+    """Decode tok/s by mode and k: mean, std over runs, n; AR is k = 0. With the roofline: achieved weight GB/s
+    (weight bytes per token x tok/s, mean over runs) and its share of the machine's measured copy bandwidth."""
     by = by or SETTING_KEYS
     r = ok_runs(runs)
+    r = r.assign(weight_gb_s=r["weight_bytes_per_token"] * r["decode_tok_s"] / 1e9)
     g = r.groupby(by + ["mode", "k"], dropna=False, sort=True)
     out = g.agg(tok_s=("decode_tok_s", "mean"), tok_s_std=("decode_tok_s", "std"), runs=("run_id", "count"),
                 tau=("mean_acceptance_length", "mean"), peak_memory_bytes=("peak_memory_bytes", "max"),
-                prefill_s=("prefill_s", "mean")).reset_index()
+                prefill_s=("prefill_s", "mean"), weight_gb_s=("weight_gb_s", "mean"),
+                memory_gb_s=("memory_gb_s", "max")).reset_index()
+    out["bandwidth_share"] = out["weight_gb_s"] / out["memory_gb_s"]
     return out
 
 
