@@ -54,6 +54,7 @@ class _State:
     accepted_per_step: list[int] = field(default_factory=list)
     step_recs: list[StepRecord] = field(default_factory=list)
     token_recs: list[TokenRecord] = field(default_factory=list)
+    ahead: tuple[mx.array, int] | None = None  # greedy: next step's drafts, queued assuming all K are accepted
 
 
 @dataclass(frozen=True)
@@ -195,39 +196,66 @@ def _sampled_step(r: _Run, st: _State) -> None:
             lambda i, index, tok, src: token_record(index, tok, src, p[i], r.pit_rng))
 
 
-def _greedy_step(r: _Run, st: _State) -> None:
-    """The same step for greedy target and draft, with one host synchronisation and no vocabulary-sized rows."""
-    trunk, head, mtp_cache, k = r.bundle.trunk, r.bundle.mtp, r.mtp_cache, r.k
-    z = head(st.pending_h, trunk.embed(mx.array([st.pending_tok])), mtp_cache)[:, -1:]
+def _greedy_drafts(r: _Run, pending_h: mx.array, pending_tok: mx.array) -> tuple[mx.array, int]:
+    """Feed the head the true (hidden, next token) pairs and chain K greedy drafts, all on the device; returns the
+    draft ids and the MTP cache offset after the true pairs (what a rollback trims back to)."""
+    trunk, head, mtp_cache = r.bundle.trunk, r.bundle.mtp, r.mtp_cache
+    z = head(pending_h, trunk.embed(pending_tok[None]), mtp_cache)[:, -1:]
     committed = mtp_cache[0].offset
     d = mx.argmax(trunk.lm_head(z)[0, -1], keepdims=True)
     drafted = [d]
-    for _ in range(1, k):
+    for _ in range(1, r.k):
         z = head(z, trunk.embed(d[None]), mtp_cache)
         d = mx.argmax(trunk.lm_head(z)[0, -1], keepdims=True)
         drafted.append(d)
-    draft_ids = mx.concatenate(drafted)
-    mx.async_eval(draft_ids)  # the device drafts while the host builds the verify graph
+    return mx.concatenate(drafted), committed
+
+
+def _greedy_step(r: _Run, st: _State) -> None:
+    """The same step for greedy target and draft, with one host synchronisation and no vocabulary-sized rows.
+
+    While the host waits for the verify, the device already drafts the next step as if all K drafts were
+    accepted (the common case at high acceptance): the same operations on the same inputs the next step would
+    run, kept only when it is so; otherwise the MTP cache is trimmed back and the next step drafts as usual.
+    """
+    trunk, k = r.bundle.trunk, r.k
+    if st.ahead is not None:
+        (draft_ids, committed), st.ahead = st.ahead, None
+    else:
+        draft_ids, committed = _greedy_drafts(r, st.pending_h, mx.array(st.pending_tok))
+        mx.async_eval(draft_ids)  # the device drafts while the host builds the verify graph
     verify, roll_back = _verify(trunk, r.cache, mx.concatenate([mx.array([st.last]), draft_ids])[None], r.rollback)
     target_ids = mx.argmax(verify.logits[0], axis=-1)
-    mx.eval(draft_ids, target_ids)  # the step's one host synchronisation
-    drafts, targets = draft_ids.tolist(), target_ids.tolist()
-    _finish(r, st, apply_rule_greedy(drafts, targets), drafts, roll_back, committed, verify.hidden,
+    mx.async_eval(target_ids)
+    ahead = None
+    if len(st.tokens) + k + 1 < r.max_tokens:  # another step will follow an all-accepted one
+        for c in r.mtp_cache:
+            c.trim(c.offset - committed)  # drop this step's chained draft entries before drafting ahead
+        ahead = _greedy_drafts(r, verify.hidden, mx.concatenate([draft_ids, target_ids[k:]]))
+        mx.async_eval(ahead[0])
+    drafts, targets = draft_ids.tolist(), target_ids.tolist()  # the step's one host synchronisation
+    verdict = apply_rule_greedy(drafts, targets)
+    keep = ahead is not None and verdict.accepted == k
+    _finish(r, st, verdict, drafts, roll_back, None if keep else committed, verify.hidden,
             lambda step, i, j: StepRecord(step, i + 1, drafts[i], i < j, float(drafts[i] == targets[i]), 1.0,
                                           float(drafts[i] == targets[i])),
             lambda i, index, tok, src: point_mass_record(index, tok, src, r.pit_rng))
+    if keep and st.last not in r.eos:
+        st.ahead = ahead
 
 
 def _finish(r: _Run, st: _State, verdict: Verdict, drafts: list[int], roll_back: Callable[[int], None],
-            committed: int, hidden: mx.array, step_record: Callable[[int, int, int], StepRecord],
+            committed: int | None, hidden: mx.array, step_record: Callable[[int, int, int], StepRecord],
             token_rec: Callable[[int, int, int, str], TokenRecord]) -> None:
     """The tail both steps share: roll the trunk back to the accepted prefix and the MTP cache to its committed
-    entries, record (when asked), emit, and keep the true hiddens still to be fed to the head."""
+    entries (`None`: it already holds the next step's drafts), record (when asked), emit, and keep the true
+    hiddens still to be fed to the head."""
     j = verdict.accepted
     if j < r.k:
         roll_back(j)
-    for c in r.mtp_cache:
-        c.trim(c.offset - committed)
+    if committed is not None:
+        for c in r.mtp_cache:
+            c.trim(c.offset - committed)
     records = r.pit_rng is not None
     if records:
         step = len(st.accepted_per_step)
