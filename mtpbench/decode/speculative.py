@@ -215,8 +215,8 @@ def _greedy_step(r: _Run, st: _State) -> None:
     """The same step for greedy target and draft, with one host synchronisation and no vocabulary-sized rows.
 
     While the host waits for the verify, the device already drafts the next step as if all K drafts were
-    accepted (the common case at high acceptance): the same operations on the same inputs the next step would
-    run, kept only when it is so; otherwise the MTP cache is trimmed back and the next step drafts as usual.
+    accepted, when that has been the common case so far: the same operations on the same inputs the next step
+    would run, kept only when it is so; otherwise the MTP cache is trimmed back and the next step drafts as usual.
     """
     trunk, k = r.bundle.trunk, r.k
     if st.ahead is not None:
@@ -228,7 +228,10 @@ def _greedy_step(r: _Run, st: _State) -> None:
     target_ids = mx.argmax(verify.logits[0], axis=-1)
     mx.async_eval(target_ids)
     ahead = None
-    if len(st.tokens) + k + 1 < r.max_tokens:  # another step will follow an all-accepted one
+    steps, full = len(st.accepted_per_step), st.accepted_per_step.count(k)
+    # Draft ahead when another step will follow an all-accepted one and that has been the common case so far
+    # (wasted drafts occupy the device: at low full acceptance they cost more than they save).
+    if len(st.tokens) + k + 1 < r.max_tokens and (steps < 2 or 2 * full >= steps):
         for c in r.mtp_cache:
             c.trim(c.offset - committed)  # drop this step's chained draft entries before drafting ahead
         ahead = _greedy_drafts(r, verify.hidden, mx.concatenate([draft_ids, target_ids[k:]]))
