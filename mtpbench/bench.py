@@ -25,7 +25,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .blas import active_blas
+from .blas import active_blas, env_without_openblas
 from .checkpoint import Bundle, load
 from .decode import DecodeResult, generate_ar, generate_mtp
 from .decode.cache import restore, snapshot, state_arrays
@@ -473,9 +473,6 @@ def context_scaling(bundle: Bundle, lengths: Sequence[int] = (512, 2048, 8192), 
     return out
 
 
-# --- the whole bench -----------------------------------------------------------------------------------------
-
-
 # --- BLAS ----------------------------------------------------------------------------------------------------
 
 
@@ -492,15 +489,12 @@ def blas_comparison(model: str, prompt_tokens: int, ks: Sequence[int], max_token
                     here: dict[str, Any]) -> dict[str, Any]:
     """The same cost terms and AR tok/s with mlx's bundled reference BLAS, measured in a child process without the
     OpenBLAS preload (a library cannot be unloaded), next to this process's. Only where OpenBLAS is active."""
-    import os
     import subprocess
     import sys
 
     if active_blas() != "openblas":
         return {"available": False, "note": f"this process runs {active_blas()} BLAS; nothing to compare with"}
-    env = dict(os.environ)
-    env["LD_PRELOAD"] = ":".join(x for x in env.get("LD_PRELOAD", "").split(":") if x and "openblas" not in x)
-    env["MTPBENCH_BLAS_CHOSEN"] = "1"  # the child must not re-execute itself with OpenBLAS (blas._MARK)
+    env = env_without_openblas()
     args = [sys.executable, "-m", "mtpbench.bench", model, str(prompt_tokens), ",".join(map(str, ks)),
             str(max_tokens), str(repeats)]
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=3600)
@@ -512,6 +506,9 @@ def blas_comparison(model: str, prompt_tokens: int, ks: Sequence[int], max_token
             "ar_tok_s_ratio": here["ar_tok_s"] / ref["ar_tok_s"],
             "ar_step_ratio": ref["costs"]["ar_step_s"] / here["costs"]["ar_step_s"],
             "verify_ratio": {str(v["k"]): v["seconds"] / verify[v["k"]] for v in ref["costs"]["verify_s"]}}
+
+
+# --- the whole bench -----------------------------------------------------------------------------------------
 
 
 def _model_facts(bundle: Bundle) -> dict[str, Any]:

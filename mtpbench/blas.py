@@ -67,6 +67,15 @@ def active_blas() -> str:
     return "reference" if "libblas" in maps else "unknown"
 
 
+def env_without_openblas() -> dict[str, str]:
+    """This process's environment minus the OpenBLAS preload, marked so a child `mtpbench` never re-executes itself
+    with it: what a child needs to run on mlx's bundled reference BLAS (a loaded library cannot be unloaded)."""
+    env = dict(os.environ)
+    env["LD_PRELOAD"] = ":".join(x for x in env.get("LD_PRELOAD", "").split(":") if x and "openblas" not in x)
+    env[_MARK] = "1"
+    return env
+
+
 def reexec_with_openblas(choice: str) -> None:
     """Re-execute the current command with OpenBLAS preloaded (Linux, `choice == 'openblas'`, not yet done)."""
     if choice != "openblas" or not sys.platform.startswith("linux") or os.environ.get(_MARK):
