@@ -57,7 +57,7 @@ class Bundle:
 
     @property
     def text_config(self) -> dict[str, Any]:
-        return self.config.get("text_config", self.config)
+        return text_config(self.config)
 
     @property
     def eos_ids(self) -> frozenset[int]:
@@ -117,19 +117,24 @@ def read_config(path: Path) -> dict[str, Any]:
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UserError(f"{path}: unsupported model_type {model_type!r}; mtpbench supports "
                         f"{', '.join(SUPPORTED_MODEL_TYPES)} (Qwen3.5/3.6 dense with native MTP)")
-    text = config.get("text_config", config)
+    text = text_config(config)
     if int(text.get("num_experts", 0) or 0) > 0:
         raise UserError(f"{path}: mixture-of-experts Qwen3.5 checkpoints are not supported yet")
     return config
 
 
+def text_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The language model's settings: `text_config` for Qwen3.5/3.6 checkpoints, the config itself for text-only ones."""
+    return config.get("text_config", config)
+
+
 def context_length(config: dict[str, Any]) -> int:
     """Positions the trunk supports (max_position_embeddings, under text_config for Qwen3.5/3.6)."""
-    return int(config.get("text_config", config).get("max_position_embeddings", 32768))
+    return int(text_config(config).get("max_position_embeddings", 32768))
 
 
 def mtp_layer_count(config: dict[str, Any]) -> int:
-    text = config.get("text_config", config)
+    text = text_config(config)
     for key in ("mtp_num_hidden_layers", "num_nextn_predict_layers"):
         for scope in (text, config):
             if key in scope:

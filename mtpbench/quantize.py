@@ -36,6 +36,7 @@ from .checkpoint import (
     read_config,
     resolve,
     scan_headers,
+    text_config,
     weight_files,
 )
 from .describe import _component
@@ -401,13 +402,9 @@ def quantize_checkpoint(model: str | Path, out: Path, policy: str, group_size: i
 COMPAT_KEYS = ("hidden_size", "vocab_size", "num_attention_heads", "num_key_value_heads", "head_dim")
 
 
-def _text(config: dict[str, Any]) -> dict[str, Any]:
-    return config.get("text_config", config)
-
-
 def check_compatible(trunk_cfg: dict[str, Any], head_cfg: dict[str, Any], trunk_name: str, head_name: str) -> None:
     """Refuse, in one line, a head whose shapes or layer count do not fit the trunk."""
-    t, h = _text(trunk_cfg), _text(head_cfg)
+    t, h = text_config(trunk_cfg), text_config(head_cfg)
     for key in COMPAT_KEYS:
         if t.get(key) != h.get(key):
             raise UserError(f"cannot graft: {key} differs (trunk {trunk_name}: {t.get(key)}, "
@@ -424,7 +421,7 @@ def load_head(path: Path, config: dict[str, Any]) -> tuple[MTPHead, MTPSource]:
 
     files = weight_files(path) + ([path / SIDECAR] if (path / SIDECAR).exists() else [])
     # load_mtp_head reads only `model.language_model.args` from the model.
-    shell = SimpleNamespace(language_model=SimpleNamespace(args=TextModelArgs.from_dict(_text(config))))
+    shell = SimpleNamespace(language_model=SimpleNamespace(args=TextModelArgs.from_dict(text_config(config))))
     head, source = load_mtp_head(path, config, shell, scan_headers(files))
     if head is None or source is None:
         raise UserError(f"{path.name}: no MTP head to graft (no mtp.* tensors and no {SIDECAR})")
@@ -463,7 +460,7 @@ def _copy_trunk(src: Path, out: Path) -> None:
 
 def _with_mtp_layers(config: dict[str, Any], n: int) -> dict[str, Any]:
     config = copy.deepcopy(config)
-    _text(config)["mtp_num_hidden_layers"] = n
+    text_config(config)["mtp_num_hidden_layers"] = n
     return config
 
 

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import Bundle, context_length, load, preflight, read_config
+from .checkpoint import Bundle, context_length, load, preflight, read_config, text_config
 from .decode import DecodeResult, generate_ar, generate_mtp
 from .errors import UserError
 from .kvcache import FULL_KV, KVCacheSpec
@@ -188,7 +188,7 @@ def _validate_prompts(spec: SweepSpec, paths: dict[str, Path], prompts: list[Pro
         tok = load_tokenizer(path)
         config = read_config(path)
         ctx = context_length(config)
-        head_dim = int(config.get("text_config", config).get("head_dim", 0) or 0)
+        head_dim = int(text_config(config).get("head_dim", 0) or 0)
         for bits in (b for b in spec.kv_bits if b):
             try:
                 KVCacheSpec(bits, spec.kv_group_size).resolved_group_size(head_dim)
