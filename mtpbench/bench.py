@@ -105,6 +105,18 @@ def large_checkpoint(cache_root: Path | None = None) -> Path:
     return out
 
 
+def bench_targets(models: Sequence[str], ks: Sequence[int], large: bool = False, quick: bool = False,
+                  **overrides: Any) -> list[tuple[str, BenchSettings]]:
+    """The checkpoints one bench command measures, with their sizes: each model at the standard (or quick) sizes,
+    plus the generated LARGE checkpoint at its own; `overrides` (max_tokens, repeats, contexts) apply to all."""
+    base = BenchSettings.quick(ks) if quick else BenchSettings(ks=tuple(ks))
+    targets = [(str(m), replace(base, **overrides)) for m in models]
+    if large:
+        big = BenchSettings.quick(ks) if quick else BenchSettings.large(ks)
+        targets.append((str(large_checkpoint()), replace(big, **overrides)))
+    return targets
+
+
 # --- prompts -------------------------------------------------------------------------------------------------
 
 

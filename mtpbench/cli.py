@@ -218,13 +218,10 @@ def _bench_into(out: Path, models: list[str], ks: tuple[int, ...], large: bool, 
     """`mtpbench bench` per checkpoint into out/bench/<name>/bench.json; a complete one is kept (resume)."""
     import json
 
-    from .bench import BenchSettings, large_checkpoint, run_bench
+    from .bench import bench_targets, run_bench
     from .cli_bench import safe_name
 
-    targets = [(m, BenchSettings(ks=ks)) for m in models]
-    if large:
-        targets.append((str(large_checkpoint()), BenchSettings.large(ks)))
-    for model, settings in targets:
+    for model, settings in bench_targets(models, ks, large):
         where = out / "bench" / safe_name(model)
         done = where / "bench.json"
         if done.exists() and json.loads(done.read_text()).get("complete"):

@@ -105,9 +105,7 @@ def bench_cmd(models: tuple[str, ...], large: bool, k_text: str, max_tokens: int
               contexts: str | None, out_dir: Path | None, quick: bool) -> None:
     """Measure the cost terms of MTP decoding (both rollbacks), AR parity with mlx_lm, predicted vs realized
     speedup, records overhead, a bandwidth roofline and context scaling; write bench.json and one bench.html."""
-    from dataclasses import replace
-
-    from .bench import BenchSettings, large_checkpoint, run_bench
+    from .bench import bench_targets, run_bench
     from .cli import parse_k
     from .defaults import default_model
     from .report.bench_section import render_bench_page
@@ -115,12 +113,8 @@ def bench_cmd(models: tuple[str, ...], large: bool, k_text: str, max_tokens: int
     ks = tuple(parse_k(k_text))
     overrides = {"max_tokens": max_tokens, "repeats": repeats,
                  "contexts": _ints(contexts, "--contexts") if contexts else None}
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    base = BenchSettings.quick(ks) if quick else BenchSettings(ks=ks)
-    targets = [(m, replace(base, **overrides)) for m in (models or (default_model(),))]
-    if large:
-        targets.append((str(large_checkpoint()), replace(BenchSettings.quick(ks) if quick else BenchSettings.large(ks),
-                                                         **overrides)))
+    targets = bench_targets(models or (default_model(),), ks, large, quick,
+                            **{k: v for k, v in overrides.items() if v is not None})
     single = len(targets) == 1
     out = out_dir or (default_out(targets[0][0]) if single else Path("reports") / "bench")
     written = []
