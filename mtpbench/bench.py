@@ -33,7 +33,7 @@ from .decode.common import now as _clock
 from .errors import UserError
 from .provenance import now_iso, provenance
 from .results import write_json
-from .roofline import bytes_per_token, copy_bandwidth, draft_step_bytes, nbytes
+from .roofline import bytes_per_token, copy_bandwidth, draft_step_bytes, nbytes, weight_bytes
 from .sampling import SamplingConfig
 from .stats.acceptance import (
     StepCosts,
@@ -446,7 +446,7 @@ def roofline(bundle: Bundle, tok_s: dict[int, float], tau: dict[int, float] | No
     although a step reads one row of it (`embedding_bytes` says how much that is).
     """
     tau = tau or {}
-    trunk = nbytes(bundle.model)
+    trunk = weight_bytes(bundle)
     head = draft_step_bytes(bundle)
     machine = copy_bandwidth(copy_mb)
     rows = []

@@ -241,7 +241,8 @@ def record_model(out: Path, name: str, info: dict[str, Any], policy: str = "as-i
 
 
 def _run_row(cell: Cell, bundle: Bundle, mode: str, k: int, order: int, r: DecodeResult | None, error: str,
-             spec: SweepSpec, sweep: str, started: str) -> dict[str, Any]:
+             spec: SweepSpec, sweep: str, started: str, weights: tuple[int, int]) -> dict[str, Any]:
+    """One runs-table row; `weights` = (trunk, draft step) weight bytes, for the roofline columns."""
     s = cell.setting
     ok = r is not None and not error
     row = {
@@ -258,7 +259,7 @@ def _run_row(cell: Cell, bundle: Bundle, mode: str, k: int, order: int, r: Decod
     if r is not None:
         tau = r.mean_acceptance_length if mode == "mtp" else 1.0
         row.update(
-            weight_bytes_per_token=bytes_per_token(weight_bytes(bundle), draft_step_bytes(bundle), k, tau),
+            weight_bytes_per_token=bytes_per_token(*weights, k, tau),
             memory_gb_s=copy_bandwidth(),
             prompt_tokens=r.prompt_tokens, generated_tokens=r.generated_tokens, prefill_s=r.prefill_s,
             decode_s=r.decode_s, decode_tok_s=r.decode_tok_s, ttft_s=r.prefill_s,
@@ -277,6 +278,7 @@ def run_cell(bundle: Bundle, cell: Cell, spec: SweepSpec, sweep: str,
     ids = encode(bundle.tokenizer, cell.prompt, thinking_flag(cell.thinking))
     max_tokens = cell.prompt.max_tokens or spec.max_tokens
     runs, steps, tokens = [], [], []
+    weights = (weight_bytes(bundle), draft_step_bytes(bundle))  # once per cell, not per run
     for order, (mode, k) in enumerate(cell.order(spec.ks)):
         cfg = cell.setting.config(cell.seed)
         started, error, result = now_iso(), "", None
@@ -293,7 +295,7 @@ def run_cell(bundle: Bundle, cell: Cell, spec: SweepSpec, sweep: str,
             raise
         except Exception as e:  # a failed run is recorded and the sweep goes on
             error = f"{type(e).__name__}: {e}"
-        row = _run_row(cell, bundle, mode, k, order, result, error, spec, sweep, started)
+        row = _run_row(cell, bundle, mode, k, order, result, error, spec, sweep, started, weights)
         runs.append(row)
         if result is not None:
             steps += [{"run_id": row["run_id"], **asdict(s)} for s in result.steps]
