@@ -83,7 +83,7 @@ def records_table(b: dict[str, Any]) -> Table:
 def roofline_table(b: dict[str, Any]) -> Table:
     r = b["roofline"]
     rows = [[_mode(m["k"]), fmt.tok_s(m["tok_s"]), fmt.num(m["bytes_per_token"] / 1e6, 2),
-             fmt.num(m["achieved_gb_s"], 2), f"{100 * m['share']:.1f}%"] for m in r["modes"]]
+             fmt.num(m["achieved_gb_s"], 2), fmt.percent(m["share"])] for m in r["modes"]]
     return Table(["mode", "tok/s", "MB of weights per token", "achieved GB/s", "share of machine"], rows,
                  [False] + [True] * 4,
                  f"Weight-bandwidth roofline (machine: {r['machine_gb_s']:.1f} GB/s, numpy copy of "

@@ -30,6 +30,11 @@ def ratio(x: Any) -> str:
     return DASH if _bad(x) else f"{float(x):.2f}×"
 
 
+def percent(x: Any) -> str:
+    """A share (0.217) as 21.7%."""
+    return DASH if _bad(x) else f"{100 * float(x):.1f}%"
+
+
 def num(x: Any, digits: int = 2) -> str:
     return DASH if _bad(x) else f"{float(x):.{digits}f}"
 

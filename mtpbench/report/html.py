@@ -87,8 +87,7 @@ def throughput_section(data: Loaded, keys: list[str]) -> Section:
         ("Runs", lambda r: fmt.integer(r["runs"]), True),
         ("Speedup [95% CI]", mode_speedup_cell, True),
         ("Weight GB/s", lambda r: fmt.num(r["weight_gb_s"], 2), True),
-        ("Share of machine", lambda r: fmt.DASH if fmt._bad(r["bandwidth_share"]) else f"{100 * r['bandwidth_share']:.1f}%",
-         True),
+        ("Share of machine", lambda r: fmt.percent(r["bandwidth_share"]), True),
         ("Peak memory", lambda r: fmt.memory(r["peak_memory_bytes"]), True),
         ("Prefill s", lambda r: fmt.num(r["prefill_s"], 3), True),
     ])
