@@ -90,11 +90,13 @@ def make_demo_cmd(out, prompts_out, phase1_steps, phase2_steps):
     makes the run deterministic; recipe.json records it. Compare with the shipped one:
     `mtpbench acceptance -m OUT --prompts stdlib` or `mtpbench sweep -m OUT --temp 0`.
     """
+    from dataclasses import replace
+
     from .train_demo import Recipe, train
 
     dest = Path(out) if out else Path("results") / "demo-rebuild"
-    r = Recipe()
-    r = Recipe(phase1_steps=phase1_steps or r.phase1_steps, phase2_steps=phase2_steps or r.phase2_steps)
+    steps = {"phase1_steps": phase1_steps, "phase2_steps": phase2_steps}
+    r = replace(Recipe(), **{k: v for k, v in steps.items() if v})
     train(dest, r, Path(prompts_out) if prompts_out else dest.parent / f"{dest.name}-stdlib.jsonl")
     click.echo(str(dest))
 
