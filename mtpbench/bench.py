@@ -145,18 +145,25 @@ class MeasuredCosts(StepCosts):
     """
 
     rollback_by_j: tuple[float, ...] = ()  # capture: commit of position j, j = 0..max K - 1
+    # Extra seconds of a step's first draft when it also feeds the head the previous step's r accepted positions
+    # (index r - 1; the head catches up on j + 1 true pairs after j accepted drafts), over the one-row draft.
+    catch_up_by_rows: tuple[float, ...] = ()
     verify_plain: dict[int, float] = field(default_factory=dict)  # K -> plain (K+1)-token verify forward
     reforward_by_j: tuple[float, ...] = ()  # restore + re-forward of j + 1 tokens
     context_tokens: int = 0
     repeats: int = 0
 
-    def for_k(self, k: int, rejected_js: Sequence[int] = (), rollback: str = "capture") -> StepCosts:
-        """Costs for depth K, the rollback weighted by how often each prefix j < K was actually rejected at."""
+    def for_k(self, k: int, rejected_js: Sequence[int] = (), rollback: str = "capture",
+              catch_up_rows: Sequence[int] = ()) -> StepCosts:
+        """Costs for depth K, the rollback weighted by how often each prefix j < K was actually rejected at, and
+        the drafts by how many positions the head caught up on at the start of each step."""
         js = [j for j in rejected_js if j < k] or list(range(k))
         by_j, verify = ((self.rollback_by_j, self.verify) if rollback == "capture"
                         else (self.reforward_by_j, self.verify_plain))
+        extra = [self.catch_up_by_rows[r - 1] for r in catch_up_rows if r <= len(self.catch_up_by_rows)]
+        chain = {k: self.draft_chain[k] + (float(np.mean(extra)) if extra else 0.0)} if k in self.draft_chain else {}
         return StepCosts(self.ar_step, self.draft_step, {k: verify[k]}, float(np.mean([by_j[j] for j in js])),
-                         {k: self.draft_chain[k]} if k in self.draft_chain else {})
+                         chain)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -167,6 +174,7 @@ class MeasuredCosts(StepCosts):
             "rollback_by_j_s": list(self.rollback_by_j), "reforward_by_j_s": list(self.reforward_by_j),
             "draft_over_ar_step": self.draft_step / self.ar_step,
             "draft_chain_s": [{"k": k, "seconds": t} for k, t in sorted(self.draft_chain.items())],
+            "catch_up_by_rows_s": list(self.catch_up_by_rows),
             "context_tokens": self.context_tokens, "repeats": self.repeats,
         }
 
@@ -182,7 +190,7 @@ class _Primed:
 
 
 def _prime(bundle: Bundle, prompt: list[int]) -> _Primed:
-    trunk, head = bundle.trunk, bundle.require_mtp()
+    trunk, head = bundle.trunk, bundle.draft_head
     cache, mtp_cache = trunk.make_cache(), head.make_cache()
     x = mx.array(prompt)[None]
     out = trunk(x, cache)
@@ -226,7 +234,7 @@ def measure_costs(bundle: Bundle, prompt_ids: list[int], ks: Sequence[int], repe
     Each term is timed as the decoder runs it: the AR step and each verify end in their host sync; the drafts of
     a step are a chain of K drafts ended by one sync, timed per K (the draft step is the chain of one).
     """
-    trunk, head = bundle.trunk, bundle.require_mtp()
+    trunk, head = bundle.trunk, bundle.draft_head
     st = _prime(bundle, prompt_ids)
     kmax = max(ks)
     drafts = [st.last] * kmax  # token values do not change the cost of a forward
@@ -242,9 +250,9 @@ def measure_costs(bundle: Bundle, prompt_ids: list[int], ks: Sequence[int], repe
     def ar_step() -> None:
         _host_argmax(trunk(mx.array([[st.last]]), st.cache).logits[0, -1:])
 
-    def draft_chain(k: int) -> Callable[[], None]:
-        def op() -> None:
-            z, d = st.hidden, mx.array([st.last])
+    def draft_chain(k: int, rows: int = 1) -> Callable[[], None]:
+        def op() -> None:  # the first call also feeds `rows - 1` earlier positions, as after accepted drafts
+            z, d = mx.repeat(st.hidden, rows, axis=1), mx.array([st.last] * rows)
             for _ in range(k):
                 z = head(z, trunk.embed(d[None]), st.mtp_cache)[:, -1:]
                 d = mx.argmax(trunk.lm_head(z)[0, -1], keepdims=True)
@@ -280,6 +288,7 @@ def measure_costs(bundle: Bundle, prompt_ids: list[int], ks: Sequence[int], repe
 
     ops = {"ar": (ar_step, None)}
     ops |= {f"draft{k}": (draft_chain(k), None) for k in sorted({1, *ks})}
+    ops |= {f"catch_up{r}": (draft_chain(1, r), None) for r in range(2, kmax + 2)}
     ops |= {f"verify{k}": (verify(k, False), None) for k in sorted(set(ks))}
     ops |= {f"verify_capture{k}": (verify(k, True), None) for k in sorted(set(ks))}
     ops |= {f"reforward{j}": (reforward(j), after_verify) for j in range(kmax)}
@@ -289,7 +298,9 @@ def measure_costs(bundle: Bundle, prompt_ids: list[int], ks: Sequence[int], repe
     return MeasuredCosts(
         ar_step=t["ar"], draft_step=t["draft1"], draft_chain={k: t[f"draft{k}"] for k in sorted(set(ks))},
         verify={k: t[f"verify_capture{k}"] for k in sorted(set(ks))}, rollback=float(np.mean(commit_by_j)),
-        rollback_by_j=commit_by_j, verify_plain={k: t[f"verify{k}"] for k in sorted(set(ks))},
+        rollback_by_j=commit_by_j,
+        catch_up_by_rows=(0.0, *(max(0.0, t[f"catch_up{r}"] - t["draft1"]) for r in range(2, kmax + 2))),
+        verify_plain={k: t[f"verify{k}"] for k in sorted(set(ks))},
         reforward_by_j=tuple(t[f"reforward{j}"] for j in range(kmax)), context_tokens=len(prompt_ids),
         repeats=repeats)
 
@@ -380,6 +391,11 @@ def _rejected_js(runs: Sequence[DecodeResult], k: int) -> list[int]:
     return [j for r in runs for j in r.accepted_per_step if j < k]
 
 
+def _catch_up_rows(runs: Sequence[DecodeResult]) -> list[int]:
+    """Positions the head is fed at each step's first draft: 1 after the prompt, then the previous step's j + 1."""
+    return [rows for r in runs for rows in [1, *(j + 1 for j in r.accepted_per_step[:-1])]]
+
+
 def _k_efficiency(k: int, ar: list[DecodeResult], mtp: list[DecodeResult], costs: MeasuredCosts) -> dict[str, Any]:
     """Predicted speedup = tau x (AR seconds per token) / (modelled MTP step), realized = paired tok/s ratio.
 
@@ -388,12 +404,12 @@ def _k_efficiency(k: int, ar: list[DecodeResult], mtp: list[DecodeResult], costs
     baseline it is compared with", and efficiency below 1 is time the MTP loop spends beyond its measured terms.
     """
     survival = _survival(mtp, k)
-    rejected = _rejected_js(mtp, k)
+    rejected, rows = _rejected_js(mtp, k), _catch_up_rows(mtp)
     real_ar = sum(r.decode_s for r in ar) / sum(r.generated_tokens - 1 for r in ar)
-    ck = replace(costs.for_k(k, rejected), ar_step=real_ar)
+    ck = replace(costs.for_k(k, rejected, catch_up_rows=rows), ar_step=real_ar)
     predicted = predicted_speedup(survival, ck)
-    predicted_reforward = predicted_speedup(survival, replace(costs.for_k(k, rejected, rollback="reforward"),
-                                                              ar_step=real_ar))
+    predicted_reforward = predicted_speedup(survival, replace(
+        costs.for_k(k, rejected, rollback="reforward", catch_up_rows=rows), ar_step=real_ar))
     realized = _geomean_ratio([r.decode_tok_s for r in mtp], [r.decode_tok_s for r in ar])
     p_reject = 1.0 - (survival[-1] if survival else 0.0)
     model_step = ck.drafts(k) + ck.verify[k] + p_reject * ck.rollback
@@ -401,6 +417,7 @@ def _k_efficiency(k: int, ar: list[DecodeResult], mtp: list[DecodeResult], costs
     real_step = sum(r.decode_s for r in mtp) / steps if steps else float("nan")
     return {
         "k": k, "survival": survival, "tau": expected_tokens(survival), "rollback_s": ck.rollback,
+        "drafts_s": ck.drafts(k), "catch_up_s": ck.drafts(k) - costs.draft_chain.get(k, ck.drafts(k)),
         "ar_tok_s": _median([r.decode_tok_s for r in ar]), "mtp_tok_s": _median([r.decode_tok_s for r in mtp]),
         "predicted_speedup": predicted, "predicted_speedup_reforward": predicted_reforward,
         "realized_speedup": realized, "efficiency": realized / predicted,

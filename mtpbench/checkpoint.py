@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from mlx.utils import tree_flatten
 from safetensors import SafetensorError, safe_open
 
 from .errors import UserError
-from .mtp import MTP_NORM_SUFFIXES, HiddenVariant, MTPHead, mtp_tensor_names
+from .mtp import MTP_NORM_SUFFIXES, CompiledHead, HiddenVariant, MTPHead, mtp_tensor_names
 from .trunk import Trunk
 
 SUPPORTED_MODEL_TYPES = ("qwen3_5",)
@@ -71,6 +72,11 @@ class Bundle:
         if self.mtp is None:
             raise UserError(no_mtp_message(self.name))
         return self.mtp
+
+    @cached_property
+    def draft_head(self) -> CompiledHead:
+        """The MTP head as decoders run it: compiled once per bundle, so every decode reuses the traces."""
+        return CompiledHead(self.require_mtp())
 
 
 def no_mtp_message(name: str) -> str:

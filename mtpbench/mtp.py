@@ -15,6 +15,8 @@ from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 from mlx_lm.models.qwen3_5 import DecoderLayer, TextModelArgs
 
+from .compiled_layers import AttentionLayer, compiles
+
 
 class HiddenVariant(str, Enum):
     """Which trunk hidden feeds the head: after the final norm (vLLM, the default) or before it."""
@@ -66,12 +68,40 @@ class MTPHead(nn.Module):
         self.norm = nn.RMSNorm(hidden, eps=args.rms_norm_eps)
 
     def __call__(self, hidden: mx.array, embeddings: mx.array, cache: list[KVCache] | None = None) -> mx.array:
-        z = self.fc(mx.concatenate([self.pre_fc_norm_embedding(embeddings), self.pre_fc_norm_hidden(hidden)], -1))
+        z = self.fuse(hidden, embeddings)
         cache = cache or [None] * len(self.layers)
         mask = create_attention_mask(z, cache[0])
         for layer, c in zip(self.layers, cache):
             z = layer(z, mask=mask, cache=c)
         return self.norm(z)
 
+    def fuse(self, hidden: mx.array, embeddings: mx.array) -> mx.array:
+        """The head's input: fc(concat(norm(embedding of t+1), norm(hidden at t)))."""
+        return self.fc(mx.concatenate([self.pre_fc_norm_embedding(embeddings), self.pre_fc_norm_hidden(hidden)], -1))
+
     def make_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.layers]
+
+
+class CompiledHead:
+    """`MTPHead.__call__` on a cache, with decode-sized inputs run through compiled layers (`compiled_layers`).
+
+    Built once per loaded head and reused by every decode, so each input shape is traced once; longer inputs (the
+    prompt's catch-up) run the module itself. Results are identical to the module's (tested)."""
+
+    def __init__(self, head: MTPHead):
+        self.head = head
+        self.fuse = mx.compile(head.fuse)
+        self.layers = [AttentionLayer(layer) for layer in head.layers]
+
+    def __call__(self, hidden: mx.array, embeddings: mx.array, cache: list[KVCache]) -> mx.array:
+        if not compiles(hidden):
+            return self.head(hidden, embeddings, cache)
+        z = self.fuse(hidden, embeddings)
+        mask = create_attention_mask(z, cache[0])
+        for layer, c in zip(self.layers, cache):
+            z = layer(z, c, mask)
+        return self.head.norm(z)
+
+    def make_cache(self) -> list[KVCache]:
+        return self.head.make_cache()

@@ -203,15 +203,22 @@ def train(out: Path, r: Recipe, prompts_out: Path | None) -> None:
         write_heldout_prompts(held, prompts_out)
 
 
+def round_to_bf16(w: mx.array) -> mx.array:
+    """Weights keep bf16 precision, as real releases do, but are stored as float32: on mlx's CPU backend a bf16
+    matmul runs a generic kernel (a 128x384 matvec took 105 us against 11 us in float32 through BLAS), which made
+    the demo's AR step 1.2x slower and its (K+1)-token verify 1.3-1.7 AR steps instead of 1.1-1.3."""
+    return w.astype(mx.bfloat16).astype(mx.float32)
+
+
 def save(out: Path, net: Net, config: dict, tok, r: Recipe, seconds: float) -> None:
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     weights = dict(tree_flatten(net.model.parameters()))
     weights.update({f"mtp.{k}": v for k, v in tree_flatten(net.mtp.parameters())})
-    weights = {k: v.astype(mx.bfloat16) if v.dtype == mx.float32 and not k.endswith("A_log") else v for k, v in weights.items()}
+    weights = {k: v if k.endswith("A_log") else round_to_bf16(v) for k, v in weights.items()}
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
-    config = dict(config, torch_dtype="bfloat16")
+    config = dict(config, torch_dtype="float32")
     (out / "config.json").write_text(json.dumps(config, indent=2))
     write_tokenizer(tok, out)
     from .blas import active_blas

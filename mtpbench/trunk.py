@@ -1,8 +1,9 @@
 """A thin view of mlx_lm's qwen3_5 model that also hands out the hidden states the MTP head needs.
 
 mlx_lm's forward returns only logits (or the post-norm hidden); the MTP head needs the trunk hidden at every
-position, and the pre-norm variant needs it before the final norm. This runs mlx_lm's own layers, masks and
-caches in the same order as `Qwen3_5TextModel.__call__`, so logits are identical to mlx_lm's.
+position, and the pre-norm variant needs it before the final norm. This runs mlx_lm's masks and caches in the same
+order as `Qwen3_5TextModel.__call__`: prefills through mlx_lm's own layers, decode-sized inputs through the same
+layers compiled (`compiled_layers`), so logits are identical to mlx_lm's (tested bit for bit).
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import mlx.core as mx
 from mlx import nn
 from mlx_lm.models.base import create_attention_mask, create_ssm_mask
 
+from .compiled_layers import COMPILED_MAX_TOKENS, AttentionLayer, GatedDeltaLayer, compiles
 from .kvcache import FULL_KV, KVCacheSpec, quantize_kv
 from .mtp import HiddenVariant
-from .trunk_capture import Captured, LayerStates, decoder_layer_capturing
+from .trunk_capture import Captured, LayerStates
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,7 @@ class Trunk:
         self.lm = model.language_model
         self.body = self.lm.model
         self.variant = variant
+        self._layers: dict[int, AttentionLayer | GatedDeltaLayer] = {}
 
     def make_cache(self, kv: KVCacheSpec = FULL_KV) -> list:
         """mlx_lm's own hybrid cache, with the attention KV quantized when `kv` asks for it."""
@@ -59,16 +62,29 @@ class Trunk:
         layers = self.body.layers
         fa_mask = create_attention_mask(h, cache[self.body.fa_idx])
         ssm_mask = create_ssm_mask(h, cache[self.body.ssm_idx])
-        if capture and ssm_mask is not None:
-            raise ValueError("capturing verify runs batch 1 without padding masks")
+        fast = compiles(h) and ssm_mask is None
+        if capture and not fast:
+            raise ValueError(f"a capturing verify runs batch 1, without padding masks, on at most "
+                             f"{COMPILED_MAX_TOKENS} tokens")
         states: dict[int, LayerStates] = {}
         kv_offsets = {i: c.offset for i, (layer, c) in enumerate(zip(layers, cache)) if not layer.is_linear}
         for i, (layer, c) in enumerate(zip(layers, cache)):
-            if capture and layer.is_linear:
-                h, states[i] = decoder_layer_capturing(layer, h, c)
-            else:
+            if not fast:
                 h = layer(h, mask=ssm_mask if layer.is_linear else fa_mask, cache=c)
+            elif layer.is_linear:
+                h, conv, recurrent = self._compiled(i)(h, c)
+                if capture:
+                    states[i] = LayerStates(tuple(conv), tuple(recurrent))
+            else:
+                h = self._compiled(i)(h, c, fa_mask)
         normed = self.body.norm(h)
         hidden = normed if self.variant is HiddenVariant.POST_NORM else h
         out = TrunkOutput(logits=self.lm_head(normed), hidden=hidden)
         return out, Captured(states, kv_offsets) if capture else None
+
+    def _compiled(self, i: int):
+        """Layer i's compiled forward, traced on first use (it keeps this model's weights: see compiled_layers)."""
+        if i not in self._layers:
+            layer = self.body.layers[i]
+            self._layers[i] = GatedDeltaLayer(layer) if layer.is_linear else AttentionLayer(layer)
+        return self._layers[i]

@@ -14,6 +14,9 @@ again. Both are exact against a fresh prefill (tested); the second costs about o
 Greedy (target and draft at temperature 0, the exact rule) runs a fast path: drafts, verify and the target
 argmaxes stay on the device and the step reads 2K+1 integers in one host synchronisation, instead of K+1 rows
 of vocabulary size. Its acceptance is `apply_rule_greedy`, the exact rule on point masses.
+
+Decode-sized forwards of trunk and head run compiled layers (`compiled_layers`), which is most of what makes a
+step cheap on a small model; the AR baseline runs the same ones.
 """
 
 from __future__ import annotations
@@ -54,7 +57,6 @@ class _State:
     accepted_per_step: list[int] = field(default_factory=list)
     step_recs: list[StepRecord] = field(default_factory=list)
     token_recs: list[TokenRecord] = field(default_factory=list)
-    ahead: tuple[mx.array, int] | None = None  # greedy: next step's drafts, queued assuming all K are accepted
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,7 @@ def generate_mtp(
         raise UserError(f"draft temperature must be >= 0, got {draft_temperature}")
     if rollback not in ROLLBACKS:
         raise UserError(f"rollback must be one of {', '.join(ROLLBACKS)}, got {rollback!r}")
-    head = bundle.require_mtp()
+    head = bundle.draft_head
     trunk, eos = bundle.trunk, frozenset() if ignore_eos else bundle.eos_ids
     dcfg = cfg if draft_temperature is None else replace(cfg, temperature=draft_temperature)
     rng, pit_rng = rngs(cfg.seed)
@@ -171,7 +173,7 @@ def generate_mtp(
 
 def _sampled_step(r: _Run, st: _State) -> None:
     """One step with host-side rows: any temperature, draft temperature and rule (controls included)."""
-    trunk, head, mtp_cache, k, rng = r.bundle.trunk, r.bundle.mtp, r.mtp_cache, r.k, r.rng
+    trunk, head, mtp_cache, k, rng = r.bundle.trunk, r.bundle.draft_head, r.mtp_cache, r.k, r.rng
     # 1. Draft: catch the MTP cache up on the true pairs and draft d1 in one call, then chain.
     z = head(st.pending_h, trunk.embed(mx.array([st.pending_tok])), mtp_cache)[:, -1:]
     committed = mtp_cache[0].offset
@@ -199,7 +201,7 @@ def _sampled_step(r: _Run, st: _State) -> None:
 def _greedy_drafts(r: _Run, pending_h: mx.array, pending_tok: mx.array) -> tuple[mx.array, int]:
     """Feed the head the true (hidden, next token) pairs and chain K greedy drafts, all on the device; returns the
     draft ids and the MTP cache offset after the true pairs (what a rollback trims back to)."""
-    trunk, head, mtp_cache = r.bundle.trunk, r.bundle.mtp, r.mtp_cache
+    trunk, head, mtp_cache = r.bundle.trunk, r.bundle.draft_head, r.mtp_cache
     z = head(pending_h, trunk.embed(pending_tok[None]), mtp_cache)[:, -1:]
     committed = mtp_cache[0].offset
     d = mx.argmax(trunk.lm_head(z)[0, -1], keepdims=True)
@@ -214,51 +216,32 @@ def _greedy_drafts(r: _Run, pending_h: mx.array, pending_tok: mx.array) -> tuple
 def _greedy_step(r: _Run, st: _State) -> None:
     """The same step for greedy target and draft, with one host synchronisation and no vocabulary-sized rows.
 
-    While the host waits for the verify, the device already drafts the next step as if all K drafts were
-    accepted, when that has been the common case so far: the same operations on the same inputs the next step
-    would run, kept only when it is so; otherwise the MTP cache is trimmed back and the next step drafts as usual.
+    No drafting ahead of the verify: on the CPU the device is the same cores, so drafts queued for a step that
+    turns out rejected cost their full time (measured on the demo: a loss even at K=1, 75% of steps all-accepted).
     """
-    trunk, k = r.bundle.trunk, r.k
-    if st.ahead is not None:
-        (draft_ids, committed), st.ahead = st.ahead, None
-    else:
-        draft_ids, committed = _greedy_drafts(r, st.pending_h, mx.array(st.pending_tok))
-        mx.async_eval(draft_ids)  # the device drafts while the host builds the verify graph
-    verify, roll_back = _verify(trunk, r.cache, mx.concatenate([mx.array([st.last]), draft_ids])[None], r.rollback)
+    draft_ids, committed = _greedy_drafts(r, st.pending_h, mx.array(st.pending_tok))
+    mx.async_eval(draft_ids)  # the device drafts while the host builds the verify graph
+    verify, roll_back = _verify(r.bundle.trunk, r.cache, mx.concatenate([mx.array([st.last]), draft_ids])[None],
+                                r.rollback)
     target_ids = mx.argmax(verify.logits[0], axis=-1)
-    mx.async_eval(target_ids)
-    ahead = None
-    steps, full = len(st.accepted_per_step), st.accepted_per_step.count(k)
-    # Draft ahead when another step will follow an all-accepted one and that has been the common case so far
-    # (wasted drafts occupy the device: at low full acceptance they cost more than they save).
-    if len(st.tokens) + k + 1 < r.max_tokens and (steps < 2 or 2 * full >= steps):
-        for c in r.mtp_cache:
-            c.trim(c.offset - committed)  # drop this step's chained draft entries before drafting ahead
-        ahead = _greedy_drafts(r, verify.hidden, mx.concatenate([draft_ids, target_ids[k:]]))
-        mx.async_eval(ahead[0])
     drafts, targets = draft_ids.tolist(), target_ids.tolist()  # the step's one host synchronisation
     verdict = apply_rule_greedy(drafts, targets)
-    keep = ahead is not None and verdict.accepted == k
-    _finish(r, st, verdict, drafts, roll_back, None if keep else committed, verify.hidden,
+    _finish(r, st, verdict, drafts, roll_back, committed, verify.hidden,
             lambda step, i, j: StepRecord(step, i + 1, drafts[i], i < j, float(drafts[i] == targets[i]), 1.0,
                                           float(drafts[i] == targets[i])),
             lambda i, index, tok, src: point_mass_record(index, tok, src, r.pit_rng))
-    if keep and st.last not in r.eos:
-        st.ahead = ahead
 
 
 def _finish(r: _Run, st: _State, verdict: Verdict, drafts: list[int], roll_back: Callable[[int], None],
-            committed: int | None, hidden: mx.array, step_record: Callable[[int, int, int], StepRecord],
+            committed: int, hidden: mx.array, step_record: Callable[[int, int, int], StepRecord],
             token_rec: Callable[[int, int, int, str], TokenRecord]) -> None:
     """The tail both steps share: roll the trunk back to the accepted prefix and the MTP cache to its committed
-    entries (`None`: it already holds the next step's drafts), record (when asked), emit, and keep the true
-    hiddens still to be fed to the head."""
+    entries, record (when asked), emit, and keep the true hiddens still to be fed to the head."""
     j = verdict.accepted
     if j < r.k:
         roll_back(j)
-    if committed is not None:
-        for c in r.mtp_cache:
-            c.trim(c.offset - committed)
+    for c in r.mtp_cache:
+        c.trim(c.offset - committed)
     records = r.pit_rng is not None
     if records:
         step = len(st.accepted_per_step)
