@@ -91,17 +91,19 @@ class CompiledHead:
 
     def __init__(self, head: MTPHead):
         self.head = head
-        self.fuse = mx.compile(head.fuse)
-        self.layers = [AttentionLayer(layer) for layer in head.layers]
+        n = len(head.layers)
+        self.layers = [AttentionLayer(layer, **({"enter": head.fuse} if i == 0 else {}),
+                                      **({"leave": head.norm} if i == n - 1 else {}))
+                       for i, layer in enumerate(head.layers)]
 
     def __call__(self, hidden: mx.array, embeddings: mx.array, cache: list[KVCache]) -> mx.array:
         if not compiles(hidden):
             return self.head(hidden, embeddings, cache)
-        z = self.fuse(hidden, embeddings)
-        mask = create_attention_mask(z, cache[0])
-        for layer, c in zip(self.layers, cache):
-            z = layer(z, c, mask)
-        return self.head.norm(z)
+        mask = create_attention_mask(hidden, cache[0])
+        z = self.layers[0](hidden, embeddings, cache=cache[0], mask=mask)
+        for layer, c in zip(self.layers[1:], cache[1:]):
+            z = layer(z, cache=c, mask=mask)
+        return z
 
     def make_cache(self) -> list[KVCache]:
         return self.head.make_cache()

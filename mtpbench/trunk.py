@@ -76,15 +76,20 @@ class Trunk:
                 if capture:
                     states[i] = LayerStates(tuple(conv), tuple(recurrent))
             else:
-                h = self._compiled(i)(h, c, fa_mask)
+                h = self._compiled(i)(h, cache=c, mask=fa_mask)
+        logits, hidden = h if isinstance(h, tuple) else self._output(h)  # a last attention layer folds it in
+        return TrunkOutput(logits=logits, hidden=hidden), Captured(states, kv_offsets) if capture else None
+
+    def _output(self, h: mx.array) -> tuple[mx.array, mx.array]:
+        """Final norm and lm head: the logits, and the hidden variant the MTP head is fed."""
         normed = self.body.norm(h)
-        hidden = normed if self.variant is HiddenVariant.POST_NORM else h
-        out = TrunkOutput(logits=self.lm_head(normed), hidden=hidden)
-        return out, Captured(states, kv_offsets) if capture else None
+        return self.lm_head(normed), normed if self.variant is HiddenVariant.POST_NORM else h
 
     def _compiled(self, i: int):
         """Layer i's compiled forward, traced on first use (it keeps this model's weights: see compiled_layers)."""
         if i not in self._layers:
             layer = self.body.layers[i]
-            self._layers[i] = GatedDeltaLayer(layer) if layer.is_linear else AttentionLayer(layer)
+            last = i == len(self.body.layers) - 1
+            self._layers[i] = (GatedDeltaLayer(layer) if layer.is_linear
+                               else AttentionLayer(layer, **({"leave": self._output} if last else {})))
         return self._layers[i]

@@ -151,15 +151,35 @@ def test_generate_json_reports_speculative_counters(cli, tiny_agree):
     assert out["drafted_tokens"] == 3 * out["verify_steps"]
 
 
-def test_capturing_verify_gives_mlx_lm_logits(bundle_agree):
-    """The capturing forward re-implements mlx_lm's GatedDeltaNet layer: its logits must be mlx_lm's, bit for bit."""
+def test_trunk_gives_mlx_lm_logits_on_both_paths(bundle_agree):
+    """Prefills run mlx_lm's layers, decode-sized inputs the compiled mirror of them (capturing or not): at every
+    step the logits must be mlx_lm's own, bit for bit."""
     import mlx_lm.models.cache as mlx_cache
 
+    from mtpbench.compiled_layers import COMPILED_MAX_TOKENS
+
     trunk, model = bundle_agree.trunk, bundle_agree.trunk.model
-    ids = mx.array([[5, 9, 200, 17, 3, 88, 41]])
-    want = model(ids, cache=mlx_cache.make_prompt_cache(model))
-    got, _ = trunk.forward_capturing(ids, trunk.make_cache())
-    assert np.array_equal(np.asarray(got.logits), np.asarray(want))
+    rng = np.random.default_rng(0)
+    for prompt_len in (7, COMPILED_MAX_TOKENS + 9):  # compiled prefill, then eager prefill
+        theirs, ours = mlx_cache.make_prompt_cache(model), trunk.make_cache()
+        for n, capture in [(prompt_len, False), (1, False), (1, True), (3, True), (2, False), (4, True)]:
+            ids = mx.array(rng.integers(0, 200, (1, n)))
+            want = model(ids, cache=theirs)
+            got = trunk.forward_capturing(ids, ours)[0] if capture else trunk(ids, ours)
+            assert np.array_equal(np.asarray(got.logits), np.asarray(want)), (prompt_len, n, capture)
+
+
+def test_compiled_head_equals_the_head_module(bundle_agree):
+    """The decoders' compiled MTP head computes what the MTPHead module computes, bit for bit, on its own cache."""
+    head, compiled, trunk = bundle_agree.mtp, bundle_agree.draft_head, bundle_agree.trunk
+    rng = np.random.default_rng(1)
+    theirs, ours = head.make_cache(), compiled.make_cache()
+    for rows in (6, 1, 3, 1, 2):
+        hidden = mx.array(rng.standard_normal((1, rows, trunk.lm.args.hidden_size)).astype(np.float32))
+        emb = trunk.embed(mx.array(rng.integers(0, 200, (1, rows))))
+        want, got = head(hidden, emb, theirs), compiled(hidden, emb, ours)
+        assert np.array_equal(np.asarray(got), np.asarray(want)), rows
+    assert ours[0].offset == theirs[0].offset == 13
 
 
 def test_greedy_rule_specialisation_equals_the_rule_on_point_masses():
