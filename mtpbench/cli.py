@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from .blas import reexec_with_openblas
-from .cli_common import _friendly
+from .cli_common import _friendly, int_list
 from .cli_server import server_options
 from .errors import UserError
 
@@ -189,14 +189,6 @@ def _floats(text: str, name: str) -> tuple[float, ...]:
         raise UserError(f"--{name} {text!r}: expected numbers separated by commas") from None
 
 
-def _ints(text, name: str) -> tuple[int, ...]:
-    items = text if isinstance(text, (list, tuple)) else str(text).split(",")
-    try:
-        return tuple(int(x) for x in items if str(x).strip())
-    except ValueError:
-        raise UserError(f"--{name} {text!r}: expected integers separated by commas") from None
-
-
 def _words(text) -> tuple[str, ...]:
     items = text if isinstance(text, (list, tuple)) else str(text).split(",")
     return tuple(x.strip() for x in items if str(x).strip())
@@ -322,7 +314,7 @@ def sweep_cmd(ctx, config_file, quiet, no_report, bench_models, bench_large, exe
         max_tokens=int(values["max_tokens"]), repeats=int(values["repeats"]), seed=int(values["seed"]),
         thinking=_words(values["thinking"]) or ("n/a",), prompt_limit=int(values["prompt_limit"]),
         ignore_eos=bool(values["ignore_eos"]), records=not values["no_records"],
-        policies=_words(values["policy"]) or ("as-is",), kv_bits=_ints(values["kv_bits"], "kv-bits"),
+        policies=_words(values["policy"]) or ("as-is",), kv_bits=int_list(values["kv_bits"], "--kv-bits"),
         kv_group_size=int(values["kv_group_size"]),
     )
     out = Path(values["out"]) if values["out"] else default_out(spec)

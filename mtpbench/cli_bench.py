@@ -12,18 +12,8 @@ from typing import Any
 
 import click
 
-from .cli_common import _friendly
+from .cli_common import _friendly, int_list
 from .errors import UserError
-
-
-def _ints(text: str, what: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise UserError(f"{what} {text!r}: expected comma-separated integers, e.g. 512,2048,8192") from None
-    if not values or min(values) < 1:
-        raise UserError(f"{what} {text!r}: expected positive integers")
-    return values
 
 
 def safe_name(model: str) -> str:
@@ -112,7 +102,7 @@ def bench_cmd(models: tuple[str, ...], large: bool, k_text: str, max_tokens: int
 
     ks = tuple(parse_k(k_text))
     overrides = {"max_tokens": max_tokens, "repeats": repeats,
-                 "contexts": _ints(contexts, "--contexts") if contexts else None}
+                 "contexts": int_list(contexts, "--contexts", minimum=1) if contexts else None}
     targets = bench_targets(models or (default_model(),), ks, large, quick,
                             **{k: v for k, v in overrides.items() if v is not None})
     single = len(targets) == 1

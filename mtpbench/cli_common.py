@@ -1,4 +1,4 @@
-"""What every CLI module shares: one-line errors instead of tracebacks."""
+"""What every CLI module shares: one-line errors instead of tracebacks, and the comma-list parsers."""
 
 from __future__ import annotations
 
@@ -22,3 +22,15 @@ def _friendly(fn):
             sys.exit(e.exit_code)
 
     return wrapper
+
+
+def int_list(text, option: str, minimum: int | None = None) -> tuple[int, ...]:
+    """`--option 0,8,4` (or a list from a sweep file) as integers, each at least `minimum` when given."""
+    items = text if isinstance(text, (list, tuple)) else str(text).split(",")
+    try:
+        values = tuple(int(x) for x in items if str(x).strip())
+    except ValueError:
+        raise UserError(f"{option} {text!r}: expected integers separated by commas") from None
+    if minimum is not None and (not values or min(values) < minimum):
+        raise UserError(f"{option} {text!r}: expected integers of at least {minimum}")
+    return values

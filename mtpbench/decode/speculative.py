@@ -91,7 +91,7 @@ def _verify(trunk, cache: list, x: mx.array, rollback: str):
     return out, reforward
 
 
-def _emit(st: _State, verdict: Verdict, drafts: list[int], max_tokens: int, eos: frozenset[int],
+def _emit(r: _Run, st: _State, verdict: Verdict, drafts: list[int],
           record: Callable[[int, int, int, str], TokenRecord] | None) -> None:
     """Append the accepted drafts and the residual/bonus token, stopping at EOS or max_tokens inside the run."""
     j = verdict.accepted
@@ -100,13 +100,13 @@ def _emit(st: _State, verdict: Verdict, drafts: list[int], max_tokens: int, eos:
     for i in range(j):
         st.accepted_at[i] += 1
     for i, (tok, src) in enumerate(zip(new, ["accepted"] * j + [verdict.source])):
-        if len(st.tokens) >= max_tokens:
+        if len(st.tokens) >= r.max_tokens:
             break
         if record:
             st.token_recs.append(record(i, len(st.tokens), tok, src))
         st.tokens.append(tok)
         st.last = tok
-        if tok in eos:
+        if tok in r.eos:
             break
     st.pending_tok = new
 
@@ -246,5 +246,5 @@ def _finish(r: _Run, st: _State, verdict: Verdict, drafts: list[int], roll_back:
     if records:
         step = len(st.accepted_per_step)
         st.step_recs += [step_record(step, i, j) for i in range(min(j + 1, r.k))]
-    _emit(st, verdict, drafts, r.max_tokens, r.eos, token_rec if records else None)
+    _emit(r, st, verdict, drafts, token_rec if records else None)
     st.pending_h = hidden[:, : j + 1]
