@@ -76,7 +76,7 @@ class Bundle:
     @cached_property
     def draft_head(self) -> CompiledHead:
         """The MTP head as decoders run it: compiled once per bundle, so every decode reuses the traces."""
-        return CompiledHead(self.require_mtp())
+        return CompiledHead(self.require_mtp(), self.trunk.embed, self.trunk.lm_head)
 
 
 def no_mtp_message(name: str) -> str:

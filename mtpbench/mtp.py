@@ -7,6 +7,7 @@ mlx_lm, so the head computes exactly what the checkpoint's architecture defines.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import Enum
 
 import mlx.core as mx
@@ -84,17 +85,28 @@ class MTPHead(nn.Module):
 
 
 class CompiledHead:
-    """`MTPHead.__call__` on a cache, with decode-sized inputs run through compiled layers (`compiled_layers`).
+    """`MTPHead.__call__` on a cache, with decode-sized inputs run through compiled layers (`compiled_layers`), and
+    greedy draft chains with the trunk's embedding, lm head and argmax folded into the same traces.
 
     Built once per loaded head and reused by every decode, so each input shape is traced once; longer inputs (the
     prompt's catch-up) run the module itself. Results are identical to the module's (tested)."""
 
-    def __init__(self, head: MTPHead):
-        self.head = head
+    def __init__(self, head: MTPHead, embed: Callable[[mx.array], mx.array], lm_head: Callable[[mx.array], mx.array]):
+        self.head, self.embed, self.lm_head = head, embed, lm_head
         n = len(head.layers)
         self.layers = [AttentionLayer(layer, **({"enter": head.fuse} if i == 0 else {}),
                                       **({"leave": head.norm} if i == n - 1 else {}))
                        for i, layer in enumerate(head.layers)]
+
+        def enter(hidden: mx.array, tokens: mx.array) -> mx.array:
+            return head.fuse(hidden, embed(tokens))
+
+        def leave(z: mx.array) -> tuple[mx.array, mx.array]:
+            last = head.norm(z)[:, -1:]
+            return last, mx.argmax(lm_head(last), axis=-1)
+
+        # One layer (every released head): a greedy draft is one trace in, one out.
+        self.greedy = AttentionLayer(head.layers[0], enter=enter, leave=leave) if n == 1 else None
 
     def __call__(self, hidden: mx.array, embeddings: mx.array, cache: list[KVCache]) -> mx.array:
         if not compiles(hidden):
@@ -104,6 +116,25 @@ class CompiledHead:
         for layer, c in zip(self.layers[1:], cache[1:]):
             z = layer(z, cache=c, mask=mask)
         return z
+
+    def greedy_chain(self, hidden: mx.array, tokens: mx.array, cache: list[KVCache], k: int) -> mx.array:
+        """K greedy drafts, all on the device: the first call feeds the true (hidden at t, token t+1) pairs
+        `hidden` (1, r, H) / `tokens` (1, r), each later one the head's own output and draft. Returns (K,) ids."""
+        if self.greedy is None or not compiles(hidden):
+            z, d = self(hidden, self.embed(tokens), cache)[:, -1:], None
+            drafted = []
+            for i in range(k):
+                if i:
+                    z = self(z, self.embed(d[None]), cache)
+                d = mx.argmax(self.lm_head(z)[0, -1], keepdims=True)
+                drafted.append(d)
+            return mx.concatenate(drafted)
+        z, d = self.greedy(hidden, tokens, cache=cache[0], mask=create_attention_mask(hidden, cache[0]))
+        drafted = [d]
+        for _ in range(1, k):
+            z, d = self.greedy(z, d, cache=cache[0], mask=None)
+            drafted.append(d)
+        return mx.concatenate(drafted, axis=1).reshape(-1)
 
     def make_cache(self) -> list[KVCache]:
         return self.head.make_cache()

@@ -180,6 +180,15 @@ def test_compiled_head_equals_the_head_module(bundle_agree):
         want, got = head(hidden, emb, theirs), compiled(hidden, emb, ours)
         assert np.array_equal(np.asarray(got), np.asarray(want)), rows
     assert ours[0].offset == theirs[0].offset == 13
+    # A greedy chain (embedding, lm head and argmax folded into the traces) drafts what the module chained drafts.
+    hidden, tokens = mx.array(rng.standard_normal((1, 2, trunk.lm.args.hidden_size)).astype(np.float32)), [7, 9]
+    got = compiled.greedy_chain(hidden, mx.array([tokens]), ours, 3).tolist()
+    z, want = head(hidden, trunk.embed(mx.array([tokens])), theirs)[:, -1:], []
+    for i in range(3):
+        if i:
+            z = head(z, trunk.embed(mx.array([[want[-1]]])), theirs)
+        want.append(int(mx.argmax(trunk.lm_head(z)[0, -1])))
+    assert got == want and ours[0].offset == theirs[0].offset == 13 + 2 + 2
 
 
 def test_greedy_rule_specialisation_equals_the_rule_on_point_masses():

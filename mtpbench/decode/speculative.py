@@ -198,19 +198,11 @@ def _sampled_step(r: _Run, st: _State) -> None:
             lambda i, index, tok, src: token_record(index, tok, src, p[i], r.pit_rng))
 
 
-def _greedy_drafts(r: _Run, pending_h: mx.array, pending_tok: mx.array) -> tuple[mx.array, int]:
+def _greedy_drafts(r: _Run, pending_h: mx.array, pending_tok: list[int]) -> tuple[mx.array, int]:
     """Feed the head the true (hidden, next token) pairs and chain K greedy drafts, all on the device; returns the
     draft ids and the MTP cache offset after the true pairs (what a rollback trims back to)."""
-    trunk, head, mtp_cache = r.bundle.trunk, r.bundle.draft_head, r.mtp_cache
-    z = head(pending_h, trunk.embed(pending_tok[None]), mtp_cache)[:, -1:]
-    committed = mtp_cache[0].offset
-    d = mx.argmax(trunk.lm_head(z)[0, -1], keepdims=True)
-    drafted = [d]
-    for _ in range(1, r.k):
-        z = head(z, trunk.embed(d[None]), mtp_cache)
-        d = mx.argmax(trunk.lm_head(z)[0, -1], keepdims=True)
-        drafted.append(d)
-    return mx.concatenate(drafted), committed
+    committed = r.mtp_cache[0].offset + len(pending_tok)
+    return r.bundle.draft_head.greedy_chain(pending_h, mx.array([pending_tok]), r.mtp_cache, r.k), committed
 
 
 def _greedy_step(r: _Run, st: _State) -> None:
@@ -219,7 +211,7 @@ def _greedy_step(r: _Run, st: _State) -> None:
     No drafting ahead of the verify: on the CPU the device is the same cores, so drafts queued for a step that
     turns out rejected cost their full time (measured on the demo: a loss even at K=1, 75% of steps all-accepted).
     """
-    draft_ids, committed = _greedy_drafts(r, st.pending_h, mx.array(st.pending_tok))
+    draft_ids, committed = _greedy_drafts(r, st.pending_h, st.pending_tok)
     mx.async_eval(draft_ids)  # the device drafts while the host builds the verify graph
     verify, roll_back = _verify(r.bundle.trunk, r.cache, mx.concatenate([mx.array([st.last]), draft_ids])[None],
                                 r.rollback)

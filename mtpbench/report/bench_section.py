@@ -95,10 +95,12 @@ def roofline_table(b: dict[str, Any]) -> Table:
 def context_table(b: dict[str, Any]) -> Table:
     ks = [m["k"] for m in b["context_scaling"][0]["mtp"]] if b["context_scaling"] else []
     rows = [[fmt.integer(c["prompt_tokens"]) + (" (capped)" if c["capped"] else ""), fmt.tok_s(c["prefill_tok_s"]),
-             fmt.tok_s(c["ar_tok_s"])] + [f"{fmt.tok_s(m['tok_s'])} ({fmt.ratio(m['speedup'])})" for m in c["mtp"]]
+             fmt.tok_s(c["ar_tok_s"])] + [f"{fmt.tok_s(m['tok_s'])} ({fmt.ratio(m['speedup'])}, τ {fmt.num(m['tau'], 2)})"
+                                          for m in c["mtp"]]
             for c in b["context_scaling"]]
-    return Table(["prompt tokens", "prefill tok/s", "AR tok/s"] + [f"K={k} tok/s (speedup)" for k in ks], rows,
-                 [True] * (3 + len(ks)), "Decode throughput against context length")
+    return Table(["prompt tokens", "prefill tok/s", "AR tok/s"] + [f"K={k} tok/s (speedup, τ)" for k in ks], rows,
+                 [True] * (3 + len(ks)), "Decode throughput against context length (τ: tokens per verify step, so "
+                 "a speedup can be told apart from the checkpoint's acceptance at that length)")
 
 
 def blas_table(b: dict[str, Any]) -> Table:
