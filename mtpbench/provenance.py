@@ -52,7 +52,10 @@ def _device() -> str:
             return "gpu"
     import os
 
-    return f"cpu: {_cpu_name()} ({os.cpu_count()} cores)"
+    cores = os.cpu_count()
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    # Affinity changes small-model speed a lot (host and CPU-stream threads hand off at every eval): say it.
+    return f"cpu: {_cpu_name()} ({cores} cores{f', pinned to {usable}' if usable != cores else ''})"
 
 
 @lru_cache(maxsize=1)
