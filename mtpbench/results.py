@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import tempfile
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -69,16 +72,37 @@ VERDICTS = pa.schema([
 TABLES: dict[str, pa.Schema] = {"runs": RUNS, "steps": STEPS, "tokens": TOKENS, "verdicts": VERDICTS}
 
 
+@contextmanager
+def _interrupt_deferred():
+    """Hold Ctrl-C (SIGINT) until the block is done, then deliver it: a write is whole or absent, and no temporary
+    file is left behind by an interrupt landing between its creation and its rename. Main thread only (the only
+    one Python delivers signals to); elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[tuple[int, Any]] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append((signum, frame)))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if pending and callable(previous):
+            previous(*pending[0])  # Python's default handler raises KeyboardInterrupt here
+        elif pending and previous == signal.SIG_DFL:
+            signal.raise_signal(signal.SIGINT)
+
+
 def _atomic_write_bytes(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with _interrupt_deferred():
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+        os.close(fd)
+        try:
+            write(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def write_part(root: Path, table: str, part: str, rows: list[dict[str, Any]]) -> None:

@@ -260,3 +260,24 @@ def test_thinking_is_an_axis_of_the_chat_template(cli, tmp_path, tiny_agree):
     assert set(runs["thinking"]) == {"on", "off"} and len(runs) == 4
     lengths = runs.groupby("thinking")["prompt_tokens"].first()
     assert lengths["off"] > lengths["on"]  # "off" closes an empty <think></think> block in the prompt
+
+
+def test_ctrl_c_during_a_write_leaves_the_whole_part_and_no_temporary_file(tmp_path):
+    """An interrupt landing mid-write is held until the rename is done, then delivered as KeyboardInterrupt."""
+    from mtpbench.results import write_json
+
+    real_dumps = json.dumps
+
+    def interrupted_dump(obj):
+        os.kill(os.getpid(), signal.SIGINT)  # arrives while the temporary file is open
+        return real_dumps(obj)
+
+    target = tmp_path / "out" / "manifest.json"
+    json.dumps = lambda obj, **kw: interrupted_dump(obj) if obj == {"a": 1} else real_dumps(obj, **kw)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            write_json(target, {"a": 1})
+    finally:
+        json.dumps = real_dumps
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert [p.name for p in target.parent.iterdir()] == ["manifest.json"]
