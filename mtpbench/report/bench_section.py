@@ -49,7 +49,7 @@ def costs_table(b: dict[str, Any]) -> Table:
             ["MTP draft step", _ms(c["draft_step_s"]), fmt.num(c["draft_over_ar_step"], 2)]]
     rows += [[f"{d['k']} chained drafts, one sync", _ms(d["seconds"]), fmt.num(d["seconds"] / c["ar_step_s"], 2)]
              for d in c.get("draft_chain_s", []) if d["k"] > 1]
-    rows += [[f"first draft also catching up on {r} accepted positions (extra)", _ms(x), fmt.num(x / c["ar_step_s"], 2)]
+    rows += [[f"first draft fed {r} positions (after {r - 1} accepted), extra over 1", _ms(x), fmt.num(x / c["ar_step_s"], 2)]
              for r, x in enumerate(c.get("catch_up_by_rows_s", []), 1) if r > 1]
     rows += [[f"verify K={v['k']} ({v['k'] + 1} tokens), keeping every GDN state", _ms(v["seconds"]),
               fmt.num(v["over_ar_step"], 2)] for v in c["verify_s"]]
