@@ -110,10 +110,9 @@ class AttentionLayer:
 
     `enter` / `leave` fold what comes right before and after into the same traces (the MTP head's input fusion and
     final norm; the trunk's final norm and lm head), which saves dispatch boundaries; the layer returns what `leave`
-    returns. Plain RoPE (`nn.RoPE`, what qwen3_5 configs
-    build) runs inside the first trace with the offset as an array: on the CPU its fallback is a dozen small
-    operations per call (0.06 ms for the demo's queries, against 0.01 ms for one add). Other RoPE variants run
-    outside, as mlx_lm calls them.
+    returns. Plain RoPE (`nn.RoPE`, what qwen3_5 configs build) runs inside the first trace with the offset as an
+    array: on the CPU its fallback is a dozen small operations per call (0.06 ms for the demo's queries, against
+    0.01 ms for one add). Other RoPE variants run outside, as mlx_lm calls them.
     """
 
     def __init__(self, layer: nn.Module, enter: Callable[..., mx.array] = _identity,
