@@ -169,6 +169,22 @@ def test_trunk_gives_mlx_lm_logits_on_both_paths(bundle_agree):
             assert np.array_equal(np.asarray(got.logits), np.asarray(want)), (prompt_len, n, capture)
 
 
+def test_rope_variants_run_outside_the_trace_with_the_same_logits(bundle_agree):
+    """RoPE classes other than nn.RoPE run outside the compiled trace, as mlx_lm calls them: same logits."""
+    from mtpbench.compiled_layers import AttentionLayer
+    from mtpbench.trunk import Trunk
+
+    inside, outside = bundle_agree.trunk, Trunk(bundle_agree.model, bundle_agree.hidden_variant)
+    for i, layer in enumerate(outside.body.layers):
+        if not layer.is_linear:
+            outside._compiled(i).rope_in_trace = False
+    assert any(isinstance(f, AttentionLayer) and not f.rope_in_trace for f in outside._layers.values())
+    a, b = inside.make_cache(), outside.make_cache()
+    for ids in ([[5, 9, 200, 17]], [[3]], [[88, 41]], [[7]]):
+        x = mx.array(ids)
+        assert np.array_equal(np.asarray(inside(x, a).logits), np.asarray(outside(x, b).logits))
+
+
 def test_compiled_head_equals_the_head_module(bundle_agree):
     """The decoders' compiled MTP head computes what the MTPHead module computes, bit for bit, on its own cache."""
     head, compiled, trunk = bundle_agree.mtp, bundle_agree.draft_head, bundle_agree.trunk
