@@ -252,11 +252,8 @@ def measure_costs(bundle: Bundle, prompt_ids: list[int], ks: Sequence[int], repe
 
     def draft_chain(k: int, rows: int = 1) -> Callable[[], None]:
         def op() -> None:  # the first call also feeds `rows - 1` earlier positions, as after accepted drafts
-            z, d = mx.repeat(st.hidden, rows, axis=1), mx.array([st.last] * rows)
-            for _ in range(k):
-                z = head(z, trunk.embed(d[None]), st.mtp_cache)[:, -1:]
-                d = mx.argmax(trunk.lm_head(z)[0, -1], keepdims=True)
-            np.asarray(d)  # the ids themselves: an argmax over d's one-element axis would not need d computed
+            ids = head.greedy_chain(mx.repeat(st.hidden, rows, axis=1), mx.array([[st.last] * rows]), st.mtp_cache, k)
+            np.asarray(ids)  # the ids themselves: an argmax over them would not need the chain computed
         return op
 
     def verify(k: int, capture: bool) -> Callable[[], None]:
