@@ -67,7 +67,8 @@ class Trunk:
             raise ValueError(f"a capturing verify runs batch 1, without padding masks, on at most "
                              f"{COMPILED_MAX_TOKENS} tokens")
         states: dict[int, LayerStates] = {}
-        kv_offsets = {i: c.offset for i, (layer, c) in enumerate(zip(layers, cache)) if not layer.is_linear}
+        kv_offsets = ({i: c.offset for i, (layer, c) in enumerate(zip(layers, cache)) if not layer.is_linear}
+                      if capture else {})
         for i, (layer, c) in enumerate(zip(layers, cache)):
             if not fast:
                 h = layer(h, mask=ssm_mask if layer.is_linear else fa_mask, cache=c)
