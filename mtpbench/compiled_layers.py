@@ -2,9 +2,9 @@
 
 Decoding a small model is bound by per-operation overhead: each mlx operation is built in Python and dispatched on
 its own, and on the CPU `async_eval` returns only when most of the graph has run (200 small operations: 0.69 ms
-inside the call, 0.014 ms left after it), so the host barely runs ahead of the device. `mx.compile` traces a layer once per input shape and replays it with elementwise chains fused: on the demo
-(fp32, CPU) a GatedDeltaNet layer went from 0.44 to 0.18 ms and an MLP from 0.105 to 0.034 ms, bit-identical in
-fp32 and bf16. What depends on the cache position (RoPE offset, KV-cache write, attention over the cache) stays
+inside the call, 0.014 ms left after it), so the host barely runs ahead of the device. `mx.compile` traces a
+layer once per input shape and replays it with elementwise chains fused: on the demo (fp32, CPU) a GatedDeltaNet
+layer went from 0.44 to 0.18 ms and an MLP from 0.105 to 0.034 ms, bit-identical in fp32 and bf16. What depends on the cache position (RoPE offset, KV-cache write, attention over the cache) stays
 outside the trace and runs mlx_lm's own code, so one trace serves every step.
 
 The functions mirror mlx_lm's `qwen3_5.DecoderLayer`, `GatedDeltaNet` and `Qwen3NextAttention` for batch 1 without

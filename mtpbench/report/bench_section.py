@@ -49,8 +49,8 @@ def costs_table(b: dict[str, Any]) -> Table:
             ["MTP draft step", _ms(c["draft_step_s"]), fmt.num(c["draft_over_ar_step"], 2)]]
     rows += [[f"{d['k']} chained drafts, one sync", _ms(d["seconds"]), fmt.num(d["seconds"] / c["ar_step_s"], 2)]
              for d in c.get("draft_chain_s", []) if d["k"] > 1]
-    rows += [[f"first draft fed {r} positions (after {r - 1} accepted), extra over 1", _ms(x), fmt.num(x / c["ar_step_s"], 2)]
-             for r, x in enumerate(c.get("catch_up_by_rows_s", []), 1) if r > 1]
+    rows += [[f"first draft fed {r} positions (after {r - 1} accepted), extra over 1", _ms(x),
+              fmt.num(x / c["ar_step_s"], 2)] for r, x in enumerate(c.get("catch_up_by_rows_s", []), 1) if r > 1]
     rows += [[f"verify K={v['k']} ({v['k'] + 1} tokens), keeping every GDN state", _ms(v["seconds"]),
               fmt.num(v["over_ar_step"], 2)] for v in c["verify_s"]]
     rows += [[f"rollback j={j}: commit the captured state", _ms(s), fmt.num(s / c["ar_step_s"], 2)]
@@ -95,8 +95,8 @@ def roofline_table(b: dict[str, Any]) -> Table:
 def context_table(b: dict[str, Any]) -> Table:
     ks = [m["k"] for m in b["context_scaling"][0]["mtp"]] if b["context_scaling"] else []
     rows = [[fmt.integer(c["prompt_tokens"]) + (" (capped)" if c["capped"] else ""), fmt.tok_s(c["prefill_tok_s"]),
-             fmt.tok_s(c["ar_tok_s"])] + [f"{fmt.tok_s(m['tok_s'])} ({fmt.ratio(m['speedup'])}, τ {fmt.num(m['tau'], 2)})"
-                                          for m in c["mtp"]]
+             fmt.tok_s(c["ar_tok_s"])]
+            + [f"{fmt.tok_s(m['tok_s'])} ({fmt.ratio(m['speedup'])}, τ {fmt.num(m['tau'], 2)})" for m in c["mtp"]]
             for c in b["context_scaling"]]
     return Table(["prompt tokens", "prefill tok/s", "AR tok/s"] + [f"K={k} tok/s (speedup, τ)" for k in ks], rows,
                  [True] * (3 + len(ks)), "Decode throughput against context length (τ: tokens per verify step, so "
