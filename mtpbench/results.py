@@ -14,6 +14,7 @@ import signal
 import tempfile
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,70 @@ def write_part(root: Path, table: str, part: str, rows: list[dict[str, Any]]) ->
 
 def write_json(path: Path, obj: Any) -> None:
     _atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True, default=str)))
+
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class Created:
+    """What `create_results_dir` made: the results directory (whose mtpbench files are ours) and every directory
+    the call created, deepest first (empty when the directory already existed, empty). Nothing else is ever removed."""
+
+    root: Path
+    dirs: tuple[Path, ...]
+
+
+def create_results_dir(out: Path) -> Created:
+    """Make a new results directory (or take an existing empty one) and say what this call created.
+
+    A directory that already holds anything is refused unless it is an mtpbench results directory (the caller
+    checks for the manifest first): a user's directory is never taken over (think `-o .` or `-o ~`).
+    """
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        what = "a file" if not out.is_dir() else "a non-empty directory that is not an mtpbench results directory"
+        raise UserError(f"{out} is {what} (no {MANIFEST}); choose another --out")
+    dirs = []
+    p = out
+    while not p.exists():
+        dirs.append(p)
+        p = p.parent
+    created = Created(out, tuple(dirs))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        remove_created(created)
+        raise UserError(f"cannot write results to {out}: {e.strerror}") from None
+    return created
+
+
+def remove_created(created: Created) -> None:
+    """Undo `create_results_dir` after a run that measured nothing: mtpbench's own files in the results directory,
+    then the directories the call created, each only while empty (rmdir, never a recursive delete: a file someone
+    else put there meanwhile stays, and so does its directory)."""
+    out = created.root
+    for name in (MANIFEST, *TABLES):
+        f = out / name
+        if f.is_file():
+            f.unlink(missing_ok=True)
+        elif f.is_dir():
+            for ours in (*f.glob(".tmp-*"), *f.glob("part-*.parquet")):
+                ours.unlink(missing_ok=True)
+            _rmdir_if_empty(f)
+    for d in created.dirs:
+        if not _rmdir_if_empty(d):
+            break
+
+
+def _rmdir_if_empty(d: Path) -> bool:
+    try:
+        d.rmdir()
+        return True
+    except OSError:
+        return False
 
 
 def done_parts(root: Path, table: str = "runs") -> set[str]:

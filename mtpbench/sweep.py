@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from .errors import UserError
 from .kvcache import FULL_KV, KVCacheSpec
 from .prompts import Prompt, encode, load_sets, supports_thinking
 from .provenance import now_iso, provenance
-from .results import SCHEMA_VERSION, done_parts, read_manifest, write_json, write_part
+from .results import SCHEMA_VERSION, Created, create_results_dir, done_parts, read_manifest, remove_created, write_json, write_part
 from .roofline import bytes_per_token, copy_bandwidth, draft_step_bytes, weight_bytes
 from .sampling import SamplingConfig
 
@@ -206,8 +205,10 @@ def _validate_prompts(spec: SweepSpec, paths: dict[str, Path], prompts: list[Pro
                                     f"generation) but {model} has a context of {ctx}")
 
 
-def prepare_results_dir(out: Path, spec: SweepSpec, command: str) -> None:
-    """Create the dir with its manifest, or check that an existing one holds this very sweep (resume)."""
+def prepare_results_dir(out: Path, spec: SweepSpec, command: str) -> Created | None:
+    """Create the dir with its manifest, or check that an existing one holds this very sweep (resume).
+
+    Returns what this call created (None on a resume): the only things a failed run may remove."""
     manifest = out / "manifest.json"
     if manifest.exists():
         old = read_manifest(out)
@@ -216,16 +217,11 @@ def prepare_results_dir(out: Path, spec: SweepSpec, command: str) -> None:
                           if old.get("spec", {}).get(k) != spec.to_dict().get(k))
             raise UserError(f"{out} holds a different sweep (differs in: {', '.join(diff)}); use another --out "
                             f"or remove it")
-        return
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"cannot write results to {out}: {e.strerror}") from None
+        return None
+    created = create_results_dir(out)
     write_json(manifest, {"schema_version": SCHEMA_VERSION, "name": out.name, "created_at": now_iso(),
                           "command": command, "spec": spec.to_dict(), "provenance": provenance(), "models": {}})
+    return created
 
 
 def record_model(out: Path, name: str, info: dict[str, Any], policy: str = "as-is") -> None:
@@ -350,8 +346,7 @@ def run_sweep(spec: SweepSpec, out: Path, command: str = "",
     paths = {m: preflight(m, require_mtp=True) for m in spec.models}
     _validate_prompts(spec, paths, prompts)
     cells = plan(spec, prompts)
-    created = not (out / "manifest.json").exists()
-    prepare_results_dir(out, spec, command)
+    created = prepare_results_dir(out, spec, command)
     try:
         if executor == "ray":
             from .executors.ray_executor import run_ray
@@ -360,7 +355,7 @@ def run_sweep(spec: SweepSpec, out: Path, command: str = "",
         return _execute(spec, out, cells, progress)
     except BaseException:
         if created and not done_parts(out):
-            shutil.rmtree(out, ignore_errors=True)  # nothing measured yet: leave no half-made dir behind
+            remove_created(created)  # nothing measured yet: leave no half-made dir behind, and nothing else
         raise
 
 
