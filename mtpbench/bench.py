@@ -25,15 +25,15 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .blas import active_blas, env_without_openblas
-from .checkpoint import Bundle, load
+from .model.blas import active_blas, env_without_openblas
+from .model.checkpoint import Bundle, load
 from .decode import DecodeResult, generate_ar, generate_mtp
 from .decode.cache import restore, snapshot, state_arrays
 from .decode.common import now as _clock
 from .errors import UserError
 from .provenance import now_iso, provenance
-from .results import write_json
-from .roofline import bytes_per_token, copy_bandwidth, draft_step_bytes, nbytes, weight_bytes
+from .sweep.store import write_json
+from .model.roofline import bytes_per_token, copy_bandwidth, draft_step_bytes, nbytes, weight_bytes
 from .sampling import SamplingConfig
 from .stats.acceptance import (
     StepCosts,
@@ -41,7 +41,7 @@ from .stats.acceptance import (
     expected_tokens,
     predicted_speedup,
 )
-from .tiny import TinySpec, make_tiny
+from .build.tiny import TinySpec, make_tiny
 
 SCHEMA = "mtpbench.bench/1"
 GREEDY = SamplingConfig(temperature=0.0)

@@ -15,7 +15,7 @@ DEMO_PROMPT_SET = "stdlib"  # held-out stdlib code, the domain the demo model wa
 def default_model() -> str:
     if not (DEMO_MODEL / "config.json").exists():
         raise UserError(f"the embedded default checkpoint is missing at {DEMO_MODEL}; rebuild it with "
-                        f"`python -m mtpbench.train_demo` or pass --model")
+                        f"`mtpbench make-demo --out DIR` or pass --model")
     return str(DEMO_MODEL)
 
 

@@ -6,9 +6,9 @@ from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
-from .checkpoint import Bundle
+from .model.checkpoint import Bundle
 from .decode import DecodeResult, generate_ar, generate_mtp
-from .prompts import Prompt, encode
+from .sweep.prompts import Prompt, encode
 from .sampling import SamplingConfig
 
 

@@ -9,7 +9,7 @@ from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from .blas import active_blas
+from .model.blas import active_blas
 
 
 def _version(pkg: str) -> str:

@@ -13,14 +13,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .checkpoint import Bundle
+from .model.checkpoint import Bundle
 from .decode import MAX_K, generate_ar, generate_mtp
 from .decode.controls import Control
 from .decode.rule import EXACT
 from .decode.teacher import enumerate_target, top2_gaps
 from .stats.preservation import (TestResult, calibration_test, exact_target_test, greedy_identity, holm_by_family,
                                  pit_test, score_test, two_sample_categorical, two_sample_scalar)
-from .sweep import Setting
+from .sweep.run import Setting
 
 TESTS = ("exact", "pit", "score", "calibration", "two_sample", "greedy")
 DEFAULT_TESTS = ("exact", "pit", "score", "calibration", "greedy")  # two_sample: opt in (weaker, costs AR runs)

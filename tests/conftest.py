@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from mtpbench.checkpoint import load
-from mtpbench.cli import main
-from mtpbench.tiny import TinySpec, make_tiny
+from mtpbench.model.checkpoint import load
+from mtpbench.cli.main import main
+from mtpbench.build.tiny import TinySpec, make_tiny
 
 LAYOUTS = {
     "inline-mtp": TinySpec(),

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from mtpbench.results import SCHEMA_VERSION, write_json, write_part
+from mtpbench.sweep.store import SCHEMA_VERSION, write_json, write_part
 
 SETTINGS = {"greedy": {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "draft_temperature": 0.0},
             "T=0.6 top_p=0.95 top_k=20": {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.0,

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from mtpbench.bench import BenchSettings, _context_cap, pattern_prompt, run_bench
-from mtpbench.cli_bench import bench_cmd
+from mtpbench.cli.bench import bench_cmd
 from mtpbench.report.bench_section import render_bench_html, render_bench_page
 
 SECTIONS = ("costs", "ar_parity", "mtp", "records_overhead", "roofline", "context_scaling", "provenance", "blas")

@@ -13,9 +13,9 @@ from mlx.utils import tree_flatten
 from mlx_lm import load as mlx_lm_load
 from mlx_lm import stream_generate
 
-from mtpbench.checkpoint import load
+from mtpbench.model.checkpoint import load
 from mtpbench.errors import UserError
-from mtpbench.tiny import TinySpec, make_tiny
+from mtpbench.build.tiny import TinySpec, make_tiny
 
 from .conftest import LAYOUTS
 

@@ -6,10 +6,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mtpbench.checkpoint import load
+from mtpbench.model.checkpoint import load
 from mtpbench.decode import generate_ar, generate_mtp
 from mtpbench.decode.cache import restore, snapshot, state_arrays
-from mtpbench.kvcache import KVCacheSpec
+from mtpbench.model.kvcache import KVCacheSpec
 from mtpbench.decode.teacher import enumerate_target, top2_gaps
 from mtpbench.sampling import SamplingConfig
 from mtpbench.stats.preservation import exact_target_test, greedy_identity
@@ -156,7 +156,7 @@ def test_trunk_gives_mlx_lm_logits_on_both_paths(bundle_agree):
     step the logits must be mlx_lm's own, bit for bit."""
     import mlx_lm.models.cache as mlx_cache
 
-    from mtpbench.compiled_layers import COMPILED_MAX_TOKENS
+    from mtpbench.model.compiled import COMPILED_MAX_TOKENS
 
     trunk, model = bundle_agree.trunk, bundle_agree.trunk.model
     rng = np.random.default_rng(0)
@@ -171,8 +171,8 @@ def test_trunk_gives_mlx_lm_logits_on_both_paths(bundle_agree):
 
 def test_rope_variants_run_outside_the_trace_with_the_same_logits(bundle_agree):
     """RoPE classes other than nn.RoPE run outside the compiled trace, as mlx_lm calls them: same logits."""
-    from mtpbench.compiled_layers import AttentionLayer
-    from mtpbench.trunk import Trunk
+    from mtpbench.model.compiled import AttentionLayer
+    from mtpbench.model.trunk import Trunk
 
     inside, outside = bundle_agree.trunk, Trunk(bundle_agree.model, bundle_agree.hidden_variant)
     for i, layer in enumerate(outside.body.layers):

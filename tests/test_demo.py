@@ -6,12 +6,12 @@ import json
 import sysconfig
 from pathlib import Path
 
-from mtpbench.checkpoint import load
+from mtpbench.model.checkpoint import load
 from mtpbench.decode import generate_ar, generate_mtp
 from mtpbench.defaults import DEMO_MODEL, DEMO_PROMPT_SET
-from mtpbench.prompts import encode, load_set
+from mtpbench.sweep.prompts import encode, load_set
 from mtpbench.sampling import SamplingConfig
-from mtpbench.train_demo import is_held_out
+from mtpbench.build.demo import is_held_out
 
 
 def test_inspect_without_model_describes_the_embedded_default(cli):

@@ -12,13 +12,13 @@ import pytest
 from click.testing import CliRunner
 from safetensors import safe_open
 
-from mtpbench.checkpoint import load
-from mtpbench.cli_quantize import graft_cmd, policies_cmd, quantize_cmd
+from mtpbench.model.checkpoint import load
+from mtpbench.cli.models import graft_cmd, policies_cmd, quantize_cmd
 from mtpbench.decode import generate_ar, generate_mtp
 from mtpbench.decode.teacher import top2_gaps
-from mtpbench.describe import describe
+from mtpbench.model.describe import describe
 from mtpbench.errors import UserError
-from mtpbench.quantize import (
+from mtpbench.build.quantize import (
     MANIFEST,
     POLICIES,
     TRUNK_COMPONENTS,
@@ -30,7 +30,7 @@ from mtpbench.quantize import (
 )
 from mtpbench.sampling import SamplingConfig
 from mtpbench.stats.preservation import greedy_identity
-from mtpbench.tiny import TinySpec, make_tiny
+from mtpbench.build.tiny import TinySpec, make_tiny
 
 PROMPT = "def add(a, b):\n    return a"
 N, K = 64, 2

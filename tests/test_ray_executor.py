@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from mtpbench import sweep
+from mtpbench.sweep import run as sweep
 from mtpbench.errors import UserError
-from mtpbench.executors import ray_executor
-from mtpbench.prompts import load_sets
-from mtpbench.results import read_manifest, read_table
+from mtpbench.sweep import ray_executor
+from mtpbench.sweep.prompts import load_sets
+from mtpbench.sweep.store import read_manifest, read_table
 
 
 def _prompt_file(tmp_path: Path, n: int = 2) -> Path:
@@ -169,9 +169,9 @@ def test_without_ray_installed_run_ray_says_how_to_install(tmp_path, tiny_agree,
 _CTRL_C_DRIVER = """
 import sys
 from pathlib import Path
-from mtpbench import sweep
-from mtpbench.executors.ray_executor import run_ray
-from mtpbench.prompts import load_sets
+from mtpbench.sweep import run as sweep
+from mtpbench.sweep.ray_executor import run_ray
+from mtpbench.sweep.prompts import load_sets
 model, prompts, out = sys.argv[1:4]
 spec = sweep.SweepSpec(models=(model,), prompts=(prompts,), ks=(1, 2), temps=(0.0,), repeats=20, max_tokens=16)
 cells = sweep.plan(spec, load_sets([prompts]))

@@ -291,8 +291,8 @@ def test_report_with_backends_is_self_contained_and_renders_in_headless_browser(
 
 def test_sweep_console_summary_lists_servers_and_their_speedup(dirs):
     """The summary printed at the end of a sweep names each endpoint and the MTP-over-AR endpoint speedup."""
-    from mtpbench.console import sweep_summary
-    from mtpbench.results import read_table
+    from mtpbench.report.console import sweep_summary
+    from mtpbench.sweep.store import read_table
 
     for name in ("mixed", "srv"):
         text = sweep_summary(read_table(dirs[name], "runs"))

@@ -24,13 +24,13 @@ import pytest
 
 from mtpbench.backends import Endpoint, parse_spec_counters, run_server_sweep
 from mtpbench.backends.server import SpecCounters, counter_fields
-from mtpbench.cli_server import endpoints_from_cli
+from mtpbench.cli.server_options import endpoints_from_cli
 from mtpbench.decode import generate_ar
 from mtpbench.errors import UserError
-from mtpbench.prompts import encode, load_set
-from mtpbench.results import read_table
+from mtpbench.sweep.prompts import encode, load_set
+from mtpbench.sweep.store import read_table
 from mtpbench.sampling import SamplingConfig
-from mtpbench.sweep import SweepSpec
+from mtpbench.sweep.run import SweepSpec
 
 MAX_TOKENS = 16
 

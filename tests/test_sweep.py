@@ -17,8 +17,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from mtpbench.checkpoint import load
-from mtpbench.results import read_table
+from mtpbench.model.checkpoint import load
+from mtpbench.sweep.store import read_table
 
 
 def _prompt_file(tmp_path: Path, n: int = 2, name: str = "mini") -> Path:
@@ -34,7 +34,7 @@ def small_sweep(tmp_path_factory, tiny_agree, tiny_agree2):
     """2 models x K 1..3 x temps 0, 0.7 x 2 prompts x 2 repeats."""
     from click.testing import CliRunner
 
-    from mtpbench.cli import main
+    from mtpbench.cli.main import main
 
     tmp = tmp_path_factory.mktemp("sweep")
     prompts = _prompt_file(tmp)
@@ -69,7 +69,7 @@ def test_sweep_writes_exactly_the_expected_rows(small_sweep):
 
 def test_roofline_columns(small_sweep, tiny_agree):
     """Weight bytes per token: the trunk's for AR, trunk + K draft steps over tau for MTP; the machine's bandwidth."""
-    from mtpbench.roofline import draft_step_bytes, weight_bytes
+    from mtpbench.model.roofline import draft_step_bytes, weight_bytes
 
     b = load(tiny_agree)
     trunk, draft = weight_bytes(b), draft_step_bytes(b)
@@ -264,7 +264,7 @@ def test_thinking_is_an_axis_of_the_chat_template(cli, tmp_path, tiny_agree):
 
 def test_ctrl_c_during_a_write_leaves_the_whole_part_and_no_temporary_file(tmp_path):
     """An interrupt landing mid-write is held until the rename is done, then delivered as KeyboardInterrupt."""
-    from mtpbench.results import write_json
+    from mtpbench.sweep.store import write_json
 
     real_dumps = json.dumps
 

@@ -29,10 +29,10 @@ import pyarrow.parquet as pq
 from prometheus_client.parser import text_string_to_metric_families
 
 from ..errors import UserError
-from ..prompts import Prompt, load_sets
+from ..sweep.prompts import Prompt, load_sets
 from ..provenance import now_iso, provenance
-from ..results import done_parts, read_manifest, write_json, write_part
-from ..sweep import Cell, SweepOutcome, SweepSpec, thinking_flag, plan, prepare_results_dir
+from ..sweep.store import done_parts, read_manifest, write_json, write_part
+from ..sweep.run import Cell, SweepOutcome, SweepSpec, thinking_flag, plan, prepare_results_dir
 
 MODES = ("mtp", "ar")
 CELL_MODEL = "server"  # the plan's model key: one cell id per (setting, prompt, repetition), shared by endpoints

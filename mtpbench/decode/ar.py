@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from ..checkpoint import Bundle
-from ..kvcache import FULL_KV, KVCacheSpec
+from ..model.checkpoint import Bundle
+from ..model.kvcache import FULL_KV, KVCacheSpec
 from ..sampling import SamplingConfig
 from .common import choose, host_probs, now, peak, point_mass_record, reset_peak, rngs, token_record
 from .records import DecodeResult

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from ..checkpoint import Bundle
+from ..model.checkpoint import Bundle
 from ..sampling import SamplingConfig
 from .common import host_probs
 

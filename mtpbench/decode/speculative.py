@@ -27,9 +27,9 @@ from dataclasses import dataclass, field, replace
 import mlx.core as mx
 import numpy as np
 
-from ..checkpoint import Bundle
+from ..model.checkpoint import Bundle
 from ..errors import UserError
-from ..kvcache import FULL_KV, KVCacheSpec
+from ..model.kvcache import FULL_KV, KVCacheSpec
 from ..sampling import SamplingConfig
 from .cache import require_exact_rollback, restore, snapshot
 from .common import choose, host_probs, now, peak, point_mass_record, reset_peak, rngs, token_record

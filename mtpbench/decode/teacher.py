@@ -9,7 +9,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from ..checkpoint import Bundle
+from ..model.checkpoint import Bundle
 from ..sampling import SamplingConfig
 from .common import host_probs
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..results import read_manifest, read_results
+from ..sweep.store import read_manifest, read_results
 from ..stats.summary import SETTING_KEYS
 
 # Every aggregate in the report and the card is grouped by these keys, so both always agree.

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import click
 
-from .blas import reexec_with_openblas
-from .cli_common import _friendly, int_list
-from .cli_server import server_options
-from .errors import UserError
+from ..model.blas import reexec_with_openblas
+from .common import _friendly, int_list
+from .server_options import server_options
+from ..errors import UserError
 
 
 def parse_k(text: str) -> list[int]:
     """'1..4' -> [1, 2, 3, 4]; '1,2,4'; '3'."""
-    from .decode import MAX_K
+    from ..decode import MAX_K
 
     try:
         if ".." in text:
@@ -92,7 +92,7 @@ def make_demo_cmd(out, prompts_out, phase1_steps, phase2_steps):
     """
     from dataclasses import replace
 
-    from .train_demo import Recipe, train
+    from ..build.demo import Recipe, train
 
     dest = Path(out) if out else Path("results") / "demo-rebuild"
     steps = {"phase1_steps": phase1_steps, "phase2_steps": phase2_steps}
@@ -116,7 +116,7 @@ def make_demo_cmd(out, prompts_out, phase1_steps, phase2_steps):
 @_friendly
 def make_tiny_cmd(out, seed, layers, hidden, vocab, no_mtp, mtp_layout, mtp_prefix, hf_norms, shards):
     """Write a tiny random Qwen3.5 checkpoint with an MTP head to OUT (for tests and experiments)."""
-    from .tiny import TinySpec, make_tiny
+    from ..build.tiny import TinySpec, make_tiny
 
     try:
         spec = TinySpec(seed=seed, layers=layers, hidden=hidden, vocab=vocab, mtp=not no_mtp, mtp_layout=mtp_layout,
@@ -133,9 +133,9 @@ def make_tiny_cmd(out, seed, layers, hidden, vocab, no_mtp, mtp_layout, mtp_pref
 @_friendly
 def inspect_cmd(model, as_json):
     """Describe MODEL (a directory or a cached hub repo id; default: the embedded demo checkpoint)."""
-    from .checkpoint import load
-    from .defaults import default_model
-    from .describe import describe, describe_text
+    from ..model.checkpoint import load
+    from ..defaults import default_model
+    from ..model.describe import describe, describe_text
 
     info = describe(load(model or default_model()))
     click.echo(json.dumps(info, indent=2) if as_json else describe_text(info))
@@ -156,19 +156,19 @@ def inspect_cmd(model, as_json):
 def generate_cmd(model, prompt, chat, ar_mode, k, draft_temp, temperature, top_p, top_k, min_p, seed, max_tokens,
                  num_samples, as_json):
     """Generate from one prompt with the AR baseline or the reference MTP decoder."""
-    from .checkpoint import load
-    from .defaults import default_model
-    from .generation import generate_samples
+    from ..model.checkpoint import load
+    from ..defaults import default_model
+    from ..generation import generate_samples
 
     if ar_mode and k is not None:
         raise UserError("--ar and --k are exclusive")
     if max_tokens < 1 or num_samples < 1:
         raise UserError("--max-tokens and --num-samples must be >= 1")
-    from .sampling import SamplingConfig
+    from ..sampling import SamplingConfig
 
     cfg = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
     if k is not None:
-        from .decode import MAX_K
+        from ..decode import MAX_K
 
         if not 1 <= k <= MAX_K:
             raise UserError(f"--k must be between 1 and {MAX_K}, got {k}")
@@ -212,8 +212,8 @@ def _bench_into(out: Path, models: list[str], ks: tuple[int, ...], large: bool, 
     """`mtpbench bench` per checkpoint into out/bench/<name>/bench.json; a complete one is kept (resume)."""
     import json
 
-    from .bench import bench_targets, run_bench
-    from .cli_bench import safe_name
+    from ..bench import bench_targets, run_bench
+    from .bench import safe_name
 
     for model, settings in bench_targets(models, ks, large):
         where = out / "bench" / safe_name(model)
@@ -277,10 +277,10 @@ def sweep_cmd(ctx, config_file, quiet, no_report, bench_models, bench_large, exe
     """
     from click.core import ParameterSource
 
-    from .defaults import DEMO_PROMPT_SET, default_model, is_default_model
-    from .prompts import available_sets
-    from .results import read_table
-    from .sweep import SweepSpec, default_out, run_sweep
+    from ..defaults import DEMO_PROMPT_SET, default_model, is_default_model
+    from ..sweep.prompts import available_sets
+    from ..sweep.store import read_table
+    from ..sweep.run import SweepSpec, default_out, run_sweep
 
     values = {}
     if config_file:
@@ -291,7 +291,7 @@ def sweep_cmd(ctx, config_file, quiet, no_report, bench_models, bench_large, exe
     for name, v in cli_values.items():
         if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE or name not in values:
             values[name] = v
-    from .cli_server import endpoints_from_cli
+    from .server_options import endpoints_from_cli
 
     servers = endpoints_from_cli(endpoints, served_models, api_key_env, endpoint_modes, concurrency, request_timeout,
                                  retries)
@@ -333,7 +333,7 @@ def sweep_cmd(ctx, config_file, quiet, no_report, bench_models, bench_large, exe
 
     try:
         if servers:
-            from .backends.server import run_server_sweep
+            from ..backends.server import run_server_sweep
 
             outcome = run_server_sweep(spec, servers, out, None if quiet else click.echo, command)
         else:
@@ -345,14 +345,14 @@ def sweep_cmd(ctx, config_file, quiet, no_report, bench_models, bench_large, exe
     if not quiet:
         if outcome.cells_skipped:
             click.echo(f"resumed: {outcome.cells_skipped} of {outcome.cells_total} cells were already done")
-        from .console import sweep_summary
+        from ..report.console import sweep_summary
 
         click.echo(sweep_summary(read_table(out, "runs")))
     click.echo(f"results: {out}")
     if bench_models and not servers:
         _bench_into(out, list(spec.models), spec.ks, bench_large, quiet)
     if not no_report:
-        from .report.html import render_report
+        from ..report.html import render_report
 
         report = render_report([out], Path("reports") / f"{out.name}.html")
         click.echo(f"report: {report}")
@@ -368,7 +368,7 @@ def sweep_cmd(ctx, config_file, quiet, no_report, bench_models, bench_large, exe
 @_friendly
 def report_cmd(results_dirs, out, title):
     """Render one self-contained HTML report from one or more results dirs (they merge into one comparison)."""
-    from .report import render_report
+    from ..report import render_report
 
     dirs = [Path(d) for d in results_dirs]
     path = render_report(dirs, Path(out) if out else Path("reports") / f"{dirs[0].name}.html", title=title)
@@ -383,7 +383,7 @@ def report_cmd(results_dirs, out, title):
 @_friendly
 def card_cmd(results_dir, model, fmt, out):
     """Model-card tables (Mode | tok/s | speedup, acceptance by depth, verdict, formats), ready to paste."""
-    from .report import render_card
+    from ..report import render_card
 
     text = render_card(Path(results_dir), model=model, fmt=fmt)
     if out:
@@ -435,16 +435,16 @@ def verify_cmd(model, k, temp, top_p, top_k, min_p, draft_temp, samples, tokens,
     different rule fails it without failing preservation), two-sample MTP vs AR (opt in), greedy identity.
     Holm-corrected within each family over the whole run.
     """
-    from .decode.controls import CONTROLS, get_control
+    from ..decode.controls import CONTROLS, get_control
 
     if list_controls:
         for c in CONTROLS.values():
             click.echo(f"{c.name} {c.kind} {c.description}")
         return
-    from .checkpoint import load
-    from .defaults import default_model
-    from .sweep import Setting
-    from .verify import TESTS, VerifyPlan, run_verify, total_ticks, verdict_rows
+    from ..model.checkpoint import load
+    from ..defaults import default_model
+    from ..sweep.run import Setting
+    from ..verify import TESTS, VerifyPlan, run_verify, total_ticks, verdict_rows
 
     chosen = _words(tests)
     bad = [t for t in chosen if t not in TESTS]
@@ -480,8 +480,8 @@ def verify_cmd(model, k, temp, top_p, top_k, min_p, draft_temp, samples, tokens,
     if report.acceptance_differs:
         click.echo("acceptance differs from sum(alpha): the rule is not the optimal unbiased one")
     if out:
-        from .results import write_json, write_part
-        from .provenance import now_iso, provenance
+        from ..sweep.store import write_json, write_part
+        from ..provenance import now_iso, provenance
 
         root = Path(out)
         if not (root / "manifest.json").exists():
@@ -510,11 +510,11 @@ def acceptance_cmd(model, prompts, text_file, temperature, top_p, top_k, min_p, 
     """
     import pandas as pd
 
-    from .checkpoint import load
-    from .decode.scan import scan
-    from .defaults import DEMO_PROMPT_SET, default_model, is_default_model
-    from .prompts import encode, load_sets
-    from .sampling import SamplingConfig
+    from ..model.checkpoint import load
+    from ..decode.scan import scan
+    from ..defaults import DEMO_PROMPT_SET, default_model, is_default_model
+    from ..sweep.prompts import encode, load_sets
+    from ..sampling import SamplingConfig
 
     cfg = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
     model = model or default_model()
@@ -544,8 +544,8 @@ def acceptance_cmd(model, prompts, text_file, temperature, top_p, top_k, min_p, 
     click.echo(g[["texts", "positions", "greedy_match", "alpha"]].round(4).to_string())
 
 
-from .cli_bench import bench_cmd  # noqa: E402
-from .cli_quantize import graft_cmd, policies_cmd, quantize_cmd  # noqa: E402
+from .bench import bench_cmd  # noqa: E402
+from .models import graft_cmd, policies_cmd, quantize_cmd  # noqa: E402
 
 main.add_command(bench_cmd)
 main.add_command(policies_cmd)

@@ -17,8 +17,8 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .mtp import MTP_NORM_SUFFIXES
-from .tokenizer_build import train_bpe, write_tokenizer
+from ..model.mtp import MTP_NORM_SUFFIXES
+from .tokenizer import train_bpe, write_tokenizer
 
 MTP_PREFIXES = ("mtp.", "model.mtp.", "language_model.mtp.", "model.language_model.mtp.")
 # Trunk norms that raw HF checkpoints store as offsets (mlx_lm's sanitize adds 1 to exactly these).
@@ -127,7 +127,7 @@ def _agree(net, strength: float) -> None:
 
 def random_weights(spec: TinySpec) -> tuple[dict, dict[str, mx.array], dict[str, mx.array]]:
     """(config, trunk tensors in MLX layout, MTP tensors without prefix), seeded."""
-    from .train_demo import Net
+    from .demo import Net
 
     mx.random.seed(spec.seed)
     rng = np.random.default_rng(spec.seed)

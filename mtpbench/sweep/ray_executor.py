@@ -39,9 +39,9 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from .. import sweep
+from . import run as sweep
 from ..errors import UserError
-from ..results import done_parts
+from .store import done_parts
 
 log = logging.getLogger(__name__)
 

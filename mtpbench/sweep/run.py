@@ -15,15 +15,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import Bundle, context_length, load, preflight, read_config, text_config
-from .decode import DecodeResult, generate_ar, generate_mtp
-from .errors import UserError
-from .kvcache import FULL_KV, KVCacheSpec
+from ..model.checkpoint import Bundle, context_length, load, preflight, read_config, text_config
+from ..decode import DecodeResult, generate_ar, generate_mtp
+from ..errors import UserError
+from ..model.kvcache import FULL_KV, KVCacheSpec
 from .prompts import Prompt, encode, load_sets, supports_thinking
-from .provenance import now_iso, provenance
-from .results import SCHEMA_VERSION, Created, create_results_dir, done_parts, read_manifest, remove_created, write_json, write_part
-from .roofline import bytes_per_token, copy_bandwidth, draft_step_bytes, weight_bytes
-from .sampling import SamplingConfig
+from ..provenance import now_iso, provenance
+from .store import SCHEMA_VERSION, Created, create_results_dir, done_parts, read_manifest, remove_created, write_json, write_part
+from ..model.roofline import bytes_per_token, copy_bandwidth, draft_step_bytes, weight_bytes
+from ..sampling import SamplingConfig
+
+EXECUTORS = ("local", "ray")
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,7 @@ class SweepSpec:
         for temp in self.temps:
             self.setting(temp).config(0)  # validates every sampling value up front
         if any(p != "as-is" for p in self.policies):
-            from .quantize import get_policy
+            from ..build.quantize import get_policy
 
             for p in self.policies:
                 if p != "as-is":
@@ -333,11 +335,9 @@ def run_sweep(spec: SweepSpec, out: Path, command: str = "",
     """Validate everything, then run every missing cell; safe to call again on the same dir to resume.
 
     `executor`: "local" runs the cells in this process; "ray" runs each (model, policy) group as a Ray task
-    (`mtpbench.executors.ray_executor.run_ray`) on the cluster at `ray_address`, or on a local Ray instance.
+    (`mtpbench.sweep.ray_executor.run_ray`) on the cluster at `ray_address`, or on a local Ray instance.
     Both write the same parts, so either can resume a dir the other started.
     """
-    from .executors import EXECUTORS
-
     if executor not in EXECUTORS:
         raise UserError(f"unknown executor {executor!r} (choose from {', '.join(EXECUTORS)})")
     if ray_address and executor != "ray":
@@ -349,7 +349,7 @@ def run_sweep(spec: SweepSpec, out: Path, command: str = "",
     created = prepare_results_dir(out, spec, command)
     try:
         if executor == "ray":
-            from .executors.ray_executor import run_ray
+            from .ray_executor import run_ray
 
             return run_ray(spec, out, cells, progress, address=ray_address)
         return _execute(spec, out, cells, progress)
@@ -368,11 +368,11 @@ def run_group(spec: SweepSpec, model: str, policy: str, cells: list[Cell], sweep
 
     The unit of work of every executor: in process, or one Ray task per (model, policy) group.
     """
-    from .describe import describe
+    from ..model.describe import describe
 
     bundle = load(model, require_mtp=True)
     if policy != "as-is":
-        from .quantize import apply_policy
+        from ..build.quantize import apply_policy
 
         bundle = apply_policy(bundle, policy)
     warmed: set[tuple] = set()
@@ -410,8 +410,8 @@ def _execute(spec: SweepSpec, out: Path, cells: list[Cell], progress) -> SweepOu
 
 
 def _write_verdicts(out: Path) -> None:
-    from .results import read_table
-    from .stats.sweep_verdicts import sweep_verdicts
+    from .store import read_table
+    from ..stats.sweep_verdicts import sweep_verdicts
 
     rows = sweep_verdicts(read_table(out, "runs"), read_table(out, "steps"), read_table(out, "tokens"))
     write_part(out, "verdicts", "sweep", rows)

@@ -14,10 +14,10 @@ import mlx.core as mx
 from mlx import nn
 from mlx_lm.models.base import create_attention_mask, create_ssm_mask
 
-from .compiled_layers import COMPILED_MAX_TOKENS, AttentionLayer, GatedDeltaLayer, compiles
+from .compiled import COMPILED_MAX_TOKENS, AttentionLayer, GatedDeltaLayer, compiles
 from .kvcache import FULL_KV, KVCacheSpec, quantize_kv
 from .mtp import HiddenVariant
-from .trunk_capture import Captured, LayerStates
+from .capture import Captured, LayerStates
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ from typing import Any
 
 import click
 
-from .cli_common import _friendly, int_list
-from .errors import UserError
+from .common import _friendly, int_list
+from ..errors import UserError
 
 
 def safe_name(model: str) -> str:
@@ -95,10 +95,10 @@ def bench_cmd(models: tuple[str, ...], large: bool, k_text: str, max_tokens: int
               contexts: str | None, out_dir: Path | None, quick: bool) -> None:
     """Measure the cost terms of MTP decoding (both rollbacks), AR parity with mlx_lm, predicted vs realized
     speedup, records overhead, a bandwidth roofline and context scaling; write bench.json and one bench.html."""
-    from .bench import bench_targets, run_bench
-    from .cli import parse_k
-    from .defaults import default_model
-    from .report.bench_section import render_bench_page
+    from ..bench import bench_targets, run_bench
+    from .main import parse_k
+    from ..defaults import default_model
+    from ..report.bench_section import render_bench_page
 
     ks = tuple(parse_k(k_text))
     overrides = {"max_tokens": max_tokens, "repeats": repeats,

@@ -1,6 +1,6 @@
 """Recipe for the embedded default checkpoint: a small Qwen3.5-style model with an MTP head, trained here.
 
-    python -m mtpbench.train_demo --out mtpbench/assets/demo        (about 45 minutes on a 2-core CPU)
+    mtpbench make-demo --out DIR        (about 45 minutes on a 2-core CPU)
 
 Corpus: the Python standard library's own source (PSF licence, present on every machine with Python). About 5%
 of the files (chosen by a hash of their path) are held out and become the default prompt set, so prompts are
@@ -32,9 +32,9 @@ import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models.qwen3_5 import Model, ModelArgs
 
-from .mtp import MTPHead
+from ..model.mtp import MTPHead
 from .tiny import checkpoint_config
-from .tokenizer_build import train_bpe, write_tokenizer
+from .tokenizer import train_bpe, write_tokenizer
 
 HELD_OUT_EVERY = 20  # one file in 20 is held out
 
@@ -221,7 +221,7 @@ def save(out: Path, net: Net, config: dict, tok, r: Recipe, seconds: float) -> N
     config = dict(config, torch_dtype="float32")
     (out / "config.json").write_text(json.dumps(config, indent=2))
     write_tokenizer(tok, out)
-    from .blas import active_blas
+    from ..model.blas import active_blas
 
     env = {"blas": active_blas(), "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
            "mlx": mx.__version__, "python": sys.version.split()[0]}

@@ -16,7 +16,7 @@ from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 from mlx_lm.models.qwen3_5 import DecoderLayer, TextModelArgs
 
-from .compiled_layers import AttentionLayer, compiles
+from .compiled import AttentionLayer, compiles
 
 
 class HiddenVariant(str, Enum):

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import click
 
-from .cli_common import _friendly
+from .common import _friendly
 
 
 @click.command("policies")
 @_friendly
 def policies_cmd() -> None:
     """List the built-in quantization policies (TRUNK[+MTP])."""
-    from .quantize import policy_lines
+    from ..build.quantize import policy_lines
 
     for line in policy_lines():
         click.echo(line)
@@ -35,7 +35,7 @@ def policies_cmd() -> None:
 def quantize_cmd(model: str, out: Path, policy: str, group_size: int, lm_head_bits: int | None,
                  mtp_layout: str) -> None:
     """Quantize MODEL (trunk and MTP head) by a policy and write an MLX checkpoint to OUT."""
-    from .quantize import quantize_checkpoint, summary
+    from ..build.quantize import quantize_checkpoint, summary
 
     path = quantize_checkpoint(model, out, policy, group_size=group_size, lm_head_bits=lm_head_bits,
                                mtp_layout=mtp_layout)
@@ -52,7 +52,7 @@ def quantize_cmd(model: str, out: Path, policy: str, group_size: int, lm_head_bi
 @_friendly
 def graft_cmd(trunk: str, mtp_from: str, out: Path, mtp_policy: str | None) -> None:
     """Copy the MTP head of --mtp-from next to TRUNK's weights (e.g. a conversion that stripped it) into OUT."""
-    from .quantize import graft, summary
+    from ..build.quantize import graft, summary
 
     path = graft(trunk, mtp_from, out, mtp_policy=mtp_policy)
     click.echo(str(path))

@@ -22,7 +22,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import UserError
+from ..errors import UserError
 
 SCHEMA_VERSION = 1
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
-from .errors import UserError
+from ..errors import UserError
 
 KV_BITS = (2, 3, 4, 5, 6, 8)  # what mx.quantize supports
 GROUP_SIZES = (32, 64, 128)

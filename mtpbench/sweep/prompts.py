@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .defaults import PROMPTS_DIR
-from .errors import UserError
+from ..defaults import PROMPTS_DIR
+from ..errors import UserError
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .checkpoint import (
+from ..model.checkpoint import (
     _MTP_KEY,
     SIDECAR,
     Bundle,
@@ -39,10 +39,10 @@ from .checkpoint import (
     text_config,
     weight_files,
 )
-from .describe import _component
-from .errors import UserError
-from .mtp import MTPHead
-from .trunk import Trunk
+from ..model.describe import _component
+from ..errors import UserError
+from ..model.mtp import MTPHead
+from ..model.trunk import Trunk
 
 MODE = "affine"
 VALID_BITS = (2, 3, 4, 5, 6, 8)
@@ -505,7 +505,7 @@ def graft(trunk_model: str | Path, mtp_from: str | Path, out: Path, mtp_policy: 
 
 def summary(out: Path) -> str:
     """One line from a written manifest: what was quantized, size before -> after."""
-    from .report.fmt import memory
+    from ..report.fmt import memory
 
     path = Path(out) / MANIFEST
     m = json.loads((path if path.exists() else Path(out) / GRAFT_MANIFEST).read_text())

@@ -7,7 +7,7 @@ from functools import wraps
 
 import click
 
-from .errors import UserError
+from ..errors import UserError
 
 
 def _friendly(fn):

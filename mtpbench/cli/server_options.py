@@ -11,8 +11,8 @@ from collections.abc import Sequence
 
 import click
 
-from .backends.server import MODES, Endpoint
-from .errors import UserError
+from ..backends.server import MODES, Endpoint
+from ..errors import UserError
 
 
 def parse_concurrency(text: str) -> tuple[int, ...]:

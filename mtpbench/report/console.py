@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from .stats.summary import (acceptance_by_depth, per_prompt_ratios, server_speedup_table, speedup_table,
+from ..stats.summary import (acceptance_by_depth, per_prompt_ratios, server_speedup_table, speedup_table,
                             throughput_table)
 
 

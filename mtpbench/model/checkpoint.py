@@ -20,7 +20,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from safetensors import SafetensorError, safe_open
 
-from .errors import UserError
+from ..errors import UserError
 from .mtp import MTP_NORM_SUFFIXES, CompiledHead, HiddenVariant, MTPHead, mtp_tensor_names
 from .trunk import Trunk
 
