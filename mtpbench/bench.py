@@ -596,6 +596,24 @@ def run_bench(model: str | Path, out_dir: Path, ks: Sequence[int] = (1, 2, 3), s
     return bench
 
 
+def bench_into(out: Path, models: list[str], ks: tuple[int, ...], large: bool, log: Log | None = None) -> None:
+    """`mtpbench bench` per checkpoint into out/bench/<name>/bench.json (what `sweep --bench` keeps next to a
+    sweep's results); a complete one is kept (resume)."""
+    for model, settings in bench_targets(models, ks, large):
+        where = out / "bench" / safe_name(model)
+        done = where / "bench.json"
+        if done.exists() and json.loads(done.read_text()).get("complete"):
+            continue
+        run_bench(model, where, ks, settings, log=log)
+
+
+def safe_name(model: str) -> str:
+    """A checkpoint's directory name (or repo id), made safe for a directory name."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model.rstrip("/")).name or model).strip("-") or "model"
+
+
 if __name__ == "__main__":  # the reference-BLAS child of blas_comparison: MODEL PROMPT_TOKENS KS MAX_TOKENS REPEATS
     import sys
 

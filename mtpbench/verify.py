@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -20,7 +21,8 @@ from .decode.rule import EXACT
 from .decode.teacher import enumerate_target, top2_gaps
 from .stats.preservation import (TestResult, calibration_test, exact_target_test, greedy_identity, holm_by_family,
                                  pit_test, score_test, two_sample_categorical, two_sample_scalar)
-from .sweep.run import Setting
+from .sweep.axes import AXES
+from .sweep.spec import Setting
 
 TESTS = ("exact", "pit", "score", "calibration", "two_sample", "greedy")
 DEFAULT_TESTS = ("exact", "pit", "score", "calibration", "greedy")  # two_sample: opt in (weaker, costs AR runs)
@@ -187,13 +189,17 @@ def total_ticks(plan: VerifyPlan) -> int:
     return n
 
 
+# verify runs the checkpoint as loaded: every other grouping axis at its default (policy as-is, KV unquantized, ...)
+DEFAULT_KEYS = {a.column: a.default[0] for a in AXES if a.group and a.default}
+
+
 def verdict_rows(report: VerifyReport, model: str, control: Control | None) -> list[dict]:
     """Rows of the `verdicts` table (scope 'verify') for the report."""
     rows = []
     for g in report.groups:
         s = g.setting
         for r in g.results:
-            rows.append({"scope": "verify", "model": model, "policy": "as-is", "backend": "reference", "k": g.k,
+            rows.append({"scope": "verify", **DEFAULT_KEYS, "model": model, "backend": "reference", "k": g.k,
                          "setting": s.label, "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
                          "min_p": s.min_p, "draft_temperature": s.temperature if s.draft_temperature is None
                          else s.draft_temperature, "control": control.name if control else "none", "test": r.test,
@@ -201,3 +207,39 @@ def verdict_rows(report: VerifyReport, model: str, control: Control | None) -> l
                          "detectable": r.detectable, "detectable_unit": r.unit, "rejected": r.rejected(),
                          "note": r.note, "family": r.family})
     return rows
+
+
+def report_table(report: VerifyReport) -> str:
+    """Every test of a run as a plain-text table (what `mtpbench verify` prints)."""
+    import pandas as pd
+
+    rows = []
+    for g in report.groups:
+        for r in g.results:
+            rows.append({"setting": g.setting.label, "K": g.k, "test": r.test, "family": r.family, "n": r.n,
+                         "statistic": f"{r.statistic:.4g}", "p": f"{r.p_value:.3g}", "p (Holm)": f"{r.p_holm:.3g}",
+                         "detectable": f"{r.detectable:.3g} {r.unit}" if r.detectable == r.detectable else "-",
+                         "verdict": "REJECTED" if r.rejected() else ("n/a" if r.p_value != r.p_value else "ok"),
+                         "acceptance (expected)": f"{g.acceptance:.3f} ({g.expected_acceptance:.3f})"})
+    return pd.DataFrame(rows).to_string(index=False)
+
+
+def write_evidence(root: Path, report: VerifyReport, model: str, plan: VerifyPlan, command: str) -> Path:
+    """Store a run's verdict rows in a results directory (made, with a manifest, when it is new); returns the part.
+
+    Into an existing directory only when it is an mtpbench results directory: a user's directory is never used."""
+    import hashlib
+
+    from .provenance import now_iso, provenance
+    from .sweep.store import MANIFEST, SCHEMA_VERSION, open_results_dir, part_path, write_part
+
+    lock, _, _ = open_results_dir(Path(root), lambda: {
+        "schema_version": SCHEMA_VERSION, "name": Path(root).name, "created_at": now_iso(), "command": command,
+        "spec": {}, "provenance": provenance(), "models": {}, "endpoints": {}, "prompts": {}})
+    try:
+        part = "verify-" + hashlib.sha1(repr((model, plan)).encode()).hexdigest()[:12]
+        write_part(Path(root), "verdicts", part, verdict_rows(report, model, plan.control))
+        assert (Path(root) / MANIFEST).exists()
+        return part_path(Path(root), "verdicts", part)
+    finally:
+        lock.release()

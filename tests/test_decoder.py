@@ -132,8 +132,8 @@ def test_rollback_restores_the_state_of_a_fresh_prefill(tiny_kv, kv_bits):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--k", "0"], "k must be between 1 and 16"),
-    (["--k", "17"], "k must be between 1 and 16"),
+    (["--k", "0"], "--k: depth 0 is out of range (1..16)"),
+    (["--k", "17"], "--k: depth 17 is out of range (1..16)"),
     (["--k", "2", "--draft-temp", "-0.5"], "draft-temp must be >= 0"),
 ])
 def test_bad_speculative_input(cli, tiny, args, needle):

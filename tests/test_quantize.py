@@ -18,16 +18,8 @@ from mtpbench.decode import generate_ar, generate_mtp
 from mtpbench.decode.teacher import top2_gaps
 from mtpbench.model.describe import describe
 from mtpbench.errors import UserError
-from mtpbench.build.quantize import (
-    MANIFEST,
-    POLICIES,
-    TRUNK_COMPONENTS,
-    apply_policy,
-    get_policy,
-    graft,
-    policy_lines,
-    quantize_checkpoint,
-)
+from mtpbench.build.policies import POLICIES, TRUNK_COMPONENTS, get_policy, policy_lines
+from mtpbench.build.quantize import MANIFEST, apply_policy, graft, quantize_checkpoint
 from mtpbench.sampling import SamplingConfig
 from mtpbench.stats.preservation import greedy_identity
 from mtpbench.build.tiny import TinySpec, make_tiny

@@ -19,9 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from mtpbench.sweep import run as sweep
+from mtpbench.backends.reference import ReferenceBackend
 from mtpbench.errors import UserError
 from mtpbench.sweep import ray_executor
+from mtpbench.sweep import run as sweep
+from mtpbench.sweep.execute import RunEvent, SweepOutcome, Writer, execute_local
+from mtpbench.sweep.spec import Cell, SweepSpec, plan
+from mtpbench.sweep.store import done_parts, open_results_dir
 from mtpbench.sweep.prompts import load_sets
 from mtpbench.sweep.store import read_manifest, read_table
 
@@ -34,17 +38,39 @@ def _prompt_file(tmp_path: Path, n: int = 2) -> Path:
     return f
 
 
-def _setup(tmp_path: Path, model: Path, **kw) -> tuple[sweep.SweepSpec, list[sweep.Cell]]:
+def _setup(tmp_path: Path, model: Path, **kw) -> tuple[SweepSpec, list[Cell]]:
     prompts = _prompt_file(tmp_path)
-    spec = sweep.SweepSpec(models=(str(model),), prompts=(str(prompts),), ks=(1, 2), temps=(0.0, 0.7), repeats=2,
-                           max_tokens=16, **kw)
-    return spec, sweep.plan(spec, load_sets(list(spec.prompts)))
+    values = {"model": str(model), "prompts": str(prompts), "k": "1,2", "temperature": "0,0.7", "repeats": 2,
+              "max_tokens": 16, **kw}
+    spec = SweepSpec.of(**values)
+    return spec, plan(spec, load_sets(list(spec.prompts)))
 
 
-def _fresh(tmp_path: Path, name: str, spec: sweep.SweepSpec) -> Path:
+def _fresh(tmp_path: Path, name: str, spec: SweepSpec) -> Path:
     out = tmp_path / name
-    sweep.prepare_results_dir(out, spec, "test")
+    lock, _, _ = open_results_dir(out, lambda: sweep.new_manifest(out, spec, "test"))
+    lock.release()
     return out
+
+
+def _execute(spec: SweepSpec, out: Path, cells: list[Cell], progress=None, ray: bool = True, model: str | None = None,
+             **ray_options) -> SweepOutcome:
+    """What `run_sweep` does after opening the directory: schedule the missing cells on the reference backends and
+    run them (on Ray, or locally), verdicts included. `model` swaps the backend's checkpoint (cells unchanged)."""
+    backends = sweep.build_backends(spec, out.name, lambda _line: None)
+    work = sweep.schedule(backends, cells)
+    if model is not None:
+        work = [(ReferenceBackend(spec, model, b.policy, "moved", out.name), c) for b, c in work]
+    done = done_parts(out)
+    todo = [(b, c) for b, c in work if b.part(c) not in done]
+    outcome = SweepOutcome(out, len(work), 0, len(work) - len(todo))
+    writer = Writer(out, outcome, progress, sum(b.runs_in(c) for b, c in todo))
+    if ray:
+        ray_executor.run_ray(spec, todo, writer, **ray_options)
+    else:
+        execute_local(todo, writer)
+    sweep.write_verdicts(out)
+    return outcome
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +85,11 @@ def ray_local():
 def local_and_ray(tmp_path_factory, tiny_agree, ray_local):
     """The same sweep (two policies, so two groups run side by side) by the local executor and by run_ray."""
     tmp = tmp_path_factory.mktemp("ray-parity")
-    spec, cells = _setup(tmp, tiny_agree, policies=("as-is", "q8"))
+    spec, cells = _setup(tmp, tiny_agree, policy="as-is,q8")
     local_out, ray_out = _fresh(tmp, "local", spec), _fresh(tmp, "ray", spec)
-    local = sweep._execute(spec, local_out, cells, None)
-    events: list[sweep.RunEvent] = []
-    remote = ray_executor.run_ray(spec, ray_out, cells, events.append)
+    local = _execute(spec, local_out, cells, ray=False)
+    events: list[RunEvent] = []
+    remote = _execute(spec, ray_out, cells, events.append)
     return spec, cells, (local_out, local), (ray_out, remote), events
 
 
@@ -99,19 +125,19 @@ def test_ray_gives_the_same_rows_as_the_local_executor(local_and_ray):
 
 def test_rerun_of_a_finished_ray_sweep_runs_nothing(local_and_ray):
     spec, cells, _, (ray_out, _), _ = local_and_ray
-    again = ray_executor.run_ray(spec, ray_out, cells, None)
+    again = _execute(spec, ray_out, cells)
     assert again.cells_skipped == len(cells) and again.cells_run == 0
 
 
 def test_worker_killed_mid_group_is_retried_without_loss_or_duplicates(tmp_path, tiny_agree, ray_local,
                                                                        local_and_ray, monkeypatch, caplog):
     _, _, (local_out, _), _, _ = local_and_ray
-    spec, cells = _setup(tmp_path, tiny_agree, policies=("as-is", "q8"))
+    spec, cells = _setup(tmp_path, tiny_agree, policy="as-is,q8")
     out = _fresh(tmp_path, "killed", spec)
     marker = tmp_path / "killed-once"
     monkeypatch.setitem(ray_executor._test_hooks, "exit_after_first_cell_unless", str(marker))
     with caplog.at_level(logging.WARNING, logger=ray_executor.__name__):
-        outcome = ray_executor.run_ray(spec, out, cells, None, max_retries=2)
+        outcome = _execute(spec, out, cells, max_retries=2)
     assert marker.exists(), "the first attempt should have killed its worker"
     retries = [r.getMessage() for r in caplog.records if "retry 1/2" in r.getMessage()]
     # Exactly one attempt died (the marker makes it once), after delivering its first of 8 cells: the retry
@@ -123,17 +149,15 @@ def test_worker_killed_mid_group_is_retried_without_loss_or_duplicates(tmp_path,
 
 
 def test_retries_exhausted_leave_cells_missing_for_a_rerun(tmp_path, tiny_agree, ray_local, monkeypatch):
-    spec, cells = _setup(tmp_path, tiny_agree)
-    spec = sweep.SweepSpec(**{**spec.__dict__, "temps": (0.0,), "repeats": 1})
-    cells = sweep.plan(spec, load_sets(list(spec.prompts)))
+    spec, cells = _setup(tmp_path, tiny_agree, temperature=0.0, repeats=1)
     out = _fresh(tmp_path, "exhausted", spec)
     marker = tmp_path / "killed-once"
     monkeypatch.setitem(ray_executor._test_hooks, "exit_after_first_cell_unless", str(marker))
-    outcome = ray_executor.run_ray(spec, out, cells, None, max_retries=0)
+    outcome = _execute(spec, out, cells, max_retries=0)
     assert outcome.cells_run == 1 and len(outcome.failed_runs) == 3  # the lost cell's AR, K=1 and K=2 runs
     assert "ray task failed 1 time(s)" in outcome.failed_runs[0] and "\n" not in outcome.failed_runs[0]
     assert len(read_table(out, "runs")) == 3  # only the delivered cell: the other one is missing, not "failed"
-    rerun = ray_executor.run_ray(spec, out, cells, None)  # the marker exists now: no more kills
+    rerun = _execute(spec, out, cells)  # the marker exists now: no more kills
     assert rerun.cells_skipped == 1 and rerun.cells_run == 1 and rerun.failed_runs == []
     assert len(read_table(out, "runs")) == 6 and read_table(out, "runs")["run_id"].is_unique
 
@@ -141,10 +165,9 @@ def test_retries_exhausted_leave_cells_missing_for_a_rerun(tmp_path, tiny_agree,
 def test_a_user_error_on_a_worker_is_raised_not_retried(tmp_path, tiny_agree, ray_local):
     spec, cells = _setup(tmp_path, tiny_agree)
     out = _fresh(tmp_path, "gone", spec)
-    moved = tmp_path / "not-there"
-    cells = [sweep.Cell(str(moved), c.policy, c.setting, c.thinking, c.prompt, c.repetition, c.seed) for c in cells]
+    moved = tmp_path / "not-there"  # the checkpoint is missing on the worker's machine
     with pytest.raises(UserError) as err:
-        ray_executor.run_ray(spec, out, cells, None)
+        _execute(spec, out, cells, model=str(moved))
     assert "not-there" in str(err.value) and "\n" not in str(err.value)
 
 
@@ -153,31 +176,30 @@ def test_an_unreachable_cluster_address_fails_fast(tmp_path, tiny_agree):
     spec, cells = _setup(tmp_path, tiny_agree)
     out = _fresh(tmp_path, "unreachable", spec)
     with pytest.raises(UserError, match="cannot reach the Ray head at 127.0.0.1:1"):
-        ray_executor.run_ray(spec, out, cells, None, address="127.0.0.1:1")
+        _execute(spec, out, cells, address="127.0.0.1:1")
     with pytest.raises(UserError, match="expected HOST:PORT"):
-        ray_executor.run_ray(spec, out, cells, None, address="head-without-port")
+        _execute(spec, out, cells, address="head-without-port")
 
 
 def test_without_ray_installed_run_ray_says_how_to_install(tmp_path, tiny_agree, monkeypatch):
     spec, cells = _setup(tmp_path, tiny_agree)
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(UserError) as err:
-        ray_executor.run_ray(spec, tmp_path / "none", cells, None)
+        _execute(spec, _fresh(tmp_path, "none", spec), cells)
     assert str(err.value) == '--executor ray needs Ray: pip install -e ".[ray]"'
 
 
 _CTRL_C_DRIVER = """
 import sys
 from pathlib import Path
-from mtpbench.sweep import run as sweep
-from mtpbench.sweep.ray_executor import run_ray
-from mtpbench.sweep.prompts import load_sets
+import signal
+from mtpbench.sweep.run import run_sweep
+from mtpbench.sweep.spec import SweepSpec
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a Ctrl-C raises here even under a shell ignoring SIGINT
 model, prompts, out = sys.argv[1:4]
-spec = sweep.SweepSpec(models=(model,), prompts=(prompts,), ks=(1, 2), temps=(0.0,), repeats=20, max_tokens=16)
-cells = sweep.plan(spec, load_sets([prompts]))
-sweep.prepare_results_dir(Path(out), spec, "test")
+spec = SweepSpec.of(model=model, prompts=prompts, k="1,2", temperature=0.0, repeats=20, max_tokens=16)
 try:
-    run_ray(spec, Path(out), cells, lambda ev: print("run", ev.done, flush=True))
+    run_sweep(spec, Path(out), executor="ray", progress=lambda ev: print("run", ev.done, flush=True))
 except KeyboardInterrupt:
     print("interrupted", flush=True)
     sys.exit(130)

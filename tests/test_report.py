@@ -19,7 +19,7 @@ from synthetic import Spec, build_results, verdict
 
 from mtpbench.report import render_report
 
-SECTIONS = ["headline", "throughput", "acceptance", "position", "tau", "efficiency", "categories", "policies",
+SECTIONS = ["headline", "throughput", "acceptance", "position", "tau", "efficiency", "categories", "compare-policy",
             "verdicts", "provenance"]
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -136,7 +136,7 @@ def test_merged_report_compares_both_sources(merged):
     html = merged.read_text()
     for name in ("mac-m3", "linux-cpu", "tiny-mtp-q4", "bf16", "q4"):
         assert name in html
-    assert 'id="policies"' in html
+    assert 'id="compare-policy"' in html
     assert "Merged &lt;test&gt;" in html  # the title is escaped
     provenance = html[html.index('id="provenance"'):]
     assert "mtpbench run --model tiny-mtp --policy bf16" in provenance
@@ -177,7 +177,7 @@ def test_failed_only_and_no_steps_do_not_crash(tmp_path):
     pq.write_table(runs, bad / "runs" / "part-all.parquet")
     html = render_report([bad], tmp_path / "bad.html").read_text()
     assert f"{n} runs failed" in html
-    assert all(f'id="{s}"' in html for s in SECTIONS if s != "policies")
+    assert all(f'id="{s}"' in html for s in SECTIONS if s != "compare-policy")
 
 
 def test_report_package_never_imports_mlx_or_the_decoder():

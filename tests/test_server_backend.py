@@ -22,15 +22,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mtpbench.backends import Endpoint, parse_spec_counters, run_server_sweep
-from mtpbench.backends.server import SpecCounters, counter_fields
-from mtpbench.cli.server_options import endpoints_from_cli
+from mtpbench.backends.endpoint import Endpoint, endpoints_from_options
+from mtpbench.backends.metrics import SpecCounters, counter_fields, parse_spec_counters
 from mtpbench.decode import generate_ar
 from mtpbench.errors import UserError
 from mtpbench.sweep.prompts import encode, load_set
 from mtpbench.sweep.store import read_table
 from mtpbench.sampling import SamplingConfig
-from mtpbench.sweep.run import SweepSpec
+from mtpbench.sweep.run import SweepOutcome, run_sweep
+from mtpbench.sweep.spec import SweepSpec
 
 MAX_TOKENS = 16
 
@@ -46,10 +46,15 @@ def prompt_file(path: Path, lines: list[dict]) -> Path:
     return path
 
 
-def spec_for(prompts: Path, **kw) -> SweepSpec:
-    base = {"models": ("server",), "prompts": (str(prompts),), "ks": (1,), "temps": (0.0,), "max_tokens": MAX_TOKENS,
-            "repeats": 1, "records": False, "warmup_tokens": 0}
-    return SweepSpec(**{**base, **kw})
+def spec_for(prompts: Path, endpoints, **kw) -> SweepSpec:
+    base = {"prompts": str(prompts), "k": 1, "temperature": 0.0, "max_tokens": MAX_TOKENS, "repeats": 1,
+            "records": False, "warmup_tokens": 0}
+    return SweepSpec.of(**{**base, **kw}, endpoints=tuple(endpoints))
+
+
+def run_server_sweep(prompts: Path, endpoints, out: Path, say=None, **kw) -> SweepOutcome:
+    """A server-only sweep through the one runner (`run_sweep`), as `mtpbench sweep --endpoint` runs it."""
+    return run_sweep(spec_for(prompts, endpoints, **kw), out, say=say)
 
 
 # ------------------------------------------------------------------------------------------ a real mlx_lm.server
@@ -97,11 +102,10 @@ def mlx_server(tiny_agree, tmp_path_factory) -> Iterator[str]:
 
 def test_real_server_sweep_rows(mlx_server, tiny_agree, tmp_path):
     prompts = prompt_file(tmp_path / "real.jsonl", REAL_PROMPTS)
-    spec = spec_for(prompts, warmup_tokens=4)
-    endpoint = Endpoint(url=mlx_server, name="mlx-lm", mode="ar", concurrency=(1, 2), timeout_s=30)
+    endpoint = Endpoint(address=mlx_server, name="mlx-lm", mode="ar", concurrency=(1, 2), timeout_s=30)
     lines: list[str] = []
     out = tmp_path / "res"
-    outcome = run_server_sweep(spec, [endpoint], out, lines.append)
+    outcome = run_server_sweep(prompts, [endpoint], out, lines.append, warmup_tokens=4)
     assert outcome.failed_runs == [] and outcome.cells_run == 2, lines
     runs = read_table(out, "runs")
     assert len(runs) == 2 * (1 + 2)
@@ -116,7 +120,7 @@ def test_real_server_sweep_rows(mlx_server, tiny_agree, tmp_path):
     assert runs["verify_steps"].isna().all()  # mlx_lm.server has no /metrics: acceptance stays unknown
     assert runs["run_id"].is_unique
 
-    again = run_server_sweep(spec, [endpoint], out, lines.append)
+    again = run_server_sweep(prompts, [endpoint], out, lines.append, warmup_tokens=4)
     assert (again.cells_run, again.cells_skipped) == (0, 2)
 
 
@@ -289,21 +293,21 @@ FAULTS = {
 
 def test_faults_are_recorded_and_a_rerun_retries_only_failed_cells(stub, tmp_path):
     state, url = stub
-    spec = spec_for(_stub_prompts(tmp_path, ["ok", *FAULTS]))
-    endpoint = Endpoint(url=url, name="stub", timeout_s=0.5)
+    prompts = _stub_prompts(tmp_path, ["ok", *FAULTS])
+    endpoint = Endpoint(address=url, name="stub", timeout_s=0.5)
     out, lines = tmp_path / "res", []
-    first = run_server_sweep(spec, [endpoint], out, lines.append)
+    first = run_server_sweep(prompts, [endpoint], out, lines.append)
     assert first.cells_run == 1 + len(FAULTS) and len(first.failed_runs) == len(FAULTS)
     runs = read_table(out, "runs").set_index("prompt_id")
     assert runs.loc["ok", "status"] == "ok" and runs.loc["ok", "decode_tok_s"] > 0
     for key, reason in FAULTS.items():
         assert runs.loc[key, "status"] == "failed"
         assert reason in runs.loc[key, "error"] and "\n" not in runs.loc[key, "error"], runs.loc[key, "error"]
-        assert any(key in line and reason in line for line in lines), (key, lines)
-    assert all("\n" not in line for line in lines)
+        assert any(f"/{key} " in line and reason in line for line in first.failed_runs), (key, first.failed_runs)
+    assert all("\n" not in line for line in [*lines, *first.failed_runs])
 
     state.healthy = True
-    second = run_server_sweep(spec, [endpoint], out, lines.append)
+    second = run_server_sweep(prompts, [endpoint], out, lines.append)
     assert (second.cells_run, second.cells_skipped, second.failed_runs) == (len(FAULTS), 1, [])
     runs = read_table(out, "runs")
     assert len(runs) == 1 + len(FAULTS) and set(runs["status"]) == {"ok"}
@@ -312,15 +316,14 @@ def test_faults_are_recorded_and_a_rerun_retries_only_failed_cells(stub, tmp_pat
 
 def test_wrong_model_unreachable_and_retries(stub, tmp_path):
     _, url = stub
-    spec = spec_for(_stub_prompts(tmp_path, ["flaky"]))
     endpoints = [
-        Endpoint(url=url, name="wrong-model", served_model="no-such-model", timeout_s=2),
-        Endpoint(url=f"http://127.0.0.1:{free_port()}/v1", name="down", served_model="m", timeout_s=2),
-        Endpoint(url=f"http://127.0.0.1:{free_port()}/v1", name="down-unnamed-model", timeout_s=2),
-        Endpoint(url=url, name="retrying", retries=1, timeout_s=2),  # 500 on the first try, ok on the retry
+        Endpoint(address=url, name="wrong-model", served_model="no-such-model", timeout_s=2),
+        Endpoint(address=f"http://127.0.0.1:{free_port()}/v1", name="down", served_model="m", timeout_s=2),
+        Endpoint(address=f"http://127.0.0.1:{free_port()}/v1", name="down-unnamed-model", timeout_s=2),
+        Endpoint(address=url, name="retrying", retries=1, timeout_s=2),  # 500 on the first try, ok on the retry
     ]
     out = tmp_path / "res"
-    run_server_sweep(spec, endpoints, out)
+    run_server_sweep(_stub_prompts(tmp_path, ["flaky"]), endpoints, out)
     runs = read_table(out, "runs").set_index("backend")
     assert "HTTP 404" in runs.loc["wrong-model", "error"] and "does not exist" in runs.loc["wrong-model", "error"]
     assert runs.loc["down", "error"].startswith("cannot connect to http://127.0.0.1:")
@@ -332,9 +335,9 @@ def test_metrics_counter_deltas_land_on_rows(stub, tmp_path):
     state, url = stub
     state.metrics = True
     state.counters.update(drafts=100, draft=200, acc=150, p0=90, p1=60)  # a server that has run before
-    spec = spec_for(_stub_prompts(tmp_path, ["a", "b"]))
     out = tmp_path / "res"
-    run_server_sweep(spec, [Endpoint(url=url, name="vllm", concurrency=(1, 2))], out)
+    run_server_sweep(_stub_prompts(tmp_path, ["a", "b"]), [Endpoint(address=url, name="vllm", concurrency=(1, 2))],
+                     out)
     runs = read_table(out, "runs").set_index("run_id")
     solo = runs[runs["concurrency"] == 1]
     assert list(solo["verify_steps"]) == [5, 5] and list(solo["drafted_tokens"]) == [10, 10]
@@ -349,7 +352,7 @@ def test_metrics_counter_deltas_land_on_rows(stub, tmp_path):
 def test_no_metrics_means_null_acceptance(stub, tmp_path):
     _, url = stub
     out = tmp_path / "res"
-    run_server_sweep(spec_for(_stub_prompts(tmp_path, ["a"])), [Endpoint(url=url, name="plain")], out)
+    run_server_sweep(_stub_prompts(tmp_path, ["a"]), [Endpoint(address=url, name="plain")], out)
     runs = read_table(out, "runs")
     assert runs["status"].eq("ok").all()
     for col in ("verify_steps", "drafted_tokens", "accepted_tokens", "mean_acceptance_length"):
@@ -372,18 +375,18 @@ def test_parse_spec_counters_variants():
     assert later.minus(earlier) is None  # counters went backwards: the server restarted
 
 
-def test_endpoints_from_cli():
-    eps = endpoints_from_cli(["mtp=http://127.0.0.1:8000/v1", "http://127.0.0.1:8001/v1/"], ["m1", "m2"], None,
-                             ["mtp", "ar"], "4,1", 5.0, 2)
+def test_endpoints_from_options():
+    eps = endpoints_from_options(["mtp=http://127.0.0.1:8000/v1", "http://127.0.0.1:8001/v1/"], ["m1", "m2"], None,
+                                 ["mtp", "ar"], (4, 1), 5.0, 0.0, 2)
     assert [e.name for e in eps] == ["mtp", "127.0.0.1-8001"]
     assert [(e.served_model, e.mode, e.concurrency, e.timeout_s, e.retries) for e in eps] == [
         ("m1", "mtp", (1, 4), 5.0, 2), ("m2", "ar", (1, 4), 5.0, 2)]
-    assert eps[1].url == "http://127.0.0.1:8001/v1" and eps[1].root == "http://127.0.0.1:8001"
-    for bad in [{"served_models": ["a", "b"]}, {"concurrency": "0"}, {"concurrency": "x"}, {"modes": ["fast"]}]:
+    assert eps[1].url == "http://127.0.0.1:8001/v1"
+    assert str(eps[1].request_url("metrics", root=True)) == "http://127.0.0.1:8001/metrics"
+    for bad in [{"served_models": ["a", "b"]}, {"concurrency": (0,)}, {"modes": ["fast"]}]:
         with pytest.raises(UserError):
-            endpoints_from_cli(["http://a:1/v1", "http://b:2/v1", "http://c:3/v1"], **bad)
+            endpoints_from_options(["http://a:1/v1", "http://b:2/v1", "http://c:3/v1"], **bad)
     with pytest.raises(UserError):
-        endpoints_from_cli(["ftp://a/v1"])
+        endpoints_from_options(["ftp://a/v1"])
     with pytest.raises(UserError, match="MTPBENCH_TEST_NO_SUCH_KEY"):
-        run_server_sweep(spec_for(Path("chat")), endpoints_from_cli(["http://a:1/v1"],
-                                                                   api_key_env="MTPBENCH_TEST_NO_SUCH_KEY"), Path("x"))
+        endpoints_from_options(["http://a:1/v1"], api_key_env="MTPBENCH_TEST_NO_SUCH_KEY")

@@ -14,7 +14,7 @@ from mtpbench.stats.acceptance import StepCosts, break_even_acceptance, paired_c
 from mtpbench.stats.preservation import (TestResult, calibration_test, exact_target_test, holm, pit_test, score_test,
                                          two_sample_categorical, two_sample_scalar)
 from mtpbench.stats.summary import wilson
-from mtpbench.sweep.run import Setting
+from mtpbench.sweep.spec import Setting
 from mtpbench.verify import VerifyPlan, run_verify
 
 REPS = 200

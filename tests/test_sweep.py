@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mtpbench.model.checkpoint import load
-from mtpbench.sweep.store import read_table
+from mtpbench.sweep.store import SCHEMA_VERSION, read_table
 
 
 def _prompt_file(tmp_path: Path, n: int = 2, name: str = "mini") -> Path:
@@ -46,7 +46,7 @@ def small_sweep(tmp_path_factory, tiny_agree, tiny_agree2):
     return out, res
 
 
-def test_sweep_writes_exactly_the_expected_rows(small_sweep):
+def test_sweep_writes_exactly_the_expected_rows(small_sweep, tiny_agree, tiny_agree2):
     out, res = small_sweep
     runs = read_table(out, "runs")
     assert len(runs) == 2 * 2 * 2 * 2 * (1 + 3)
@@ -63,7 +63,9 @@ def test_sweep_writes_exactly_the_expected_rows(small_sweep):
         assert col in runs.columns, col
     assert (runs["decode_tok_s"] > 0).all() and runs["blas"].notna().all() and runs["git_sha"].notna().all()
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["schema_version"] == 1 and manifest["provenance"]["mlx_version"]
+    assert manifest["schema_version"] == SCHEMA_VERSION == 2 and manifest["provenance"]["mlx_version"]
+    assert set(runs["model"]) == {"agree", "agree2"}  # short names; the full path is in model_path
+    assert set(runs["model_path"]) == {str(tiny_agree.resolve()), str(tiny_agree2.resolve())}
     assert "results:" in res.output and "speedup" in res.output
 
 
@@ -74,7 +76,7 @@ def test_roofline_columns(small_sweep, tiny_agree):
     b = load(tiny_agree)
     trunk, draft = weight_bytes(b), draft_step_bytes(b)
     runs = read_table(small_sweep[0], "runs")
-    ok = runs[(runs["status"] == "ok") & (runs["model"] == str(tiny_agree))]
+    ok = runs[(runs["status"] == "ok") & (runs["model_path"] == str(tiny_agree.resolve()))]
     ar, mtp = ok[ok["mode"] == "ar"], ok[ok["mode"] == "mtp"]
     assert (ar["weight_bytes_per_token"] == trunk).all()
     want = (trunk + mtp["k"] * draft) / mtp["mean_acceptance_length"]
@@ -225,7 +227,7 @@ def test_policy_axis_sweep_renders_one_report_comparing_policies(cli, tmp_path, 
     report = cli("report", out, "-o", tmp_path / "p.html")
     assert report.exit_code == 0
     html = (tmp_path / "p.html").read_text()
-    assert 'id="policies"' in html and "q4+mtp-int4" in html
+    assert 'id="compare-policy"' in html and "q4+mtp-int4" in html
 
 
 def test_kv_cache_bits_axis_compares_quantized_caches(cli, tmp_path, tiny_kv, tiny_agree):
@@ -236,13 +238,14 @@ def test_kv_cache_bits_axis_compares_quantized_caches(cli, tmp_path, tiny_kv, ti
               "--repeats", "1", "--max-tokens", "24", "--out", out, "--quiet", "--no-report")
     assert res.exit_code == 0, res.stderr
     runs = read_table(out, "runs")
-    assert set(zip(runs["policy"], runs["kv_bits"])) == {("as-is", 0), ("as-is+kv8", 8), ("as-is+kv4", 4)}
+    assert set(zip(runs["policy"], runs["kv_bits"])) == {("as-is", 0), ("as-is", 8), ("as-is", 4)}  # its own axis
     assert runs["cell_id"].nunique() == 3 * runs["prompt_id"].nunique()
     for _, g in runs.groupby("cell_id"):
         assert g["output_hash"].nunique() == 1  # greedy MTP == greedy AR with every cache precision
     assert runs[runs["mode"] == "mtp"]["accepted_tokens"].sum() > 0
     report = cli("report", out, "-o", tmp_path / "kv.html")
-    assert report.exit_code == 0 and "as-is+kv4" in (tmp_path / "kv.html").read_text()
+    html = (tmp_path / "kv.html").read_text()
+    assert report.exit_code == 0 and 'id="compare-kv_bits"' in html and "KV-cache bits" in html
     # Refused up front, one line, exit 2, nothing written: bits mlx cannot store, heads it cannot group.
     assert "KV-cache bits must be 0" in _bad(cli, tmp_path, tiny_kv, "--kv-bits", "7", "--prompts", str(prompts))
     assert "not a multiple of 32" in _bad(cli, tmp_path, tiny_agree, "--kv-bits", "8", "--prompts", str(prompts))
@@ -264,7 +267,7 @@ def test_thinking_is_an_axis_of_the_chat_template(cli, tmp_path, tiny_agree):
 
 def test_ctrl_c_during_a_write_leaves_the_whole_part_and_no_temporary_file(tmp_path):
     """An interrupt landing mid-write is held until the rename is done, then delivered as KeyboardInterrupt."""
-    from mtpbench.sweep.store import write_json
+    from mtpbench.atomic import write_json
 
     real_dumps = json.dumps
 
@@ -273,11 +276,13 @@ def test_ctrl_c_during_a_write_leaves_the_whole_part_and_no_temporary_file(tmp_p
         return real_dumps(obj)
 
     target = tmp_path / "out" / "manifest.json"
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
     json.dumps = lambda obj, **kw: interrupted_dump(obj) if obj == {"a": 1} else real_dumps(obj, **kw)
     try:
         with pytest.raises(KeyboardInterrupt):
             write_json(target, {"a": 1})
     finally:
         json.dumps = real_dumps
+        signal.signal(signal.SIGINT, previous)
     assert json.loads(target.read_text()) == {"a": 1}
     assert [p.name for p in target.parent.iterdir()] == ["manifest.json"]

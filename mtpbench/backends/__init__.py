@@ -1,5 +1,3 @@
-"""Backends other than the reference decoder: inference servers measured over their OpenAI-compatible API."""
-
-from .server import Endpoint, SpecCounters, parse_spec_counters, run_server_sweep
-
-__all__ = ["Endpoint", "SpecCounters", "parse_spec_counters", "run_server_sweep"]
+"""What a sweep measures, behind one interface (`base.Backend`): the reference decoder (`reference`) and
+OpenAI-compatible servers (`server`, with `endpoint`, `http` and `metrics`). Importing this package loads
+nothing; import the modules."""

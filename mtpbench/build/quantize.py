@@ -1,12 +1,8 @@
-"""Quantization policies as data, one quantization path (mlx's own), and grafting an MTP head onto a trunk.
+"""One quantization path (mlx's own) for the policies of `policies.py`, and grafting an MTP head onto a trunk.
 
-A policy is a table "component -> bits" for the trunk and one for the MTP head (see shared/MTP.md, "Quantization
-policies seen in the wild"). Components are the ones `mtpbench inspect` shows (describe._component), so what a
-policy asks for is exactly what `inspect` reports back. The quantizer is always `mlx.nn.quantize` (affine), fed a
-per-module plan; `quantize_checkpoint` writes the result so that both `mlx_lm.load` and `mtpbench.load` read it,
-`apply_policy` keeps it in memory for sweeps. Both run `_quantize_in_place`, so they cannot drift apart.
-
-"bf16" means "leave every tensor in its stored dtype": real releases are bf16, the tiny test checkpoints fp32.
+The quantizer is always `mlx.nn.quantize` (affine), fed a per-module plan; `quantize_checkpoint` writes the result
+so that both `mlx_lm.load` and `mtpbench.load` read it, `apply_policy` keeps it in memory for sweeps. Both run
+`_quantize_in_place`, so they cannot drift apart.
 """
 
 from __future__ import annotations
@@ -26,7 +22,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..model.checkpoint import (
-    _MTP_KEY,
+    MTP_KEY,
     SIDECAR,
     Bundle,
     MTPSource,
@@ -39,15 +35,13 @@ from ..model.checkpoint import (
     text_config,
     weight_files,
 )
-from ..model.describe import _component
+from ..model.describe import component
 from ..errors import UserError
 from ..model.mtp import MTPHead
 from ..model.trunk import Trunk
+from .policies import (DEFAULT_GROUP_SIZE, KEEP_BITS, MODE, MTP_VARIANTS, UNQUANTIZED_HEAD, VALID_BITS,
+                       VOCAB_COMPONENTS, Policy, get_policy)
 
-MODE = "affine"
-VALID_BITS = (2, 3, 4, 5, 6, 8)
-KEEP_BITS = 16  # lm_head_bits=16: leave the vocab-sized matrices unquantized
-DEFAULT_GROUP_SIZE = 64
 MANIFEST = "quantization_manifest.json"
 GRAFT_MANIFEST = "graft_manifest.json"
 # Files a checkpoint needs besides weights and config: the tokenizer and its generation defaults.
@@ -55,73 +49,6 @@ TOKENIZER_GLOBS = ("tokenizer*", "vocab.*", "merges.txt", "special_tokens_map.js
                    "chat_template*", "generation_config.json", "*.tiktoken")
 # Files of ours that describe a previous build and would be stale in a new one.
 _OWN_FILES = (MANIFEST, GRAFT_MANIFEST)
-
-Rules = tuple[tuple[str, int], ...]  # (component, bits); a component not listed stays unquantized
-TRUNK_COMPONENTS = ("gated_deltanet", "attention", "mlp", "embedding", "lm_head")
-VOCAB_COMPONENTS = ("embedding", "lm_head")
-
-
-def _uniform(bits: int) -> Rules:
-    return tuple((c, bits) for c in TRUNK_COMPONENTS)
-
-
-# name -> (description, rules). Data, not code: add a policy by adding a row.
-TRUNK_POLICIES: dict[str, tuple[str, Rules]] = {
-    "bf16": ("no quantization: every tensor keeps its stored dtype (bf16 releases stay bf16, fp32 stays fp32)", ()),
-    "q8": ("8-bit affine linears, embedding and lm_head; norms, conv1d and GDN gates untouched", _uniform(8)),
-    "q4": ("4-bit affine linears, embedding and lm_head; norms, conv1d and GDN gates untouched", _uniform(4)),
-    "mixed-gdn8-mlp4": (
-        "GatedDeltaNet + full-attention linears 8-bit, MLP 4-bit, embedding 8-bit, lm_head 4-bit; norms untouched",
-        (("gated_deltanet", 8), ("attention", 8), ("mlp", 4), ("embedding", 8), ("lm_head", 4)),
-    ),
-}
-MTP_VARIANTS: dict[str, tuple[str, Rules]] = {
-    "mtp-bf16": ("MTP head unquantized", ()),
-    "mtp-int4": ("MTP attention/MLP linears 4-bit; fc and norms unquantized", (("attention", 4), ("mlp", 4))),
-    "mtp-q8": ("MTP attention/MLP linears 8-bit; fc and norms unquantized", (("attention", 8), ("mlp", 8))),
-}
-UNQUANTIZED_HEAD = "mtp-bf16"
-
-
-@dataclass(frozen=True)
-class Policy:
-    """One trunk policy combined with one MTP-head variant, e.g. `q4+mtp-int4`."""
-
-    name: str
-    description: str
-    trunk_rules: Rules
-    mtp_rules: Rules
-    mode: str = MODE
-
-
-def _combine(trunk: str, head: str) -> Policy:
-    t_desc, t_rules = TRUNK_POLICIES[trunk]
-    h_desc, h_rules = MTP_VARIANTS[head]
-    name = trunk if head == UNQUANTIZED_HEAD else f"{trunk}+{head}"
-    return Policy(name=name, description=f"{t_desc}; {h_desc}", trunk_rules=t_rules, mtp_rules=h_rules)
-
-
-POLICIES: dict[str, Policy] = {
-    p.name: p for p in (_combine(t, h) for t in TRUNK_POLICIES for h in MTP_VARIANTS)
-}
-
-
-def get_policy(name: str | Policy) -> Policy:
-    """Parse "TRUNK[+MTP]" (a plain trunk name keeps the head unquantized)."""
-    if isinstance(name, Policy):
-        return name
-    trunk, _, head = str(name).strip().partition("+")
-    head = head or UNQUANTIZED_HEAD
-    if trunk not in TRUNK_POLICIES or head not in MTP_VARIANTS:
-        raise UserError(f"unknown policy {name!r}: use TRUNK[+MTP] with TRUNK one of {', '.join(TRUNK_POLICIES)} "
-                        f"and MTP one of {', '.join(MTP_VARIANTS)} (see `mtpbench policies`)")
-    return _combine(trunk, head)
-
-
-def policy_lines() -> list[str]:
-    """One line per built-in policy: `NAME  description`."""
-    width = max(map(len, POLICIES))
-    return [f"{name:<{width}}  {p.description}" for name, p in POLICIES.items()]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -131,8 +58,8 @@ def policy_lines() -> list[str]:
 def component_of(path: str, mtp: bool) -> str:
     """The component a module path or tensor name belongs to, as `inspect` names it (MTP ones get `mtp.`)."""
     if not mtp:
-        return _component(path)
-    return "mtp." + ("fc" if path.split(".")[0] == "fc" else _component(path))
+        return component(path)
+    return "mtp." + ("fc" if path.split(".")[0] == "fc" else component(path))
 
 
 @dataclass(frozen=True)
@@ -434,7 +361,7 @@ def _copy_without_mtp(src: Path, dst: Path) -> list[str]:
     Returns the tensor names kept; an untouched file is copied byte for byte.
     """
     names = list(scan_headers([src]))
-    keep = [k for k in names if not _MTP_KEY.match(k)]
+    keep = [k for k in names if not MTP_KEY.match(k)]
     if len(keep) == len(names):
         shutil.copy2(src, dst)
     elif keep:
@@ -452,7 +379,7 @@ def _copy_trunk(src: Path, out: Path) -> None:
             _copy_without_mtp(f, out / f.name)
         elif f.name.endswith(".safetensors.index.json"):
             index = json.loads(f.read_text())
-            index["weight_map"] = {k: v for k, v in index.get("weight_map", {}).items() if not _MTP_KEY.match(k)}
+            index["weight_map"] = {k: v for k, v in index.get("weight_map", {}).items() if not MTP_KEY.match(k)}
             _write_json(out / f.name, index)
         else:
             shutil.copy2(f, out / f.name)

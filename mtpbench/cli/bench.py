@@ -1,28 +1,28 @@
-"""`mtpbench bench`: a thin click wrapper over mtpbench.bench, printing a readable summary.
-
-A plain command (not attached to a group here); mtpbench.cli registers it with `main.add_command(bench_cmd)`.
-"""
+"""`mtpbench bench`: a thin click wrapper over mtpbench.bench, printing a readable summary."""
 
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Any
 
 import click
 
-from .common import _friendly, int_list
+from .common import friendly
 from ..errors import UserError
 
 
-def safe_name(model: str) -> str:
-    """A checkpoint's directory name (or repo id), made safe for a directory name."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model.rstrip("/")).name or model).strip("-") or "model"
+def _contexts(text: str, ints) -> tuple[int, ...]:
+    values = ints(text, "--contexts")
+    if not values or min(values) < 1:
+        raise UserError(f"--contexts {text!r}: expected integers of at least 1")
+    return values
 
 
 def default_out(model: str) -> Path:
     """reports/bench-<model name>."""
+    from ..bench import safe_name
+
     return Path("reports") / f"bench-{safe_name(model)}"
 
 
@@ -90,19 +90,19 @@ def summary_lines(bench: dict[str, Any]) -> list[str]:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output directory [default: reports/bench-<model>, or reports/bench with several].")
 @click.option("--quick", is_flag=True, help="Small sizes: a smoke test of the plumbing, not a measurement.")
-@_friendly
+@friendly
 def bench_cmd(models: tuple[str, ...], large: bool, k_text: str, max_tokens: int | None, repeats: int | None,
               contexts: str | None, out_dir: Path | None, quick: bool) -> None:
     """Measure the cost terms of MTP decoding (both rollbacks), AR parity with mlx_lm, predicted vs realized
     speedup, records overhead, a bandwidth roofline and context scaling; write bench.json and one bench.html."""
-    from ..bench import bench_targets, run_bench
-    from .main import parse_k
+    from ..bench import bench_targets, run_bench, safe_name
+    from ..sweep.axes import ints, k_values
     from ..defaults import default_model
     from ..report.bench_section import render_bench_page
 
-    ks = tuple(parse_k(k_text))
+    ks = k_values(k_text)
     overrides = {"max_tokens": max_tokens, "repeats": repeats,
-                 "contexts": int_list(contexts, "--contexts", minimum=1) if contexts else None}
+                 "contexts": _contexts(contexts, ints) if contexts else None}
     targets = bench_targets(models or (default_model(),), ks, large, quick,
                             **{k: v for k, v in overrides.items() if v is not None})
     single = len(targets) == 1

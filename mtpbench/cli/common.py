@@ -1,4 +1,4 @@
-"""What every CLI module shares: one-line errors instead of tracebacks, and the comma-list parsers."""
+"""What every CLI module shares: one-line errors instead of tracebacks, the sampling options, a progress bar."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import click
 from ..errors import UserError
 
 
-def _friendly(fn):
+def friendly(fn):
     """Turn a UserError into one line on stderr and a non-zero exit, never a traceback."""
 
     @wraps(fn)
@@ -24,13 +24,35 @@ def _friendly(fn):
     return wrapper
 
 
-def int_list(text, option: str, minimum: int | None = None) -> tuple[int, ...]:
-    """`--option 0,8,4` (or a list from a sweep file) as integers, each at least `minimum` when given."""
-    items = text if isinstance(text, (list, tuple)) else str(text).split(",")
-    try:
-        values = tuple(int(x) for x in items if str(x).strip())
-    except ValueError:
-        raise UserError(f"{option} {text!r}: expected integers separated by commas") from None
-    if minimum is not None and (not values or min(values) < minimum):
-        raise UserError(f"{option} {text!r}: expected integers of at least {minimum}")
-    return values
+def sampling_options(fn):
+    """--temp/--top-p/--top-k/--min-p/--seed for commands that decode one setting (generate, acceptance)."""
+    for opt in reversed([
+        click.option("--temp", "temperature", type=float, default=0.0, show_default=True, help="Temperature; 0 is greedy."),
+        click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus mass (1 disables)."),
+        click.option("--top-k", type=int, default=0, show_default=True, help="Top-k (0 disables)."),
+        click.option("--min-p", type=float, default=0.0, show_default=True, help="Min-p (0 disables)."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Random seed."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+class Progress:
+    """A click progress bar on stderr that appears with the first event (silent when `quiet`)."""
+
+    def __init__(self, label: str, quiet: bool = False):
+        self.label, self.quiet, self.bar = label, quiet, None
+
+    def __call__(self, ev) -> None:
+        if self.quiet:
+            return
+        if self.bar is None:
+            self.bar = click.progressbar(length=ev.total, label=self.label, show_eta=True, show_pos=True,
+                                         item_show_func=lambda s: s, file=sys.stderr)
+            self.bar.__enter__()
+        self.bar.update(1, f"{ev.label}: {ev.tok_s:.1f} tok/s")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None

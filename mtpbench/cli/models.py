@@ -1,22 +1,21 @@
-"""`mtpbench policies | quantize | graft`: thin click wrappers over mtpbench.quantize.
-
-Plain commands (not attached to a group here); mtpbench.cli registers them with `main.add_command(...)`.
-"""
+"""Checkpoint commands: `inspect`, `make-tiny`, `make-demo`, `policies`, `quantize`, `graft`."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
 
-from .common import _friendly
+from ..errors import UserError
+from .common import friendly
 
 
 @click.command("policies")
-@_friendly
+@friendly
 def policies_cmd() -> None:
     """List the built-in quantization policies (TRUNK[+MTP])."""
-    from ..build.quantize import policy_lines
+    from ..build.policies import policy_lines
 
     for line in policy_lines():
         click.echo(line)
@@ -31,7 +30,7 @@ def policies_cmd() -> None:
               help="Bits for lm_head and embedding (16 = leave unquantized); default: the policy's.")
 @click.option("--mtp-layout", type=click.Choice(["inline", "sidecar"]), default="inline", show_default=True,
               help="MTP tensors inline under `mtp.` or in a mtp.safetensors sidecar.")
-@_friendly
+@friendly
 def quantize_cmd(model: str, out: Path, policy: str, group_size: int, lm_head_bits: int | None,
                  mtp_layout: str) -> None:
     """Quantize MODEL (trunk and MTP head) by a policy and write an MLX checkpoint to OUT."""
@@ -49,7 +48,7 @@ def quantize_cmd(model: str, out: Path, policy: str, group_size: int, lm_head_bi
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--mtp-policy", type=click.Choice(["mtp-int4", "mtp-q8"]), default=None,
               help="Quantize the grafted head's attention/MLP linears (default: copy as is).")
-@_friendly
+@friendly
 def graft_cmd(trunk: str, mtp_from: str, out: Path, mtp_policy: str | None) -> None:
     """Copy the MTP head of --mtp-from next to TRUNK's weights (e.g. a conversion that stripped it) into OUT."""
     from ..build.quantize import graft, summary
@@ -57,3 +56,70 @@ def graft_cmd(trunk: str, mtp_from: str, out: Path, mtp_policy: str | None) -> N
     path = graft(trunk, mtp_from, out, mtp_policy=mtp_policy)
     click.echo(str(path))
     click.echo(summary(path))
+
+
+@click.command("make-demo")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Checkpoint dir to write [default: a new dir, results/demo-rebuild]; the shipped one is never "
+                   "overwritten unless named.")
+@click.option("--prompts-out", type=click.Path(dir_okay=False), default=None,
+              help="Where the held-out prompt set goes [default: next to the checkpoint, stdlib.jsonl].")
+@click.option("--phase1-steps", type=int, default=None, help="Joint trunk + MTP steps [default: the recipe's].")
+@click.option("--phase2-steps", type=int, default=None, help="Head distillation steps [default: the recipe's].")
+@friendly
+def make_demo_cmd(out, prompts_out, phase1_steps, phase2_steps):
+    """Rebuild the embedded default with its recipe (about 45 minutes on 2 CPU cores, progress shown).
+
+    Runs under the same BLAS set-up as every mtpbench command (OpenBLAS preloaded, one thread on Linux), which
+    makes the run deterministic; recipe.json records it. Compare with the shipped one:
+    `mtpbench acceptance -m OUT --prompts stdlib` or `mtpbench sweep -m OUT --temp 0`.
+    """
+    from dataclasses import replace
+
+    from ..build.demo import Recipe, train
+
+    dest = Path(out) if out else Path("results") / "demo-rebuild"
+    steps = {"phase1_steps": phase1_steps, "phase2_steps": phase2_steps}
+    r = replace(Recipe(), **{k: v for k, v in steps.items() if v})
+    train(dest, r, Path(prompts_out) if prompts_out else dest.parent / f"{dest.name}-stdlib.jsonl")
+    click.echo(str(dest))
+
+
+@click.command("make-tiny")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--layers", type=int, default=4, show_default=True, help="Trunk layers (every 2nd is attention).")
+@click.option("--hidden", type=int, default=64, show_default=True)
+@click.option("--vocab", type=int, default=320, show_default=True, help="Tokenizer size (byte-level BPE, >= 261).")
+@click.option("--no-mtp", is_flag=True, help="Write no MTP head (like conversions that strip mtp.*).")
+@click.option("--mtp-layout", type=click.Choice(["inline", "sidecar"]), default="inline", show_default=True)
+@click.option("--mtp-prefix", default="mtp.", show_default=True,
+              help="mtp. | model.mtp. | language_model.mtp. | model.language_model.mtp.")
+@click.option("--hf-norms", is_flag=True, help="Raw Hugging Face layout: norms as offsets, HF key names and conv layout.")
+@click.option("--shards", type=int, default=1, show_default=True, help="Split the weights into N shards with an index.")
+@friendly
+def make_tiny_cmd(out, seed, layers, hidden, vocab, no_mtp, mtp_layout, mtp_prefix, hf_norms, shards):
+    """Write a tiny random Qwen3.5 checkpoint with an MTP head to OUT (for tests and experiments)."""
+    from ..build.tiny import TinySpec, make_tiny
+
+    try:
+        spec = TinySpec(seed=seed, layers=layers, hidden=hidden, vocab=vocab, mtp=not no_mtp, mtp_layout=mtp_layout,
+                        mtp_prefix=mtp_prefix, hf_norms=hf_norms, shards=shards)
+        path = make_tiny(out, spec)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    click.echo(str(path))
+
+
+@click.command("inspect")
+@click.argument("model", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@friendly
+def inspect_cmd(model, as_json):
+    """Describe MODEL (a directory or a cached hub repo id; default: the embedded demo checkpoint)."""
+    from ..model.checkpoint import load
+    from ..defaults import default_model
+    from ..model.describe import describe, describe_text
+
+    info = describe(load(model or default_model()))
+    click.echo(json.dumps(info, indent=2) if as_json else describe_text(info))

@@ -1,8 +1,18 @@
-"""Decoders: the autoregressive baseline and the reference MTP speculative decoder."""
+"""Decoders: the autoregressive baseline and the reference MTP speculative decoder.
 
-from .ar import generate_ar
-from .records import DecodeResult, StepRecord, TokenRecord
-from .rule import EXACT, Rule
-from .speculative import MAX_K, generate_mtp
+Lazy (PEP 562): `import mtpbench.decode.rule` or `.records` loads numpy only; the decoders load mlx on first use.
+"""
+
+from typing import Any
 
 __all__ = ["DecodeResult", "EXACT", "MAX_K", "Rule", "StepRecord", "TokenRecord", "generate_ar", "generate_mtp"]
+_WHERE = {"DecodeResult": "records", "StepRecord": "records", "TokenRecord": "records", "EXACT": "rule",
+          "Rule": "rule", "generate_ar": "ar", "generate_mtp": "speculative", "MAX_K": "rule"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(name)
+    from importlib import import_module
+
+    return getattr(import_module(f".{_WHERE[name]}", __name__), name)

@@ -17,6 +17,8 @@ import numpy as np
 
 from ..sampling import sample
 
+MAX_K = 16  # the deepest draft chain the reference decoder takes (K drafts per step)
+
 
 @dataclass(frozen=True)
 class Rule:

@@ -53,3 +53,15 @@ def greedy_k1_walk(match: np.ndarray, prompt_len: int, generated: int) -> tuple[
         else:
             n_tok, t = n_tok + 1, t + 1
     return accepted, steps
+
+
+def scan_texts(bundle: Bundle, texts: list[tuple[str, list[int]]], cfg: SamplingConfig) -> list[dict]:
+    """`scan` over (category, ids) texts of 3 tokens or more: one plain record per text."""
+    rows = []
+    for category, ids in texts:
+        if len(ids) < 3:
+            continue
+        s = scan(bundle, ids, cfg)
+        rows.append({"category": category, "positions": len(s.match), "matches": int(s.match.sum()),
+                     "alpha": float(s.alpha.mean())})
+    return rows

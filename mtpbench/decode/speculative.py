@@ -34,9 +34,9 @@ from ..sampling import SamplingConfig
 from .cache import require_exact_rollback, restore, snapshot
 from .common import choose, host_probs, now, peak, point_mass_record, reset_peak, rngs, token_record
 from .records import DecodeResult, StepRecord, TokenRecord
-from .rule import EXACT, Rule, Verdict, apply_rule, apply_rule_greedy
+from .rule import EXACT, MAX_K, Rule, Verdict, apply_rule, apply_rule_greedy
 
-MAX_K = 16
+
 ROLLBACKS = ("capture", "reforward")
 
 

@@ -26,8 +26,7 @@ from .trunk import Trunk
 
 SUPPORTED_MODEL_TYPES = ("qwen3_5",)
 SIDECAR = "mtp.safetensors"
-_MTP_KEY = re.compile(r"^(?P<prefix>(?:model\.)?(?:language_model\.)?mtp\.)(?P<name>.+)$")
-_QUANT_SUFFIXES = (".scales", ".biases")
+MTP_KEY = re.compile(r"^(?P<prefix>(?:model\.)?(?:language_model\.)?mtp\.)(?P<name>.+)$")
 
 
 @dataclass(frozen=True)
@@ -200,7 +199,7 @@ def load_mtp_head(
     found: dict[str, tuple[str, Path]] = {}
     prefixes = set()
     for key, f in where.items():
-        m = _MTP_KEY.match(key)
+        m = MTP_KEY.match(key)
         if m:
             found[m["name"]] = (key, f)
             prefixes.add(m["prefix"])
@@ -263,7 +262,7 @@ def preflight(path_or_repo: str | Path, require_mtp: bool = True, cache_dir: str
     files = weight_files(path)
     sidecar = path / SIDECAR
     where = scan_headers(files + ([sidecar] if sidecar.exists() else []))
-    if require_mtp and not any(_MTP_KEY.match(k) for k in where):
+    if require_mtp and not any(MTP_KEY.match(k) for k in where):
         raise UserError(no_mtp_message(str(path_or_repo)))
     if require_mtp and mtp_layer_count(config) == 0:
         raise UserError(f"{path}: weights contain mtp.* tensors but the config declares no MTP layers "

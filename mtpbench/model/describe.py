@@ -20,7 +20,7 @@ def _format(module: nn.Module) -> str:
     return _DTYPE_NAMES.get(str(w.dtype).split(".")[-1], str(w.dtype)) if w is not None else "?"
 
 
-def _component(path: str) -> str:
+def component(path: str) -> str:
     if "embed_tokens" in path:
         return "embedding"
     if "lm_head" in path:
@@ -39,7 +39,7 @@ def component_formats(module: nn.Module, prefix: str = "") -> dict[str, str]:
     seen: dict[str, set[str]] = defaultdict(set)
     for path, m in module.named_modules():
         if isinstance(m, (nn.Linear, nn.QuantizedLinear, nn.Embedding, nn.QuantizedEmbedding, nn.RMSNorm)):
-            name = "fc" if path.endswith("fc") and prefix else _component(path)
+            name = "fc" if path.endswith("fc") and prefix else component(path)
             seen[prefix + name].add(_format(m))
     return {k: ", ".join(sorted(v)) for k, v in sorted(seen.items())}
 

@@ -15,7 +15,7 @@ from .present import Table, build, key_columns
 from .tables import BY
 
 ROW_KEYS = [*BY, "mode", "k", "concurrency"]
-SERIES_KEYS = ["source", "model", "policy", "backend"]
+SERIES_KEYS = [k for k in BY if k != "setting"]  # one series per backend and every other key
 OWN_AR = "own AR mode"
 
 
@@ -75,10 +75,11 @@ def _servers(runs: pd.DataFrame) -> set[str]:
 def _series(acc: pd.DataFrame) -> pd.Series:
     """A column name per (source, model, policy, backend): the backend, plus whichever of the others vary within
     one backend (all that vary if that is still ambiguous)."""
-    within = [k for k in SERIES_KEYS[:-1] if acc.groupby("backend")[k].nunique(dropna=False).max() > 1]
+    others = [k for k in SERIES_KEYS if k != "backend"]
+    within = [k for k in others if acc.groupby("backend")[k].nunique(dropna=False).max() > 1]
     n = len(acc[SERIES_KEYS].drop_duplicates())
     if len(acc[["backend", *within]].drop_duplicates()) < n:
-        within = [k for k in SERIES_KEYS[:-1] if acc[k].nunique(dropna=False) > 1]
+        within = [k for k in others if acc[k].nunique(dropna=False) > 1]
     return acc[["backend", *within]].astype(str).agg(" · ".join, axis=1)
 
 

@@ -16,10 +16,10 @@ import pandas as pd
 
 from ..errors import UserError
 from . import backends, fmt, tables
-from .load import Loaded, load
+from .load import GROUP_KEYS, Loaded, load
 from .present import acceptance_cell, mode_label, mode_speedup_cell, survival_cell
 
-CELL_KEYS = ["policy", "backend", "setting"]
+CELL_KEYS = [k for k in GROUP_KEYS if k not in ("source", "model")]  # a card is about one model
 BACKEND_FIELDS = CELL_KEYS + ["mode", "k", "positions", "concurrency", "ok", "failed", "tok_s", "ttft_p50_s",
                               "itl_p50_s", "itl_p95_s", "speedup", "speedup_lo", "speedup_hi", "n_prompts", "baseline"]
 SURVIVAL_FIELDS = ["setting", "k", "depth", "series", *CELL_KEYS, "verify_steps", "accepted", "survival",
@@ -27,7 +27,9 @@ SURVIVAL_FIELDS = ["setting", "k", "depth", "series", *CELL_KEYS, "verify_steps"
 
 
 def _plain(x: Any) -> Any:
-    """JSON-safe scalars: numpy to Python, NaN to None."""
+    """JSON-safe scalars: numpy to Python, NaN and pandas' NA to None."""
+    if x is pd.NA:
+        return None
     if isinstance(x, (np.integer,)):
         return int(x)
     if isinstance(x, (np.floating, float)):
@@ -135,9 +137,10 @@ def md_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _cell_name(rec: dict[str, Any], multi: bool) -> str:
-    """The setting label, naming policy and backend only when the card covers more than one."""
-    return f"{rec['setting']} ({rec['policy']}, {rec['backend']})" if multi else str(rec["setting"])
+def _cell_name(rec: dict[str, Any], multi: list[str]) -> str:
+    """The setting label, naming the other keys (policy, backend, ...) only when the card covers more than one."""
+    extra = ", ".join(f"{k} {rec[k]}" if k not in ("policy", "backend") else str(rec[k]) for k in multi)
+    return f"{rec['setting']} ({extra})" if extra else str(rec["setting"])
 
 
 def _groups(records: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
@@ -152,8 +155,11 @@ def _throughput_md(card: dict[str, Any]) -> list[str]:
     if not groups:
         return ["No completed runs: no throughput to report."]
     out = []
-    for (policy, backend, setting), recs in groups.items():
-        out.append(f"**Decode throughput, `{setting}`** (policy {policy}, backend {backend})")
+    for key, recs in groups.items():
+        cell = dict(zip(CELL_KEYS, key))
+        shown = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in cell.items() if k != "setting"
+                          and (k in ("policy", "backend") or len({r.get(k) for r in card["throughput"]}) > 1))
+        out.append(f"**Decode throughput, `{cell['setting']}`** ({shown})")
         out.append("")
         out.append(md_table(["Mode", "Decode tok/s", "Speedup"],
                             [[mode_label(r), fmt.tok_s(r["tok_s"]), mode_speedup_cell(r)] for r in recs]))
@@ -165,7 +171,7 @@ def _throughput_md(card: dict[str, Any]) -> list[str]:
     return out
 
 
-def _acceptance_md(card: dict[str, Any], multi: bool) -> list[str]:
+def _acceptance_md(card: dict[str, Any], multi: list[str]) -> list[str]:
     recs = card["acceptance"]
     if not recs:
         return ["No completed MTP runs: no acceptance to report."]
@@ -218,7 +224,7 @@ def _hardware_line(card: dict[str, Any]) -> str:
             f"mlx-lm {h.get('mlx_lm_version', fmt.DASH)}, git {h.get('git_sha', fmt.DASH)}.")
 
 
-def _preservation_line(card: dict[str, Any], multi: bool) -> str:
+def _preservation_line(card: dict[str, Any], multi: list[str]) -> str:
     p = card["preservation"]
     if not p["tested"]:
         return ("**Distribution preservation:** not tested (no preservation test in these results; "
@@ -246,7 +252,7 @@ def _formats_md(card: dict[str, Any]) -> list[str]:
 
 
 def to_markdown(card: dict[str, Any]) -> str:
-    multi = len({tuple(r[k] for k in ("policy", "backend")) for r in card["throughput"]}) > 1
+    multi = [k for k in CELL_KEYS if k != "setting" and len({r.get(k) for r in card["throughput"]}) > 1]
     lines = [f"## MTP speculative decoding: {card['model']}", "",
              f"Measured with mtpbench (results `{card['source']}`).", ""]
     lines += _throughput_md(card) + ["", "**MTP draft acceptance**", ""] + _acceptance_md(card, multi) + [""]

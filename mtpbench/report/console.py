@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pandas as pd
 
+from ..sweep.axes import GROUP_KEYS
+
 from ..stats.summary import (acceptance_by_depth, per_prompt_ratios, server_speedup_table, speedup_table,
                             throughput_table)
 
@@ -12,10 +14,17 @@ def _fmt_ci(v: float, lo: float, hi: float) -> str:
     return f"{v:.2f}x [{lo:.2f}, {hi:.2f}]" if pd.notna(lo) else f"{v:.2f}x"
 
 
+def summary_of(results_dir) -> str:
+    """The closing summary of one results directory."""
+    from ..sweep.store import read_table
+
+    return sweep_summary(read_table(results_dir, "runs"))
+
+
 def sweep_summary(runs: pd.DataFrame) -> str:
     if runs.empty:
         return "no runs"
-    by = [c for c in ("model", "policy", "backend", "setting") if c in runs]
+    by = [c for c in GROUP_KEYS if c in runs]
     sp = speedup_table(runs, by)
     thr = throughput_table(runs, by)
     acc = acceptance_by_depth(runs, by)
@@ -28,7 +37,8 @@ def sweep_summary(runs: pd.DataFrame) -> str:
 
         ar = rows(thr)
         ar = ar[ar["mode"] == "ar"]
-        head = "  |  ".join(str(v) for c, v in sel.items() if c not in ("policy", "backend") or runs[c].nunique() > 1)
+        head = "  |  ".join(f"{c} {v}" if c not in ("model", "setting") else str(v) for c, v in sel.items()
+                            if c in ("model", "setting") or runs[c].nunique(dropna=False) > 1)
         lines.append(f"\n{head}  |  AR {ar.tok_s.iloc[0]:.1f} tok/s (sd {ar.tok_s_std.iloc[0]:.1f}, "
                      f"{int(ar.runs.iloc[0])} runs)")
         table = []

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+
+import pandas as pd
 from typing import Any
 
 DASH = "—"
@@ -81,4 +83,6 @@ def integer(x: Any) -> str:
 
 
 def text(x: Any) -> str:
-    return DASH if x is None or (isinstance(x, float) and math.isnan(x)) or x == "" else str(x)
+    """A key's value as shown; missing (None, NaN, pandas' NA, empty) is a dash."""
+    missing = x is None or x is pd.NA or (isinstance(x, float) and math.isnan(x))
+    return DASH if missing or (isinstance(x, str) and x == "") else str(x)

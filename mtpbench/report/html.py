@@ -18,6 +18,7 @@ from markupsafe import Markup
 from . import backends, fmt, plots, tables
 from .load import Loaded, load
 from .present import (
+    KEY_HEADERS,
     Table,
     acceptance_cell,
     build,
@@ -162,21 +163,27 @@ def categories_section(data: Loaded, keys: list[str]) -> Section:
                    empty="No paired AR/MTP prompts.")
 
 
-def policies_section(data: Loaded, keys: list[str]) -> Section | None:
-    if tables.n_policies(data.runs) < 2:
-        return None
-    pol = tables.policies(data.runs)
-    keys = [k for k in ("model", "backend", "setting") if k in keys]
-    t = build(pol, key_columns(keys) + [
-        ("Mode", mode_label, False), ("Policy", col("policy"), False), ("Source", col("source"), False),
-        ("Decode tok/s", lambda r: fmt.tok_s(r["tok_s"]), True),
-        ("Speedup [95% CI]", mode_speedup_cell, True),
-        ("Depth-1 acceptance [95% CI]",
-         lambda r: fmt.DASH if r["mode"] == "ar" else acceptance_cell(r), True),
-        ("Peak memory", lambda r: fmt.memory(r["peak_memory_bytes"]), True),
-    ])
-    return Section("policies", "Quantization policies compared", [t], _svg(plots.policies(pol)),
-                   empty="No completed runs.")
+def comparison_sections(data: Loaded, keys: list[str]) -> list[Section]:
+    """One section per compared axis (policy, KV-cache bits, ...) that takes several values: the same cells side
+    by side, with each value's paired tok/s ratio over the first."""
+    out = []
+    for column in tables.compared_columns(data.runs):
+        cmp = tables.comparison(data.runs, column)
+        shown = [k for k in ("model", "backend", "setting") if k in keys and k != column]
+        others = [k for k in keys if k not in (*shown, column, "source")]
+        name = KEY_HEADERS.get(column, column)
+        t = build(cmp, key_columns(shown + others) + [
+            ("Mode", mode_label, False), (name, col(column), False), ("Source", col("source"), False),
+            ("Decode tok/s", lambda r: fmt.tok_s(r["tok_s"]), True),
+            (f"× first {name} (paired) [95% CI]", lambda r: fmt.with_ci(r.get("ratio"), r.get("ratio_lo"),
+                                                                         r.get("ratio_hi"), fmt.ratio), True),
+            ("Speedup over AR [95% CI]", mode_speedup_cell, True),
+            ("Depth-1 acceptance [95% CI]", lambda r: fmt.DASH if r["mode"] == "ar" else acceptance_cell(r), True),
+            ("Peak memory", lambda r: fmt.memory(r["peak_memory_bytes"]), True),
+        ])
+        out.append(Section(f"compare-{column}", f"Compared: {name}", [t], _svg(plots.compared(cmp, column)),
+                           empty="No completed runs.", extra={"column": name}))
+    return out
 
 
 def backends_section(data: Loaded, keys: list[str]) -> Section | None:
@@ -252,7 +259,7 @@ def sections(data: Loaded) -> list[Section]:
     keys = shown_keys(data.runs)
     out = [headline_section(data, keys), throughput_section(data, keys), acceptance_section(data, keys),
            position_section(data, keys), tau_section(data, keys), efficiency_section(data, keys),
-           categories_section(data, keys), policies_section(data, keys), backends_section(data, keys),
+           categories_section(data, keys), *comparison_sections(data, keys), backends_section(data, keys),
            verdicts_section(data, keys), performance_section(data),
            provenance_section(data)]
     return [s for s in out if s is not None]

@@ -15,11 +15,15 @@ from typing import Any
 import pandas as pd
 
 from ..sweep.store import read_manifest, read_results
-from ..stats.summary import SETTING_KEYS
+import pyarrow as pa
+
+from ..sweep.axes import AXES
+from ..sweep.axes import GROUP_KEYS as AXIS_GROUP_KEYS
 
 # Every aggregate in the report and the card is grouped by these keys, so both always agree.
-GROUP_KEYS: list[str] = ["source", *SETTING_KEYS]
+GROUP_KEYS: list[str] = ["source", *AXIS_GROUP_KEYS]
 MISSING = "(none)"
+INTEGER_AXES = {a.column for a in AXES if pa.types.is_integer(a.arrow)}
 
 
 @dataclass
@@ -56,6 +60,9 @@ def _fill_keys(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     df = df.copy()
     for k in keys:
         if k in df and k != "k":
+            if k in INTEGER_AXES:  # a number axis a backend lacks stays a number: nullable, never "(none)" text
+                df[k] = pd.to_numeric(df[k]).astype("Int64")
+                continue
             col = df[k].astype(object)
             df[k] = col.where(col.notna() & (col != ""), MISSING)
     return df

@@ -197,19 +197,18 @@ def categories(cat: pd.DataFrame, best: pd.DataFrame) -> str | None:
 
 
 @_styled
-def policies(pol: pd.DataFrame) -> str | None:
-    """Decode tok/s per policy and K: the trade-off a quantization policy makes visible at a glance."""
-    if pol.empty:
+def compared(cmp: pd.DataFrame, column: str) -> str | None:
+    """Decode tok/s per value of a compared axis and K: the trade-off a policy or a cache precision makes."""
+    if cmp.empty:
         return None
     fig, ax = _figure()
-    keys = [k for k in varying(pol) if k != "policy"]
-    label_keys = [k for k in keys if k in BY]
-    for _, g in pol.groupby(["policy", *label_keys], dropna=False, sort=True):
+    label_keys = [k for k in varying(cmp) if k != column and k in BY]
+    for _, g in cmp.groupby([column, *label_keys], dropna=False, sort=True):
         g = g.sort_values("k")
-        ax.plot(g["k"], g["tok_s"], marker="o", label=group_label(g.iloc[0], ["policy", *label_keys]))
-    ks = sorted(pol["k"].unique())
+        ax.plot(g["k"], g["tok_s"], marker="o", label=group_label(g.iloc[0], [column, *label_keys]))
+    ks = sorted(cmp["k"].unique())
     ax.set_xticks(ks, ["AR" if k == 0 else f"K={k}" for k in ks])
     ax.set_ylabel("decode tok/s")
     ax.set_ylim(bottom=0)
     _legend(ax)
-    return to_svg(fig, "policies")
+    return to_svg(fig, f"compare-{column}")

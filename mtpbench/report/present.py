@@ -8,10 +8,11 @@ from typing import Any
 
 import pandas as pd
 
+from ..sweep.axes import AXES
 from . import fmt
 from .tables import BY
 
-KEY_HEADERS = {"source": "Source", "model": "Model", "policy": "Policy", "backend": "Backend", "setting": "Setting"}
+KEY_HEADERS = {"source": "Source", "backend": "Backend", "setting": "Setting", **{a.column: a.title for a in AXES}}
 
 Cell = Callable[[pd.Series], str]
 

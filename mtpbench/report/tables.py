@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from ..stats import summary
+from ..sweep.axes import COMPARED
 from .load import GROUP_KEYS, MISSING, Loaded
 
 BY = GROUP_KEYS
@@ -133,12 +134,16 @@ def categories(runs: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def n_policies(runs: pd.DataFrame) -> int:
-    return 0 if runs.empty else int(runs["policy"].nunique(dropna=False))
+def compared_columns(runs: pd.DataFrame) -> list[str]:
+    """The compared axes (policy, KV-cache bits, ...) that take more than one value in these runs."""
+    if runs.empty:
+        return []
+    return [a.column for a in COMPARED if a.column in runs and runs[a.column].nunique(dropna=False) > 1]
 
 
-def policies(runs: pd.DataFrame) -> pd.DataFrame:
-    """Policies side by side: tok/s, speedup, depth-1 acceptance and peak memory per (cell, K)."""
+def comparison(runs: pd.DataFrame, column: str) -> pd.DataFrame:
+    """The values of one axis side by side: tok/s, speedup over AR, depth-1 acceptance and peak memory per
+    (cell, K), and each value's paired tok/s ratio over the first value (same prompts, settings and K)."""
     modes = mode_table(runs)
     if modes.empty:
         return modes
@@ -146,8 +151,11 @@ def policies(runs: pd.DataFrame) -> pd.DataFrame:
     if not acc.empty:
         acc = acc[acc["depth"] == 1][[*BY, "k", "acceptance", "acceptance_lo", "acceptance_hi"]]
         modes = modes.merge(acc, on=[*BY, "k"], how="left")
-    order = ["model", "backend", "setting", "k", "policy", "source"]  # policies of one cell on adjacent rows
-    return modes.sort_values(order, kind="stable").reset_index(drop=True)
+    ratios = summary.axis_ratio_table(runs, column, BY)
+    if not ratios.empty:
+        modes = modes.merge(ratios.drop(columns="n_prompts"), on=[*BY, "mode", "k"], how="left")
+    order = [c for c in ["model", "backend", "setting", "k", "mode"] + BY if c != column] + [column]
+    return modes.sort_values(list(dict.fromkeys(order)), kind="stable").reset_index(drop=True)
 
 
 def position(runs: pd.DataFrame, steps: pd.DataFrame, n_bins: int = 8) -> pd.DataFrame:
@@ -210,7 +218,8 @@ def untested_cells(runs: pd.DataFrame, verdicts: pd.DataFrame) -> pd.DataFrame:
     if cells.empty or tested.empty:
         return cells.reset_index(drop=True)
     keys = [k for k in BY if k != "source"] + ["k"]
-    merged = cells.merge(tested[keys].drop_duplicates().assign(_t=1), on=keys, how="left")
+    tested = tested[keys].astype({k: cells[k].dtype for k in keys})  # rebuilt from dicts: key types realigned
+    merged = cells.merge(tested.drop_duplicates().assign(_t=1), on=keys, how="left")
     return merged[merged["_t"].isna()].drop(columns="_t").reset_index(drop=True)
 
 

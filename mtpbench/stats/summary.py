@@ -17,7 +17,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats as st
 
-SETTING_KEYS = ["model", "policy", "backend", "setting"]
+from ..sweep.axes import GROUP_KEYS
+
+SETTING_KEYS = GROUP_KEYS  # every aggregate groups by the axes table's grouping keys
 
 
 def wilson(successes: float, n: float, confidence: float = 0.95) -> tuple[float, float]:
@@ -158,7 +160,7 @@ def server_speedup_table(runs: pd.DataFrame, by: list[str] | None = None, seed: 
     by = list(dict.fromkeys([*(by or SETTING_KEYS), *SWAPPABLE]))  # a server speedup is always per backend
     if runs.empty:
         return pd.DataFrame()
-    scope = [c for c in by if c not in ("model", "policy", "backend", "setting")]
+    scope = [c for c in by if c not in ("model", "policy", "backend", "setting")]  # source, other axes
     one_mode = runs[runs.groupby(scope + ["backend"], dropna=False)["mode"].transform("nunique") == 1]
     pp = per_prompt_ratios(one_mode, by, baseline=SWAPPABLE, pair_keys=SERVER_PAIR_KEYS)
     if pp.empty:
@@ -174,6 +176,29 @@ def server_speedup_table(runs: pd.DataFrame, by: list[str] | None = None, seed: 
     pp = pp[same_model | (~any_same & (pp["n_ar"] == 1))]
     keys = by + [f"baseline_{c}" for c in SWAPPABLE] + SERVER_PAIR_KEYS + ["k"]
     return ratio_summary(pp, keys, seed)
+
+
+def axis_ratio_table(runs: pd.DataFrame, column: str, by: list[str] | None = None, seed: int = 0) -> pd.DataFrame:
+    """Each value of `column` against its first value (the baseline), per (other group keys, mode, K): the
+    geometric mean over prompts of the paired per-prompt ratio of decode tok/s (runs averaged over repetitions),
+    with a bootstrap CI. The same prompts, settings and K on both sides; only `column` differs."""
+    by = [c for c in (by or SETTING_KEYS) if c != column]
+    r = ok_runs(runs)
+    r = r[np.isfinite(r["decode_tok_s"])]
+    if r.empty or r[column].nunique(dropna=False) < 2:
+        return pd.DataFrame()
+    keys = by + ["mode", "k"] + PROMPT_KEYS
+    per = r.groupby(keys + [column], dropna=False)["decode_tok_s"].mean().rename("tok_s").reset_index()
+    values = list(dict.fromkeys(r[column]))  # first seen is the baseline (the sweep's first value)
+    base = per[per[column] == values[0]].drop(columns=column).rename(columns={"tok_s": "base_tok_s"})
+    pp = per[per[column] != values[0]].merge(base, on=keys, how="inner")
+    pp = pp.assign(ratio=pp["tok_s"] / pp["base_tok_s"], baseline=values[0])
+    rows = []
+    for key, g in pp.groupby(by + ["mode", "k", column], dropna=False, sort=True):
+        lo, hi = bootstrap_ci(g["ratio"].to_numpy(), geomean, seed=seed)
+        rows.append({**dict(zip(by + ["mode", "k", column], key)), "baseline": values[0], "n_prompts": len(g),
+                     "ratio": geomean(g["ratio"].to_numpy()), "ratio_lo": lo, "ratio_hi": hi})
+    return pd.DataFrame(rows)
 
 
 def throughput_table(runs: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
@@ -198,3 +223,12 @@ def best_k(speedups: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
         return speedups
     idx = speedups.groupby(by, dropna=False)["speedup"].idxmax()
     return speedups.loc[idx].reset_index(drop=True)
+
+
+def scan_table(rows: list[dict]) -> pd.DataFrame:
+    """Per category, from `decode.scan.scan_texts` records: texts, positions, greedy draft match rate, mean alpha."""
+    df = pd.DataFrame(rows)
+    g = df.groupby("category").agg(texts=("positions", "size"), positions=("positions", "sum"),
+                                   matches=("matches", "sum"), alpha=("alpha", "mean"))
+    g["greedy_match"] = g["matches"] / g["positions"]
+    return g[["texts", "positions", "greedy_match", "alpha"]].round(4)

@@ -12,15 +12,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..sweep.axes import GROUP_KEYS
 from .preservation import TestResult, calibration_test, holm_by_family, pit_test, score_test
 
-CELL_KEYS = ["model", "policy", "backend", "setting", "k"]
+CELL_KEYS = [*GROUP_KEYS, "k"]  # a verdict per group of like cells and K
+
+
+def _known(value: Any) -> Any:
+    """A grouping value as stored: pandas' NaN for a missing key (a server's model, policy) becomes null."""
+    return None if value is None or (isinstance(value, float) and np.isnan(value)) else value
 
 
 def _row(key: dict[str, Any], first: pd.Series, r: TestResult) -> dict[str, Any]:
-    return {"scope": "sweep", **{k: key[k] for k in CELL_KEYS}, "temperature": float(first["temperature"]),
+    return {"scope": "sweep", **{k: _known(key[k]) for k in CELL_KEYS}, "temperature": float(first["temperature"]),
             "top_p": float(first["top_p"]), "top_k": int(first["top_k"]), "min_p": float(first["min_p"]),
-            "draft_temperature": float(first["draft_temperature"]), "control": "none", "test": r.test, "n": r.n,
+            "draft_temperature": _known(first["draft_temperature"]), "control": "none", "test": r.test, "n": r.n,
             "statistic": r.statistic, "p_value": r.p_value, "p_holm": r.p_holm, "detectable": r.detectable,
             "detectable_unit": r.unit, "rejected": r.rejected(), "note": r.note, "family": r.family}
 

@@ -7,6 +7,7 @@ line says "completion": true (raw text to continue, like the demo's held-out cod
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,14 @@ class Prompt:
     messages: tuple[tuple[str, str], ...] | None
     max_tokens: int | None
     completion: bool = False
+    source: str = ""  # the file it came from
+
+    @property
+    def digest(self) -> str:
+        """A hash of everything that decides what is generated from this prompt: part of every cell's identity, so
+        editing a prompt's text is never mistaken for a finished cell."""
+        key = [self.text, [list(m) for m in self.messages or ()], self.max_tokens, self.completion]
+        return hashlib.sha1(json.dumps(key).encode()).hexdigest()[:12]
 
     def raw_text(self) -> str:
         return self.text if self.text is not None else "\n\n".join(c for _, c in self.messages or ())
@@ -72,15 +81,25 @@ def _parse_line(path: Path, lineno: int, obj: Any, set_name: str) -> Prompt:
     max_tokens = obj.get("max_tokens")
     if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 2):
         raise UserError(f"{where}: 'max_tokens' must be an integer >= 2")
-    return Prompt(set_name, obj["id"], obj["category"], obj.get("prompt"), messages, max_tokens,
-                  bool(obj.get("completion", False)))
+    completion = obj.get("completion", False)
+    if not isinstance(completion, bool):
+        raise UserError(f"{where}: 'completion' must be true or false")
+    return Prompt(set_name, obj["id"], obj["category"], obj.get("prompt"), messages, max_tokens, completion,
+                  str(path.resolve()))
 
 
 def load_set(name: str) -> list[Prompt]:
     path = _set_path(name)
     set_name = path.stem
     prompts: list[Prompt] = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise UserError(f"prompt file {path}: {e.strerror}") from None
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -98,9 +117,18 @@ def load_set(name: str) -> list[Prompt]:
 
 
 def load_sets(names: list[str]) -> list[Prompt]:
+    """Every prompt of the named sets; two sets may not share a name (the `prompt_set` column tells them apart)."""
     out: list[Prompt] = []
+    seen: dict[str, str] = {}
     for n in names:
-        out.extend(load_set(n))
+        prompts = load_set(n)
+        name, source = prompts[0].set_name, prompts[0].source
+        if name in seen and seen[name] != source:
+            raise UserError(f"two prompt sets are both named {name!r} ({seen[name]} and {source}); rename one")
+        if name in seen:
+            continue  # the same file named twice
+        seen[name] = source
+        out.extend(prompts)
     return out
 
 

@@ -1,17 +1,17 @@
 """Run a sweep's cells on a Ray cluster (or a local Ray instance): `mtpbench sweep --executor ray`.
 
-The unit of work is the same as the local executor's: one (model, policy) group, run by `sweep.run_group`
-(load and quantize the checkpoint once, warm up per setting, run its cells). Each group is one Ray task that
+The unit of work is one reference (checkpoint, policy) group, run by `run.run_backend` on a `ReferenceBackend`
+built on the worker (load and quantize the checkpoint once, warm up per group of like cells, run its cells). Each group is one Ray task that
 declares `num_cpus`; a cell (AR and MTP at every K, in ABBA order) always runs whole inside one task, so the
 timing pairs compared in a report were measured back to back on one machine.
 
 Workers return records, the driver writes them
     A worker never writes results. When a cell finishes, the worker sends its (runs, steps, tokens) rows to a
-    small collector actor (`_Sink`) and waits until they are stored; the driver drains the collector a few times
-    a second and writes each cell with `sweep.write_cell`, exactly as the local executor does. So:
+    small collector actor (`Sink`) and waits until they are stored; the driver drains the collector a few times
+    a second and writes each cell with `run.Writer`, exactly as the local executor does. So:
     * no shared filesystem is needed for results: workers only need the checkpoints (see the README);
     * the driver is the only writer of the results dir, so the atomic-rename parts, the "runs part last = cell
-      done" rule and `done_parts`-based resume hold unchanged, and a local and a Ray run of the same spec can
+      done" rule and `store.done_parts`-based resume hold unchanged, and a local and a Ray run of the same spec can
       resume each other's directory;
     * results stream back per cell (not per group): progress is per cell, and a worker killed mid-group loses
       at most the cell it was running.
@@ -36,12 +36,13 @@ import math
 import os
 import platform
 import socket
-from pathlib import Path
 from typing import Any
 
-from . import run as sweep
+from ..backends.reference import ReferenceBackend
 from ..errors import UserError
-from .store import done_parts
+from .rows import CellRows
+from .execute import Work, Writer, run_backend
+from .spec import Cell, SweepSpec
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ file, across concurrent tasks, so every retry and every other group runs normall
 """
 
 
-class _Sink:
+class Sink:
     """Collects finished cells from every worker until the driver drains them (a Ray actor, 0 CPUs)."""
 
     def __init__(self) -> None:
@@ -72,19 +73,19 @@ class _Sink:
         return items
 
 
-def _group_task(spec: sweep.SweepSpec, model: str, policy: str, cells: list[sweep.Cell], sweep_name: str, sink,
-                hooks: dict[str, Any]) -> dict[str, Any]:
-    """Runs on a worker: one (model, policy) group via `sweep.run_group`; each cell's rows go to `sink` as it ends.
+def _group_task(spec: SweepSpec, model: str, policy: str, display: str, cells: list[Cell], sweep_name: str,
+                sink, hooks: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    """Runs on a worker: one (model, policy) group via `run.run_backend`; each cell's rows go to `sink` as it ends.
 
-    Returns the model's `describe()` dict for the manifest.
+    Returns the backend's manifest entry.
     """
     import ray
 
     delivered = 0
 
-    def on_cell(cell: sweep.Cell, runs: list[dict], steps: list[dict], tokens: list[dict]) -> None:
+    def on_cell(part: str, rows: CellRows) -> None:
         nonlocal delivered
-        ray.get(sink.put.remote((cell.cell_id, runs, steps, tokens)))  # stored before the next cell starts
+        ray.get(sink.put.remote((part, rows)))  # stored before the next cell starts
         delivered += 1
         marker = hooks.get("exit_after_first_cell_unless")
         if marker and delivered == 1:
@@ -95,7 +96,7 @@ def _group_task(spec: sweep.SweepSpec, model: str, policy: str, cells: list[swee
             os._exit(1)
 
     try:
-        return sweep.run_group(spec, model, policy, cells, sweep_name, on_cell)
+        return run_backend(ReferenceBackend(spec, model, policy, display, sweep_name), cells, on_cell)
     except UserError as e:
         raise UserError(f"{platform.node()}: {e}") from None
 
@@ -145,14 +146,14 @@ def _init_ray(ray, address: str | None) -> None:
         raise UserError(f"cannot connect to the Ray cluster at {address}: {_one_line(e)}") from None
 
 
-def run_ray(spec: sweep.SweepSpec, out: Path, cells: list[sweep.Cell], progress, address: str | None = None,
-            max_retries: int = 2, num_cpus_per_task: float = 1) -> sweep.SweepOutcome:
-    """Run the cells not done yet in `out`, one Ray task per (model, policy) group; same contract as `sweep._execute`.
+def run_ray(spec: SweepSpec, work: Work, writer: Writer, address: str | None = None, max_retries: int = 2,
+            num_cpus_per_task: float = 1) -> None:
+    """Run the (reference) work, one Ray task per (model, policy) group; same contract as `run.execute_local`.
 
     `address=None` starts a local Ray instance with this machine's CPUs (shut down on return); an address
-    (`HEAD:6379`, checked to be reachable first) connects to a running cluster. A Ray already initialised in this process is used as it is
-    and left running. `num_cpus_per_task` is what each task declares: Ray runs at most cores/num_cpus_per_task
-    groups at once on a machine, and sets the worker's OMP/BLAS thread count to it.
+    (`HEAD:6379`, checked to be reachable first) connects to a running cluster. A Ray already initialised in this
+    process is used as it is and left running. `num_cpus_per_task` is what each task declares: Ray runs at most
+    cores/num_cpus_per_task groups at once on a machine, and sets the worker's OMP/BLAS thread count to it.
     """
     try:
         import ray
@@ -162,85 +163,76 @@ def run_ray(spec: sweep.SweepSpec, out: Path, cells: list[sweep.Cell], progress,
         raise UserError(f"max_retries must be >= 0, got {max_retries}")
     if not num_cpus_per_task > 0:
         raise UserError(f"num_cpus_per_task must be > 0, got {num_cpus_per_task}")
-
-    done = done_parts(out)
-    todo = [c for c in cells if c.cell_id not in done]
-    outcome = sweep.SweepOutcome(out, len(cells), 0, len(cells) - len(todo))
-    groups = {key: list(group) for key, group in sweep.by_model(todo)}
+    groups: dict[str, tuple[ReferenceBackend, list[Cell]]] = {}
+    for backend, cell in work:
+        groups.setdefault(backend.name, (backend, []))[1].append(cell)  # type: ignore[arg-type]
     if not groups:
-        sweep._write_verdicts(out)
-        return outcome
-
-    runs_total = len(todo) * (1 + len(spec.ks))
+        return
     received: set[str] = set()
-    counter = {"n": 0}
 
-    def take(item: tuple) -> None:
-        cell_id, runs, steps, tokens = item
-        if cell_id in received:  # a cell sent twice (never expected): same part names, so skip, not duplicate
+    def take(item: tuple[str, CellRows]) -> None:
+        part, rows = item
+        if part in received:  # a cell sent twice (never expected): same part names, so skip, not duplicate
             return
-        sweep.write_cell(out, cell_id, runs, steps, tokens)
-        received.add(cell_id)
-        outcome.cells_run += 1
-        outcome.failed_runs.extend(f"{r['run_id']}: {r['error']}" for r in runs if r["status"] != "ok")
-        for r in runs:
-            counter["n"] += 1
-            if progress:
-                label = f"{r['prompt_id']} {r['mode']}{r['k'] if r['mode'] == 'mtp' else ''}"
-                tok_s = r.get("decode_tok_s")
-                progress(sweep.RunEvent(counter["n"], runs_total, label, math.nan if tok_s is None else tok_s))
+        writer.cell(part, rows)
+        received.add(part)
+        for r in rows.runs:
+            tok_s = r.get("decode_tok_s")
+            writer.run(f"{r['prompt_id']} {r['mode']}{r['k'] if r['mode'] == 'mtp' else ''}",
+                       math.nan if tok_s is None else tok_s)
 
     if address is not None:
         _check_reachable(address)
     started_here = not ray.is_initialized()
     if started_here:
         _init_ray(ray, address)
-    pending: dict[Any, tuple[str, str]] = {}
+    pending: dict[Any, str] = {}
     sink = None
     try:
-        sink = ray.remote(num_cpus=0)(_Sink).remote()
+        sink = ray.remote(num_cpus=0)(Sink).remote()
         task = ray.remote(_group_task)
         attempts = dict.fromkeys(groups, 0)
 
-        def submit(key: tuple[str, str], group_cells: list[sweep.Cell]) -> None:
-            model, policy = key
+        def submit(key: str, cells: list[Cell]) -> None:
+            b = groups[key][0]
             ref = task.options(num_cpus=num_cpus_per_task, max_retries=0, retry_exceptions=False,
-                               name=f"mtpbench:{Path(model).name}@{policy}").remote(
-                spec, model, policy, group_cells, out.name, sink, dict(_test_hooks))
+                               name=f"mtpbench:{key}").remote(
+                spec, b.model, b.policy, b.display, cells, b.sweep, sink, dict(_test_hooks))
             pending[ref] = key
 
         def drain() -> None:
             for item in ray.get(sink.drain.remote()):
                 take(item)
 
-        for key, group_cells in groups.items():
-            submit(key, group_cells)
+        for key, (_, cells) in groups.items():
+            submit(key, cells)
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)
             drain()  # a finished task's cells are all in the sink: each put was awaited before it went on
             for ref in ready:
                 key = pending.pop(ref)
+                backend, cells = groups[key]
                 try:
-                    info = ray.get(ref)
+                    entry = ray.get(ref)
                 except Exception as e:  # noqa: BLE001 - any task failure: worker lost, OOM, an exception
                     user = _user_error(e)
                     if user is not None:
                         raise user from None
-                    remaining = [c for c in groups[key] if c.cell_id not in received]
+                    remaining = [c for c in cells if backend.part(c) not in received]
                     attempts[key] += 1
                     if attempts[key] > max_retries:
                         why = f"ray task failed {attempts[key]} time(s), cell left for a rerun: {_one_line(e)}"
-                        log.error("%s@%s: %s", key[0], key[1], why)
-                        outcome.failed_runs.extend(f"{c.run_id(mode, k)}: {why}"
-                                                   for c in remaining for mode, k in c.order(spec.ks))
+                        log.error("%s: %s", key, why)
+                        writer.outcome.failed_runs.extend(f"{c.run_id(mode, k)}: {why}"
+                                                          for c in remaining for mode, k in c.order(c.ks))
                         continue
                     # Remaining may be empty (the task died after its last cell): the retry then only loads
                     # the checkpoint to describe it for the manifest.
-                    log.warning("%s@%s: ray task failed (%s); retry %d/%d with its %d remaining cell(s)",
-                                key[0], key[1], _one_line(e), attempts[key], max_retries, len(remaining))
+                    log.warning("%s: ray task failed (%s); retry %d/%d with its %d remaining cell(s)",
+                                key, _one_line(e), attempts[key], max_retries, len(remaining))
                     submit(key, remaining)
                     continue
-                sweep.record_model(out, key[0], info, key[1])
+                writer.record(*entry)
     except BaseException:
         for ref in pending:
             try:
@@ -262,5 +254,3 @@ def run_ray(spec: sweep.SweepSpec, out: Path, cells: list[sweep.Cell], progress,
                 pass
         if started_here:
             ray.shutdown()
-    sweep._write_verdicts(out)
-    return outcome

@@ -1,20 +1,27 @@
-"""The one parquet schema of mtpbench, and atomic, resumable storage of a sweep's results.
+"""The one parquet schema of mtpbench, and atomic, resumable, locked storage of a sweep's results.
 
 A results directory holds `manifest.json` and one sub-directory per table (`runs`, `steps`, `tokens`,
-`verdicts`), each made of part files `part-<cell_id>.parquet`. A part is written to a temporary name and renamed,
-so a reader never sees half a file; the `runs` part of a cell is written last, so its presence means "cell done".
-Rerunning a cell overwrites its parts by name: no duplicates, whatever moment a sweep was killed at.
+`verdicts`), each made of part files `part-<part>.parquet`. Parts are written atomically (`mtpbench.atomic`); the
+`runs` part of a cell is written last, so a readable `runs` part with a finished run means "cell done". Rerunning a
+cell overwrites its parts by name: no duplicates, whatever moment a sweep was killed at.
+
+What a user has is safe: a directory that is not an mtpbench results directory is never taken over, a failed
+first run removes only what it created (no recursive delete), and an OS lock held for the whole run keeps a
+second process off the same directory (the kernel releases it when the process dies, kill -9 included). A damaged
+part is reported (path, one line) and skipped by readers; a resumed sweep reruns its cell. Directories written by
+older schema versions are converted on read (and never resumed); newer ones are refused.
+
+The column list follows `axes.AXES`: each axis's column is in the runs and verdicts schemas. Pure pyarrow/pandas,
+no mlx: the report reads results where mlx is not installed.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
-import signal
-import tempfile
-import threading
-from contextlib import contextmanager
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,19 +29,24 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..atomic import TEMP_PREFIX, write_json, write_with
 from ..errors import UserError
+from .axes import AXES, GROUP_KEYS, SAMPLING_AXES
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+MANIFEST = "manifest.json"
+LOCK = ".lock"
+SUPERSEDED = "superseded"  # parts of cells whose prompt text changed: kept, never read
 
+_AXIS_FIELDS = [pa.field(a.column, a.arrow) for a in AXES if a.column != "model"]
 RUNS = pa.schema([
     ("run_id", pa.string()), ("cell_id", pa.string()), ("sweep", pa.string()), ("backend", pa.string()),
-    ("model", pa.string()), ("model_fingerprint", pa.string()), ("model_path", pa.string()), ("policy", pa.string()),
-    ("kv_bits", pa.int32()),  # trunk KV-cache bits (0: unquantized); also folded into `policy` as `+kv8`
-    ("mode", pa.string()), ("k", pa.int32()),
-    ("temperature", pa.float64()), ("top_p", pa.float64()), ("top_k", pa.int32()), ("min_p", pa.float64()),
-    ("draft_temperature", pa.float64()), ("setting", pa.string()), ("thinking", pa.string()),
-    ("prompt_set", pa.string()), ("prompt_id", pa.string()), ("category", pa.string()),
-    ("repetition", pa.int32()), ("seed", pa.int64()), ("max_tokens", pa.int32()), ("order", pa.int32()),
+    ("model", pa.string()),  # a short name (directory name or repo id); the full path is model_path
+    ("model_fingerprint", pa.string()), ("model_path", pa.string()),
+    *_AXIS_FIELDS,
+    ("mode", pa.string()), ("setting", pa.string()), ("prompt_id", pa.string()), ("prompt_digest", pa.string()),
+    ("category", pa.string()), ("repetition", pa.int32()), ("seed", pa.int64()), ("max_tokens", pa.int32()),
+    ("order", pa.int32()),
     ("prompt_tokens", pa.int32()), ("generated_tokens", pa.int32()),
     ("prefill_s", pa.float64()), ("decode_s", pa.float64()), ("decode_tok_s", pa.float64()), ("ttft_s", pa.float64()),
     ("peak_memory_bytes", pa.int64()),
@@ -60,112 +72,253 @@ TOKENS = pa.schema([
     ("target_logprob", pa.float64()), ("pit_u", pa.float64()),
     ("logprob_mean", pa.float64()), ("logprob_var", pa.float64()), ("logprob_m3", pa.float64()),
 ])
+# A verdict is about one group of cells: the grouping keys, the sampling values behind `setting`, and K.
+_VERDICT_KEYS = [c for c in GROUP_KEYS if c != "setting"] + ["setting"]
+VERDICT_KEY_FIELDS = [RUNS.field(c) for c in _VERDICT_KEYS] + \
+    [RUNS.field(a.column) for a in AXES if a.name in SAMPLING_AXES] + [RUNS.field("k")]
 VERDICTS = pa.schema([
     ("scope", pa.string()),  # verify | sweep
-    ("model", pa.string()), ("policy", pa.string()), ("backend", pa.string()), ("k", pa.int32()),
-    ("setting", pa.string()), ("temperature", pa.float64()), ("top_p", pa.float64()), ("top_k", pa.int32()),
-    ("min_p", pa.float64()), ("draft_temperature", pa.float64()), ("control", pa.string()),
+    *dict((f.name, f) for f in VERDICT_KEY_FIELDS).values(),
+    ("control", pa.string()),
     ("test", pa.string()), ("n", pa.int64()), ("statistic", pa.float64()), ("p_value", pa.float64()),
     ("p_holm", pa.float64()), ("detectable", pa.float64()), ("detectable_unit", pa.string()),
     ("rejected", pa.bool_()), ("note", pa.string()),
     ("family", pa.string()),  # preservation (decides the verdict) | acceptance (is the rule the optimal one)
 ])
 TABLES: dict[str, pa.Schema] = {"runs": RUNS, "steps": STEPS, "tokens": TOKENS, "verdicts": VERDICTS}
+CELL_TABLES = ("steps", "tokens", "runs")  # the order a cell is written in: runs last marks it done
 
 
-@contextmanager
-def _interrupt_deferred():
-    """Hold Ctrl-C (SIGINT) until the block is done, then deliver it: a write is whole or absent, and no temporary
-    file is left behind by an interrupt landing between its creation and its rename. Main thread only (the only
-    one Python delivers signals to); elsewhere a no-op."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending: list[tuple[int, Any]] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append((signum, frame)))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if pending and callable(previous):
-            previous(*pending[0])  # Python's default handler raises KeyboardInterrupt here
-        elif pending and previous == signal.SIG_DFL:
-            signal.raise_signal(signal.SIGINT)
+# --------------------------------------------------------------------------------------------------- parts
 
 
-def _atomic_write_bytes(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _interrupt_deferred():
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-        os.close(fd)
-        try:
-            write(tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+def part_path(root: Path, table: str, part: str) -> Path:
+    return Path(root) / table / f"part-{part}.parquet"
 
 
 def write_part(root: Path, table: str, part: str, rows: list[dict[str, Any]]) -> None:
     """Write rows as `root/table/part-<part>.parquet`, atomically, validated against the table's schema."""
     schema = TABLES[table]
     data = pa.Table.from_pylist(rows, schema=schema) if rows else schema.empty_table()
-    _atomic_write_bytes(root / table / f"part-{part}.parquet", lambda tmp: pq.write_table(data, tmp))
+    write_with(part_path(root, table, part), lambda tmp: pq.write_table(data, tmp))
 
 
-def write_json(path: Path, obj: Any) -> None:
-    _atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True, default=str)))
+def parts(root: Path, table: str) -> list[Path]:
+    d = Path(root) / table
+    return sorted(d.glob("part-*.parquet")) if d.exists() else []
 
 
-MANIFEST = "manifest.json"
+def part_name(path: Path) -> str:
+    return path.name[len("part-"): -len(".parquet")]
+
+
+def readable(path: Path) -> bool:
+    """Whether a part file is whole (its parquet footer reads)."""
+    try:
+        pq.read_metadata(path)
+        return True
+    except (OSError, pa.ArrowInvalid, pa.ArrowException):
+        return False
+
+
+def done_parts(root: Path) -> set[str]:
+    """Parts whose cell is finished: a readable `runs` part with at least one run that did not fail, and readable
+    `steps` and `tokens` parts. A part whose every run failed, or a damaged one, is run again."""
+    done = set()
+    for f in parts(root, "runs"):
+        name = part_name(f)
+        try:
+            status = pq.read_table(f, columns=["status"]).column("status").to_pylist()
+        except (OSError, pa.ArrowInvalid, pa.ArrowException):
+            continue
+        others = [part_path(root, t, name) for t in ("steps", "tokens")]
+        if any(s == "ok" for s in status) and all(not p.exists() or readable(p) for p in others):
+            done.add(name)
+    return done
+
+
+@dataclass
+class Damage:
+    """Part files a reader could not read, each with a one-line reason (shown by the report, never fatal)."""
+
+    parts: list[str] = field(default_factory=list)
+
+    def note(self, path: Path, err: Exception) -> None:
+        self.parts.append(f"{path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+
+
+def read_table(root: Path | str, table: str, damage: Damage | None = None) -> pd.DataFrame:
+    """All readable parts of one table as a DataFrame (empty with the right columns when there are none).
+
+    A damaged part is skipped and noted in `damage` (without one, it raises one UserError line naming it)."""
+    root = Path(root)
+    frames = []
+    version = _version(root)
+    for f in parts(root, table):
+        try:
+            frames.append(_upgrade(pq.read_table(f, schema=TABLES[table]), table, version))
+        except (OSError, pa.ArrowInvalid, pa.ArrowException) as e:
+            if damage is None:
+                raise UserError(f"{f}: damaged results part ({str(e).splitlines()[0]}); move it away or rerun the "
+                                f"sweep, which reruns its cell") from None
+            damage.note(f, e)
+    if not frames:
+        return TABLES[table].empty_table().to_pandas()
+    return pa.concat_tables(frames).to_pandas()
+
+
+def _upgrade(t: pa.Table, table: str, version: int) -> pa.Table:
+    """Rows of an older schema in today's form: columns it lacked get their axis's legacy value; schema 1 folded
+    the KV-cache bits into the policy label (`as-is+kv8`), which is split back out here."""
+    if version >= SCHEMA_VERSION:
+        return t
+    for axis in AXES:
+        if axis.column in t.column_names and axis.legacy is not None and t[axis.column].null_count == len(t):
+            t = t.set_column(t.column_names.index(axis.column), axis.column,
+                             pa.array([axis.legacy] * len(t), type=t.schema.field(axis.column).type))
+    if version == 1 and "policy" in t.column_names and "kv_bits" in t.column_names:
+        policy = [re.sub(r"\+kv\d+(g\d+)?$", "", p) if p else p for p in t["policy"].to_pylist()]
+        t = t.set_column(t.column_names.index("policy"), "policy", pa.array(policy, type=pa.string()))
+    return t
+
+
+# ------------------------------------------------------------------------------------------------- manifest
+
+
+def read_manifest(root: Path | str) -> dict[str, Any]:
+    f = Path(root) / MANIFEST
+    if not f.exists():
+        raise UserError(f"{root}: not a results directory (no {MANIFEST})")
+    try:
+        manifest = json.loads(f.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise UserError(f"{f}: unreadable manifest ({e})") from None
+    version = manifest.get("schema_version")
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise UserError(f"{root}: written with results schema {version!r}; this mtpbench reads schema "
+                        f"{SCHEMA_VERSION} and older: upgrade mtpbench")
+    return manifest
+
+
+def _version(root: Path) -> int:
+    try:
+        return int(read_manifest(root).get("schema_version", SCHEMA_VERSION))
+    except UserError:
+        return SCHEMA_VERSION
+
+
+def read_results(roots: list[Path | str], damage: Damage | None = None) -> dict[str, pd.DataFrame]:
+    """Merge several results directories (machines, policies, checkpoints) into one set of tables; older schema
+    versions are converted as they are read, never merged as they are."""
+    out: dict[str, list[pd.DataFrame]] = {t: [] for t in TABLES}
+    for root in roots:
+        read_manifest(root)
+        for t in TABLES:
+            out[t].append(read_table(root, t, damage))
+    return {t: pd.concat(frames, ignore_index=True) if frames else TABLES[t].empty_table().to_pandas()
+            for t, frames in out.items()}
+
+
+# ------------------------------------------------------------------------------------- owning a directory
 
 
 @dataclass(frozen=True)
 class Created:
-    """What `create_results_dir` made: the results directory (whose mtpbench files are ours) and every directory
-    the call created, deepest first (empty when the directory already existed, empty). Nothing else is ever removed."""
+    """What opening a new results directory made: the directory (whose mtpbench files are ours) and every
+    directory the call created, deepest first (none when it already existed, empty)."""
 
     root: Path
     dirs: tuple[Path, ...]
 
 
-def create_results_dir(out: Path) -> Created:
-    """Make a new results directory (or take an existing empty one) and say what this call created.
+class Lock:
+    """An exclusive OS lock on a results directory for one run (fcntl.flock on `<dir>/.lock`, holder's PID in it)."""
 
-    A directory that already holds anything is refused unless it is an mtpbench results directory (the caller
-    checks for the manifest first): a user's directory is never taken over (think `-o .` or `-o ~`).
-    """
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        what = "a file" if not out.is_dir() else "a non-empty directory that is not an mtpbench results directory"
-        raise UserError(f"{out} is {what} (no {MANIFEST}); choose another --out")
-    dirs = []
-    p = out
+    def __init__(self, root: Path):
+        self.path = Path(root) / LOCK
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise UserError(f"{self.path.parent} is in use by another mtpbench (PID {holder}); wait for it to "
+                            f"finish or use another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def _ours(entry: Path) -> bool:
+    return entry.name == LOCK
+
+
+def open_results_dir(out: Path, make_manifest) -> tuple[Lock, Created | None, dict[str, Any]]:
+    """Lock `out` for this run and return (lock, what was created or None on a resume, the manifest).
+
+    `make_manifest()` gives the manifest of a new directory. A directory holding anything but mtpbench's own
+    files is refused (think `-o .` or `-o ~`); so is one another process holds, or one of an older schema."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file; choose another --out")
+    if out.is_dir() and not (out / MANIFEST).exists() and any(not _ours(e) for e in out.iterdir()):
+        raise UserError(f"{out} is a non-empty directory that is not an mtpbench results directory (no "
+                        f"{MANIFEST}); choose another --out")
+    dirs, p = [], out
     while not p.exists():
         dirs.append(p)
         p = p.parent
     created = Created(out, tuple(dirs))
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        lock = Lock(out)
+        lock.acquire()
     except OSError as e:
         remove_created(created)
         raise UserError(f"cannot write results to {out}: {e.strerror}") from None
-    return created
+    except UserError:
+        remove_created(created)
+        raise
+    try:
+        if (out / MANIFEST).exists():
+            manifest = read_manifest(out)
+            if manifest["schema_version"] != SCHEMA_VERSION:
+                raise UserError(f"{out} was written with results schema {manifest['schema_version']}; it can be "
+                                f"reported (`mtpbench report`) but not resumed: use another --out")
+            return lock, None, manifest
+        if any(not _ours(e) for e in out.iterdir()):  # filled between the check and the lock
+            raise UserError(f"{out} is a non-empty directory that is not an mtpbench results directory; choose "
+                            f"another --out")
+        manifest = make_manifest()
+        write_json(out / MANIFEST, manifest)
+        return lock, created, manifest
+    except BaseException:
+        lock.release()
+        if not (out / MANIFEST).exists():
+            remove_created(created)
+        raise
 
 
 def remove_created(created: Created) -> None:
-    """Undo `create_results_dir` after a run that measured nothing: mtpbench's own files in the results directory,
-    then the directories the call created, each only while empty (rmdir, never a recursive delete: a file someone
-    else put there meanwhile stays, and so does its directory)."""
+    """Undo a new directory after a run that measured nothing: mtpbench's own files in it (manifest, lock, parts,
+    temporaries), then the directories the run created, each only while empty (rmdir, never a recursive delete:
+    a file someone else put there meanwhile stays, and so does its directory)."""
     out = created.root
-    for name in (MANIFEST, *TABLES):
+    for name in (MANIFEST, LOCK, *TABLES):
         f = out / name
         if f.is_file():
             f.unlink(missing_ok=True)
         elif f.is_dir():
-            for ours in (*f.glob(".tmp-*"), *f.glob("part-*.parquet")):
+            for ours in (*f.glob(TEMP_PREFIX + "*"), *f.glob("part-*.parquet")):
                 ours.unlink(missing_ok=True)
             _rmdir_if_empty(f)
     for d in created.dirs:
@@ -181,33 +334,25 @@ def _rmdir_if_empty(d: Path) -> bool:
         return False
 
 
-def done_parts(root: Path, table: str = "runs") -> set[str]:
-    d = root / table
-    return {p.name[len("part-"): -len(".parquet")] for p in d.glob("part-*.parquet")} if d.exists() else set()
+def supersede(root: Path, part: str) -> None:
+    """Move one cell's parts out of the tables (to `superseded/<table>/`): kept on disk, never read again."""
+    for table in TABLES:
+        src = part_path(root, table, part)
+        if src.exists():
+            dest = Path(root) / SUPERSEDED / table / src.name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, dest)
 
 
-def read_table(root: Path | str, table: str) -> pd.DataFrame:
-    """All parts of one table as a DataFrame (empty with the right columns when there are none)."""
-    d = Path(root) / table
-    files = sorted(d.glob("part-*.parquet")) if d.exists() else []
-    if not files:
-        return TABLES[table].empty_table().to_pandas()
-    return pa.concat_tables([pq.read_table(f, schema=TABLES[table]) for f in files]).to_pandas()
+def update_manifest(root: Path, change) -> dict[str, Any]:
+    """Read, change (in place, by `change(manifest)`) and rewrite the manifest atomically; returns it."""
+    manifest = read_manifest(root)
+    change(manifest)
+    write_json(Path(root) / MANIFEST, manifest)
+    return manifest
 
 
-def read_manifest(root: Path | str) -> dict[str, Any]:
-    f = Path(root) / "manifest.json"
-    if not f.exists():
-        raise UserError(f"{root}: not a results directory (no manifest.json)")
-    return json.loads(f.read_text())
-
-
-def read_results(roots: list[Path | str]) -> dict[str, pd.DataFrame]:
-    """Merge several results directories (machines, policies, checkpoints) into one set of tables."""
-    out: dict[str, list[pd.DataFrame]] = {t: [] for t in TABLES}
-    for root in roots:
-        read_manifest(root)
-        for t in TABLES:
-            out[t].append(read_table(root, t))
-    return {t: pd.concat(frames, ignore_index=True) if frames else TABLES[t].empty_table().to_pandas()
-            for t, frames in out.items()}
+__all__ = ["CELL_TABLES", "Created", "Damage", "LOCK", "Lock", "MANIFEST", "RUNS", "SCHEMA_VERSION", "STEPS",
+           "TABLES", "TOKENS", "VERDICTS", "done_parts", "open_results_dir", "part_path", "parts", "read_manifest",
+           "read_results", "read_table", "remove_created", "supersede", "update_manifest", "write_json",
+           "write_part"]

@@ -1,0 +1,187 @@
+"""mtpbench's own decoder as a backend: one checkpoint under one quantization policy, AR and MTP at every K.
+
+A cell's runs go AR then each K (reversed on odd repetitions: ABBA), on the same prompt ids, after a warm-up per
+group of like cells. Before any work `check` tokenizes every prompt with every checkpoint's tokenizer and checks
+the position budget and the KV-cache settings, so bad input ends before a model is loaded.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..decode import DecodeResult, generate_ar, generate_mtp
+from ..errors import UserError
+from ..model.checkpoint import Bundle, context_length, load, preflight, read_config, text_config
+from ..model.kvcache import KVCacheSpec
+from ..model.roofline import bytes_per_token, copy_bandwidth, draft_step_bytes, weight_bytes
+from ..provenance import now_iso
+from ..sweep.axes import REFERENCE
+from ..sweep.prompts import Prompt, encode, supports_thinking
+from ..sweep.rows import CellRows, record_rows, run_row
+from ..sweep.spec import Cell, SweepSpec, thinking_flag
+from .base import OnRun
+
+DRAFTED_NOTHING = "drafted nothing: generation ended after the first token, so MTP was never exercised"
+
+
+def display_names(models: tuple[str, ...]) -> dict[str, str]:
+    """A short name per checkpoint for tables and titles: the directory name (or the repo id), with parent
+    directories added only where two would read the same. The full path stays in `model_path`."""
+    def parts(m: str) -> list[str]:
+        p = Path(m).expanduser()
+        return list(p.resolve().parts) if p.exists() else [m]
+
+    names = {m: parts(m) for m in models}
+    depth = dict.fromkeys(models, 1)
+    for _ in range(8):
+        shown = {m: "/".join(names[m][-depth[m]:]) for m in models}
+        clash = [m for m in models if list(shown.values()).count(shown[m]) > 1]
+        if not clash:
+            break
+        for m in clash:
+            depth[m] += 1
+    return {m: "/".join(names[m][-depth[m]:]) or m for m in models}
+
+
+def check(spec: SweepSpec, prompts: list[Prompt]) -> dict[str, Path]:
+    """Every check that needs no model in memory, for every checkpoint: path, config, weights, MTP head, KV-cache
+    groups, chat template, and each prompt's position budget. Returns the resolved paths."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    paths = {m: preflight(m, require_mtp=True) for m in spec.models}
+    for model, path in paths.items():
+        tok = load_tokenizer(path)
+        config = read_config(path)
+        ctx = context_length(config)
+        head_dim = int(text_config(config).get("head_dim", 0) or 0)
+        for bits in (b for b in spec.values("kv_bits") if b):
+            try:
+                KVCacheSpec(bits, spec.kv_group_size).resolved_group_size(head_dim)
+            except UserError as e:
+                raise UserError(f"{model}: --kv-bits {bits}: {e}") from None
+        if any(t != "n/a" for t in spec.values("thinking")) and not supports_thinking(tok):
+            raise UserError(f"{model}: --thinking needs a chat template with enable_thinking; this one has none")
+        for p in prompts:
+            for th in spec.values("thinking"):
+                n = len(encode(tok, p, thinking_flag(th)))
+                budget = n + (p.max_tokens or spec.max_tokens) + max(spec.ks) + 1
+                if budget > ctx:
+                    raise UserError(f"prompt {p.set_name}/{p.id} needs {budget} positions ({n} prompt tokens + "
+                                    f"generation) but {model} has a context of {ctx}")
+    return paths
+
+
+def decode_fields(r: DecodeResult, mode: str, k: int, weights: tuple[int, int]) -> dict[str, Any]:
+    """The measured columns of one decode; `weights` = (trunk, draft step) weight bytes, for the roofline."""
+    tau = r.mean_acceptance_length if mode == "mtp" else 1.0
+    return dict(
+        weight_bytes_per_token=bytes_per_token(*weights, k, tau), memory_gb_s=copy_bandwidth(),
+        prompt_tokens=r.prompt_tokens, generated_tokens=r.generated_tokens, prefill_s=r.prefill_s,
+        decode_s=r.decode_s, decode_tok_s=r.decode_tok_s, ttft_s=r.prefill_s, peak_memory_bytes=r.peak_memory_bytes,
+        verify_steps=r.verify_steps, drafted_tokens=r.drafted_tokens, accepted_tokens=r.accepted_tokens,
+        mean_acceptance_length=r.mean_acceptance_length if mode == "mtp" else None,
+        drafted_at_depth=r.drafted_at_depth, accepted_at_depth=r.accepted_at_depth, finished_by=r.finished_by,
+        output_hash=hashlib.sha1(json.dumps(r.tokens).encode()).hexdigest()[:16],
+    )
+
+
+@dataclass
+class ReferenceBackend:
+    """The reference decoder on `model` under `policy` (applied in memory once, at `prepare`)."""
+
+    spec: SweepSpec
+    model: str
+    policy: str = "as-is"
+    display: str = ""
+    sweep: str = ""
+    kind: str = REFERENCE
+
+    def __post_init__(self) -> None:
+        self.display = self.display or display_names((self.model,))[self.model]
+        self.name = self.display if self.policy == "as-is" else f"{self.display}@{self.policy}"
+        self.bundle: Bundle | None = None
+        self._weights = (0, 0)
+
+    def takes(self, cell: Cell) -> bool:
+        return cell.backend == REFERENCE and cell.model == self.model and cell.policy == self.policy
+
+    def part(self, cell: Cell) -> str:
+        return cell.cell_id
+
+    def runs_in(self, cell: Cell) -> int:
+        return 1 + len(cell.ks)
+
+    def prepare(self) -> None:
+        bundle = load(self.model, require_mtp=True)
+        if self.policy != "as-is":
+            from ..build.quantize import apply_policy
+
+            bundle = apply_policy(bundle, self.policy)
+        self.bundle = bundle
+        self._weights = (weight_bytes(bundle), draft_step_bytes(bundle))
+
+    def manifest_entry(self) -> tuple[str, str, dict[str, Any]]:
+        from ..model.describe import describe
+
+        assert self.bundle is not None
+        return "models", self.name, describe(self.bundle)
+
+    def _facts(self) -> dict[str, Any]:
+        b = self.bundle
+        assert b is not None
+        return {"backend": REFERENCE, "model": self.display, "model_fingerprint": b.fingerprint,
+                "model_path": str(b.path), "hidden_variant": b.hidden_variant.value}
+
+    def _kv(self, cell: Cell) -> KVCacheSpec:
+        return KVCacheSpec(cell["kv_bits"] or 0, self.spec.kv_group_size)
+
+    def _decode(self, cell: Cell, ids: list[int], mode: str, k: int, max_tokens: int, records: bool,
+                ignore_eos: bool) -> DecodeResult:
+        assert self.bundle is not None
+        cfg, kv = cell.setting.config(cell.seed), self._kv(cell)
+        if mode == "ar":
+            return generate_ar(self.bundle, ids, cfg, max_tokens, records=records, ignore_eos=ignore_eos, kv=kv)
+        return generate_mtp(self.bundle, ids, cfg, k, max_tokens, cell.setting.draft_temperature, records=records,
+                            ignore_eos=ignore_eos, kv=kv)
+
+    def _ids(self, cell: Cell) -> list[int]:
+        assert self.bundle is not None
+        return encode(self.bundle.tokenizer, cell.prompt, thinking_flag(cell.thinking))
+
+    def warm_up(self, cell: Cell) -> None:
+        ids = self._ids(cell)
+        n = min(self.spec.warmup_tokens, cell.max_tokens)
+        for mode, k in cell.order(cell.ks):
+            self._decode(cell, ids, mode, k, n, self.spec.records, ignore_eos=True)
+
+    def run_cell(self, cell: Cell, on_run: OnRun | None = None) -> CellRows:
+        ids = self._ids(cell)
+        rows = CellRows()
+        for order, (mode, k) in enumerate(cell.order(cell.ks)):
+            started, error, result = now_iso(), "", None
+            try:
+                result = self._decode(cell, ids, mode, k, cell.max_tokens, self.spec.records, self.spec.ignore_eos)
+                if mode == "mtp" and result.verify_steps == 0:
+                    error = DRAFTED_NOTHING
+            except UserError:
+                raise
+            except Exception as e:  # a failed run is recorded and the sweep goes on
+                error = f"{type(e).__name__}: {e}"
+            measured = decode_fields(result, mode, k, self._weights) if result is not None else None
+            row = run_row(cell, self._facts(), mode, k, order, started, self.sweep, measured, error)
+            rows.runs.append(row)
+            if result is not None:
+                rows.steps += record_rows(row["run_id"], result.steps)
+                rows.tokens += record_rows(row["run_id"], result.token_records)
+            if on_run:
+                on_run(f"{cell.prompt.id} {mode}{k if k else ''}", row.get("decode_tok_s") or float("nan"))
+        return rows
+
+    def close(self) -> None:
+        self.bundle = None
+        gc.collect()
