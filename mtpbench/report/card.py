@@ -47,8 +47,9 @@ def _records(df: pd.DataFrame, columns: list[str]) -> list[dict[str, Any]]:
 
 def _models(data: Loaded) -> list[str]:
     from_runs = set(data.runs["model"].dropna()) if not data.runs.empty else set()
-    from_manifests = {m for man in data.manifests.values() for m in (man.get("models") or {})}
-    return sorted(from_runs | from_manifests)
+    if from_runs:  # the rows name models as tables show them (manifest keys add the policy, old ones a path)
+        return sorted(from_runs)
+    return sorted({m for man in data.manifests.values() for m in (man.get("models") or {})})
 
 
 def _select_model(data: Loaded, model: str | None) -> str:

@@ -169,13 +169,17 @@ def read_table(root: Path | str, table: str, damage: Damage | None = None) -> pd
 
 def _upgrade(t: pa.Table, table: str, version: int) -> pa.Table:
     """Rows of an older schema in today's form: columns it lacked get their axis's legacy value; schema 1 folded
-    the KV-cache bits into the policy label (`as-is+kv8`), which is split back out here."""
+    the KV-cache bits into the policy label (`as-is+kv8`), which is split back out here, and named a model by its
+    path (kept in `model_path`), shortened here to the directory name as today's rows have it."""
     if version >= SCHEMA_VERSION:
         return t
     for axis in AXES:
         if axis.column in t.column_names and axis.legacy is not None and t[axis.column].null_count == len(t):
             t = t.set_column(t.column_names.index(axis.column), axis.column,
                              pa.array([axis.legacy] * len(t), type=t.schema.field(axis.column).type))
+    if version == 1 and "model" in t.column_names:  # schema 1 named models by path; today by a short name
+        short = [Path(m).name if m and m.startswith(("/", "~", ".")) else m for m in t["model"].to_pylist()]
+        t = t.set_column(t.column_names.index("model"), "model", pa.array(short, type=pa.string()))
     if version == 1 and "policy" in t.column_names and "kv_bits" in t.column_names:
         policy = [re.sub(r"\+kv\d+(g\d+)?$", "", p) if p else p for p in t["policy"].to_pylist()]
         t = t.set_column(t.column_names.index("policy"), "policy", pa.array(policy, type=pa.string()))
@@ -262,6 +266,12 @@ def _ours(entry: Path) -> bool:
     return entry.name == LOCK
 
 
+def _check_resumable(out: Path, manifest: dict[str, Any]) -> None:
+    if manifest["schema_version"] != SCHEMA_VERSION:
+        raise UserError(f"{out} was written with results schema {manifest['schema_version']}; it can be "
+                        f"reported (`mtpbench report`) but not resumed: use another --out")
+
+
 def open_results_dir(out: Path, make_manifest) -> tuple[Lock, Created | None, dict[str, Any]]:
     """Lock `out` for this run and return (lock, what was created or None on a resume, the manifest).
 
@@ -270,6 +280,8 @@ def open_results_dir(out: Path, make_manifest) -> tuple[Lock, Created | None, di
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file; choose another --out")
+    if (out / MANIFEST).exists():
+        _check_resumable(out, read_manifest(out))  # before the lock: a refused directory gets no new file
     if out.is_dir() and not (out / MANIFEST).exists() and any(not _ours(e) for e in out.iterdir()):
         raise UserError(f"{out} is a non-empty directory that is not an mtpbench results directory (no "
                         f"{MANIFEST}); choose another --out")
@@ -291,9 +303,7 @@ def open_results_dir(out: Path, make_manifest) -> tuple[Lock, Created | None, di
     try:
         if (out / MANIFEST).exists():
             manifest = read_manifest(out)
-            if manifest["schema_version"] != SCHEMA_VERSION:
-                raise UserError(f"{out} was written with results schema {manifest['schema_version']}; it can be "
-                                f"reported (`mtpbench report`) but not resumed: use another --out")
+            _check_resumable(out, manifest)
             return lock, None, manifest
         if any(not _ours(e) for e in out.iterdir()):  # filled between the check and the lock
             raise UserError(f"{out} is a non-empty directory that is not an mtpbench results directory; choose "
