@@ -283,10 +283,10 @@ def open_results_dir(out: Path, make_manifest) -> tuple[Lock, Created | None, di
         lock = Lock(out)
         lock.acquire()
     except OSError as e:
-        remove_created(created)
+        _remove_dirs(created)
         raise UserError(f"cannot write results to {out}: {e.strerror}") from None
-    except UserError:
-        remove_created(created)
+    except UserError:  # another process holds it: its files are its own, not ours to remove
+        _remove_dirs(created)
         raise
     try:
         if (out / MANIFEST).exists():
@@ -321,6 +321,11 @@ def remove_created(created: Created) -> None:
             for ours in (*f.glob(TEMP_PREFIX + "*"), *f.glob("part-*.parquet")):
                 ours.unlink(missing_ok=True)
             _rmdir_if_empty(f)
+    _remove_dirs(created)
+
+
+def _remove_dirs(created: Created) -> None:
+    """The directories a run created, deepest first, each only while empty."""
     for d in created.dirs:
         if not _rmdir_if_empty(d):
             break
