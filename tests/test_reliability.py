@@ -679,9 +679,10 @@ def test_the_markdown_card_escapes_raw_html_in_names(cli, tmp_path, done_sweep):
 
     out = _copy(done_sweep, tmp_path / "res")
     evil = "<img src=x onerror=alert(1)>"
-    for f in (out / "runs").glob("part-*.parquet"):
-        rows = pq.read_table(f).to_pylist()
-        write_part(out, "runs", part_name(f), [{**r, "model": evil} for r in rows])
-    res = cli("card", out)
+    for table in ("runs", "verdicts"):
+        for f in (out / table).glob("part-*.parquet"):
+            rows = pq.read_table(f).to_pylist()
+            write_part(out, table, part_name(f), [{**r, "model": evil} for r in rows])
+    res = cli("card", out, "--model", evil)
     assert res.exit_code == 0, res.stderr
     assert "<img" not in res.stdout and "&lt;img" in res.stdout

@@ -294,6 +294,7 @@ def open_results_dir(out: Path, make_manifest) -> tuple[Lock, Created | None, di
             if manifest["schema_version"] != SCHEMA_VERSION:
                 raise UserError(f"{out} was written with results schema {manifest['schema_version']}; it can be "
                                 f"reported (`mtpbench report`) but not resumed: use another --out")
+            remove_temporaries(out)
             return lock, None, manifest
         if any(not _ours(e) for e in out.iterdir()):  # filled between the check and the lock
             raise UserError(f"{out} is a non-empty directory that is not an mtpbench results directory; choose "
@@ -331,6 +332,15 @@ def _remove_dirs(created: Created) -> None:
             break
 
 
+def remove_temporaries(root: Path) -> None:
+    """Temporary files a killed run left (`.tmp-*` beside the manifest and in the table directories): ours by
+    name and place, half-written, never read. Called with the lock held, so no live writer owns one."""
+    for d in (root, *(root / t for t in TABLES)):
+        for f in d.glob(TEMP_PREFIX + "*") if d.is_dir() else ():
+            if f.is_file():
+                f.unlink(missing_ok=True)
+
+
 def _rmdir_if_empty(d: Path) -> bool:
     try:
         d.rmdir()
@@ -359,5 +369,5 @@ def update_manifest(root: Path, change) -> dict[str, Any]:
 
 __all__ = ["CELL_TABLES", "Created", "Damage", "LOCK", "Lock", "MANIFEST", "RUNS", "SCHEMA_VERSION", "STEPS",
            "TABLES", "TOKENS", "VERDICTS", "done_parts", "open_results_dir", "part_path", "parts", "read_manifest",
-           "read_results", "read_table", "remove_created", "supersede", "update_manifest", "write_json",
-           "write_part"]
+           "read_results", "read_table", "remove_created", "remove_temporaries", "supersede", "update_manifest",
+           "write_json", "write_part"]
