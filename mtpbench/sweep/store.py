@@ -21,6 +21,7 @@ import fcntl
 import json
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -243,8 +244,14 @@ class Lock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            holder = ""
+            for _ in range(50):  # the holder writes its PID just after locking: give it that moment
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                if holder:
+                    break
+                time.sleep(0.01)
             os.close(fd)
+            holder = holder or "?"
             raise UserError(f"{self.path.parent} is in use by another mtpbench (PID {holder}); wait for it to "
                             f"finish or use another --out") from None
         os.ftruncate(fd, 0)
