@@ -266,7 +266,9 @@ class Lock:
 
 
 def _ours(entry: Path) -> bool:
-    return entry.name == LOCK
+    """mtpbench's own file in a directory with no manifest yet: the lock, or a manifest being written (a second
+    process starting on the same new directory sees these, and is then refused by the lock, naming the holder)."""
+    return entry.name == LOCK or (entry.name.startswith(TEMP_PREFIX) and entry.is_file())
 
 
 def open_results_dir(out: Path, make_manifest) -> tuple[Lock, Created | None, dict[str, Any]]:
