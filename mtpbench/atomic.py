@@ -51,7 +51,10 @@ def _umask() -> int:
 def write_with(path: Path, write: Callable[[str], None]) -> None:
     """Call `write(tmp)` on a temporary path beside `path`, then rename it to `path` (mode 0666 less the umask)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
     with interrupt_deferred():
         fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=path.parent)
         os.close(fd)

@@ -27,6 +27,16 @@ from ..sweep.spec import Cell, SweepSpec, thinking_flag
 from .base import OnRun
 
 DRAFTED_NOTHING = "drafted nothing: generation ended after the first token, so MTP was never exercised"
+NOT_FINITE = "the model's logits are not finite (NaN or inf) on a probe token: broken or mis-converted weights"
+
+
+def logits_finite(bundle: Bundle) -> bool:
+    """One forward of one token: NaN or inf logits (a broken lm head, a bad conversion) make every run of this
+    checkpoint meaningless, so its rows fail with the reason instead of reading `ok` with log-prob -inf."""
+    import mlx.core as mx
+
+    logits = bundle.model(mx.array([[0]]))
+    return bool(mx.all(mx.isfinite(logits)).item())
 
 
 def display_names(models: tuple[str, ...]) -> dict[str, str]:
@@ -106,6 +116,7 @@ class ReferenceBackend:
         self.name = self.display if self.policy == "as-is" else f"{self.display}@{self.policy}"
         self.bundle: Bundle | None = None
         self._weights = (0, 0)
+        self._broken = ""  # why no run of this checkpoint can be measured (set by `prepare`)
 
     def takes(self, cell: Cell) -> bool:
         return cell.backend == REFERENCE and cell.model == self.model and cell.policy == self.policy
@@ -124,6 +135,7 @@ class ReferenceBackend:
             bundle = apply_policy(bundle, self.policy)
         self.bundle = bundle
         self._weights = (weight_bytes(bundle), draft_step_bytes(bundle))
+        self._broken = "" if logits_finite(bundle) else NOT_FINITE
 
     def manifest_entry(self) -> tuple[str, str, dict[str, Any]]:
         from ..model.describe import describe
@@ -154,6 +166,8 @@ class ReferenceBackend:
         return encode(self.bundle.tokenizer, cell.prompt, thinking_flag(cell.thinking))
 
     def warm_up(self, cell: Cell) -> None:
+        if self._broken:
+            return
         ids = self._ids(cell)
         n = min(self.spec.warmup_tokens, cell.max_tokens)
         for mode, k in cell.order(cell.ks):
@@ -163,15 +177,17 @@ class ReferenceBackend:
         ids = self._ids(cell)
         rows = CellRows()
         for order, (mode, k) in enumerate(cell.order(cell.ks)):
-            started, error, result = now_iso(), "", None
-            try:
-                result = self._decode(cell, ids, mode, k, cell.max_tokens, self.spec.records, self.spec.ignore_eos)
-                if mode == "mtp" and result.verify_steps == 0:
-                    error = DRAFTED_NOTHING
-            except UserError:
-                raise
-            except Exception as e:  # a failed run is recorded and the sweep goes on
-                error = f"{type(e).__name__}: {e}"
+            started, error, result = now_iso(), self._broken, None
+            if not error:
+                try:
+                    result = self._decode(cell, ids, mode, k, cell.max_tokens, self.spec.records,
+                                          self.spec.ignore_eos)
+                    if mode == "mtp" and result.verify_steps == 0:
+                        error = DRAFTED_NOTHING
+                except UserError:
+                    raise
+                except Exception as e:  # a failed run is recorded and the sweep goes on
+                    error = f"{type(e).__name__}: {e}"
             measured = decode_fields(result, mode, k, self._weights) if result is not None else None
             row = run_row(cell, self._facts(), mode, k, order, started, self.sweep, measured, error)
             rows.runs.append(row)

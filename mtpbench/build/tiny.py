@@ -179,13 +179,20 @@ def write_weights(out: Path, tensors: dict[str, mx.array], shards: int, sidecar:
         mx.save_safetensors(str(out / "mtp.safetensors"), sidecar, metadata={"format": "mlx"})
 
 
-def make_tiny(out: str | Path, spec: TinySpec = TinySpec()) -> Path:
-    """Build a tiny checkpoint directory at `out` and return its path."""
+def make_tiny(out: str | Path, spec: TinySpec = TinySpec(), force: bool = False) -> Path:
+    """Build a tiny checkpoint directory at `out` and return its path. A non-empty `out` is refused unless `force`
+    (then its old weights and index go, so no stale shard is loaded beside the new ones; nothing else is removed)."""
     if spec.mtp_prefix not in MTP_PREFIXES:
         raise ValueError(f"--mtp-prefix must be one of {', '.join(MTP_PREFIXES)}")
     if spec.mtp_layout not in ("inline", "sidecar"):
         raise ValueError("--mtp-layout must be inline or sidecar")
     out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not force or not out.is_dir():
+            raise ValueError(f"{out} already exists and is not empty; choose another directory"
+                             + ("" if not out.is_dir() else " or pass --force to overwrite a checkpoint there"))
+        for old in (*out.glob("*.safetensors"), out / "model.safetensors.index.json"):
+            old.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     config, trunk, mtp = random_weights(spec)
     if spec.hf_norms:

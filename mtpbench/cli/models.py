@@ -97,15 +97,16 @@ def make_demo_cmd(out, prompts_out, phase1_steps, phase2_steps):
               help="mtp. | model.mtp. | language_model.mtp. | model.language_model.mtp.")
 @click.option("--hf-norms", is_flag=True, help="Raw Hugging Face layout: norms as offsets, HF key names and conv layout.")
 @click.option("--shards", type=int, default=1, show_default=True, help="Split the weights into N shards with an index.")
+@click.option("--force", is_flag=True, help="Overwrite a checkpoint already at OUT (default: refuse).")
 @friendly
-def make_tiny_cmd(out, seed, layers, hidden, vocab, no_mtp, mtp_layout, mtp_prefix, hf_norms, shards):
+def make_tiny_cmd(out, seed, layers, hidden, vocab, no_mtp, mtp_layout, mtp_prefix, hf_norms, shards, force):
     """Write a tiny random Qwen3.5 checkpoint with an MTP head to OUT (for tests and experiments)."""
     from ..build.tiny import TinySpec, make_tiny
 
     try:
         spec = TinySpec(seed=seed, layers=layers, hidden=hidden, vocab=vocab, mtp=not no_mtp, mtp_layout=mtp_layout,
                         mtp_prefix=mtp_prefix, hf_norms=hf_norms, shards=shards)
-        path = make_tiny(out, spec)
+        path = make_tiny(out, spec, force=force)
     except ValueError as e:
         raise UserError(str(e)) from None
     click.echo(str(path))

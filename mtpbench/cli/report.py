@@ -19,7 +19,8 @@ def report_cmd(results_dirs, out, title):
     from ..report import render_report
 
     dirs = [Path(d) for d in results_dirs]
-    path = render_report(dirs, Path(out) if out else Path("reports") / f"{dirs[0].name}.html", title=title)
+    path = render_report(dirs, Path(out) if out else Path("reports") / f"{dirs[0].name}.html", title=title,
+                         say=lambda line: click.echo(line, err=True))
     click.echo(str(path))
 
 
@@ -34,7 +35,7 @@ def card_cmd(results_dir, model, fmt, out):
     from ..atomic import write_text
     from ..report import render_card
 
-    text = render_card(Path(results_dir), model=model, fmt=fmt)
+    text = render_card(Path(results_dir), model=model, fmt=fmt, say=lambda line: click.echo(line, err=True))
     if out:
         write_text(Path(out), text)
         click.echo(out)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from ..errors import UserError
 from ..sweep.axes import AXES, OPTIONS, Option, read_sweep_file
 from .common import Progress, friendly
 
@@ -18,7 +19,6 @@ def _read_toml(path: str) -> dict:
         import tomllib
     except ImportError:  # Python 3.10
         import tomli as tomllib
-    from ..errors import UserError
 
     try:
         with open(path, "rb") as f:
@@ -88,9 +88,9 @@ def sweep_cmd(config_file, quiet, no_report, bench_models, bench_large, executor
     command = "mtpbench " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name in ("mtpbench", "__main__.py") \
         else "mtpbench sweep"
     progress = Progress("sweep", quiet)
+    say = lambda line: click.echo(line, err=True)  # noqa: E731
     try:
-        outcome = run_sweep(spec, out, command, progress, executor=executor, ray_address=ray_address,
-                            say=lambda line: click.echo(line, err=True))
+        outcome = run_sweep(spec, out, command, progress, executor=executor, ray_address=ray_address, say=say)
     finally:
         progress.close()
     if not quiet:
@@ -102,7 +102,11 @@ def sweep_cmd(config_file, quiet, no_report, bench_models, bench_large, executor
         bench_into(out, list(spec.models), spec.ks, bench_large,
                    None if quiet else (lambda m: click.echo(f"bench: {m}", err=True)))
     if not no_report:
-        click.echo(f"report: {render_report([out], Path('reports') / f'{out.name}.html')}")
+        try:
+            click.echo(f"report: {render_report([out], Path('reports') / f'{out.name}.html', say=say)}")
+        except UserError as e:  # the results are written; only the page is missing
+            click.echo(f"warning: no report written ({e}); render it elsewhere with `mtpbench report {out} -o FILE`",
+                       err=True)
     if outcome.failed_runs:
         click.echo(f"{len(outcome.failed_runs)} run(s) failed, e.g. {outcome.failed_runs[0]}", err=True)
         sys.exit(1)

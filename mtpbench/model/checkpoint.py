@@ -26,6 +26,7 @@ from .trunk import Trunk
 
 SUPPORTED_MODEL_TYPES = ("qwen3_5",)
 SIDECAR = "mtp.safetensors"
+INDEX = "model.safetensors.index.json"
 MTP_KEY = re.compile(r"^(?P<prefix>(?:model\.)?(?:language_model\.)?mtp\.)(?P<name>.+)$")
 
 
@@ -103,8 +104,42 @@ def resolve(path_or_repo: str | Path, cache_dir: str | Path | None = None) -> Pa
                         f"with `hf download {text}` (mtpbench never downloads)") from None
 
 
+def _index_files(path: Path, index: Path) -> set[str]:
+    """The shard files a `model.safetensors.index.json` names, each checked to be a file inside the checkpoint."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (ValueError, OSError, AttributeError) as e:
+        raise UserError(f"{index}: unreadable index ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
+            from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise UserError(f"{index}: 'weight_map' must map tensor names to shard file names")
+    root = path.resolve()
+    for tensor, name in weight_map.items():
+        if Path(name).is_absolute() or (path / name).resolve().parent != root:
+            raise UserError(f"{index}: {tensor} -> {name!r} points outside the checkpoint directory; refused")
+    return set(weight_map.values()) - {SIDECAR}
+
+
 def weight_files(path: Path) -> list[Path]:
+    """The weight files mlx_lm will load (every `*.safetensors` but the MTP sidecar), checked against the index:
+    a shard it names that is missing is named, and a file it does not name (a stale shard set beside a new
+    single file, or the reverse) is refused, since mlx_lm would load them all."""
     files = sorted(f for f in path.glob("*.safetensors") if f.name != SIDECAR)
+    index = path / INDEX
+    if index.exists():
+        named = _index_files(path, index)
+        missing = sorted(n for n in named if not (path / n).is_file())
+        if missing:
+            raise UserError(f"{path}: {len(missing)} shard file(s) named by {INDEX} missing: "
+                            f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+        stray = [f.name for f in files if f.name not in named]
+        if stray:
+            raise UserError(f"{path}: {', '.join(stray[:3])} not named by {INDEX} (which names "
+                            f"{', '.join(sorted(named)[:3])}): stale weights from another save? remove one set")
+    elif len(files) > 1 and (path / "model.safetensors").exists():
+        others = ", ".join(f.name for f in files if f.name != "model.safetensors")
+        raise UserError(f"{path}: model.safetensors beside other weight files ({others[:200]}) and no {INDEX}: "
+                        f"stale weights from another save? remove one set")
     if not files:
         raise UserError(f"{path}: no *.safetensors weights found")
     return files

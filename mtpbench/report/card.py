@@ -100,9 +100,9 @@ def _preservation(data: Loaded) -> dict[str, Any]:
     }
 
 
-def card_data(results_dir: Path, model: str | None = None) -> dict[str, Any]:
-    """Every number the card shows, as plain JSON-able values."""
-    data = load([results_dir])
+def card_data(results_dir: Path, model: str | None = None, say=None) -> dict[str, Any]:
+    """Every number the card shows, as plain JSON-able values (`say`: a warning line per damaged part)."""
+    data = load([results_dir], say)
     name = _select_model(data, model)
     sub = _subset(data, name)
     (source,) = data.manifests
@@ -262,12 +262,14 @@ def to_markdown(card: dict[str, Any]) -> str:
     if card["failed_runs"]:
         lines += [f"{card['failed_runs']} failed run(s) are excluded from these numbers.", ""]
     lines += ["**What's in this checkpoint**", ""] + _formats_md(card)
-    return "\n".join(lines) + "\n"
+    # The card writes no HTML of its own: any < or > came from a name (model, backend, prompt set, host) and
+    # would be live HTML where the markdown is rendered (`<img src=x onerror=...>` in a heading), so all are escaped.
+    return "\n".join(lines).replace("<", "&lt;").replace(">", "&gt;") + "\n"
 
 
-def render_card(results_dir: Path, model: str | None = None, fmt: str = "markdown") -> str:
+def render_card(results_dir: Path, model: str | None = None, fmt: str = "markdown", say=None) -> str:
     """Model-card tables for one model of one results directory, as markdown or (fmt="json") the same numbers."""
     if fmt not in ("markdown", "json"):
         raise UserError(f"unknown card format {fmt!r}; use 'markdown' or 'json'")
-    card = card_data(Path(results_dir), model)
+    card = card_data(Path(results_dir), model, say)
     return json.dumps(card, indent=2, sort_keys=False) + "\n" if fmt == "json" else to_markdown(card)

@@ -282,13 +282,15 @@ def render_html(data: Loaded, title: str | None = None) -> str:
     keys = shown_keys(runs)
     return _environment().get_template("report.html.j2").render(
         title=title, sources=summary_rows, failed=failed_table(data, keys),
-        n_failed=sum(r["failed"] for r in summary_rows), sections=sections(data))
+        n_failed=sum(r["failed"] for r in summary_rows), sections=sections(data), damaged=data.damaged)
 
 
-def render_report(results_dirs: list[Path], out: Path, title: str | None = None) -> Path:
-    """Read the results directories, write one self-contained HTML file to `out`, and return its path."""
+def render_report(results_dirs: list[Path], out: Path, title: str | None = None, say=None) -> Path:
+    """Read the results directories, write one self-contained HTML file to `out` (atomically: a write that fails
+    is one UserError line), and return its path; `say` gets a warning line per damaged part left out."""
+    from ..atomic import write_text
+
     out = Path(out)
-    html = render_html(load(results_dirs), title)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(html, encoding="utf-8")
+    html = render_html(load(results_dirs, say), title)
+    write_text(out, html)
     return out

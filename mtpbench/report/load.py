@@ -8,14 +8,16 @@ these frames only, never live decoder objects.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from ..sweep.store import read_manifest, read_results
 import pyarrow as pa
+
+from ..sweep.store import Damage, read_manifest, read_results
 
 from ..sweep.axes import AXES
 from ..sweep.axes import GROUP_KEYS as AXIS_GROUP_KEYS
@@ -36,6 +38,7 @@ class Loaded:
     manifests: dict[str, dict[str, Any]] = field(default_factory=dict)
     dirs: dict[str, Path] = field(default_factory=dict)
     benches: list[dict[str, Any]] = field(default_factory=list)  # `mtpbench bench` results kept in a dir's bench/
+    damaged: list[str] = field(default_factory=list)  # parts that could not be read (path: reason), left out
 
 
 def sampling_label(row: pd.Series) -> str:
@@ -89,19 +92,23 @@ def _source_names(dirs: list[Path], manifests: list[dict[str, Any]]) -> list[str
     return names
 
 
-def load(results_dirs: list[Path | str]) -> Loaded:
-    """Read each directory with results.read_results and tag its rows with a source name."""
+def load(results_dirs: list[Path | str], say: Callable[[str], None] | None = None) -> Loaded:
+    """Read each directory with results.read_results and tag its rows with a source name. A damaged part is left
+    out, kept in `damaged` (the page shows it) and said as one warning line."""
     dirs = [Path(d) for d in results_dirs]
+    damage = Damage()
     manifests = [read_manifest(d) for d in dirs]
     names = _source_names(dirs, manifests)
     frames: dict[str, list[pd.DataFrame]] = {"runs": [], "steps": [], "verdicts": []}
     for d, name in zip(dirs, names):
-        tables = read_results([d])
+        tables = read_results([d], damage)
         for t, parts in frames.items():
             parts.append(tables[t].assign(source=name))
     runs = _normalize_runs(pd.concat(frames["runs"], ignore_index=True))
     verdicts = _fill_keys(pd.concat(frames["verdicts"], ignore_index=True), GROUP_KEYS)
     steps = pd.concat(frames["steps"], ignore_index=True)
     benches = [json.loads(f.read_text()) for d in dirs for f in sorted(d.glob("bench/**/bench.json"))]
+    for line in damage.parts if say else ():
+        say(f"warning: left out a damaged results part: {line}")
     return Loaded(runs=runs, steps=steps, verdicts=verdicts, manifests=dict(zip(names, manifests)),
-                  dirs=dict(zip(names, dirs)), benches=benches)
+                  dirs=dict(zip(names, dirs)), benches=benches, damaged=damage.parts)

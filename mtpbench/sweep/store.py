@@ -21,6 +21,7 @@ import fcntl
 import json
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -247,8 +248,14 @@ class Lock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            holder = ""
+            for _ in range(50):  # the holder writes its PID just after locking: give it that moment
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                if holder:
+                    break
+                time.sleep(0.01)
             os.close(fd)
+            holder = holder or "?"
             raise UserError(f"{self.path.parent} is in use by another mtpbench (PID {holder}); wait for it to "
                             f"finish or use another --out") from None
         os.ftruncate(fd, 0)
@@ -263,7 +270,9 @@ class Lock:
 
 
 def _ours(entry: Path) -> bool:
-    return entry.name == LOCK
+    """mtpbench's own file in a directory with no manifest yet: the lock, or a manifest being written (a second
+    process starting on the same new directory sees these, and is then refused by the lock, naming the holder)."""
+    return entry.name == LOCK or (entry.name.startswith(TEMP_PREFIX) and entry.is_file())
 
 
 def _check_resumable(out: Path, manifest: dict[str, Any]) -> None:
@@ -295,15 +304,16 @@ def open_results_dir(out: Path, make_manifest) -> tuple[Lock, Created | None, di
         lock = Lock(out)
         lock.acquire()
     except OSError as e:
-        remove_created(created)
+        _remove_dirs(created)
         raise UserError(f"cannot write results to {out}: {e.strerror}") from None
-    except UserError:
-        remove_created(created)
+    except UserError:  # another process holds it: its files are its own, not ours to remove
+        _remove_dirs(created)
         raise
     try:
         if (out / MANIFEST).exists():
             manifest = read_manifest(out)
             _check_resumable(out, manifest)
+            remove_temporaries(out)
             return lock, None, manifest
         if any(not _ours(e) for e in out.iterdir()):  # filled between the check and the lock
             raise UserError(f"{out} is a non-empty directory that is not an mtpbench results directory; choose "
@@ -331,9 +341,23 @@ def remove_created(created: Created) -> None:
             for ours in (*f.glob(TEMP_PREFIX + "*"), *f.glob("part-*.parquet")):
                 ours.unlink(missing_ok=True)
             _rmdir_if_empty(f)
+    _remove_dirs(created)
+
+
+def _remove_dirs(created: Created) -> None:
+    """The directories a run created, deepest first, each only while empty."""
     for d in created.dirs:
         if not _rmdir_if_empty(d):
             break
+
+
+def remove_temporaries(root: Path) -> None:
+    """Temporary files a killed run left (`.tmp-*` beside the manifest and in the table directories): ours by
+    name and place, half-written, never read. Called with the lock held, so no live writer owns one."""
+    for d in (root, *(root / t for t in TABLES)):
+        for f in d.glob(TEMP_PREFIX + "*") if d.is_dir() else ():
+            if f.is_file():
+                f.unlink(missing_ok=True)
 
 
 def _rmdir_if_empty(d: Path) -> bool:
@@ -364,5 +388,5 @@ def update_manifest(root: Path, change) -> dict[str, Any]:
 
 __all__ = ["CELL_TABLES", "Created", "Damage", "LOCK", "Lock", "MANIFEST", "RUNS", "SCHEMA_VERSION", "STEPS",
            "TABLES", "TOKENS", "VERDICTS", "done_parts", "open_results_dir", "part_path", "parts", "read_manifest",
-           "read_results", "read_table", "remove_created", "supersede", "update_manifest", "write_json",
-           "write_part"]
+           "read_results", "read_table", "remove_created", "remove_temporaries", "supersede", "update_manifest",
+           "write_json", "write_part"]
