@@ -105,6 +105,7 @@ class ReferenceBackend:
         self.display = self.display or display_names((self.model,))[self.model]
         self.name = self.display if self.policy == "as-is" else f"{self.display}@{self.policy}"
         self.bundle: Bundle | None = None
+        self._views: dict[str, Bundle] = {}  # the loaded bundle per trunk hidden fed to the head (`mtp_hidden`)
         self._weights = (0, 0)
 
     def takes(self, cell: Cell) -> bool:
@@ -123,6 +124,7 @@ class ReferenceBackend:
 
             bundle = apply_policy(bundle, self.policy)
         self.bundle = bundle
+        self._views = {bundle.hidden_variant.value: bundle}
         self._weights = (weight_bytes(bundle), draft_step_bytes(bundle))
 
     def manifest_entry(self) -> tuple[str, str, dict[str, Any]]:
@@ -135,19 +137,29 @@ class ReferenceBackend:
         b = self.bundle
         assert b is not None
         return {"backend": REFERENCE, "model": self.display, "model_fingerprint": b.fingerprint,
-                "model_path": str(b.path), "hidden_variant": b.hidden_variant.value}
+                "model_path": str(b.path)}
 
     def _kv(self, cell: Cell) -> KVCacheSpec:
         return KVCacheSpec(cell["kv_bits"] or 0, self.spec.kv_group_size)
 
+    def _bundle(self, cell: Cell) -> Bundle:
+        """The loaded model feeding the head the cell's trunk hidden (one view per variant, built once)."""
+        assert self.bundle is not None
+        variant = cell["mtp_hidden"] or self.bundle.hidden_variant.value
+        if variant not in self._views:
+            self._views[variant] = self.bundle.with_hidden_variant(variant)
+        return self._views[variant]
+
     def _decode(self, cell: Cell, ids: list[int], mode: str, k: int, max_tokens: int, records: bool,
                 ignore_eos: bool) -> DecodeResult:
         assert self.bundle is not None
+        bundle = self._bundle(cell)  # AR runs the loaded trunk: its logits do not depend on the hidden variant
         cfg, kv = cell.setting.config(cell.seed), self._kv(cell)
         if mode == "ar":
             return generate_ar(self.bundle, ids, cfg, max_tokens, records=records, ignore_eos=ignore_eos, kv=kv)
-        return generate_mtp(self.bundle, ids, cfg, k, max_tokens, cell.setting.draft_temperature, records=records,
-                            ignore_eos=ignore_eos, kv=kv)
+        return generate_mtp(bundle, ids, cfg, k, max_tokens, cell.setting.draft_temperature, records=records,
+                            ignore_eos=ignore_eos, kv=kv, chain=cell["mtp_chain"] or "normed",
+                            history=cell["mtp_history"] or "committed")
 
     def _ids(self, cell: Cell) -> list[int]:
         assert self.bundle is not None
@@ -184,4 +196,5 @@ class ReferenceBackend:
 
     def close(self) -> None:
         self.bundle = None
+        self._views = {}
         gc.collect()

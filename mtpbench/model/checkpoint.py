@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -71,6 +71,14 @@ class Bundle:
         if self.mtp is None:
             raise UserError(no_mtp_message(self.name))
         return self.mtp
+
+    def with_hidden_variant(self, variant: HiddenVariant | str) -> Bundle:
+        """The same loaded weights feeding the head the other trunk hidden (a new trunk view, its own compiled
+        traces); cheap, so the hidden variant is a per-cell convention rather than a model to load."""
+        variant = HiddenVariant(variant)
+        if variant is self.hidden_variant:
+            return self
+        return replace(self, trunk=Trunk(self.model, variant), hidden_variant=variant)
 
     @cached_property
     def draft_head(self) -> CompiledHead:
