@@ -51,6 +51,7 @@ def test_conventions_reach_the_head(bundle):
     base = drafts(bundle)
     assert drafts(bundle, history="cycle") != base
     assert drafts(bundle, history="window:2") != base
+    assert drafts(bundle, history="cycle") == drafts(bundle, history="window:1")  # cycle: the newest pair only
     assert drafts(bundle.with_hidden_variant("pre_norm")) != base
     # Chaining shows only at depth > 1, which a random head's records rarely reach: compare the chains themselves.
     rng, head, trunk = np.random.default_rng(0), bundle.draft_head, bundle.trunk

@@ -9,8 +9,7 @@ Cache invariants at the top of every step:
 
 The head's feeding conventions (`model.conventions`: the chained hidden, and the history its cache holds) change
 what it drafts, never what the decode emits. Under `committed` history the MTP cache persists across steps as
-above; under `cycle` and `window:N` each step drafts from a fresh cache fed the step's true pairs (the pending
-ones, or the last N).
+above; under `cycle` and `window:N` each step drafts from a fresh cache fed the newest true pair, or the last N.
 
 Near the end of the budget a step drafts only as deep as tokens are left (min(K, left)), so the drafted and
 accepted counts describe work that could be emitted.
@@ -206,8 +205,8 @@ def _head_feed(r: _Run, st: _State) -> tuple[mx.array, list[int], list]:
     if r.history.kind == COMMITTED:
         return st.pending_h, st.pending_tok, r.mtp_cache
     fresh = r.bundle.draft_head.make_cache()
-    if r.history.kind == CYCLE:
-        return st.pending_h, st.pending_tok, fresh
+    if r.history.kind == CYCLE:  # the newest true pair only: what window:1 holds too
+        return st.pending_h[:, -1:], st.pending_tok[-1:], fresh
     n = r.history.window
     h = st.pending_h if st.window_h is None else mx.concatenate([st.window_h, st.pending_h], axis=1)
     st.window_h, st.window_tok = h[:, -n:], (st.window_tok + st.pending_tok)[-n:]

@@ -5,8 +5,9 @@
 - chain: the hidden a depth > 1 draft feeds back in as its "trunk hidden", the head's normed output (`normed`, the
   default) or its output before the final norm (`prenorm`);
 - history: the true (trunk hidden, next token) pairs the head's cache holds when it drafts: every pair since the
-  prompt (`committed`, the default), only the pairs the last verify produced (`cycle`: a fresh head cache each
-  step, no prompt history), or the last N pairs (`window:N`).
+  prompt (`committed`, the default, what `mtplx run` uses), only the newest one (`cycle`: a fresh head cache each
+  step, no prompt history; MTPLX's API default, and the same as `window:1`), or the last N (`window:N`). On the
+  demo (greedy, 15 held-out stdlib prompts) `cycle` reproduces MTPLX's published cycle acceptance to 0.001.
 
 None of them changes what a decode emits (the exact rule decides that), only how often drafts are accepted. Pure
 Python: the sweep's axes table parses these where mlx is not installed.
