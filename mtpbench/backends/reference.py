@@ -106,7 +106,7 @@ class ReferenceBackend:
         self.name = self.display if self.policy == "as-is" else f"{self.display}@{self.policy}"
         self.bundle: Bundle | None = None
         self._views: dict[str, Bundle] = {}  # the loaded bundle per trunk hidden fed to the head (`mtp_hidden`)
-        self._weights = (0, 0)
+        self._weights: dict[int, tuple[int, int]] = {}
 
     def takes(self, cell: Cell) -> bool:
         return cell.backend == REFERENCE and cell.model == self.model and cell.policy == self.policy
@@ -125,7 +125,7 @@ class ReferenceBackend:
             bundle = apply_policy(bundle, self.policy)
         self.bundle = bundle
         self._views = {bundle.hidden_variant.value: bundle}
-        self._weights = (weight_bytes(bundle), draft_step_bytes(bundle))
+        self._weights = {k: (weight_bytes(bundle, k + 1), draft_step_bytes(bundle)) for k in (0, *self.spec.ks)}
 
     def manifest_entry(self) -> tuple[str, str, dict[str, Any]]:
         from ..model.describe import describe
@@ -184,7 +184,7 @@ class ReferenceBackend:
                 raise
             except Exception as e:  # a failed run is recorded and the sweep goes on
                 error = f"{type(e).__name__}: {e}"
-            measured = decode_fields(result, mode, k, self._weights) if result is not None else None
+            measured = decode_fields(result, mode, k, self._weights[k]) if result is not None else None
             row = run_row(cell, self._facts(), mode, k, order, started, self.sweep, measured, error)
             rows.runs.append(row)
             if result is not None:

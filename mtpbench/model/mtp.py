@@ -42,14 +42,26 @@ MTP_NORM_SUFFIXES = (
 MTP_BODY_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def mtp_tensor_names(num_layers: int = 1) -> list[str]:
-    """The dense tensor names of an MTP head (15 for one layer), relative to the `mtp.` prefix."""
+# How checkpoints store the experts of an MoE head's MLP: one tensor per expert and projection (Qwen3.5 releases),
+# a fused gate_up_proj with a stacked down_proj (Qwen3.6 releases), or MLX's stacked switch layers (conversions).
+PER_EXPERT, FUSED, SWITCH = "per-expert", "fused", "switch"
+EXPERT_LAYOUTS = (PER_EXPERT, FUSED, SWITCH)
+EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
+
+
+def mtp_tensor_names(num_layers: int = 1, moe: bool = False) -> list[str]:
+    """The tensor names of an MTP head as the module holds them (15 for one dense layer), relative to the `mtp.`
+    prefix; an MoE head's MLP is the router, the experts as switch layers, and the gated shared expert."""
     names = ["fc.weight", "pre_fc_norm_embedding.weight", "pre_fc_norm_hidden.weight", "norm.weight"]
     for i in range(num_layers):
         p = f"layers.{i}."
         names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
         names += [p + f"self_attn.{n}.weight" for n in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")]
-        names += [p + f"mlp.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj")]
+        if moe:
+            names += [p + "mlp.gate.weight", p + "mlp.shared_expert_gate.weight"]
+            names += [p + f"mlp.{part}.{n}.weight" for part in ("switch_mlp", "shared_expert") for n in EXPERT_PROJS]
+        else:
+            names += [p + f"mlp.{n}.weight" for n in EXPERT_PROJS]
     return names
 
 
