@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from typing import Any
 
@@ -32,8 +33,10 @@ def component(path: str) -> str:
         return "attention"
     if "switch_mlp" in path or ".experts." in path:
         return "experts"
-    if path.endswith("mlp.gate") or "shared_expert_gate" in path:
+    if "shared_expert_gate" in path or re.search(r"mlp\.gate(\.|$)", path):
         return "router"
+    if "shared_expert" in path:
+        return "shared_expert"
     if "mlp" in path:
         return "mlp"
     return "norms"
