@@ -35,8 +35,6 @@ def component(path: str) -> str:
         return "experts"
     if "shared_expert_gate" in path or re.search(r"mlp\.gate(\.|$)", path):
         return "router"
-    if "shared_expert" in path:
-        return "shared_expert"
     if "mlp" in path:
         return "mlp"
     return "norms"
