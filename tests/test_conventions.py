@@ -16,7 +16,7 @@ from mtpbench.sampling import SamplingConfig
 from mtpbench.sweep.store import read_table
 
 PROMPT = "def add(a, b):\n    return a"
-HISTORIES = ("committed", "cycle", "window:3")
+HISTORIES = ("committed", "cycle", "window:3", "window:40")  # 40: a window longer than the compiled inputs
 
 
 @pytest.mark.parametrize("history", HISTORIES)
