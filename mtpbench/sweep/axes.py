@@ -207,8 +207,8 @@ AXES: tuple[Axis, ...] = (
     Axis("mtp_history", ("--mtp-history",), "mtp_history", pa.string(),
          each(lambda x, o: str(conventions.History.parse(x, o))), (conventions.COMMITTED,),
          "MTP head history, comma-separated: committed (every true pair since the prompt), cycle (a fresh head "
-         "cache each step, fed the newest true pair) or window:N (the last N true pairs).", group=True, backends=frozenset({REFERENCE}),
-         legacy=conventions.COMMITTED, title="MTP history"),
+         "cache each step, fed the newest true pair) or window:N (the last N true pairs).", group=True,
+         backends=frozenset({REFERENCE}), legacy=conventions.COMMITTED, title="MTP history"),
     Axis("thinking", ("--thinking",), "thinking", pa.string(), choices(("on", "off", "n/a")), ("n/a",),
          "on,off: an axis when the chat template supports enable_thinking.", legacy="n/a"),
     Axis("prompts", ("--prompts",), "prompt_set", pa.string(), words, (),
