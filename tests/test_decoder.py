@@ -59,7 +59,12 @@ def test_sampled_counters_are_consistent(bundle_agree, cfg):
     k = 3
     r = generate_mtp(bundle_agree, prompt, cfg, k, 200, ignore_eos=True)
     assert 0 < r.accepted_tokens < r.drafted_tokens, "both accepted and rejected drafts must occur"
-    assert r.drafted_tokens == k * r.verify_steps
+    emitted, drafted, recorded = 1, 0, 0  # K drafts per step, capped at the tokens left (drafts that can be emitted)
+    for j in r.accepted_per_step:
+        drafted += min(k, 200 - emitted)
+        recorded += min(j + 1, k, 200 - emitted)
+        emitted += min(j + 1, 200 - emitted)
+    assert r.drafted_tokens == drafted and r.drafted_at_depth[0] == r.verify_steps
     assert all(a <= d for a, d in zip(r.accepted_at_depth, r.drafted_at_depth))
     assert all(x >= y for x, y in zip(r.accepted_at_depth, r.accepted_at_depth[1:])), "survival must not increase"
     assert sum(r.accepted_per_step) == r.accepted_tokens
@@ -69,7 +74,7 @@ def test_sampled_counters_are_consistent(bundle_agree, cfg):
     sources = {t.source for t in r.token_records}
     assert {"accepted", "residual"} <= sources
     assert sum(t.source == "accepted" for t in r.token_records) <= r.accepted_tokens
-    assert len(r.steps) == sum(min(j + 1, k) for j in r.accepted_per_step)
+    assert len(r.steps) == recorded  # one record per draft up to the first rejection, per step
 
 
 def test_exact_distribution_of_first_tokens(bundle_agree):

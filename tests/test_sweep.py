@@ -105,7 +105,10 @@ def test_acceptance_columns_agree_with_steps_table(small_sweep):
     for run_id, row in mtp.iterrows():
         for d, a in enumerate(row["accepted_at_depth"], start=1):
             assert per_depth.get((run_id, d), 0) == a
-        assert row["drafted_tokens"] == row["k"] * row["verify_steps"]
+        # K drafts per step, capped at the tokens left: only the last steps (left < K, at most K - 1) draft fewer
+        k, steps_n, depths = row["k"], row["verify_steps"], list(row["drafted_at_depth"])
+        assert row["drafted_tokens"] == sum(depths) and depths[0] == steps_n and len(depths) == k
+        assert 0 <= k * steps_n - row["drafted_tokens"] <= k * (k - 1) // 2
         assert row["mean_acceptance_length"] == pytest.approx(1 + row["accepted_tokens"] / row["verify_steps"])
     generated = runs.set_index("run_id")["generated_tokens"]
     assert (tokens.groupby("run_id").size().reindex(generated.index) == generated).all()

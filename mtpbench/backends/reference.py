@@ -115,7 +115,8 @@ class ReferenceBackend:
         self.display = self.display or display_names((self.model,))[self.model]
         self.name = self.display if self.policy == "as-is" else f"{self.display}@{self.policy}"
         self.bundle: Bundle | None = None
-        self._weights = (0, 0)
+        self._views: dict[str, Bundle] = {}  # the loaded bundle per trunk hidden fed to the head (`mtp_hidden`)
+        self._weights: dict[int, tuple[int, int]] = {}
         self._broken = ""  # why no run of this checkpoint can be measured (set by `prepare`)
 
     def takes(self, cell: Cell) -> bool:
@@ -134,7 +135,8 @@ class ReferenceBackend:
 
             bundle = apply_policy(bundle, self.policy)
         self.bundle = bundle
-        self._weights = (weight_bytes(bundle), draft_step_bytes(bundle))
+        self._views = {bundle.hidden_variant.value: bundle}
+        self._weights = {k: (weight_bytes(bundle, k + 1), draft_step_bytes(bundle)) for k in (0, *self.spec.ks)}
         self._broken = "" if logits_finite(bundle) else NOT_FINITE
 
     def manifest_entry(self) -> tuple[str, str, dict[str, Any]]:
@@ -147,19 +149,29 @@ class ReferenceBackend:
         b = self.bundle
         assert b is not None
         return {"backend": REFERENCE, "model": self.display, "model_fingerprint": b.fingerprint,
-                "model_path": str(b.path), "hidden_variant": b.hidden_variant.value}
+                "model_path": str(b.path)}
 
     def _kv(self, cell: Cell) -> KVCacheSpec:
         return KVCacheSpec(cell["kv_bits"] or 0, self.spec.kv_group_size)
 
+    def _bundle(self, cell: Cell) -> Bundle:
+        """The loaded model feeding the head the cell's trunk hidden (one view per variant, built once)."""
+        assert self.bundle is not None
+        variant = cell["mtp_hidden"] or self.bundle.hidden_variant.value
+        if variant not in self._views:
+            self._views[variant] = self.bundle.with_hidden_variant(variant)
+        return self._views[variant]
+
     def _decode(self, cell: Cell, ids: list[int], mode: str, k: int, max_tokens: int, records: bool,
                 ignore_eos: bool) -> DecodeResult:
         assert self.bundle is not None
+        bundle = self._bundle(cell)  # AR runs the loaded trunk: its logits do not depend on the hidden variant
         cfg, kv = cell.setting.config(cell.seed), self._kv(cell)
         if mode == "ar":
             return generate_ar(self.bundle, ids, cfg, max_tokens, records=records, ignore_eos=ignore_eos, kv=kv)
-        return generate_mtp(self.bundle, ids, cfg, k, max_tokens, cell.setting.draft_temperature, records=records,
-                            ignore_eos=ignore_eos, kv=kv)
+        return generate_mtp(bundle, ids, cfg, k, max_tokens, cell.setting.draft_temperature, records=records,
+                            ignore_eos=ignore_eos, kv=kv, chain=cell["mtp_chain"] or "normed",
+                            history=cell["mtp_history"] or "committed")
 
     def _ids(self, cell: Cell) -> list[int]:
         assert self.bundle is not None
@@ -188,7 +200,7 @@ class ReferenceBackend:
                     raise
                 except Exception as e:  # a failed run is recorded and the sweep goes on
                     error = f"{type(e).__name__}: {e}"
-            measured = decode_fields(result, mode, k, self._weights) if result is not None else None
+            measured = decode_fields(result, mode, k, self._weights[k]) if result is not None else None
             row = run_row(cell, self._facts(), mode, k, order, started, self.sweep, measured, error)
             rows.runs.append(row)
             if result is not None:
@@ -200,4 +212,5 @@ class ReferenceBackend:
 
     def close(self) -> None:
         self.bundle = None
+        self._views = {}
         gc.collect()

@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..model.mtp import MTP_NORM_SUFFIXES
+from ..model.mtp import EXPERT_LAYOUTS, EXPERT_PROJS, FUSED, MTP_NORM_SUFFIXES, PER_EXPERT
 from .tokenizer import train_bpe, write_tokenizer
 
 MTP_PREFIXES = ("mtp.", "model.mtp.", "language_model.mtp.", "model.language_model.mtp.")
@@ -55,6 +55,10 @@ class TinySpec:
     dtype: str = "float32"  # or bfloat16, the dtype of real releases
     head_dim: int = 16  # attention and GatedDeltaNet head dim (heads = hidden / head_dim); 32+ lets mlx quantize
     # the KV cache (its groups are 32, 64, 128)
+    moe: bool = False  # qwen3_5_moe: every layer's MLP (the head's too) is a sparse MoE block with a shared expert
+    experts: int = 4
+    experts_per_token: int = 2
+    mtp_experts: str = PER_EXPERT  # how the head's experts are stored: per-expert | fused | switch (MLX)
 
 
 def text_config(spec: TinySpec) -> dict:
@@ -79,13 +83,17 @@ def text_config(spec: TinySpec) -> dict:
         "max_position_embeddings": 4096,
         "rope_parameters": {"type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
         "mtp_num_hidden_layers": 1 if spec.mtp else 0,
+        **({"model_type": "qwen3_5_moe_text", "num_experts": spec.experts,
+            "num_experts_per_tok": spec.experts_per_token, "moe_intermediate_size": spec.hidden // 2,
+            "shared_expert_intermediate_size": spec.hidden, "norm_topk_prob": True} if spec.moe else {}),
     }
 
 
 def checkpoint_config(text: dict) -> dict:
+    moe = bool(text.get("num_experts"))
     return {
-        "architectures": ["Qwen3_5ForConditionalGeneration"],
-        "model_type": "qwen3_5",
+        "architectures": ["Qwen3_5MoeForConditionalGeneration" if moe else "Qwen3_5ForConditionalGeneration"],
+        "model_type": "qwen3_5_moe" if moe else "qwen3_5",
         "text_config": text,
         "tie_word_embeddings": text["tie_word_embeddings"],
         "torch_dtype": "float32",
@@ -157,8 +165,30 @@ def to_hf_layout(trunk: dict[str, mx.array], mtp: dict[str, mx.array]) -> tuple[
         if any(k.endswith(s) for s in TRUNK_OFFSET_NORMS):
             v = v - 1.0
         hf[k] = v
+    for k in [k for k in hf if k.endswith(".mlp.switch_mlp.gate_proj.weight")]:  # HF MoE trunks fuse gate and up
+        p = k[: -len("switch_mlp.gate_proj.weight")]
+        hf[p + "experts.gate_up_proj"] = mx.concatenate([hf.pop(k), hf.pop(p + "switch_mlp.up_proj.weight")], axis=1)
+        hf[p + "experts.down_proj"] = hf.pop(p + "switch_mlp.down_proj.weight")
     mtp_hf = {k: (v - 1.0 if any(k.endswith(s) for s in MTP_NORM_SUFFIXES) else v) for k, v in mtp.items()}
     return hf, mtp_hf
+
+
+def expert_layout(mtp: dict[str, mx.array], layout: str) -> dict[str, mx.array]:
+    """An MoE head's experts (MLX switch layers) in the layout checkpoints ship: per-expert, fused or switch."""
+    if layout not in EXPERT_LAYOUTS:
+        raise ValueError(f"--mtp-experts must be one of {', '.join(EXPERT_LAYOUTS)}")
+    out = dict(mtp)
+    for k in [k for k in mtp if ".mlp.switch_mlp.gate_proj." in k]:
+        p = k[: k.index("switch_mlp.")]
+        if layout == PER_EXPERT:
+            for proj in EXPERT_PROJS:
+                stacked = out.pop(f"{p}switch_mlp.{proj}.weight")
+                out.update({f"{p}experts.{e}.{proj}.weight": stacked[e] for e in range(stacked.shape[0])})
+        elif layout == FUSED:
+            gate, up = out.pop(p + "switch_mlp.gate_proj.weight"), out.pop(p + "switch_mlp.up_proj.weight")
+            out[p + "experts.gate_up_proj"] = mx.concatenate([gate, up], axis=1)
+            out[p + "experts.down_proj"] = out.pop(p + "switch_mlp.down_proj.weight")
+    return out
 
 
 def write_weights(out: Path, tensors: dict[str, mx.array], shards: int, sidecar: dict[str, mx.array]) -> None:
@@ -186,6 +216,8 @@ def make_tiny(out: str | Path, spec: TinySpec = TinySpec(), force: bool = False)
         raise ValueError(f"--mtp-prefix must be one of {', '.join(MTP_PREFIXES)}")
     if spec.mtp_layout not in ("inline", "sidecar"):
         raise ValueError("--mtp-layout must be inline or sidecar")
+    if spec.moe and not 1 <= spec.experts_per_token <= spec.experts:
+        raise ValueError(f"--experts-per-token must be between 1 and --experts ({spec.experts})")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not force or not out.is_dir():
@@ -197,6 +229,8 @@ def make_tiny(out: str | Path, spec: TinySpec = TinySpec(), force: bool = False)
     config, trunk, mtp = random_weights(spec)
     if spec.hf_norms:
         trunk, mtp = to_hf_layout(trunk, mtp)
+    if spec.moe:
+        mtp = expert_layout(mtp, spec.mtp_experts)
     prefixed = {spec.mtp_prefix + k: v for k, v in mtp.items()}
     inline = spec.mtp_layout == "inline"
     write_weights(out, {**trunk, **(prefixed if inline else {})}, spec.shards, {} if inline else prefixed)

@@ -97,15 +97,24 @@ def make_demo_cmd(out, prompts_out, phase1_steps, phase2_steps):
               help="mtp. | model.mtp. | language_model.mtp. | model.language_model.mtp.")
 @click.option("--hf-norms", is_flag=True, help="Raw Hugging Face layout: norms as offsets, HF key names and conv layout.")
 @click.option("--shards", type=int, default=1, show_default=True, help="Split the weights into N shards with an index.")
+@click.option("--moe", is_flag=True, help="A qwen3_5_moe checkpoint: sparse MoE MLPs with a gated shared expert, "
+              "in the head too.")
+@click.option("--experts", type=int, default=4, show_default=True, help="Experts per MoE layer (with --moe).")
+@click.option("--experts-per-token", type=int, default=2, show_default=True, help="Experts routed per token.")
+@click.option("--mtp-experts", type=click.Choice(["per-expert", "fused", "switch"]), default="per-expert",
+              show_default=True, help="How the head's experts are stored: one tensor per expert (Qwen3.5), fused "
+              "gate_up_proj (Qwen3.6) or MLX switch layers.")
 @click.option("--force", is_flag=True, help="Overwrite a checkpoint already at OUT (default: refuse).")
 @friendly
-def make_tiny_cmd(out, seed, layers, hidden, vocab, no_mtp, mtp_layout, mtp_prefix, hf_norms, shards, force):
+def make_tiny_cmd(out, seed, layers, hidden, vocab, no_mtp, mtp_layout, mtp_prefix, hf_norms, shards, moe, experts,
+                  experts_per_token, mtp_experts, force):
     """Write a tiny random Qwen3.5 checkpoint with an MTP head to OUT (for tests and experiments)."""
     from ..build.tiny import TinySpec, make_tiny
 
     try:
         spec = TinySpec(seed=seed, layers=layers, hidden=hidden, vocab=vocab, mtp=not no_mtp, mtp_layout=mtp_layout,
-                        mtp_prefix=mtp_prefix, hf_norms=hf_norms, shards=shards)
+                        mtp_prefix=mtp_prefix, hf_norms=hf_norms, shards=shards, moe=moe, experts=experts,
+                        experts_per_token=experts_per_token, mtp_experts=mtp_experts)
         path = make_tiny(out, spec, force=force)
     except ValueError as e:
         raise UserError(str(e)) from None

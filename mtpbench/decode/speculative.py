@@ -7,6 +7,13 @@ Cache invariants at the top of every step:
   are the true (trunk hidden at i, token at i+1) pairs still to be fed to it. Feeding them and drafting the first
   token is one MTP call; deeper drafts chain the head on its own output.
 
+The head's feeding conventions (`model.conventions`: the chained hidden, and the history its cache holds) change
+what it drafts, never what the decode emits. Under `committed` history the MTP cache persists across steps as
+above; under `cycle` and `window:N` each step drafts from a fresh cache fed the newest true pair, or the last N.
+
+Near the end of the budget a step drafts only as deep as tokens are left (min(K, left)), so the drafted and
+accepted counts describe work that could be emitted.
+
 Rollback after j < K accepted drafts: `capture` (default) keeps every verify position's GatedDeltaNet state and
 commits position j (see `trunk_capture`); `reforward` restores a snapshot and forwards the j+1 accepted tokens
 again. Both are exact against a fresh prefill (tested); the second costs about one decode step per rejection.
@@ -28,6 +35,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..model.checkpoint import Bundle
+from ..model.conventions import COMMITTED, CYCLE, DEFAULT_HISTORY, NORMED, History, chain as parse_chain
 from ..errors import UserError
 from ..model.kvcache import FULL_KV, KVCacheSpec
 from ..sampling import SamplingConfig
@@ -54,6 +62,9 @@ class _State:
     pending_h: mx.array
     pending_tok: list[int]
     accepted_at: list[int]
+    drafted_at: list[int]
+    window_h: mx.array | None = None  # `window:N` history: the last true pairs fed to the head (hidden, token)
+    window_tok: list[int] = field(default_factory=list)
     accepted_per_step: list[int] = field(default_factory=list)
     step_recs: list[StepRecord] = field(default_factory=list)
     token_recs: list[TokenRecord] = field(default_factory=list)
@@ -75,6 +86,8 @@ class _Run:
     max_tokens: int
     eos: frozenset[int]
     rollback: str
+    chain: str = NORMED
+    history: History = DEFAULT_HISTORY
 
 
 def _verify(trunk, cache: list, x: mx.array, rollback: str):
@@ -124,11 +137,15 @@ def generate_mtp(
     kv: KVCacheSpec = FULL_KV,
     rollback: str = "capture",
     greedy_fast_path: bool = True,
+    chain: str = NORMED,
+    history: History | str = DEFAULT_HISTORY,
 ) -> DecodeResult:
     """Speculatively decode up to `max_tokens` tokens at draft depth `k`.
 
     `rollback` and `greedy_fast_path` change how, never what: tests hold every combination to the same tokens and
-    records, and `mtpbench bench` reports what each costs.
+    records, and `mtpbench bench` reports what each costs. `chain` and `history` are the head's feeding
+    conventions (`model.conventions`): they change acceptance, never the tokens of a greedy decode. The trunk
+    hidden fed to the head is the bundle's (`Bundle.with_hidden_variant`).
     """
     if not 1 <= k <= MAX_K:
         raise UserError(f"k must be between 1 and {MAX_K}, got {k}")
@@ -136,6 +153,8 @@ def generate_mtp(
         raise UserError(f"draft temperature must be >= 0, got {draft_temperature}")
     if rollback not in ROLLBACKS:
         raise UserError(f"rollback must be one of {', '.join(ROLLBACKS)}, got {rollback!r}")
+    chain = parse_chain(chain, "chain")
+    history = history if isinstance(history, History) else History.parse(history, "history")
     head = bundle.draft_head
     trunk, eos = bundle.trunk, frozenset() if ignore_eos else bundle.eos_ids
     dcfg = cfg if draft_temperature is None else replace(cfg, temperature=draft_temperature)
@@ -147,17 +166,21 @@ def generate_mtp(
     t0 = now()
     x = mx.array(prompt)[None]
     out = trunk(x, cache)
-    if len(prompt) > 1:  # MTP entries for positions 0..P-2: (h[i], x[i+1])
+    window_h, window_tok = None, []
+    if len(prompt) > 1 and history.kind == COMMITTED:  # MTP entries for positions 0..P-2: (h[i], x[i+1])
         head(out.hidden[:, :-1], trunk.embed(x[:, 1:]), mtp_cache)
+    elif len(prompt) > 1 and history.kind != CYCLE:  # window:N keeps the prompt's last N true pairs
+        window_h, window_tok = out.hidden[:, :-1][:, -history.window:], prompt[1:][-history.window:]
     p = host_probs(out.logits[0, -1:], cfg)[0]
     last = choose(p, cfg, rng)
     t1 = now()
 
-    st = _State(tokens=[last], last=last, pending_h=out.hidden[:, -1:], pending_tok=[last], accepted_at=[0] * k)
+    st = _State(tokens=[last], last=last, pending_h=out.hidden[:, -1:], pending_tok=[last], accepted_at=[0] * k,
+                drafted_at=[0] * k, window_h=window_h, window_tok=window_tok)
     if records:
         st.token_recs.append(token_record(0, last, "ar", p, pit_rng))
     run = _Run(bundle, cache, mtp_cache, k, cfg, dcfg, rule, rng, pit_rng if records else None, max_tokens, eos,
-               rollback)
+               rollback, chain, history)
     step = _greedy_step if greedy_fast_path and cfg.greedy and dcfg.greedy and rule == EXACT else _sampled_step
     while len(st.tokens) < max_tokens and st.last not in eos:
         step(run, st)
@@ -165,24 +188,45 @@ def generate_mtp(
     steps = len(st.accepted_per_step)
     return DecodeResult(
         tokens=st.tokens, prompt_tokens=len(prompt), prefill_s=t1 - t0, decode_s=t2 - t1, k=k, verify_steps=steps,
-        drafted_at_depth=[steps] * k, accepted_at_depth=st.accepted_at, accepted_per_step=st.accepted_per_step,
+        drafted_at_depth=st.drafted_at, accepted_at_depth=st.accepted_at, accepted_per_step=st.accepted_per_step,
         steps=st.step_recs, token_records=st.token_recs,
         finished_by="eos" if st.tokens[-1] in bundle.eos_ids else "length", peak_memory_bytes=peak(),
     )
 
 
+def _depth(r: _Run, st: _State) -> int:
+    """The step's draft depth: K, or the tokens left when fewer (a deeper draft could never be emitted)."""
+    return min(r.k, r.max_tokens - len(st.tokens))
+
+
+def _head_feed(r: _Run, st: _State) -> tuple[mx.array, list[int], list]:
+    """The true (hidden, next token) pairs to feed the head this step and the cache to feed them into, by the
+    history convention; `window:N` keeps its last N pairs in the state."""
+    if r.history.kind == COMMITTED:
+        return st.pending_h, st.pending_tok, r.mtp_cache
+    fresh = r.bundle.draft_head.make_cache()
+    if r.history.kind == CYCLE:  # the newest true pair only: what window:1 holds too
+        return st.pending_h[:, -1:], st.pending_tok[-1:], fresh
+    n = r.history.window
+    h = st.pending_h if st.window_h is None else mx.concatenate([st.window_h, st.pending_h], axis=1)
+    st.window_h, st.window_tok = h[:, -n:], (st.window_tok + st.pending_tok)[-n:]
+    return st.window_h, st.window_tok, fresh
+
+
 def _sampled_step(r: _Run, st: _State) -> None:
     """One step with host-side rows: any temperature, draft temperature and rule (controls included)."""
-    trunk, head, mtp_cache, k, rng = r.bundle.trunk, r.bundle.draft_head, r.mtp_cache, r.k, r.rng
+    trunk, head, k, rng = r.bundle.trunk, r.bundle.draft_head, _depth(r, st), r.rng
     # 1. Draft: catch the MTP cache up on the true pairs and draft d1 in one call, then chain.
-    z = head(st.pending_h, trunk.embed(mx.array([st.pending_tok])), mtp_cache)[:, -1:]
+    fed_h, fed_tok, mtp_cache = _head_feed(r, st)
+    z, normed = head.chained(fed_h, trunk.embed(mx.array([fed_tok])), mtp_cache, r.chain)
+    z, normed = z[:, -1:], normed[:, -1:]
     committed = mtp_cache[0].offset
     drafts: list[int] = []
     q = np.empty((k, trunk.lm.args.vocab_size))
     for i in range(k):
         if i:
-            z = head(z, trunk.embed(mx.array([[drafts[-1]]])), mtp_cache)
-        q[i] = host_probs(trunk.lm_head(z)[0], r.dcfg)[0]
+            z, normed = head.chained(z, trunk.embed(mx.array([[drafts[-1]]])), mtp_cache, r.chain)
+        q[i] = host_probs(trunk.lm_head(normed)[0], r.dcfg)[0]
         drafts.append(choose(q[i], r.dcfg, rng))
 
     # 2. Verify all K drafts with one trunk forward over K+1 positions, and accept by the rule.
@@ -192,17 +236,20 @@ def _sampled_step(r: _Run, st: _State) -> None:
     verdict = apply_rule(rule_p, q, drafts, rng, r.rule)
 
     # 3.-4. Roll back, record, emit.
-    _finish(r, st, verdict, drafts, roll_back, committed, verify.hidden,
+    _finish(r, st, verdict, drafts, roll_back, mtp_cache, committed, verify.hidden,
             lambda step, i, j: StepRecord(step, i + 1, drafts[i], i < j, float(p[i, drafts[i]]), float(q[i, drafts[i]]),
                                           float(np.minimum(p[i], q[i]).sum())),
             lambda i, index, tok, src: token_record(index, tok, src, p[i], r.pit_rng))
 
 
-def _greedy_drafts(r: _Run, pending_h: mx.array, pending_tok: list[int]) -> tuple[mx.array, int]:
-    """Feed the head the true (hidden, next token) pairs and chain K greedy drafts, all on the device; returns the
-    draft ids and the MTP cache offset after the true pairs (what a rollback trims back to)."""
-    committed = r.mtp_cache[0].offset + len(pending_tok)
-    return r.bundle.draft_head.greedy_chain(pending_h, mx.array([pending_tok]), r.mtp_cache, r.k), committed
+def _greedy_drafts(r: _Run, st: _State, k: int) -> tuple[mx.array, list, int]:
+    """Feed the head the true (hidden, next token) pairs and chain k greedy drafts, all on the device; returns the
+    draft ids, the MTP cache they were drafted in, and its offset after the true pairs (what a rollback trims
+    back to)."""
+    fed_h, fed_tok, mtp_cache = _head_feed(r, st)
+    committed = mtp_cache[0].offset + len(fed_tok)
+    ids = r.bundle.draft_head.greedy_chain(fed_h, mx.array([fed_tok]), mtp_cache, k, r.chain)
+    return ids, mtp_cache, committed
 
 
 def _greedy_step(r: _Run, st: _State) -> None:
@@ -211,32 +258,35 @@ def _greedy_step(r: _Run, st: _State) -> None:
     No drafting ahead of the verify: on the CPU the device is the same cores, so drafts queued for a step that
     turns out rejected cost their full time (measured on the demo: a loss even at K=1, 75% of steps all-accepted).
     """
-    draft_ids, committed = _greedy_drafts(r, st.pending_h, st.pending_tok)
+    draft_ids, mtp_cache, committed = _greedy_drafts(r, st, _depth(r, st))
     mx.async_eval(draft_ids)  # the device drafts while the host builds the verify graph
     verify, roll_back = _verify(r.bundle.trunk, r.cache, mx.concatenate([mx.array([st.last]), draft_ids])[None],
                                 r.rollback)
     target_ids = mx.argmax(verify.logits[0], axis=-1)
     drafts, targets = draft_ids.tolist(), target_ids.tolist()  # the step's one host synchronisation
     verdict = apply_rule_greedy(drafts, targets)
-    _finish(r, st, verdict, drafts, roll_back, committed, verify.hidden,
+    _finish(r, st, verdict, drafts, roll_back, mtp_cache, committed, verify.hidden,
             lambda step, i, j: StepRecord(step, i + 1, drafts[i], i < j, float(drafts[i] == targets[i]), 1.0,
                                           float(drafts[i] == targets[i])),
             lambda i, index, tok, src: point_mass_record(index, tok, src, r.pit_rng))
 
 
 def _finish(r: _Run, st: _State, verdict: Verdict, drafts: list[int], roll_back: Callable[[int], None],
-            committed: int, hidden: mx.array, step_record: Callable[[int, int, int], StepRecord],
+            mtp_cache: list, committed: int, hidden: mx.array, step_record: Callable[[int, int, int], StepRecord],
             token_rec: Callable[[int, int, int, str], TokenRecord]) -> None:
     """The tail both steps share: roll the trunk back to the accepted prefix and the MTP cache to its committed
-    entries, record (when asked), emit, and keep the true hiddens still to be fed to the head."""
-    j = verdict.accepted
-    if j < r.k:
+    entries, count and record (when asked), emit, and keep the true hiddens still to be fed to the head. The
+    step's depth is len(drafts)."""
+    j, depth = verdict.accepted, len(drafts)
+    if j < depth:
         roll_back(j)
-    for c in r.mtp_cache:
+    for c in mtp_cache:
         c.trim(c.offset - committed)
+    for i in range(depth):
+        st.drafted_at[i] += 1
     records = r.pit_rng is not None
     if records:
         step = len(st.accepted_per_step)
-        st.step_recs += [step_record(step, i, j) for i in range(min(j + 1, r.k))]
+        st.step_recs += [step_record(step, i, j) for i in range(min(j + 1, depth))]
     _emit(r, st, verdict, drafts, token_rec if records else None)
     st.pending_h = hidden[:, : j + 1]

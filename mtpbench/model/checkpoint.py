@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -21,10 +21,11 @@ from mlx.utils import tree_flatten
 from safetensors import SafetensorError, safe_open
 
 from ..errors import UserError
-from .mtp import MTP_NORM_SUFFIXES, CompiledHead, HiddenVariant, MTPHead, mtp_tensor_names
+from .mtp import (EXPERT_PROJS, FUSED, MTP_NORM_SUFFIXES, PER_EXPERT, SWITCH, CompiledHead, HiddenVariant, MTPHead,
+                  mtp_tensor_names)
 from .trunk import Trunk
 
-SUPPORTED_MODEL_TYPES = ("qwen3_5",)
+SUPPORTED_MODEL_TYPES = ("qwen3_5", "qwen3_5_moe")
 SIDECAR = "mtp.safetensors"
 INDEX = "model.safetensors.index.json"
 MTP_KEY = re.compile(r"^(?P<prefix>(?:model\.)?(?:language_model\.)?mtp\.)(?P<name>.+)$")
@@ -39,6 +40,7 @@ class MTPSource:
     tensor_count: int  # dense tensors (quantized linears count once)
     norm_convention: str  # "offset" (raw HF, used as 1 + w) or "shifted" (already 1 + w)
     quantized: dict[str, dict[str, int]] = field(default_factory=dict)  # linear name -> bits, group_size
+    expert_layout: str | None = None  # MoE heads: how the experts were stored (mtp.EXPERT_LAYOUTS); None: dense
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,14 @@ class Bundle:
         if self.mtp is None:
             raise UserError(no_mtp_message(self.name))
         return self.mtp
+
+    def with_hidden_variant(self, variant: HiddenVariant | str) -> Bundle:
+        """The same loaded weights feeding the head the other trunk hidden (a new trunk view, its own compiled
+        traces); cheap, so the hidden variant is a per-cell convention rather than a model to load."""
+        variant = HiddenVariant(variant)
+        if variant is self.hidden_variant:
+            return self
+        return replace(self, trunk=Trunk(self.model, variant), hidden_variant=variant)
 
     @cached_property
     def draft_head(self) -> CompiledHead:
@@ -154,13 +164,29 @@ def read_config(path: Path) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise UserError(f"{cfg_file}: invalid JSON ({e.msg}, line {e.lineno})") from None
     model_type = config.get("model_type")
+    if model_type == "qwen3_next":
+        raise UserError(f"{path}: Qwen3-Next (qwen3_next) is not supported yet: its trunk is mlx_lm's qwen3_next, "
+                        f"not the qwen3_5 trunk mtpbench's capture and compiled layers are built on")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UserError(f"{path}: unsupported model_type {model_type!r}; mtpbench supports "
-                        f"{', '.join(SUPPORTED_MODEL_TYPES)} (Qwen3.5/3.6 dense with native MTP)")
-    text = text_config(config)
-    if int(text.get("num_experts", 0) or 0) > 0:
-        raise UserError(f"{path}: mixture-of-experts Qwen3.5 checkpoints are not supported yet")
+                        f"{', '.join(SUPPORTED_MODEL_TYPES)} (Qwen3.5/3.6 dense and MoE with native MTP)")
+    check_moe_config(path, text_config(config))
     return config
+
+
+def check_moe_config(path: Path, text: dict[str, Any]) -> None:
+    """An MoE text config's expert counts and sizes, checked before mlx_lm builds anything from them."""
+    experts = text.get("num_experts", 0) or 0
+    if not experts:
+        return
+    per_token = text.get("num_experts_per_tok", 0) or 0
+    for key, value in (("num_experts", experts), ("num_experts_per_tok", per_token),
+                       ("moe_intermediate_size", text.get("moe_intermediate_size", 0) or 0),
+                       ("shared_expert_intermediate_size", text.get("shared_expert_intermediate_size", 0) or 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise UserError(f"{path}: MoE config {key} = {value!r}: expected a positive integer")
+    if per_token > experts:
+        raise UserError(f"{path}: MoE config routes {per_token} experts per token but declares only {experts}")
 
 
 def text_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -246,12 +272,10 @@ def load_mtp_head(
                         f"(mtp_num_hidden_layers)")
     if len(prefixes) > 1:
         raise UserError(f"{path}: MTP tensors under several prefixes ({', '.join(sorted(prefixes))})")
-    head = MTPHead(model.language_model.args, num_layers=n_layers)
+    args = model.language_model.args
+    head = MTPHead(args, num_layers=n_layers)
     expected = dict(tree_flatten(head.parameters()))
-    names = mtp_tensor_names(n_layers)
-    missing = [n for n in names if n not in found]
-    if missing:
-        raise UserError(f"{path}: MTP head incomplete, missing {len(missing)} tensor(s) e.g. mtp.{missing[0]}")
+    names = mtp_tensor_names(n_layers, moe=args.num_experts > 0)
 
     tensors: dict[str, mx.array] = {}
     files: dict[Path, dict[str, mx.array]] = {}
@@ -259,6 +283,10 @@ def load_mtp_head(
         if f not in files:  # mx.load reads bf16 (numpy, behind safetensors' mlx reader, cannot)
             files[f] = mx.load(str(f))
         tensors[name] = files[f][key]
+    layout = stack_experts(path, tensors, n_layers, args.num_experts) if args.num_experts > 0 else None
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise UserError(f"{path}: MTP head incomplete, missing {len(missing)} tensor(s) e.g. mtp.{missing[0]}")
     quantized = {}
     for name in names:
         if name.endswith(".weight") and name[: -len(".weight")] + ".scales" in tensors:
@@ -286,8 +314,70 @@ def load_mtp_head(
         tensor_count=len(names),
         norm_convention="offset" if offset else "shifted",
         quantized=quantized,
+        expert_layout=layout,
     )
     return head, source
+
+
+def stack_experts(path: Path, tensors: dict[str, mx.array], n_layers: int, n_experts: int) -> str:
+    """Bring an MoE head's experts into the switch layers the module holds (`mlp.switch_mlp.*`, experts stacked on
+    the first axis), in place, from any known layout; returns the layout found. What cannot be read is one line."""
+    layouts = set()
+    for i in range(n_layers):
+        p = f"layers.{i}.mlp."
+        if any(n.startswith(p + "switch_mlp.") for n in tensors):
+            layouts.add(SWITCH)
+        elif (gate_up := _pop_any(tensors, p + "experts.gate_up_proj")) is not None:
+            down = _pop_any(tensors, p + "experts.down_proj")
+            if down is None:
+                raise UserError(f"{path}: MTP experts fused as mtp.{p}experts.gate_up_proj but "
+                                f"mtp.{p}experts.down_proj is missing")
+            if gate_up.ndim != 3 or gate_up.shape[0] != n_experts or gate_up.shape[1] % 2:
+                raise UserError(f"{path}: MTP tensor mtp.{p}experts.gate_up_proj has shape {tuple(gate_up.shape)}; "
+                                f"expected ({n_experts} experts, 2 x expert size, hidden)")
+            mid = gate_up.shape[1] // 2
+            tensors[p + "switch_mlp.gate_proj.weight"] = gate_up[:, :mid, :]
+            tensors[p + "switch_mlp.up_proj.weight"] = gate_up[:, mid:, :]
+            tensors[p + "switch_mlp.down_proj.weight"] = down
+            layouts.add(FUSED)
+        elif any(n.startswith(p + "experts.") for n in tensors):
+            _stack_per_expert(path, tensors, p, n_experts)
+            layouts.add(PER_EXPERT)
+        else:
+            raise UserError(f"{path}: MTP head has no experts for mtp.{p[:-1]} (the config declares {n_experts}; "
+                            f"expected mtp.{p}experts.* or mtp.{p}switch_mlp.*)")
+    return layouts.pop() if len(layouts) == 1 else "mixed"
+
+
+def _pop_any(tensors: dict[str, mx.array], name: str) -> mx.array | None:
+    for key in (name, name + ".weight"):
+        if key in tensors:
+            return tensors.pop(key)
+    return None
+
+
+def _stack_per_expert(path: Path, tensors: dict[str, mx.array], p: str, n_experts: int) -> None:
+    one = re.compile(re.escape(p) + r"experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|scales|biases)$")
+    stray = next((n for n in tensors if n.startswith(p + "experts.") and not one.match(n)), None)
+    if stray is not None:
+        raise UserError(f"{path}: MTP experts in an unknown layout (mtp.{stray}); known: per-expert "
+                        f"(experts.N.gate_proj/up_proj/down_proj), fused (experts.gate_up_proj + experts.down_proj), "
+                        f"MLX switch layers (switch_mlp.*)")
+    hits = [m for n in tensors if (m := one.match(n))]
+    beyond = next((m.group(0) for m in hits if int(m[1]) >= n_experts), None)
+    if beyond is not None:
+        raise UserError(f"{path}: MTP tensor mtp.{beyond} is beyond the {n_experts} experts the config declares")
+    for proj in EXPERT_PROJS:
+        for suffix in sorted({m[3] for m in hits}):
+            keys = [f"{p}experts.{e}.{proj}.{suffix}" for e in range(n_experts)]
+            gone = next((k for k in keys if k not in tensors), None)
+            if gone is not None:
+                raise UserError(f"{path}: MTP expert missing: mtp.{gone} (the config declares {n_experts} experts)")
+            shapes = {tuple(tensors[k].shape) for k in keys}
+            if len(shapes) > 1:
+                raise UserError(f"{path}: MTP experts mtp.{p}experts.*.{proj}.{suffix} differ in shape "
+                                f"({', '.join(map(str, sorted(shapes)))})")
+            tensors[f"{p}switch_mlp.{proj}.{suffix}"] = mx.stack([tensors.pop(k) for k in keys])
 
 
 def preflight(path_or_repo: str | Path, require_mtp: bool = True, cache_dir: str | Path | None = None) -> Path:

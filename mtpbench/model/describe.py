@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from typing import Any
 
 import mlx.nn as nn
 from mlx.utils import tree_flatten
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from .checkpoint import Bundle
 
@@ -14,7 +16,7 @@ _DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
 def _format(module: nn.Module) -> str:
-    if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+    if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear)):
         return f"q{module.bits} g{module.group_size}"
     w = getattr(module, "weight", None)
     return _DTYPE_NAMES.get(str(w.dtype).split(".")[-1], str(w.dtype)) if w is not None else "?"
@@ -29,6 +31,10 @@ def component(path: str) -> str:
         return "gated_deltanet"
     if "self_attn" in path:
         return "attention"
+    if "switch_mlp" in path or ".experts." in path:
+        return "experts"
+    if "shared_expert_gate" in path or re.search(r"mlp\.gate(\.|$)", path):
+        return "router"
     if "mlp" in path:
         return "mlp"
     return "norms"
@@ -38,10 +44,28 @@ def component_formats(module: nn.Module, prefix: str = "") -> dict[str, str]:
     """Component -> format(s), e.g. {'mlp': 'q4 g64', 'attention': 'bf16'}; mixed components list each."""
     seen: dict[str, set[str]] = defaultdict(set)
     for path, m in module.named_modules():
-        if isinstance(m, (nn.Linear, nn.QuantizedLinear, nn.Embedding, nn.QuantizedEmbedding, nn.RMSNorm)):
+        if isinstance(m, (nn.Linear, nn.QuantizedLinear, nn.Embedding, nn.QuantizedEmbedding, nn.RMSNorm,
+                          SwitchLinear, QuantizedSwitchLinear)):
             name = "fc" if path.endswith("fc") and prefix else component(path)
             seen[prefix + name].add(_format(m))
     return {k: ", ".join(sorted(v)) for k, v in sorted(seen.items())}
+
+
+def _expert_params(module: nn.Module) -> int:
+    """Parameters of the routed experts (switch layers), as the config sizes them (quantization-independent)."""
+    return int(sum(m.num_experts * m.input_dims * m.output_dims for _, m in module.named_modules()
+                   if isinstance(m, (SwitchLinear, QuantizedSwitchLinear))))
+
+
+def moe_facts(text: dict[str, Any], total: int, experts: int) -> dict[str, Any] | None:
+    """Experts, experts per token, and the parameters one token activates (the routed experts' share of the
+    expert parameters, everything else whole)."""
+    n, k = int(text.get("num_experts", 0) or 0), int(text.get("num_experts_per_tok", 0) or 0)
+    if not n:
+        return None
+    return {"experts": n, "experts_per_token": k, "expert_size": text.get("moe_intermediate_size"),
+            "shared_expert_size": text.get("shared_expert_intermediate_size"), "total_parameters": total,
+            "active_parameters": int(total - experts + experts * k // n)}
 
 
 def describe(bundle: Bundle) -> dict[str, Any]:
@@ -68,6 +92,7 @@ def describe(bundle: Bundle) -> dict[str, Any]:
             "chat_template": bool(getattr(bundle.tokenizer, "chat_template", None)),
         },
         "fingerprint": bundle.fingerprint,
+        "moe": moe_facts(text, int(params), _expert_params(bundle.model)),
         "mtp": None,
     }
     if bundle.mtp is not None and bundle.mtp_source is not None:
@@ -81,7 +106,11 @@ def describe(bundle: Bundle) -> dict[str, Any]:
             "parameters": int(sum(v.size for _, v in tree_flatten(bundle.mtp.parameters()))),
             "formats": component_formats(bundle.mtp, prefix="mtp."),
             "hidden_variant": bundle.hidden_variant.value,
+            "expert_layout": src.expert_layout,
         }
+        head_params = info["mtp"]["parameters"]
+        if (facts := moe_facts(text, head_params, _expert_params(bundle.mtp))) is not None:
+            info["mtp"]["active_parameters"] = facts["active_parameters"]
     return info
 
 
@@ -92,6 +121,9 @@ def describe_text(info: dict[str, Any]) -> str:
         f"  layers:      {info['layers']}  pattern {info['layer_pattern']}  ({info['layer_pattern_legend']})",
         f"  size:        {info['parameters']:,} parameters, hidden {info['hidden_size']}, vocab {info['vocab_size']}",
         "  formats:     " + "; ".join(f"{k} {v}" for k, v in info["formats"].items()),
+        *([f"  experts:     {moe['experts']} per layer, {moe['experts_per_token']} per token (expert size "
+           f"{moe['expert_size']}, shared expert {moe['shared_expert_size']}); {moe['total_parameters']:,} "
+           f"parameters in total, {moe['active_parameters']:,} active per token"] if (moe := info.get("moe")) else []),
         f"  tokenizer:   {info['tokenizer']['class']}, eos {info['tokenizer']['eos_ids']}, "
         f"chat template {'yes' if info['tokenizer']['chat_template'] else 'no'}",
     ]
@@ -103,6 +135,8 @@ def describe_text(info: dict[str, Any]) -> str:
             f"  MTP head:    {mtp['tensors']} tensors under '{mtp['prefix']}' in {', '.join(mtp['files'])}; "
             f"{mtp['layers']} layer(s), {mtp['parameters']:,} parameters",
             f"               norms stored as {mtp['norm_convention']}; hidden fed {mtp['hidden_variant']}",
+            *([f"               experts stored {mtp['expert_layout']}; {mtp['active_parameters']:,} parameters "
+               f"active per token"] if mtp.get("expert_layout") else []),
             "               formats: " + "; ".join(f"{k} {v}" for k, v in mtp["formats"].items()),
         ]
     return "\n".join(lines)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from enum import Enum
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -17,13 +18,14 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.models.qwen3_5 import DecoderLayer, TextModelArgs
 
 from .compiled import AttentionLayer, compiles
+from .conventions import NORMED, POST_NORM, PRE_NORM
 
 
 class HiddenVariant(str, Enum):
     """Which trunk hidden feeds the head: after the final norm (vLLM, the default) or before it."""
 
-    POST_NORM = "post_norm"
-    PRE_NORM = "pre_norm"
+    POST_NORM = POST_NORM
+    PRE_NORM = PRE_NORM
 
 
 # The norm weights stored as offsets (used as 1 + w) in raw Hugging Face checkpoints.
@@ -40,14 +42,26 @@ MTP_NORM_SUFFIXES = (
 MTP_BODY_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def mtp_tensor_names(num_layers: int = 1) -> list[str]:
-    """The dense tensor names of an MTP head (15 for one layer), relative to the `mtp.` prefix."""
+# How checkpoints store the experts of an MoE head's MLP: one tensor per expert and projection (Qwen3.5 releases),
+# a fused gate_up_proj with a stacked down_proj (Qwen3.6 releases), or MLX's stacked switch layers (conversions).
+PER_EXPERT, FUSED, SWITCH = "per-expert", "fused", "switch"
+EXPERT_LAYOUTS = (PER_EXPERT, FUSED, SWITCH)
+EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
+
+
+def mtp_tensor_names(num_layers: int = 1, moe: bool = False) -> list[str]:
+    """The tensor names of an MTP head as the module holds them (15 for one dense layer), relative to the `mtp.`
+    prefix; an MoE head's MLP is the router, the experts as switch layers, and the gated shared expert."""
     names = ["fc.weight", "pre_fc_norm_embedding.weight", "pre_fc_norm_hidden.weight", "norm.weight"]
     for i in range(num_layers):
         p = f"layers.{i}."
         names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
         names += [p + f"self_attn.{n}.weight" for n in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")]
-        names += [p + f"mlp.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj")]
+        if moe:
+            names += [p + "mlp.gate.weight", p + "mlp.shared_expert_gate.weight"]
+            names += [p + f"mlp.{part}.{n}.weight" for part in ("switch_mlp", "shared_expert") for n in EXPERT_PROJS]
+        else:
+            names += [p + f"mlp.{n}.weight" for n in EXPERT_PROJS]
     return names
 
 
@@ -69,12 +83,17 @@ class MTPHead(nn.Module):
         self.norm = nn.RMSNorm(hidden, eps=args.rms_norm_eps)
 
     def __call__(self, hidden: mx.array, embeddings: mx.array, cache: list[KVCache] | None = None) -> mx.array:
+        return self.both(hidden, embeddings, cache)[1]
+
+    def both(self, hidden: mx.array, embeddings: mx.array,
+             cache: list[KVCache] | None = None) -> tuple[mx.array, mx.array]:
+        """The last layer's output before the final norm and after it (the `prenorm` chain feeds the first)."""
         z = self.fuse(hidden, embeddings)
         cache = cache or [None] * len(self.layers)
         mask = create_attention_mask(z, cache[0])
         for layer, c in zip(self.layers, cache):
             z = layer(z, mask=mask, cache=c)
-        return self.norm(z)
+        return z, self.norm(z)
 
     def fuse(self, hidden: mx.array, embeddings: mx.array) -> mx.array:
         """The head's input: fc(concat(norm(embedding of t+1), norm(hidden at t)))."""
@@ -89,50 +108,91 @@ class CompiledHead:
     greedy draft chains with the trunk's embedding, lm head and argmax folded into the same traces.
 
     Built once per loaded head and reused by every decode, so each input shape is traced once; longer inputs (the
-    prompt's catch-up) run the module itself. Results are identical to the module's (tested)."""
+    prompt's catch-up) run the module itself. Results are identical to the module's (tested). Both chain
+    conventions (`conventions.CHAINS`) are served: `normed` feeds a deeper draft the head's normed output, `prenorm`
+    its output before the final norm; the traces of the second are built on first use."""
 
     def __init__(self, head: MTPHead, embed: Callable[[mx.array], mx.array], lm_head: Callable[[mx.array], mx.array]):
         self.head, self.embed, self.lm_head = head, embed, lm_head
-        n = len(head.layers)
-        self.layers = [AttentionLayer(layer, **({"enter": head.fuse} if i == 0 else {}),
-                                      **({"leave": head.norm} if i == n - 1 else {}))
-                       for i, layer in enumerate(head.layers)]
+        self.layers = self._layers(head.norm)
+        self._both_layers: list[AttentionLayer] | None = None
+        self._greedy: dict[str, AttentionLayer | None] = {}
 
-        def enter(hidden: mx.array, tokens: mx.array) -> mx.array:
-            return head.fuse(hidden, embed(tokens))
+    def _layers(self, last: Callable[[mx.array], Any]) -> list[AttentionLayer]:
+        n = len(self.head.layers)
+        return [AttentionLayer(layer, **({"enter": self.head.fuse} if i == 0 else {}),
+                               **({"leave": last} if i == n - 1 else {}))
+                for i, layer in enumerate(self.head.layers)]
 
-        def leave(z: mx.array) -> tuple[mx.array, mx.array]:
-            last = head.norm(z)[:, -1:]
-            return last, mx.argmax(lm_head(last), axis=-1)
+    def _pre_and_normed(self, z: mx.array) -> tuple[mx.array, mx.array]:
+        return z, self.head.norm(z)
 
-        # One layer (every released head): a greedy draft is one trace in, one out.
-        self.greedy = AttentionLayer(head.layers[0], enter=enter, leave=leave) if n == 1 else None
+    def _greedy_layer(self, chain: str) -> AttentionLayer | None:
+        """One layer (every released head): a greedy draft is one trace in, one out; it returns the hidden to
+        chain (normed or before the norm) and the draft id."""
+        if chain not in self._greedy:
+            head, embed, lm_head = self.head, self.embed, self.lm_head
+
+            def enter(hidden: mx.array, tokens: mx.array) -> mx.array:
+                return head.fuse(hidden, embed(tokens))
+
+            def leave(z: mx.array) -> tuple[mx.array, mx.array]:
+                last = head.norm(z)[:, -1:]
+                return (last if chain == NORMED else z[:, -1:]), mx.argmax(lm_head(last), axis=-1)
+
+            self._greedy[chain] = (AttentionLayer(head.layers[0], enter=enter, leave=leave)
+                                   if len(head.layers) == 1 else None)
+        return self._greedy[chain]
 
     def __call__(self, hidden: mx.array, embeddings: mx.array, cache: list[KVCache]) -> mx.array:
         if not compiles(hidden):
             return self.head(hidden, embeddings, cache)
+        return self._run(self.layers, hidden, embeddings, cache)
+
+    def both(self, hidden: mx.array, embeddings: mx.array, cache: list[KVCache]) -> tuple[mx.array, mx.array]:
+        """`MTPHead.both` on a cache: the output before the final norm and after it."""
+        if not compiles(hidden):
+            return self.head.both(hidden, embeddings, cache)
+        if self._both_layers is None:
+            self._both_layers = self._layers(self._pre_and_normed)
+        return self._run(self._both_layers, hidden, embeddings, cache)
+
+    def chained(self, hidden: mx.array, embeddings: mx.array, cache: list[KVCache],
+                chain: str = NORMED) -> tuple[mx.array, mx.array]:
+        """(the hidden a deeper draft is fed, the normed output the logits come from) under a chain convention."""
+        if chain == NORMED:
+            z = self(hidden, embeddings, cache)
+            return z, z
+        return self.both(hidden, embeddings, cache)
+
+    @staticmethod
+    def _run(layers: list[AttentionLayer], hidden: mx.array, embeddings: mx.array, cache: list[KVCache]) -> Any:
         mask = create_attention_mask(hidden, cache[0])
-        z = self.layers[0](hidden, embeddings, cache=cache[0], mask=mask)
-        for layer, c in zip(self.layers[1:], cache[1:]):
+        z = layers[0](hidden, embeddings, cache=cache[0], mask=mask)
+        for layer, c in zip(layers[1:], cache[1:]):
             z = layer(z, cache=c, mask=mask)
         return z
 
-    def greedy_chain(self, hidden: mx.array, tokens: mx.array, cache: list[KVCache], k: int) -> mx.array:
+    def greedy_chain(self, hidden: mx.array, tokens: mx.array, cache: list[KVCache], k: int,
+                     chain: str = NORMED) -> mx.array:
         """K greedy drafts, all on the device: the first call feeds the true (hidden at t, token t+1) pairs
-        `hidden` (1, r, H) / `tokens` (1, r), each later one the head's own output and draft. Returns (K,) ids."""
-        if self.greedy is None or not compiles(hidden):
-            z, d = self(hidden, self.embed(tokens), cache)[:, -1:], None
+        `hidden` (1, r, H) / `tokens` (1, r), each later one the head's own output (`chain`) and draft. Returns
+        (K,) ids."""
+        greedy = self._greedy_layer(chain)
+        if greedy is None or not compiles(hidden):
+            z, normed = self.chained(hidden, self.embed(tokens), cache, chain)
+            z, normed, d = z[:, -1:], normed[:, -1:], None
             drafted = []
             for i in range(k):
                 if i:
-                    z = self(z, self.embed(d[None]), cache)
-                d = mx.argmax(self.lm_head(z)[0, -1], keepdims=True)
+                    z, normed = self.chained(z, self.embed(d[None]), cache, chain)
+                d = mx.argmax(self.lm_head(normed)[0, -1], keepdims=True)
                 drafted.append(d)
             return mx.concatenate(drafted)
-        z, d = self.greedy(hidden, tokens, cache=cache[0], mask=create_attention_mask(hidden, cache[0]))
+        z, d = greedy(hidden, tokens, cache=cache[0], mask=create_attention_mask(hidden, cache[0]))
         drafted = [d]
         for _ in range(1, k):
-            z, d = self.greedy(z, d, cache=cache[0], mask=None)
+            z, d = greedy(z, d, cache=cache[0], mask=None)
             drafted.append(d)
         return mx.concatenate(drafted, axis=1).reshape(-1)
 

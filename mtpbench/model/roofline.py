@@ -3,6 +3,11 @@
 Decoding one token reads every trunk weight once (AR); an MTP step reads the trunk once plus K draft steps of the
 head and the lm head (drafts use the trunk's), and emits tau tokens. Weight bytes per token x tok/s is the achieved
 weight bandwidth; over the machine's copy bandwidth it says how close a figure is to what memory allows.
+
+Mixture-of-experts layers read only the experts their tokens are routed to. A forward over T tokens is counted
+with the upper bound min(E, T x experts-per-token) of its E experts per layer (as if no two tokens shared an
+expert): AR reads k of E per layer, a K+1-token verify at most (K+1) x k. Everything else (attention, GatedDeltaNet,
+router, shared expert, embedding, lm head) is read whole.
 """
 
 from __future__ import annotations
@@ -22,20 +27,40 @@ def nbytes(module) -> int:
     return int(sum(v.nbytes for _, v in tree_flatten(module.parameters())))
 
 
-def weight_bytes(bundle: Bundle) -> int:
-    """Trunk weight bytes (the whole mlx_lm model: embedding, layers, norms, lm head)."""
-    return nbytes(bundle.model)
+def expert_bytes(module) -> int:
+    """Bytes of the routed experts (mlx_lm switch layers, quantized or not) of a module."""
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+    return sum(nbytes(m) for _, m in module.named_modules() if isinstance(m, (SwitchLinear, QuantizedSwitchLinear)))
+
+
+def _read_bytes(bundle: Bundle, module, tokens: int) -> int:
+    """A module's bytes read by one forward over `tokens` tokens: routed experts at the bound above."""
+    total, experts = nbytes(module), expert_bytes(module)
+    args = bundle.trunk.lm.args
+    if not experts or not args.num_experts:
+        return total
+    touched = min(args.num_experts, tokens * args.num_experts_per_tok)
+    return total - experts + experts * touched // args.num_experts
+
+
+def weight_bytes(bundle: Bundle, tokens: int = 1) -> int:
+    """Trunk weight bytes one forward over `tokens` tokens reads (the whole mlx_lm model: embedding, layers, norms,
+    lm head; for MoE, the routed experts at most tokens x experts-per-token per layer)."""
+    return _read_bytes(bundle, bundle.model, tokens)
 
 
 def draft_step_bytes(bundle: Bundle) -> int:
-    """One draft step: the MTP head plus the lm head it shares with the trunk (the embedding table when tied)."""
+    """One draft step: the MTP head (its experts for one token) plus the lm head it shares with the trunk (the
+    embedding table when tied)."""
     lm = bundle.trunk.lm
     lm_head = lm.model.embed_tokens if lm.args.tie_word_embeddings else lm.lm_head
-    return nbytes(bundle.require_mtp()) + nbytes(lm_head) if bundle.mtp is not None else 0
+    return _read_bytes(bundle, bundle.require_mtp(), 1) + nbytes(lm_head) if bundle.mtp is not None else 0
 
 
 def bytes_per_token(trunk_bytes: int, draft_bytes: int, k: int, tau: float) -> float:
-    """Weight bytes read per emitted token: AR (k = 0) reads the trunk; MTP reads trunk + k drafts per tau tokens."""
+    """Weight bytes read per emitted token: AR (k = 0) reads the trunk; MTP reads trunk + k drafts per tau tokens.
+    `trunk_bytes` is what the step's trunk forward reads (`weight_bytes(bundle, k + 1)`)."""
     if k == 0:
         return float(trunk_bytes)
     return (trunk_bytes + k * draft_bytes) / tau if tau and math.isfinite(tau) else float("nan")

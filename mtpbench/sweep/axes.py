@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from ..decode.rule import MAX_K
 from ..errors import UserError
+from ..model import conventions
 
 REFERENCE, SERVER = "reference", "server"
 BOTH = frozenset({REFERENCE, SERVER})
@@ -131,6 +132,13 @@ def choices(allowed: Sequence[str]) -> Callable[[Any, str], tuple[str, ...]]:
     return parse
 
 
+def each(one: Callable[[str, str], Any]) -> Callable[[Any, str], tuple[Any, ...]]:
+    """A parser of comma-separated words that checks and normalizes every value with `one(value, option)`."""
+    def parse(value: Any, option: str) -> tuple[Any, ...]:
+        return tuple(one(x, option) for x in words(value, option))
+    return parse
+
+
 # ------------------------------------------------------------------------------------------------------ the table
 
 
@@ -188,6 +196,19 @@ AXES: tuple[Axis, ...] = (
     Axis("draft_temp", ("--draft-temp",), "draft_temperature", pa.float64(), draft_temps, (None,),
          "Draft temperatures, comma-separated; 'same' = the target's (greedy ignores it).",
          backends=frozenset({REFERENCE})),
+    Axis("mtp_hidden", ("--mtp-hidden",), "hidden_variant", pa.string(), each(conventions.hidden_variant),
+         (conventions.POST_NORM,), "Trunk hidden fed to the MTP head, comma-separated: post (after the final norm) "
+         "or pre (before it).", group=True, backends=frozenset({REFERENCE}), legacy=conventions.POST_NORM,
+         title="MTP hidden"),
+    Axis("mtp_chain", ("--mtp-chain",), "mtp_chain", pa.string(), each(conventions.chain), (conventions.NORMED,),
+         "Hidden chained into drafts at depth > 1, comma-separated: normed (the head's output) or prenorm (before "
+         "its final norm).", group=True, backends=frozenset({REFERENCE}), legacy=conventions.NORMED,
+         title="MTP chain"),
+    Axis("mtp_history", ("--mtp-history",), "mtp_history", pa.string(),
+         each(lambda x, o: str(conventions.History.parse(x, o))), (conventions.COMMITTED,),
+         "MTP head history, comma-separated: committed (every true pair since the prompt), cycle (a fresh head "
+         "cache each step, fed the newest true pair) or window:N (the last N true pairs).", group=True,
+         backends=frozenset({REFERENCE}), legacy=conventions.COMMITTED, title="MTP history"),
     Axis("thinking", ("--thinking",), "thinking", pa.string(), choices(("on", "off", "n/a")), ("n/a",),
          "on,off: an axis when the chat template supports enable_thinking.", legacy="n/a"),
     Axis("prompts", ("--prompts",), "prompt_set", pa.string(), words, (),

@@ -57,7 +57,6 @@ RUNS = pa.schema([
     ("mean_acceptance_length", pa.float64()),
     ("drafted_at_depth", pa.list_(pa.int32())), ("accepted_at_depth", pa.list_(pa.int32())),
     ("finished_by", pa.string()), ("output_hash", pa.string()), ("status", pa.string()), ("error", pa.string()),
-    ("hidden_variant", pa.string()),
     ("concurrency", pa.int32()), ("itl_p50_s", pa.float64()), ("itl_p95_s", pa.float64()), ("itl_p99_s", pa.float64()),
     ("server_completion_tokens", pa.int32()),
     ("mtpbench_version", pa.string()), ("mlx_version", pa.string()), ("mlx_lm_version", pa.string()),
