@@ -30,9 +30,9 @@ import numpy as np
 from ..model.checkpoint import Bundle
 from ..errors import UserError
 from ..model.kvcache import FULL_KV, KVCacheSpec
-from ..sampling import SamplingConfig
+from ..sampling import SamplingConfig, Support, alpha
 from .cache import require_exact_rollback, restore, snapshot
-from .common import choose, host_probs, now, peak, point_mass_record, reset_peak, rngs, token_record
+from .common import choose, host_supports, now, peak, point_mass_record, reset_peak, rngs, token_record
 from .records import DecodeResult, StepRecord, TokenRecord
 from .rule import EXACT, MAX_K, Rule, Verdict, apply_rule, apply_rule_greedy
 
@@ -149,7 +149,7 @@ def generate_mtp(
     out = trunk(x, cache)
     if len(prompt) > 1:  # MTP entries for positions 0..P-2: (h[i], x[i+1])
         head(out.hidden[:, :-1], trunk.embed(x[:, 1:]), mtp_cache)
-    p = host_probs(out.logits[0, -1:], cfg)[0]
+    p = host_supports(out.logits[0, -1:], cfg)[0]
     last = choose(p, cfg, rng)
     t1 = now()
 
@@ -172,29 +172,30 @@ def generate_mtp(
 
 
 def _sampled_step(r: _Run, st: _State) -> None:
-    """One step with host-side rows: any temperature, draft temperature and rule (controls included)."""
+    """One step with host-side sparse rows (`Support`): any temperature, draft temperature and rule (controls
+    included)."""
     trunk, head, mtp_cache, k, rng = r.bundle.trunk, r.bundle.draft_head, r.mtp_cache, r.k, r.rng
     # 1. Draft: catch the MTP cache up on the true pairs and draft d1 in one call, then chain.
     z = head(st.pending_h, trunk.embed(mx.array([st.pending_tok])), mtp_cache)[:, -1:]
     committed = mtp_cache[0].offset
     drafts: list[int] = []
-    q = np.empty((k, trunk.lm.args.vocab_size))
+    q: list[Support] = []  # sparse rows: at top-k a few ids each, whatever the vocabulary
     for i in range(k):
         if i:
             z = head(z, trunk.embed(mx.array([[drafts[-1]]])), mtp_cache)
-        q[i] = host_probs(trunk.lm_head(z)[0], r.dcfg)[0]
+        q.append(host_supports(trunk.lm_head(z)[0], r.dcfg)[0])
         drafts.append(choose(q[i], r.dcfg, rng))
 
     # 2. Verify all K drafts with one trunk forward over K+1 positions, and accept by the rule.
     verify, roll_back = _verify(trunk, r.cache, mx.array([[st.last] + drafts]), r.rollback)
-    p = host_probs(verify.logits[0], r.cfg)
-    rule_p = p if r.rule.target_transform == "same" else host_probs(verify.logits[0], _raw_target(r.cfg))
+    p = host_supports(verify.logits[0], r.cfg)  # the K+1 rows come to the host once, as float32
+    rule_p = p if r.rule.target_transform == "same" else host_supports(verify.logits[0], _raw_target(r.cfg))
     verdict = apply_rule(rule_p, q, drafts, rng, r.rule)
 
     # 3.-4. Roll back, record, emit.
     _finish(r, st, verdict, drafts, roll_back, committed, verify.hidden,
-            lambda step, i, j: StepRecord(step, i + 1, drafts[i], i < j, float(p[i, drafts[i]]), float(q[i, drafts[i]]),
-                                          float(np.minimum(p[i], q[i]).sum())),
+            lambda step, i, j: StepRecord(step, i + 1, drafts[i], i < j, p[i].prob(drafts[i]), q[i].prob(drafts[i]),
+                                          alpha(p[i], q[i])),
             lambda i, index, tok, src: token_record(index, tok, src, p[i], r.pit_rng))
 
 
