@@ -198,3 +198,23 @@ def test_token_records_equal_the_dense_formulas():
             assert (got.index, got.token_id, got.source) == (3, token, "bonus")
             np.testing.assert_allclose([got.target_logprob, got.pit_u, got.logprob_mean, got.logprob_var,
                                         got.logprob_m3], want, rtol=1e-5, atol=1e-9, err_msg=cfg.label())
+
+
+def test_a_vocabulary_wider_than_the_tokenizer_decodes_to_placeholders(tmp_path):
+    from click.testing import CliRunner
+
+    from mtpbench.build.tiny import TinySpec, make_tiny
+    from mtpbench.cli.main import main
+    from mtpbench.decode import generate_ar, generate_mtp
+    from mtpbench.model.checkpoint import load
+
+    b = load(make_tiny(tmp_path / "wide", TinySpec(vocab_size=5000, agree=0.9, seed=1)))
+    assert b.trunk.lm.args.vocab_size == 5000
+    prompt = b.tokenizer.encode("The quick brown fox")
+    assert max(prompt) < 320 and b.tokenizer.decode([4999, 300]).startswith("<|pad_4999|>")
+    cfg = SamplingConfig(temperature=1.0, seed=1)
+    for r in (generate_ar(b, prompt, cfg, 24, ignore_eos=True), generate_mtp(b, prompt, cfg, 3, 24, ignore_eos=True)):
+        assert max(r.tokens) >= 320, "random logits over 5000 ids should reach past the tokenizer"
+        assert "<|pad_" in b.tokenizer.decode(r.tokens)
+    res = CliRunner().invoke(main, ["make-tiny", str(tmp_path / "narrow"), "--vocab-size", "100"])
+    assert res.exit_code == 2 and "--vocab-size" in res.output and not (tmp_path / "narrow").exists()

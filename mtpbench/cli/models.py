@@ -91,6 +91,10 @@ def make_demo_cmd(out, prompts_out, phase1_steps, phase2_steps):
 @click.option("--layers", type=int, default=4, show_default=True, help="Trunk layers (every 2nd is attention).")
 @click.option("--hidden", type=int, default=64, show_default=True)
 @click.option("--vocab", type=int, default=320, show_default=True, help="Tokenizer size (byte-level BPE, >= 261).")
+@click.option("--vocab-size", type=int, default=0,
+              help="Model vocabulary (embedding and lm-head rows), wider than the tokenizer, e.g. Qwen's 248320; ids "
+                   "past the tokenizer decode to <|pad_ID|> [default: --vocab].")
+@click.option("--tie-embeddings", is_flag=True, help="Tie the lm head to the embedding (as Qwen3.5-0.8B does).")
 @click.option("--no-mtp", is_flag=True, help="Write no MTP head (like conversions that strip mtp.*).")
 @click.option("--mtp-layout", type=click.Choice(["inline", "sidecar"]), default="inline", show_default=True)
 @click.option("--mtp-prefix", default="mtp.", show_default=True,
@@ -98,13 +102,15 @@ def make_demo_cmd(out, prompts_out, phase1_steps, phase2_steps):
 @click.option("--hf-norms", is_flag=True, help="Raw Hugging Face layout: norms as offsets, HF key names and conv layout.")
 @click.option("--shards", type=int, default=1, show_default=True, help="Split the weights into N shards with an index.")
 @friendly
-def make_tiny_cmd(out, seed, layers, hidden, vocab, no_mtp, mtp_layout, mtp_prefix, hf_norms, shards):
+def make_tiny_cmd(out, seed, layers, hidden, vocab, vocab_size, tie_embeddings, no_mtp, mtp_layout, mtp_prefix,
+                  hf_norms, shards):
     """Write a tiny random Qwen3.5 checkpoint with an MTP head to OUT (for tests and experiments)."""
     from ..build.tiny import TinySpec, make_tiny
 
     try:
-        spec = TinySpec(seed=seed, layers=layers, hidden=hidden, vocab=vocab, mtp=not no_mtp, mtp_layout=mtp_layout,
-                        mtp_prefix=mtp_prefix, hf_norms=hf_norms, shards=shards)
+        spec = TinySpec(seed=seed, layers=layers, hidden=hidden, vocab=vocab, vocab_size=vocab_size,
+                        tie_embeddings=tie_embeddings, mtp=not no_mtp, mtp_layout=mtp_layout, mtp_prefix=mtp_prefix,
+                        hf_norms=hf_norms, shards=shards)
         path = make_tiny(out, spec)
     except ValueError as e:
         raise UserError(str(e)) from None
