@@ -4,6 +4,11 @@ Speculative sampling is exact only if p (target) and q (draft) come from the *sa
 *same* order. Keeping a single function here is what makes that true by construction. The order mirrors
 mlx_lm's sampler (top-p, min-p, top-k on the untempered log-probs, then temperature), so our AR baseline samples
 what `mlx_lm.generate` samples.
+
+The decoder uses `support`: the row as a `Support` (ids with non-zero probability, ascending, and their
+probabilities), found in a few float32 passes over the vocabulary, so a row of Qwen's 248,320 ids costs well
+under a millisecond at top-k. `sampling_probs`, the dense float64 transform, is kept as the test oracle
+(tests/test_sampling.py holds the two equal).
 """
 
 from __future__ import annotations
@@ -62,7 +67,8 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def sampling_probs(logits: np.ndarray, cfg: SamplingConfig) -> np.ndarray:
-    """Probabilities (float64, rows sum to 1) that `cfg` samples from, for each row of `logits`.
+    """Probabilities (float64, rows sum to 1) that `cfg` samples from, for each row of `logits`: the dense
+    definition, kept as the oracle `support` is tested against (a row at V = 248,320 costs ~20 ms here).
 
     Greedy is a point mass on the argmax (ties broken by the lowest id, as `argmax` does).
     """
@@ -191,8 +197,8 @@ def support(logits: np.ndarray, cfg: SamplingConfig) -> Support:
         return Support.point(int(np.argmax(x)))
     v, m = x.size, float(x.max())
     if cfg.top_p >= 1 and cfg.min_p <= 0 and not 0 < cfg.top_k < v:
-        e = np.exp((x - np.float32(m)) * np.float32(1 / cfg.temperature), dtype=np.float32)
-        return Support(np.arange(v, dtype=np.int64), e / e.sum(dtype=np.float64))
+        e = np.exp((x - np.float32(m)) * np.float32(1 / cfg.temperature), dtype=np.float32).astype(np.float64)
+        return Support(np.arange(v, dtype=np.int64), e / e.sum())
     floor, total = -np.inf, 1.0
     if 0 < cfg.top_k < v:
         floor = float(np.partition(x, v - cfg.top_k)[v - cfg.top_k])

@@ -38,7 +38,7 @@ def _rows(rng: np.random.Generator, n: int, vocab: int) -> list[np.ndarray]:
 def _assert_equal_to_oracle(x: np.ndarray, cfg: SamplingConfig) -> tuple[np.ndarray, Support]:
     dense, s = sampling_probs(x[None], cfg)[0], support(x, cfg)
     assert np.array_equal(s.ids, np.flatnonzero(dense > 0)), cfg.label()
-    assert np.all(np.diff(s.ids) > 0)
+    assert np.all(np.diff(s.ids) > 0) and s.ids.dtype == np.int64 and s.probs.dtype == np.float64
     np.testing.assert_allclose(s.probs, dense[s.ids], rtol=1e-5, atol=1e-12, err_msg=cfg.label())
     assert math.isclose(s.probs.sum(), 1.0, rel_tol=1e-12)
     return dense, s
