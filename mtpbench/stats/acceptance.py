@@ -79,3 +79,18 @@ def paired_comparison(a: np.ndarray, b: np.ndarray, seed: int = 0) -> PairedComp
     lo, hi = bootstrap_ci(logr, np.mean, seed=seed)
     p = float(st.wilcoxon(logr).pvalue) if len(logr) >= 2 and np.any(logr != 0) else float("nan")
     return PairedComparison(len(a), float(np.exp(logr.mean())), float(np.exp(lo)), float(np.exp(hi)), p)
+
+
+def costs_from_bench(costs: dict) -> StepCosts:
+    """The StepCosts a bench.json `costs` section holds (`mtpbench bench`, kept with a sweep by `sweep --bench`)."""
+    return StepCosts(ar_step=costs["ar_step_s"], draft_step=costs["draft_step_s"],
+                     verify={int(v["k"]): v["seconds"] for v in costs["verify_s"]}, rollback=costs["rollback_s"],
+                     draft_chain={int(d["k"]): d["seconds"] for d in costs.get("draft_chain_s", [])})
+
+
+def bandwidth_bound_speedup(survival: list[float], draft_share: float) -> float:
+    """A projection, not a measurement: the speedup the measured survival gives where decoding is bound by weight
+    bandwidth (Apple silicon, GPUs at batch 1), i.e. a (K+1)-token verify costs one decode step, a draft step
+    costs its share of the weight bytes (`draft_share` = draft-step bytes / trunk bytes) and a rollback is free."""
+    k = len(survival)
+    return predicted_speedup(survival, StepCosts(ar_step=1.0, draft_step=draft_share, verify={k: 1.0}))
