@@ -11,12 +11,13 @@ import pytest
 from mtpbench.stats.acceptance import StepCosts, bandwidth_bound_speedup, costs_from_bench, predicted_speedup
 
 
-def test_bandwidth_bound_projection_is_tau_over_the_draft_bytes():
+def test_bandwidth_bound_projection_is_the_cost_model_with_verify_at_one_step():
     for a, share in ((0.0, 0.1), (0.5, 0.05), (0.9, 0.2), (1.0, 0.0)):
         for k in (1, 2, 3):
             survival = [a ** d for d in range(1, k + 1)]
-            tau = 1 + sum(survival)
-            assert math.isclose(bandwidth_bound_speedup(survival, share), tau / (1 + k * share))
+            bound = StepCosts(ar_step=1.0, draft_step=share, verify={k: 1.0})
+            assert math.isclose(bandwidth_bound_speedup(1 + sum(survival), k, share),
+                                predicted_speedup(survival, bound))
 
 
 def test_costs_from_bench_reads_what_bench_writes():
@@ -64,5 +65,13 @@ def test_sweep_summary_shows_predicted_and_projected_beside_realized(swept_and_b
     for k in (1, 2):
         survival = list(acc[acc.k == k].sort_values("depth").survival)
         row = next(line for line in text.splitlines() if line.split()[:1] == [str(k)])
-        assert f"{bandwidth_bound_speedup(survival, share):.2f}x" in row
+        assert f"{bandwidth_bound_speedup(1 + sum(survival), k, share):.2f}x" in row
         assert f"{predicted_speedup(survival, costs):.2f}x" in row
+
+
+def test_html_report_has_the_projection_column_with_a_bench(swept_and_benched, tmp_path):
+    from mtpbench.report.html import render_report
+
+    out, bench = swept_and_benched
+    html = render_report([out], tmp_path / "r.html").read_text()
+    assert "bandwidth-bound projection (not measured)" in html and "a projection, not a measurement" in html

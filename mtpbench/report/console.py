@@ -9,7 +9,8 @@ import pandas as pd
 
 from ..sweep.axes import GROUP_KEYS
 
-from ..stats.acceptance import StepCosts, bandwidth_bound_speedup, costs_from_bench, predicted_speedup
+from ..stats.acceptance import (StepCosts, bandwidth_bound_speedup, costs_from_bench, draft_shares,
+                                expected_tokens, predicted_speedup)
 from ..stats.summary import (acceptance_by_depth, per_prompt_ratios, server_speedup_table, speedup_table,
                             throughput_table)
 
@@ -28,10 +29,10 @@ def summary_of(results_dir) -> str:
 
 def _cost_model(benches: list[dict], fingerprint) -> tuple[StepCosts, float] | None:
     """The bench costs and draft share (draft-step bytes / trunk bytes) measured on the checkpoint `fingerprint`."""
+    share = draft_shares(benches).get(fingerprint)
     for b in benches:
-        if b.get("model", {}).get("fingerprint") == fingerprint and "costs" in b and "roofline" in b:
-            r = b["roofline"]
-            return costs_from_bench(b["costs"]), r["draft_step_bytes"] / r["trunk_bytes"]
+        if b.get("model", {}).get("fingerprint") == fingerprint and "costs" in b and share is not None:
+            return costs_from_bench(b["costs"]), share
     return None
 
 
@@ -42,7 +43,7 @@ def _projections(model: tuple[StepCosts, float] | None, k: int, survival: list[f
     costs, share = model
     predicted = predicted_speedup(survival, costs) if k in costs.verify else float("nan")
     return {"predicted (this machine)": f"{predicted:.2f}x" if pd.notna(predicted) else "-",
-            "bandwidth-bound projection": f"{bandwidth_bound_speedup(survival, share):.2f}x"}
+            "bandwidth-bound projection": f"{bandwidth_bound_speedup(expected_tokens(survival), k, share):.2f}x"}
 
 
 def sweep_summary(runs: pd.DataFrame, benches: list[dict] | None = None) -> str:

@@ -88,9 +88,15 @@ def costs_from_bench(costs: dict) -> StepCosts:
                      draft_chain={int(d["k"]): d["seconds"] for d in costs.get("draft_chain_s", [])})
 
 
-def bandwidth_bound_speedup(survival: list[float], draft_share: float) -> float:
-    """A projection, not a measurement: the speedup the measured survival gives where decoding is bound by weight
-    bandwidth (Apple silicon, GPUs at batch 1), i.e. a (K+1)-token verify costs one decode step, a draft step
-    costs its share of the weight bytes (`draft_share` = draft-step bytes / trunk bytes) and a rollback is free."""
-    k = len(survival)
-    return predicted_speedup(survival, StepCosts(ar_step=1.0, draft_step=draft_share, verify={k: 1.0}))
+def draft_shares(benches: list[dict]) -> dict[str, float]:
+    """Checkpoint fingerprint -> draft-step bytes / trunk bytes, from bench.json roofline sections."""
+    return {b["model"]["fingerprint"]: b["roofline"]["draft_step_bytes"] / b["roofline"]["trunk_bytes"]
+            for b in benches if b.get("roofline") and b.get("model", {}).get("fingerprint")}
+
+
+def bandwidth_bound_speedup(tau: float, k: int, draft_share: float) -> float:
+    """A projection, not a measurement: the speedup a measured tau (tokens per verify step) gives at depth K where
+    decoding is bound by weight bandwidth (Apple silicon, GPUs at batch 1). The cost model with a (K+1)-token
+    verify costing one decode step, each draft step its share of the weight bytes (`draft_share` = draft-step
+    bytes / trunk bytes) and a free rollback: tau / (1 + K * draft_share)."""
+    return tau / (1.0 + k * draft_share)
