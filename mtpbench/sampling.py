@@ -189,8 +189,9 @@ def support(logits: np.ndarray, cfg: SamplingConfig) -> Support:
     then temperature on what survives. Each filter keeps the tokens at or above one threshold (ties kept), so the
     support is every token at or above the highest of the thresholds: a partition finds the k-th logit, a
     partial sort the top-p cut, the log-sum-exp (float32 exps, float64 sum) is needed for top-p only. The
-    survivors are then treated in float64 exactly as the dense transform treats them. At T > 0 with no filter the
-    support is the vocabulary: one float32 pass.
+    survivors are then treated in float64 as the dense transform treats them (equal up to float rounding; a top-p
+    mass within ~1e-7 of a token boundary may cut differently). At T > 0 with no filter the support is the
+    vocabulary: one float32 pass.
     """
     x = np.asarray(logits, dtype=np.float32).reshape(-1)
     if cfg.greedy:
