@@ -35,6 +35,7 @@ from .provenance import now_iso, provenance
 from .sweep.store import write_json
 from .model.roofline import bytes_per_token, copy_bandwidth, draft_step_bytes, nbytes, weight_bytes
 from .sampling import SamplingConfig
+from .sampling_cost import QWEN_SAMPLED, sampling_section
 from .stats.acceptance import (
     StepCosts,
     break_even_acceptance,
@@ -582,6 +583,8 @@ def run_bench(model: str | Path, out_dir: Path, ks: Sequence[int] = (1, 2, 3), s
                   lambda: mtp_efficiency(bundle, prompt, s.ks, s.max_tokens, s.repeats, costs))
     section("records_overhead", "records overhead",
             lambda: records_overhead(bundle, prompt, s.ks, s.max_tokens, s.repeats))
+    section("sampling", f"sampled ({QWEN_SAMPLED.label()}) vs greedy: host work per row, bytes read back, step time",
+            lambda: sampling_section(bundle, prompt, max(s.ks), s.max_tokens, s.repeats))
     section("roofline", "roofline", lambda: roofline(
         bundle, {0: eff[0]["ar_tok_s"], **{e["k"]: e["mtp_tok_s"] for e in eff}}, {e["k"]: e["tau"] for e in eff},
         s.copy_mb))

@@ -4,6 +4,11 @@ Speculative sampling is exact only if p (target) and q (draft) come from the *sa
 *same* order. Keeping a single function here is what makes that true by construction. The order mirrors
 mlx_lm's sampler (top-p, min-p, top-k on the untempered log-probs, then temperature), so our AR baseline samples
 what `mlx_lm.generate` samples.
+
+The decoder uses `support`: the row as a `Support` (ids with non-zero probability, ascending, and their
+probabilities), found in a few float32 passes over the vocabulary, so a row of Qwen's 248,320 ids costs well
+under a millisecond at top-k. `sampling_probs`, the dense float64 transform, is kept as the test oracle
+(tests/test_sampling.py holds the two equal).
 """
 
 from __future__ import annotations
@@ -62,7 +67,8 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def sampling_probs(logits: np.ndarray, cfg: SamplingConfig) -> np.ndarray:
-    """Probabilities (float64, rows sum to 1) that `cfg` samples from, for each row of `logits`.
+    """Probabilities (float64, rows sum to 1) that `cfg` samples from, for each row of `logits`: the dense
+    definition, kept as the oracle `support` is tested against (a row at V = 248,320 costs ~20 ms here).
 
     Greedy is a point mass on the argmax (ties broken by the lowest id, as `argmax` does).
     """
@@ -94,8 +100,142 @@ def sampling_probs(logits: np.ndarray, cfg: SamplingConfig) -> np.ndarray:
     return probs / probs.sum(axis=-1, keepdims=True)
 
 
-def sample(probs: np.ndarray, rng: np.random.Generator) -> int:
-    """Draw one token id from a probability vector by inverse CDF (one uniform per draw)."""
-    cdf = np.cumsum(probs)
-    idx = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
-    return min(idx, len(probs) - 1)
+@dataclass(frozen=True, eq=False)
+class Support:
+    """One sampling row kept sparse: the token ids with non-zero probability (ascending) and their probabilities.
+
+    At Qwen's vocabulary (248,320) a dense float64 row costs more host time than the model's forward on a fast
+    machine; with top-k the support is at most k ids (plus ties at the cut), so every later step (the rule, the
+    residual, alpha, the records) works on a handful of numbers.
+    """
+
+    ids: np.ndarray  # int64, strictly ascending
+    probs: np.ndarray  # float64, same length, sums to 1
+
+    @classmethod
+    def point(cls, token: int) -> "Support":
+        return cls(np.array([token], dtype=np.int64), np.ones(1))
+
+    @classmethod
+    def from_dense(cls, row: np.ndarray) -> "Support":
+        row = np.asarray(row, dtype=np.float64)
+        ids = np.flatnonzero(row > 0)
+        return cls(ids, row[ids])
+
+    def dense(self, vocab: int) -> np.ndarray:
+        out = np.zeros(vocab)
+        out[self.ids] = self.probs
+        return out
+
+    def on(self, ids: np.ndarray) -> np.ndarray:
+        """Probabilities of `ids` (any order), 0 for ids outside the support."""
+        ids = np.asarray(ids)
+        pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
+        return np.where(self.ids[pos] == ids, self.probs[pos], 0.0)
+
+    def prob(self, token: int) -> float:
+        return float(self.on(np.array([token]))[0])
+
+    def argmax(self) -> int:
+        """The most likely id, ties to the lowest id (as `np.argmax` on the dense row)."""
+        return int(self.ids[int(np.argmax(self.probs))])
+
+
+def as_support(row: "np.ndarray | Support") -> Support:
+    return row if isinstance(row, Support) else Support.from_dense(row)
+
+
+def alpha(p: Support, q: Support) -> float:
+    """sum_v min(p_v, q_v): only ids in both supports contribute."""
+    _, i, j = np.intersect1d(p.ids, q.ids, assume_unique=True, return_indices=True)
+    return float(np.minimum(p.probs[i], q.probs[j]).sum())
+
+
+def residual(p: Support, q: Support) -> Support | None:
+    """normalize(max(0, p - q)) over the union of the two supports; None where it is all zero (p == q)."""
+    ids = np.union1d(p.ids, q.ids)
+    diff = np.maximum(p.on(ids) - q.on(ids), 0.0)
+    keep = diff > 0
+    total = diff.sum()
+    return Support(ids[keep], diff[keep] / total) if total > 0 else None
+
+
+_FLOAT64_EXP_MAX = 1 << 16  # larger supports (a flat row under top-p or min-p) take float32 exps, as T=1 does
+_PARTIAL_START = 64  # first guess at the size of a top-p set; grown 8x until the mass is reached
+
+
+def _top_p_floor(x: np.ndarray, top_p: float, m: float, total: float) -> float:
+    """The smallest logit top-p keeps (ties at it kept), as `sampling_probs` computes it, without a full sort.
+
+    Partial sorts of growing size find the most likely tokens whose mass reaches `top_p`; a float32 full sort is
+    the last resort (a flat row), never a float64 one. Masses are float32 exps summed in float64, like `total`.
+    """
+    v = x.size
+    n = min(_PARTIAL_START, v)
+    while True:
+        top = np.sort(x if n >= v else np.partition(x, v - n)[v - n:])[::-1]
+        mass = np.exp(top - np.float32(m)).astype(np.float64)
+        above = np.cumsum(mass) - mass
+        cut = int(np.searchsorted(above >= top_p * total, True))  # `above` grows, so the test is a step
+        if cut < n or n >= v:
+            return float(top[max(cut, 1) - 1])
+        n = min(n * 8, v)
+
+
+def support(logits: np.ndarray, cfg: SamplingConfig) -> Support:
+    """`sampling_probs` of one row as a `Support`, in a few vocabulary-sized float32 passes.
+
+    Same order as mlx_lm's sampler and `sampling_probs`: top-p, min-p and top-k on the untempered log-probs,
+    then temperature on what survives. Each filter keeps the tokens at or above one threshold (ties kept), so the
+    support is every token at or above the highest of the thresholds: a partition finds the k-th logit, a
+    partial sort the top-p cut, the log-sum-exp (float32 exps, float64 sum) is needed for top-p only. The
+    survivors are then treated in float64 as the dense transform treats them (equal up to float rounding; a top-p
+    mass within ~1e-7 of a token boundary may cut differently). At T > 0 with no filter the support is the
+    vocabulary: one float32 pass.
+    """
+    x = np.asarray(logits, dtype=np.float32).reshape(-1)
+    if cfg.greedy:
+        return Support.point(int(np.argmax(x)))
+    v, m = x.size, float(x.max())
+    if cfg.top_p >= 1 and cfg.min_p <= 0 and not 0 < cfg.top_k < v:
+        e = np.exp((x - np.float32(m)) * np.float32(1 / cfg.temperature), dtype=np.float32).astype(np.float64)
+        return Support(np.arange(v, dtype=np.int64), e / e.sum())
+    floor, total = -np.inf, 1.0
+    if 0 < cfg.top_k < v:
+        floor = float(np.partition(x, v - cfg.top_k)[v - cfg.top_k])
+    if cfg.top_p < 1:
+        total = float(np.exp(x - np.float32(m), dtype=np.float32).sum(dtype=np.float64))
+        if floor == -np.inf:  # with top-k the cut is searched inside the k survivors below
+            floor = _top_p_floor(x, cfg.top_p, m, total)
+    if cfg.min_p > 0:  # float32 prefilter with slack; the exact float64 test runs on the survivors
+        floor = max(floor, float(np.nextafter(np.float32(m + np.log(cfg.min_p)), np.float32(-np.inf))))
+    ids = np.flatnonzero(x >= floor)
+    xs = x[ids].astype(np.float64)
+    log_total = float(np.log(total))
+    lp = (xs - m) - log_total
+    keep = np.ones(len(ids), dtype=bool)
+    if cfg.top_p < 1 and 0 < cfg.top_k < v:
+        order = np.argsort(-xs, kind="stable")
+        mass = np.exp(xs[order] - m)
+        above = np.cumsum(mass) - mass
+        cut = int(np.searchsorted(above >= cfg.top_p * total, True))
+        if cut < len(ids):
+            keep &= xs >= xs[order[max(cut, 1) - 1]]
+    if cfg.min_p > 0:
+        keep &= lp >= -log_total + np.log(cfg.min_p)
+    ids, scaled = ids[keep], lp[keep] / cfg.temperature
+    scaled -= scaled.max()
+    probs = np.exp(scaled if len(ids) <= _FLOAT64_EXP_MAX else scaled.astype(np.float32)).astype(np.float64)
+    return Support(ids, probs / probs.sum())
+
+
+def sample(probs: "np.ndarray | Support", rng: np.random.Generator) -> int:
+    """Draw one token id by inverse CDF (one uniform per draw) from a dense row or a `Support`.
+
+    A support lists its ids in ascending order, so its CDF takes the same values as the dense row's (zeros add
+    nothing): the same uniform draws the same token from both, up to float rounding of the probabilities.
+    """
+    ids, values = (probs.ids, probs.probs) if isinstance(probs, Support) else (None, probs)
+    cdf = np.cumsum(values)
+    idx = min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), len(values) - 1)
+    return idx if ids is None else int(ids[idx])

@@ -116,3 +116,16 @@ def test_sweep_report_shows_bench_kept_with_the_results(bench, tmp_path):
 def test_cli_bench_bad_contexts_is_one_line(tiny_agree, tmp_path):
     res = CliRunner().invoke(bench_cmd, ["--model", str(tiny_agree), "--quick", "--contexts", "a,b"])
     assert res.exit_code != 0 and "--contexts" in res.output
+
+
+def test_sampling_section_measures_both_paths_and_renders(bench):
+    s = bench[1]["sampling"]
+    assert {r["vocab"] for r in s["rows"]} >= {248_320}
+    for r in s["rows"]:
+        assert _finite_positive(r["host_ms"]) and _finite_positive(r["dense_oracle_ms"]) and r["support_size"] >= 1
+        assert ("device_ms" in r) == ("top_k" in r["setting"])
+    assert [d["k"] for d in s["decode"]] == [0, 2]
+    for d in s["decode"]:
+        assert _finite_positive(d["greedy_s"]) and _finite_positive(d["sampled_s"]) and _finite_positive(d["ratio"])
+        assert d["read_back_bytes_sampled"] > d["read_back_bytes_greedy"] > 0
+    assert "Sampled decoding" in render_bench_html(bench[1])

@@ -18,7 +18,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..model.mtp import EXPERT_LAYOUTS, EXPERT_PROJS, FUSED, MTP_NORM_SUFFIXES, PER_EXPERT
-from .tokenizer import train_bpe, write_tokenizer
+from .tokenizer import pad_vocab, train_bpe, write_tokenizer
 
 MTP_PREFIXES = ("mtp.", "model.mtp.", "language_model.mtp.", "model.language_model.mtp.")
 # Trunk norms that raw HF checkpoints store as offsets (mlx_lm's sanitize adds 1 to exactly these).
@@ -44,7 +44,8 @@ class TinySpec:
     seed: int = 0
     layers: int = 4
     hidden: int = 64
-    vocab: int = 320
+    vocab: int = 320  # tokenizer size
+    vocab_size: int = 0  # model vocabulary (embedding and lm head rows); 0: `vocab`. Wider ids decode to placeholders
     mtp: bool = True
     mtp_layout: str = "inline"  # inline | sidecar
     mtp_prefix: str = "mtp."
@@ -60,6 +61,10 @@ class TinySpec:
     experts_per_token: int = 2
     mtp_experts: str = PER_EXPERT  # how the head's experts are stored: per-expert | fused | switch (MLX)
 
+    @property
+    def model_vocab(self) -> int:
+        return self.vocab_size or self.vocab
+
 
 def text_config(spec: TinySpec) -> dict:
     heads = max(2, spec.hidden // spec.head_dim)
@@ -72,7 +77,7 @@ def text_config(spec: TinySpec) -> dict:
         "num_key_value_heads": max(1, heads // 2),
         "head_dim": spec.head_dim,
         "rms_norm_eps": 1e-6,
-        "vocab_size": spec.vocab,
+        "vocab_size": spec.model_vocab,
         "linear_num_value_heads": heads,
         "linear_num_key_heads": max(1, heads // 2),
         "linear_key_head_dim": spec.head_dim,
@@ -218,6 +223,8 @@ def make_tiny(out: str | Path, spec: TinySpec = TinySpec(), force: bool = False)
         raise ValueError("--mtp-layout must be inline or sidecar")
     if spec.moe and not 1 <= spec.experts_per_token <= spec.experts:
         raise ValueError(f"--experts-per-token must be between 1 and --experts ({spec.experts})")
+    if spec.vocab_size and spec.vocab_size < spec.vocab:
+        raise ValueError(f"--vocab-size must be at least the tokenizer's --vocab ({spec.vocab}), got {spec.vocab_size}")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not force or not out.is_dir():
@@ -236,5 +243,6 @@ def make_tiny(out: str | Path, spec: TinySpec = TinySpec(), force: bool = False)
     write_weights(out, {**trunk, **(prefixed if inline else {})}, spec.shards, {} if inline else prefixed)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     random.seed(spec.seed)
-    write_tokenizer(train_bpe(_TOKENIZER_TEXT * 4, spec.vocab), out)
+    tok = train_bpe(_TOKENIZER_TEXT * 4, spec.vocab)
+    write_tokenizer(pad_vocab(tok, spec.vocab_size) if spec.vocab_size > spec.vocab else tok, out)
     return out

@@ -48,6 +48,22 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     return tok
 
 
+def pad_vocab(tok: Tokenizer, size: int) -> Tokenizer:
+    """`tok` with ids up to `size` - 1, those past its own vocabulary decoding to the placeholder `<|pad_ID|>`.
+
+    A model whose vocabulary is wider than its tokenizer (Qwen's 248,320 rows on a tiny tokenizer, to measure
+    what a real vocabulary costs) can then emit any id and every loader, streaming detokenizers included,
+    decodes it. No merge produces a placeholder, so encoding is unchanged.
+    """
+    have = tok.get_vocab_size(with_added_tokens=True)
+    if size <= have:
+        return tok
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    vocab.update({f"<|pad_{i}|>": i for i in range(have, size)})
+    return Tokenizer.from_str(json.dumps(spec))
+
+
 def write_tokenizer(tok: Tokenizer, out: Path) -> None:
     """Write tokenizer.json, tokenizer_config.json and generation_config's eos so every loader agrees."""
     out.mkdir(parents=True, exist_ok=True)

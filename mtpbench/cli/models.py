@@ -91,6 +91,10 @@ def make_demo_cmd(out, prompts_out, phase1_steps, phase2_steps):
 @click.option("--layers", type=int, default=4, show_default=True, help="Trunk layers (every 2nd is attention).")
 @click.option("--hidden", type=int, default=64, show_default=True)
 @click.option("--vocab", type=int, default=320, show_default=True, help="Tokenizer size (byte-level BPE, >= 261).")
+@click.option("--vocab-size", type=int, default=0,
+              help="Model vocabulary (embedding and lm-head rows), wider than the tokenizer, e.g. Qwen's 248320; ids "
+                   "past the tokenizer decode to <|pad_ID|> [default: --vocab].")
+@click.option("--tie-embeddings", is_flag=True, help="Tie the lm head to the embedding (as Qwen3.5-0.8B does).")
 @click.option("--no-mtp", is_flag=True, help="Write no MTP head (like conversions that strip mtp.*).")
 @click.option("--mtp-layout", type=click.Choice(["inline", "sidecar"]), default="inline", show_default=True)
 @click.option("--mtp-prefix", default="mtp.", show_default=True,
@@ -106,14 +110,15 @@ def make_demo_cmd(out, prompts_out, phase1_steps, phase2_steps):
               "gate_up_proj (Qwen3.6) or MLX switch layers.")
 @click.option("--force", is_flag=True, help="Overwrite a checkpoint already at OUT (default: refuse).")
 @friendly
-def make_tiny_cmd(out, seed, layers, hidden, vocab, no_mtp, mtp_layout, mtp_prefix, hf_norms, shards, moe, experts,
-                  experts_per_token, mtp_experts, force):
+def make_tiny_cmd(out, seed, layers, hidden, vocab, vocab_size, tie_embeddings, no_mtp, mtp_layout, mtp_prefix,
+                  hf_norms, shards, moe, experts, experts_per_token, mtp_experts, force):
     """Write a tiny random Qwen3.5 checkpoint with an MTP head to OUT (for tests and experiments)."""
     from ..build.tiny import TinySpec, make_tiny
 
     try:
-        spec = TinySpec(seed=seed, layers=layers, hidden=hidden, vocab=vocab, mtp=not no_mtp, mtp_layout=mtp_layout,
-                        mtp_prefix=mtp_prefix, hf_norms=hf_norms, shards=shards, moe=moe, experts=experts,
+        spec = TinySpec(seed=seed, layers=layers, hidden=hidden, vocab=vocab, vocab_size=vocab_size,
+                        tie_embeddings=tie_embeddings, mtp=not no_mtp, mtp_layout=mtp_layout, mtp_prefix=mtp_prefix,
+                        hf_norms=hf_norms, shards=shards, moe=moe, experts=experts,
                         experts_per_token=experts_per_token, mtp_experts=mtp_experts)
         path = make_tiny(out, spec, force=force)
     except ValueError as e:

@@ -93,14 +93,14 @@ def sweep_cmd(config_file, quiet, no_report, bench_models, bench_large, executor
         outcome = run_sweep(spec, out, command, progress, executor=executor, ray_address=ray_address, say=say)
     finally:
         progress.close()
+    if bench_models and spec.models:  # before the summary, which sets the bench's predictions beside the speedups
+        bench_into(out, list(spec.models), spec.ks, bench_large,
+                   None if quiet else (lambda m: click.echo(f"bench: {m}", err=True)))
     if not quiet:
         if outcome.cells_skipped:
             click.echo(f"resumed: {outcome.cells_skipped} of {outcome.cells_total} cells were already done")
         click.echo(summary_of(out))
     click.echo(f"results: {out}")
-    if bench_models and spec.models:
-        bench_into(out, list(spec.models), spec.ks, bench_large,
-                   None if quiet else (lambda m: click.echo(f"bench: {m}", err=True)))
     if not no_report:
         try:
             click.echo(f"report: {render_report([out], Path('reports') / f'{out.name}.html', say=say)}")

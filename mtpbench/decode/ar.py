@@ -2,8 +2,8 @@
 
 Greedy decoding pipelines like mlx_lm's `generate_step`: the next forward and its argmax are queued
 (`mx.async_eval`) before the host reads the current token, so the device never waits on the host. Sampled
-decoding draws on the host with the one sampling transform (`sampling.sampling_probs`), so each token waits for
-its row.
+decoding draws on the host with the one sampling transform (`sampling.support`, a sparse row: see
+`common.host_supports`), so each token waits for its row.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import mlx.core as mx
 from ..model.checkpoint import Bundle
 from ..model.kvcache import FULL_KV, KVCacheSpec
 from ..sampling import SamplingConfig
-from .common import choose, host_probs, now, peak, point_mass_record, reset_peak, rngs, token_record
+from .common import choose, host_supports, now, peak, point_mass_record, reset_peak, rngs, token_record
 from .records import DecodeResult
 
 
@@ -26,7 +26,7 @@ def generate_ar(bundle: Bundle, prompt: list[int], cfg: SamplingConfig, max_toke
     reset_peak()
     t0 = now()
     logits = trunk(mx.array(prompt)[None], cache).logits[0, -1:]
-    p = host_probs(logits, cfg)[0]
+    p = host_supports(logits, cfg)[0]
     token = choose(p, cfg, rng)
     t1 = now()
     tokens = [token]
@@ -36,7 +36,7 @@ def generate_ar(bundle: Bundle, prompt: list[int], cfg: SamplingConfig, max_toke
         recs += [point_mass_record(i, t, "ar", pit_rng) for i, t in enumerate(tokens[1:], 1)] if records else []
     else:
         while len(tokens) < max_tokens and token not in eos:
-            p = host_probs(trunk(mx.array([[token]]), cache).logits[0, -1:], cfg)[0]
+            p = host_supports(trunk(mx.array([[token]]), cache).logits[0, -1:], cfg)[0]
             token = choose(p, cfg, rng)
             if records:
                 recs.append(token_record(len(tokens), token, "ar", p, pit_rng))

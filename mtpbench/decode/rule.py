@@ -11,11 +11,13 @@ exact rule, so a control tests exactly one mistake.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Union
 
 import numpy as np
 
-from ..sampling import sample
+from ..sampling import Support, as_support, residual, sample
 
 MAX_K = 16  # the deepest draft chain the reference decoder takes (K drafts per step)
 
@@ -38,35 +40,34 @@ class Verdict:
     source: str  # residual | bonus
 
 
-def _normalized(x: np.ndarray) -> np.ndarray:
-    total = x.sum()
-    return x / total if total > 0 else x
+Row = Union[Support, np.ndarray]
 
 
-def apply_rule(p: np.ndarray, q: np.ndarray, drafts: list[int], rng: np.random.Generator, rule: Rule = EXACT) -> Verdict:
-    """Accept drafts left to right. p: (K+1, V) target rows, q: (K, V) draft rows, drafts: K ids."""
+def apply_rule(p: Sequence[Row], q: Sequence[Row], drafts: list[int], rng: np.random.Generator,
+               rule: Rule = EXACT) -> Verdict:
+    """Accept drafts left to right. p: K+1 target rows, q: K draft rows (each a `Support` or a dense row),
+    drafts: K ids. Every distribution is a support, so a step touches only the ids with probability."""
     for i, d in enumerate(drafts):
+        pi, qi = as_support(p[i]), as_support(q[i])
         if rule.accept == "ratio":
-            ok = rng.random() * q[i, d] < p[i, d]  # u < p/q without dividing; q[d] > 0 since d was drawn from q
+            ok = rng.random() * qi.prob(d) < pi.prob(d)  # u < p/q without dividing; q[d] > 0 since d was drawn from q
         elif rule.accept == "target_argmax":
-            ok = d == int(np.argmax(p[i]))
+            ok = d == pi.argmax()
         else:  # target_sample: draw y ~ p_i; accept if d == y, else emit y itself (unbiased, accepts less)
-            y = sample(p[i], rng)
+            y = sample(pi, rng)
             if d != y:
                 return Verdict(i, y, "residual")
             ok = True
         if not ok:
             if rule.correction == "target":
-                dist = p[i]
+                dist = pi
             elif rule.correction == "draft":
-                dist = q[i]
-            else:
-                dist = _normalized(np.maximum(p[i] - q[i], 0.0))
-                if dist.sum() == 0:  # p == q exactly: rejection has probability 0 but guard float noise
-                    dist = p[i]
+                dist = qi
+            else:  # p == q exactly leaves no residual: rejection has probability 0 but guard float noise
+                dist = residual(pi, qi) or pi
             return Verdict(i, sample(dist, rng), "residual")
-    last = p[len(drafts)]
-    token = int(np.argmax(last)) if rule.bonus == "argmax" else sample(last, rng)
+    last = as_support(p[len(drafts)])
+    token = last.argmax() if rule.bonus == "argmax" else sample(last, rng)
     return Verdict(len(drafts), token, "bonus")
 
 

@@ -15,8 +15,8 @@ import mlx.core as mx
 import numpy as np
 
 from ..model.checkpoint import Bundle
-from ..sampling import SamplingConfig
-from .common import host_probs
+from ..sampling import SamplingConfig, alpha as support_alpha
+from .common import host_supports
 
 
 @dataclass(frozen=True)
@@ -37,8 +37,8 @@ def scan(bundle: Bundle, ids: list[int], cfg: SamplingConfig = SamplingConfig())
     if cfg.greedy:
         alpha = match.astype(float)
     else:
-        p, q = host_probs(p_logits, cfg), host_probs(q_logits, cfg)
-        alpha = np.minimum(p, q).sum(-1)
+        p, q = host_supports(p_logits, cfg), host_supports(q_logits, cfg)
+        alpha = np.array([support_alpha(pi, qi) for pi, qi in zip(p, q)])
     return Scan(match=match, alpha=alpha)
 
 

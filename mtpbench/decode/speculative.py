@@ -38,9 +38,9 @@ from ..model.checkpoint import Bundle
 from ..model.conventions import COMMITTED, CYCLE, DEFAULT_HISTORY, NORMED, History, chain as parse_chain
 from ..errors import UserError
 from ..model.kvcache import FULL_KV, KVCacheSpec
-from ..sampling import SamplingConfig
+from ..sampling import SamplingConfig, Support, alpha
 from .cache import require_exact_rollback, restore, snapshot
-from .common import choose, host_probs, now, peak, point_mass_record, reset_peak, rngs, token_record
+from .common import choose, host_supports, now, peak, point_mass_record, reset_peak, rngs, token_record
 from .records import DecodeResult, StepRecord, TokenRecord
 from .rule import EXACT, MAX_K, Rule, Verdict, apply_rule, apply_rule_greedy
 
@@ -171,7 +171,7 @@ def generate_mtp(
         head(out.hidden[:, :-1], trunk.embed(x[:, 1:]), mtp_cache)
     elif len(prompt) > 1 and history.kind != CYCLE:  # window:N keeps the prompt's last N true pairs
         window_h, window_tok = out.hidden[:, :-1][:, -history.window:], prompt[1:][-history.window:]
-    p = host_probs(out.logits[0, -1:], cfg)[0]
+    p = host_supports(out.logits[0, -1:], cfg)[0]
     last = choose(p, cfg, rng)
     t1 = now()
 
@@ -214,7 +214,8 @@ def _head_feed(r: _Run, st: _State) -> tuple[mx.array, list[int], list]:
 
 
 def _sampled_step(r: _Run, st: _State) -> None:
-    """One step with host-side rows: any temperature, draft temperature and rule (controls included)."""
+    """One step with host-side sparse rows (`Support`): any temperature, draft temperature and rule (controls
+    included)."""
     trunk, head, k, rng = r.bundle.trunk, r.bundle.draft_head, _depth(r, st), r.rng
     # 1. Draft: catch the MTP cache up on the true pairs and draft d1 in one call, then chain.
     fed_h, fed_tok, mtp_cache = _head_feed(r, st)
@@ -222,23 +223,23 @@ def _sampled_step(r: _Run, st: _State) -> None:
     z, normed = z[:, -1:], normed[:, -1:]
     committed = mtp_cache[0].offset
     drafts: list[int] = []
-    q = np.empty((k, trunk.lm.args.vocab_size))
+    q: list[Support] = []  # sparse rows: at top-k a few ids each, whatever the vocabulary
     for i in range(k):
         if i:
             z, normed = head.chained(z, trunk.embed(mx.array([[drafts[-1]]])), mtp_cache, r.chain)
-        q[i] = host_probs(trunk.lm_head(normed)[0], r.dcfg)[0]
+        q.append(host_supports(trunk.lm_head(normed)[0], r.dcfg)[0])
         drafts.append(choose(q[i], r.dcfg, rng))
 
     # 2. Verify all K drafts with one trunk forward over K+1 positions, and accept by the rule.
     verify, roll_back = _verify(trunk, r.cache, mx.array([[st.last] + drafts]), r.rollback)
-    p = host_probs(verify.logits[0], r.cfg)
-    rule_p = p if r.rule.target_transform == "same" else host_probs(verify.logits[0], _raw_target(r.cfg))
+    p = host_supports(verify.logits[0], r.cfg)  # the K+1 rows come to the host once, as float32
+    rule_p = p if r.rule.target_transform == "same" else host_supports(verify.logits[0], _raw_target(r.cfg))
     verdict = apply_rule(rule_p, q, drafts, rng, r.rule)
 
     # 3.-4. Roll back, record, emit.
     _finish(r, st, verdict, drafts, roll_back, mtp_cache, committed, verify.hidden,
-            lambda step, i, j: StepRecord(step, i + 1, drafts[i], i < j, float(p[i, drafts[i]]), float(q[i, drafts[i]]),
-                                          float(np.minimum(p[i], q[i]).sum())),
+            lambda step, i, j: StepRecord(step, i + 1, drafts[i], i < j, p[i].prob(drafts[i]), q[i].prob(drafts[i]),
+                                          alpha(p[i], q[i])),
             lambda i, index, tok, src: token_record(index, tok, src, p[i], r.pit_rng))
 
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..model.checkpoint import Bundle
 from ..sampling import SamplingConfig
-from .common import host_probs
+from .common import host_supports
 
 
 def forward_logits(bundle: Bundle, ids: list[int]) -> np.ndarray:
@@ -36,10 +36,10 @@ def enumerate_target(bundle: Bundle, prompt: list[int], cfg: SamplingConfig, n: 
     for _ in range(n):
         nxt: dict[tuple[int, ...], float] = {}
         for seq, mass in frontier.items():
-            p = host_probs(mx.array(forward_logits(bundle, prompt + list(seq))[-1:]), cfg)[0]
-            for tok in np.flatnonzero(p > 0):
-                child = seq + (int(tok),)
-                (done if int(tok) in eos else nxt)[child] = mass * float(p[tok])
+            p = host_supports(mx.array(forward_logits(bundle, prompt + list(seq))[-1:]), cfg)[0]
+            for tok, pt in zip(p.ids.tolist(), p.probs.tolist()):
+                if pt > 0:
+                    (done if tok in eos else nxt)[seq + (tok,)] = mass * pt
         if len(nxt) + len(done) > max_sequences:
             raise ValueError(f"target support exceeds {max_sequences} sequences: use top_k or fewer tokens")
         frontier = nxt

@@ -82,6 +82,24 @@ def records_table(b: dict[str, Any]) -> Table:
                  [False, True, True, True], "Cost of the rich records (p, q, alpha, PIT)")
 
 
+def sampling_table(b: dict[str, Any]) -> Table:
+    """Sampled vs greedy (bench.json's `sampling` section; absent from older files)."""
+    s = b.get("sampling") or {"rows": [], "decode": []}
+    rows = [[f"host work per row, {r['setting']}, V={fmt.integer(r['vocab'])} (support {fmt.num(r['support_size'], 0)})",
+             fmt.num(r["host_ms"], 3), fmt.num(r["device_ms"], 3) if "device_ms" in r else fmt.DASH,
+             fmt.num(r["dense_oracle_ms"], 3) if "dense_oracle_ms" in r else fmt.DASH] for r in s["rows"]]
+    rows += [[f"{_mode(d['k'])} time per {d['unit']}, greedy / {d['setting']} (ms); ratio, share beyond greedy",
+              _ms(d["greedy_s"]), _ms(d["sampled_s"]), f"{fmt.num(d['ratio'], 3)}, {_pct(d['extra_share'])}"]
+             for d in s["decode"]]
+    rows += [[f"{_mode(d['k'])} bytes read back per {d['unit']}, greedy / sampled",
+              fmt.integer(d["read_back_bytes_greedy"]), fmt.integer(d["read_back_bytes_sampled"]), fmt.DASH]
+             for d in s["decode"]]
+    return Table(["", "host (ms) · greedy", "device selection (ms) · sampled", "dense float64 oracle (ms) · ratio"],
+                 rows, [False, True, True, True],
+                 "Sampled decoding: selection work per row (host numpy, the decoder's choice; mlx on the device; the "
+                 "old dense transform), and sampled vs greedy decode time (ABBA medians, records on)")
+
+
 def roofline_table(b: dict[str, Any]) -> Table:
     r = b["roofline"]
     rows = [[_mode(m["k"]), fmt.tok_s(m["tok_s"]), fmt.num(m["bytes_per_token"] / 1e6, 2),
@@ -164,6 +182,8 @@ def overview_table(benches: list[dict[str, Any]]) -> Table:
 def _render(bench: dict[str, Any], sid: str = "bench") -> str:
     tables = [parity_table(bench), costs_table(bench), efficiency_table(bench), records_table(bench),
               roofline_table(bench), context_table(bench), blas_table(bench)]
+    if bench.get("sampling"):
+        tables.insert(4, sampling_table(bench))
     prov = sorted((k, str(v)) for k, v in bench.get("provenance", {}).items())
     return _environment().get_template("bench.html.j2").render(
         sid=sid, b=bench, model=bench["model"], tables=tables, svg=_inline(speedup_plot(bench)), provenance=prov,

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pandas as pd
 
 from ..sweep.axes import GROUP_KEYS
 
+from ..stats.acceptance import (StepCosts, bandwidth_bound_speedup, costs_from_bench, draft_shares,
+                                expected_tokens, predicted_speedup)
 from ..stats.summary import (acceptance_by_depth, per_prompt_ratios, server_speedup_table, speedup_table,
                             throughput_table)
 
@@ -15,13 +20,36 @@ def _fmt_ci(v: float, lo: float, hi: float) -> str:
 
 
 def summary_of(results_dir) -> str:
-    """The closing summary of one results directory."""
+    """The closing summary of one results directory (with the bench results kept in it, when there are any)."""
     from ..sweep.store import read_table
 
-    return sweep_summary(read_table(results_dir, "runs"))
+    benches = [json.loads(f.read_text()) for f in sorted(Path(results_dir).glob("bench/**/bench.json"))]
+    return sweep_summary(read_table(results_dir, "runs"), benches)
 
 
-def sweep_summary(runs: pd.DataFrame) -> str:
+def _cost_model(benches: list[dict], fingerprint) -> tuple[StepCosts, float] | None:
+    """The bench costs and draft share (draft-step bytes / trunk bytes) measured on the checkpoint `fingerprint`."""
+    share = draft_shares(benches).get(fingerprint)
+    for b in benches:
+        if b.get("model", {}).get("fingerprint") == fingerprint and "costs" in b and share is not None:
+            return costs_from_bench(b["costs"]), share
+    return None
+
+
+def _projections(model: tuple[StepCosts, float] | None, k: int, survival: list[float]) -> dict[str, str]:
+    """Predicted (this machine's measured costs) and bandwidth-bound projected speedups of one (setting, K)."""
+    if model is None or len(survival) != k:
+        return {}
+    costs, share = model
+    predicted = predicted_speedup(survival, costs) if k in costs.verify else float("nan")
+    return {"predicted (this machine)": f"{predicted:.2f}x" if pd.notna(predicted) else "-",
+            "bandwidth-bound projection": f"{bandwidth_bound_speedup(expected_tokens(survival), k, share):.2f}x"}
+
+
+def sweep_summary(runs: pd.DataFrame, benches: list[dict] | None = None) -> str:
+    """Per group: AR tok/s, then per K the realized speedup; with a bench of the checkpoint, beside it the speedup
+    the cost model predicts from the measured survival on this machine and the bandwidth-bound projection (see
+    `stats.acceptance.bandwidth_bound_speedup`)."""
     if runs.empty:
         return "no runs"
     by = [c for c in GROUP_KEYS if c in runs]
@@ -42,6 +70,8 @@ def sweep_summary(runs: pd.DataFrame) -> str:
         lines.append(f"\n{head}  |  AR {ar.tok_s.iloc[0]:.1f} tok/s (sd {ar.tok_s_std.iloc[0]:.1f}, "
                      f"{int(ar.runs.iloc[0])} runs)")
         table = []
+        fingerprints = rows(runs)["model_fingerprint"].dropna().unique() if "model_fingerprint" in runs else []
+        model = _cost_model(benches or [], fingerprints[0]) if len(fingerprints) == 1 else None
         for _, r in g.iterrows():
             t = rows(thr)
             t = t[(t["mode"] == "mtp") & (t.k == r.k)].iloc[0]
@@ -51,8 +81,12 @@ def sweep_summary(runs: pd.DataFrame) -> str:
                           "speedup [95% CI]": _fmt_ci(r.speedup, r.speedup_lo, r.speedup_hi),
                           "acceptance by depth": " ".join(f"{x:.2f}" for x in a.acceptance),
                           "survival": " ".join(f"{x:.2f}" for x in a.survival), "tau": f"{r.tau:.2f}",
-                          "prompts": int(r.n_prompts)})
+                          "prompts": int(r.n_prompts), **_projections(model, int(r.k), list(a.survival))})
         lines.append(pd.DataFrame(table).to_string(index=False))
+        if model is not None:
+            lines.append("  predicted: the cost model on this machine's bench costs and the measured survival.\n"
+                         "  bandwidth-bound projection: the same survival where a (K+1)-token verify costs one decode "
+                         "step and a draft its share of weight bytes (Apple silicon, GPUs): not a measurement.")
     pp = per_prompt_ratios(runs, by)
     if not pp.empty and pp["category"].nunique() > 1:
         cat = pp.groupby([*by, "k", "category"]).agg(speedup=("ratio", "mean"), tau=("tau", "mean"))

@@ -16,6 +16,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
 
 from . import backends, fmt, plots, tables
+from ..stats.acceptance import draft_shares
 from .load import Loaded, load
 from .present import (
     KEY_HEADERS,
@@ -136,7 +137,8 @@ def tau_section(data: Loaded, keys: list[str]) -> Section:
 
 def efficiency_section(data: Loaded, keys: list[str]) -> Section:
     eff = tables.efficiency(data.runs)
-    t = build(eff, key_columns(keys) + [
+    shares = draft_shares(data.benches)
+    columns = key_columns(keys) + [
         ("K", lambda r: str(int(r["k"])), True),
         ("AR ms/token", lambda r: fmt.num(1000 * r["ar_s_per_token"], 2), True),
         ("MTP ms/step", lambda r: fmt.num(1000 * r["mtp_s_per_step"], 2), True),
@@ -145,7 +147,14 @@ def efficiency_section(data: Loaded, keys: list[str]) -> Section:
         ("predicted τ/c", lambda r: fmt.ratio(r["predicted"]), True),
         ("realized [95% CI]", speedup_cell, True),
         ("efficiency", lambda r: fmt.rate(r["efficiency"]), True),
-    ])
+    ]
+    if shares:  # a bench kept with the results gives the draft's share of weight bytes
+        eff = tables.with_bandwidth_projection(eff, data.runs, shares)
+        columns.append(("bandwidth-bound projection (not measured)", lambda r: fmt.ratio(r["projected_bw"]), True))
+    t = build(eff, columns, caption="Bandwidth-bound projection: what the same τ gives where a (K+1)-token verify "
+              "costs one decode step and a draft step its share of weight bytes (Apple silicon, GPUs at batch 1): "
+              "τ / (1 + K × share), share from the bench kept with the results; a projection, not a measurement"
+              if shares else "")
     return Section("efficiency", "Predicted vs realized speedup", [t], _svg(plots.efficiency(eff)),
                    empty="Needs completed AR and MTP runs in the same cell.")
 

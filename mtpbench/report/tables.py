@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from ..stats import summary
+from ..stats.acceptance import bandwidth_bound_speedup
 from ..sweep.axes import COMPARED
 from .load import GROUP_KEYS, MISSING, Loaded
 
@@ -113,6 +114,19 @@ def efficiency(runs: pd.DataFrame) -> pd.DataFrame:
     out["predicted"] = out["tau"] / out["cost_ratio"]
     out["efficiency"] = out["speedup"] / out["predicted"]
     return out.sort_values([*BY, "k"], kind="stable").reset_index(drop=True)
+
+
+def with_bandwidth_projection(eff: pd.DataFrame, runs: pd.DataFrame, shares: dict[str, float]) -> pd.DataFrame:
+    """`efficiency` rows plus `projected_bw`, the bandwidth-bound projection of their tau (NaN where no bench of the
+    checkpoint gives its draft share): see `stats.acceptance.bandwidth_bound_speedup`."""
+    if eff.empty or "model_fingerprint" not in runs:
+        return eff.assign(projected_bw=np.nan)
+    fps = runs.groupby(BY, dropna=False)["model_fingerprint"].agg(lambda s: s.dropna().iloc[0] if s.notna().any()
+                                                                  else None).rename("fp").reset_index()
+    out = eff.merge(fps, on=BY, how="left")
+    share = out["fp"].map(lambda f: shares.get(f, np.nan))
+    out["projected_bw"] = [bandwidth_bound_speedup(t, int(k), s) for t, k, s in zip(out["tau"], out["k"], share)]
+    return out.drop(columns="fp")
 
 
 def categories(runs: pd.DataFrame) -> pd.DataFrame:

@@ -79,3 +79,24 @@ def paired_comparison(a: np.ndarray, b: np.ndarray, seed: int = 0) -> PairedComp
     lo, hi = bootstrap_ci(logr, np.mean, seed=seed)
     p = float(st.wilcoxon(logr).pvalue) if len(logr) >= 2 and np.any(logr != 0) else float("nan")
     return PairedComparison(len(a), float(np.exp(logr.mean())), float(np.exp(lo)), float(np.exp(hi)), p)
+
+
+def costs_from_bench(costs: dict) -> StepCosts:
+    """The StepCosts a bench.json `costs` section holds (`mtpbench bench`, kept with a sweep by `sweep --bench`)."""
+    return StepCosts(ar_step=costs["ar_step_s"], draft_step=costs["draft_step_s"],
+                     verify={int(v["k"]): v["seconds"] for v in costs["verify_s"]}, rollback=costs["rollback_s"],
+                     draft_chain={int(d["k"]): d["seconds"] for d in costs.get("draft_chain_s", [])})
+
+
+def draft_shares(benches: list[dict]) -> dict[str, float]:
+    """Checkpoint fingerprint -> draft-step bytes / trunk bytes, from bench.json roofline sections."""
+    return {b["model"]["fingerprint"]: b["roofline"]["draft_step_bytes"] / b["roofline"]["trunk_bytes"]
+            for b in benches if b.get("roofline") and b.get("model", {}).get("fingerprint")}
+
+
+def bandwidth_bound_speedup(tau: float, k: int, draft_share: float) -> float:
+    """A projection, not a measurement: the speedup a measured tau (tokens per verify step) gives at depth K where
+    decoding is bound by weight bandwidth (Apple silicon, GPUs at batch 1). The cost model with a (K+1)-token
+    verify costing one decode step, each draft step its share of the weight bytes (`draft_share` = draft-step
+    bytes / trunk bytes) and a free rollback: tau / (1 + K * draft_share)."""
+    return tau / (1.0 + k * draft_share)

@@ -1,0 +1,77 @@
+"""The sweep summary sets the cost model's predicted speedup and the bandwidth-bound projection beside each
+realized speedup, from the bench kept with the results."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from mtpbench.stats.acceptance import StepCosts, bandwidth_bound_speedup, costs_from_bench, predicted_speedup
+
+
+def test_bandwidth_bound_projection_is_the_cost_model_with_verify_at_one_step():
+    for a, share in ((0.0, 0.1), (0.5, 0.05), (0.9, 0.2), (1.0, 0.0)):
+        for k in (1, 2, 3):
+            survival = [a ** d for d in range(1, k + 1)]
+            bound = StepCosts(ar_step=1.0, draft_step=share, verify={k: 1.0})
+            assert math.isclose(bandwidth_bound_speedup(1 + sum(survival), k, share),
+                                predicted_speedup(survival, bound))
+
+
+def test_costs_from_bench_reads_what_bench_writes():
+    from mtpbench.bench import MeasuredCosts
+
+    m = MeasuredCosts(ar_step=0.01, draft_step=0.004, verify={1: 0.012, 2: 0.015}, rollback=0.001,
+                      draft_chain={1: 0.004, 2: 0.007}, rollback_by_j=(0.001, 0.001))
+    c = costs_from_bench(json.loads(json.dumps(m.to_dict())))
+    assert c == StepCosts(0.01, 0.004, {1: 0.012, 2: 0.015}, 0.001, {1: 0.004, 2: 0.007})
+
+
+@pytest.fixture(scope="module")
+def swept_and_benched(tmp_path_factory, tiny_agree):
+    from click.testing import CliRunner
+
+    from mtpbench.bench import BenchSettings, run_bench, safe_name
+    from mtpbench.cli.main import main
+
+    tmp = tmp_path_factory.mktemp("projection")
+    prompts = tmp / "p.jsonl"
+    prompts.write_text(json.dumps({"id": "p0", "category": "code", "prompt": "def f(x):\n    return x +"}) + "\n")
+    out = tmp / "results"
+    res = CliRunner().invoke(main, ["sweep", "-m", str(tiny_agree), "--k", "1..2", "--temp", "0", "--prompts",
+                                    str(prompts), "--repeats", "1", "--max-tokens", "16", "--out", str(out),
+                                    "--no-report", "--quiet"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    bench = run_bench(tiny_agree, out / "bench" / safe_name(str(tiny_agree)), ks=(1, 2),
+                      settings=BenchSettings.quick(contexts=(32,)))
+    return out, bench
+
+
+def test_sweep_summary_shows_predicted_and_projected_beside_realized(swept_and_benched):
+    from mtpbench.report.console import summary_of, sweep_summary
+    from mtpbench.stats.summary import acceptance_by_depth
+    from mtpbench.sweep.store import read_table
+
+    out, bench = swept_and_benched
+    runs = read_table(out, "runs")
+    assert "bandwidth-bound projection" not in sweep_summary(runs)  # no bench, no projection
+    text = summary_of(out)
+    assert "predicted (this machine)" in text and "bandwidth-bound projection" in text and "not a measurement" in text
+    acc = acceptance_by_depth(runs, ["model"])
+    share = bench["roofline"]["draft_step_bytes"] / bench["roofline"]["trunk_bytes"]
+    costs = costs_from_bench(bench["costs"])
+    for k in (1, 2):
+        survival = list(acc[acc.k == k].sort_values("depth").survival)
+        row = next(line for line in text.splitlines() if line.split()[:1] == [str(k)])
+        assert f"{bandwidth_bound_speedup(1 + sum(survival), k, share):.2f}x" in row
+        assert f"{predicted_speedup(survival, costs):.2f}x" in row
+
+
+def test_html_report_has_the_projection_column_with_a_bench(swept_and_benched, tmp_path):
+    from mtpbench.report.html import render_report
+
+    out, bench = swept_and_benched
+    html = render_report([out], tmp_path / "r.html").read_text()
+    assert "bandwidth-bound projection (not measured)" in html and "a projection, not a measurement" in html
