@@ -22,10 +22,16 @@ MAX_K = 16  # the deepest draft chain the reference decoder takes (K drafts per 
 
 @dataclass(frozen=True)
 class Rule:
-    accept: str = "ratio"  # ratio (exact) | target_argmax | target_sample
+    accept: str = "ratio"  # ratio (exact) | target_argmax | target_sample | ratio_power (min(1, (p/q)^0.8))
     correction: str = "residual"  # residual (exact) | target | draft
-    bonus: str = "sample"  # sample (exact) | argmax
+    bonus: str = "sample"  # sample (exact) | argmax | previous (drawn from the row of the last draft, p_K)
     target_transform: str = "same"  # same (exact) | raw: the target ignores the sampling transform
+    uniform: str = "fresh"  # fresh (exact) | shared: the acceptance uniform is reused to draw the residual
+    # The decoder's side of a control (read by speculative.py, not by `apply_rule`):
+    filters: str = "both"  # both (exact) | accept_only: residual from unfiltered rows | residual_only: the reverse
+    draft_temperature_scale: float = 1.0  # != 1: drafts drawn at T * scale while q (the rule's) stays at T
+    rollback: str = "exact"  # exact | commit_next: commit position j+1 | keep_gdn: GatedDeltaNet state not rolled back
+    causal_mask: bool = True  # False: the verify forward attends to later draft positions too
 
 
 EXACT = Rule()
@@ -43,11 +49,30 @@ def _normalized(x: np.ndarray) -> np.ndarray:
     return x / total if total > 0 else x
 
 
-def apply_rule(p: np.ndarray, q: np.ndarray, drafts: list[int], rng: np.random.Generator, rule: Rule = EXACT) -> Verdict:
-    """Accept drafts left to right. p: (K+1, V) target rows, q: (K, V) draft rows, drafts: K ids."""
+def _inverse_cdf(probs: np.ndarray, u: float) -> int:
+    """The token at quantile `u` of `probs` (the draw `sample` makes from its uniform)."""
+    cdf = np.cumsum(probs)
+    return min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), len(probs) - 1)
+
+
+def apply_rule(p: np.ndarray, q: np.ndarray, drafts: list[int], rng: np.random.Generator, rule: Rule = EXACT,
+               accept_rows: tuple[np.ndarray, np.ndarray] | None = None,
+               residual_rows: tuple[np.ndarray, np.ndarray] | None = None) -> Verdict:
+    """Accept drafts left to right. p: (K+1, V) target rows, q: (K, V) draft rows, drafts: K ids.
+
+    `accept_rows`, `residual_rows` (the filter controls only): other (p, q) rows the acceptance test or the
+    residual is built from; the bonus always comes from `p`."""
+    bonus_p = p
+    if accept_rows is not None:
+        p, q = accept_rows
     for i, d in enumerate(drafts):
+        u = float("nan")
         if rule.accept == "ratio":
-            ok = rng.random() * q[i, d] < p[i, d]  # u < p/q without dividing; q[d] > 0 since d was drawn from q
+            u = rng.random()
+            ok = u * q[i, d] < p[i, d]  # u < p/q without dividing; q[d] > 0 since d was drawn from q
+        elif rule.accept == "ratio_power":
+            u = rng.random()
+            ok = u < min(1.0, (p[i, d] / q[i, d]) ** 0.8)
         elif rule.accept == "target_argmax":
             ok = d == int(np.argmax(p[i]))
         else:  # target_sample: draw y ~ p_i; accept if d == y, else emit y itself (unbiased, accepts less)
@@ -61,11 +86,14 @@ def apply_rule(p: np.ndarray, q: np.ndarray, drafts: list[int], rng: np.random.G
             elif rule.correction == "draft":
                 dist = q[i]
             else:
-                dist = _normalized(np.maximum(p[i] - q[i], 0.0))
+                rp, rq = residual_rows if residual_rows is not None else (p, q)
+                dist = _normalized(np.maximum(rp[i] - rq[i], 0.0))
                 if dist.sum() == 0:  # p == q exactly: rejection has probability 0 but guard float noise
-                    dist = p[i]
+                    dist = rp[i]
+            if rule.uniform == "shared" and u == u:
+                return Verdict(i, _inverse_cdf(dist, u), "residual")
             return Verdict(i, sample(dist, rng), "residual")
-    last = p[len(drafts)]
+    last = bonus_p[len(drafts) - 1 if rule.bonus == "previous" else len(drafts)]
     token = int(np.argmax(last)) if rule.bonus == "argmax" else sample(last, rng)
     return Verdict(len(drafts), token, "bonus")
 
@@ -82,3 +110,22 @@ def apply_rule_greedy(drafts: list[int], targets: list[int]) -> Verdict:
         if d != t:
             return Verdict(i, t, "residual")
     return Verdict(len(drafts), targets[len(drafts)], "bonus")
+
+
+def conditional_law(rule: Rule, p: np.ndarray, q: np.ndarray | None, draft: int, source: str) -> np.ndarray:
+    """The law an emitted token follows given its source, under the rule the decoder claims to run.
+
+    Exact rule: an accepted draft ~ min(p, q) / alpha, a residual ~ normalize(max(0, p - q)), a bonus ~ p (here p,
+    q are the rows of the token's position). The positive control `target_sample` is unbiased with other laws: an
+    accepted draft ~ p q / sum(p q), a residual ~ p restricted to tokens other than the draft. Negative controls
+    claim the exact rule's laws, so they are tested against those. PIT values under these laws are uniform when
+    the rule is run as claimed; each law catches an error in its own part of the rule.
+    """
+    if source in ("bonus", "ar") or q is None:
+        return p
+    if rule.accept == "target_sample":
+        law = p * q if source == "accepted" else np.where(np.arange(len(p)) == draft, 0.0, p)
+    else:
+        law = np.minimum(p, q) if source == "accepted" else np.maximum(p - q, 0.0)
+    total = law.sum()
+    return law / total if total > 0 else p
