@@ -202,11 +202,12 @@ def cell_verdicts(verdicts: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for key, g in v.groupby([*BY, "k"], dropna=False, sort=True):
         rows.append({**dict(zip([*BY, "k"], key)), "tests": len(g), "names": ", ".join(sorted(set(g["test"]))),
-                     # only the preservation family decides the verdict; acceptance calibration is reported
-                     # with the tests but an unbiased-yet-suboptimal rule must not read as "not preserving"
+                     # only the preservation family decides the verdict; acceptance calibration and the
+                     # diagnostics (decoder-row PIT/score, drift) are reported with the tests but an
+                     # unbiased-yet-suboptimal rule must not read as "not preserving"
                      "rejected": int((g["rejected"].fillna(False).astype(bool)
                                       & (g.get("family", pd.Series("preservation", index=g.index))
-                                         .fillna("preservation") != "acceptance")).sum()),
+                                         .fillna("preservation") == "preservation")).sum()),
                      "min_p_holm": float(g["p_holm"].min()), "max_n": int(g["n"].max())})
     return pd.DataFrame(rows)
 
