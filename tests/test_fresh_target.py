@@ -178,3 +178,45 @@ def test_rescoring_sees_a_state_bug_the_decoder_rows_hide(bundle_agree, bug):
     violations = sum(not r.in_fresh_support for r in recs)
     mean_tv = float(np.mean([r.drift_tv for r in recs]))
     assert mean_tv > 0.01 and violations > 0, (violations, mean_tv)
+
+
+def _control_sweep(tmp_path, model, monkeypatch, rule: Rule | None):
+    """A small sampled sweep (K=2, T=0.6/top_p=0.95/top_k=20) through the CLI, with `rule` patched into the
+    reference backend's decoder (sweeps have no --control: this is how a shipped state bug would reach one)."""
+    import functools
+    import json
+
+    from click.testing import CliRunner
+
+    import mtpbench.backends.reference as reference
+    from mtpbench.cli.main import main
+    from mtpbench.decode import generate_mtp
+    from mtpbench.sweep.store import read_table
+
+    if rule is not None:
+        monkeypatch.setattr(reference, "generate_mtp", functools.partial(generate_mtp, rule=rule))
+    tmp_path.mkdir(parents=True)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "category": "code", "prompt": f"def f{i}(x):\n    return"})
+                               + "\n" for i in range(3)))
+    out = tmp_path / "res"
+    res = CliRunner().invoke(main, ["sweep", "-m", str(model), "--k", "2", "--temp", "0.6", "--top-p", "0.95",
+                                    "--top-k", "20", "--prompts", str(prompts), "--repeats", "3", "--max-tokens",
+                                    "40", "--ignore-eos", "--out", str(out), "--no-report", "--quiet"],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    return read_table(out, "verdicts"), read_table(out, "runs")
+
+
+def test_sweep_cell_verdicts_reject_a_state_bug_and_pass_the_exact_decoder(tmp_path, tiny_agree, monkeypatch):
+    exact, runs = _control_sweep(tmp_path / "exact", tiny_agree, monkeypatch, None)
+    assert (runs.loc[runs["mode"] == "mtp", "rescore_s"] > 0).all()
+    assert runs.loc[runs["mode"] == "ar", "rescore_s"].isna().all()
+    decides = exact[exact["family"] == "preservation"]
+    assert {"support", "fresh_pit_ks", "fresh_logprob_score"} <= set(decides["test"])
+    assert not decides["rejected"].any()
+    buggy, _ = _control_sweep(tmp_path / "bug", tiny_agree, monkeypatch, Rule(rollback="keep_gdn"))
+    rejected = buggy[buggy["rejected"] & (buggy["family"] == "preservation")]
+    assert "support" in set(rejected["test"])
+    own = buggy.set_index("test")
+    assert not own.loc["pit_ks", "rejected"]  # the decoder's own rows see nothing wrong
