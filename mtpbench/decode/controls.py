@@ -2,7 +2,7 @@
 
 Each is the one exact rule with one switch flipped (see rule.py), selectable only by `mtpbench verify --control`,
 so a test that rejects a control is shown to catch exactly that mistake. The decoder-side switches (draft
-temperature, filters, rollback) act only in the sampled step: the greedy fast path runs the exact rule alone, so
+temperature, filters, rollback, causal mask) act only in the sampled step: the greedy fast path runs the exact rule alone, so
 these bugs are confined to the sampled path as the field's were.
 """
 
@@ -52,6 +52,9 @@ CONTROLS: dict[str, Control] = {c.name: c for c in [
     Control("rollback-keep-gdn", "negative",
             "after a rejection, trim the KV caches but leave the GatedDeltaNet states un-rolled-back",
             Rule(rollback="keep_gdn")),
+    Control("no-causal-mask", "negative",
+            "run the verify forward without the causal mask (positions attend to later drafts)",
+            Rule(causal_mask=False)),
     Control("sample-match", "positive",
             "accept when the draft equals an independent sample of the target: unbiased, but accepts less",
             Rule(accept="target_sample")),

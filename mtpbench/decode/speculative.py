@@ -79,17 +79,18 @@ class _Run:
     rollback: str
 
 
-def _verify(trunk, cache: list, x: mx.array, rollback: str):
-    """One trunk forward over [last, d1..dK]; returns the output and a function that rolls back to j accepted."""
+def _verify(trunk, cache: list, x: mx.array, rollback: str, causal: bool = True):
+    """One trunk forward over [last, d1..dK]; returns the output and a function that rolls back to j accepted.
+    (`causal=False`: the no-causal-mask control only.)"""
     if rollback == "capture":
-        out, captured = trunk.forward_capturing(x, cache)
+        out, captured = trunk.forward_capturing(x, cache, causal=causal)
         return out, lambda j: captured.commit(cache, j)
     snap = snapshot(cache)
-    out = trunk(x, cache)
+    out = trunk(x, cache, causal=causal)
 
     def reforward(j: int) -> None:
         restore(cache, snap)
-        trunk(x[:, : j + 1], cache)
+        trunk(x[:, : j + 1], cache, causal=causal)
     return out, reforward
 
 
@@ -193,7 +194,7 @@ def _sampled_step(r: _Run, st: _State) -> None:
         drafts.append(choose(drawn_from, r.dcfg, rng))
 
     # 2. Verify all K drafts with one trunk forward over K+1 positions, and accept by the rule.
-    verify, roll_back = _verify(trunk, r.cache, mx.array([[st.last] + drafts]), r.rollback)
+    verify, roll_back = _verify(trunk, r.cache, mx.array([[st.last] + drafts]), r.rollback, rule.causal_mask)
     p = host_probs(verify.logits[0], r.cfg)
     rule_p = p if rule.target_transform == "same" else host_probs(verify.logits[0], _raw_target(r.cfg))
     verdict = apply_rule(rule_p, q, drafts, rng, rule, *_filter_control_rows(r, verify.logits[0], draft_logits, p, q))
