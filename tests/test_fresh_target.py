@@ -220,3 +220,33 @@ def test_sweep_cell_verdicts_reject_a_state_bug_and_pass_the_exact_decoder(tmp_p
     assert "support" in set(rejected["test"])
     own = buggy.set_index("test")
     assert not own.loc["pit_ks", "rejected"]  # the decoder's own rows see nothing wrong
+
+
+def _acc_runs(temperature, prompts, reps, per_prompt_rate, steps=50, seed=0):
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(prompts):
+        greedy_copy = None
+        for r in range(reps):
+            acc = int(rng.binomial(steps, per_prompt_rate[i])) if temperature > 0 or greedy_copy is None else greedy_copy
+            greedy_copy = acc
+            rows.append({"status": "ok", "mode": "mtp", "k": 1, "temperature": temperature, "setting": "s",
+                         "prompt_id": f"p{i}", "prompt_digest": f"d{i}", "output_hash": f"h{i}-{acc}",
+                         "verify_steps": steps, "accepted_at_depth": [acc]})
+    return pd.DataFrame(rows)
+
+
+def test_acceptance_intervals_resample_prompts_and_count_greedy_repetitions_once():
+    from mtpbench.stats.summary import acceptance_by_depth, wilson
+
+    # prompts that differ a lot: steps of one prompt are not independent draws of one rate
+    rates = np.linspace(0.2, 0.9, 8)
+    acc = acceptance_by_depth(_acc_runs(0.6, 8, 4, rates), by=["setting"]).iloc[0]
+    lo, hi = wilson(acc["accepted"], acc["reached"])
+    assert acc["prompt_clusters"] == 8
+    assert acc["acceptance_hi"] - acc["acceptance_lo"] > 2 * (hi - lo)  # wider than the binomial interval
+    assert acc["acceptance_lo"] <= acc["acceptance"] <= acc["acceptance_hi"]
+    greedy = acceptance_by_depth(_acc_runs(0.0, 8, 5, rates), by=["setting"]).iloc[0]
+    assert greedy["repeats_dropped"] == 8 * 4 and greedy["verify_steps"] == 8 * 50
