@@ -228,10 +228,9 @@ def _acc_runs(temperature, prompts, reps, per_prompt_rate, steps=50, seed=0):
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(prompts):
-        greedy_copy = None
+        first = int(rng.binomial(steps, per_prompt_rate[i]))
         for r in range(reps):
-            acc = int(rng.binomial(steps, per_prompt_rate[i])) if temperature > 0 or greedy_copy is None else greedy_copy
-            greedy_copy = acc
+            acc = first if temperature == 0 else int(rng.binomial(steps, per_prompt_rate[i]))  # greedy: copies
             rows.append({"status": "ok", "mode": "mtp", "k": 1, "temperature": temperature, "setting": "s",
                          "prompt_id": f"p{i}", "prompt_digest": f"d{i}", "output_hash": f"h{i}-{acc}",
                          "verify_steps": steps, "accepted_at_depth": [acc]})

@@ -2,8 +2,8 @@
 
 Each is the one exact rule with one switch flipped (see rule.py), selectable only by `mtpbench verify --control`,
 so a test that rejects a control is shown to catch exactly that mistake. The decoder-side switches (draft
-temperature, filters, rollback, causal mask) act only in the sampled step: the greedy fast path runs the exact rule alone, so
-these bugs are confined to the sampled path as the field's were.
+temperature, filters, rollback, causal mask) act only in the sampled step: the greedy fast path runs the exact
+rule alone, so these bugs are confined to the sampled path as the field's were.
 """
 
 from __future__ import annotations

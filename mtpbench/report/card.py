@@ -232,8 +232,9 @@ def _preservation_line(card: dict[str, Any], multi: list[str]) -> str:
                 f"run `{tables.VERIFY_HINT}`).")
     parts = []
     for c in p["cells"]:
-        verdict = f"rejected by {c['rejected']} of {c['tests']} tests" if c["rejected"] else \
-            "not rejected, but could not see rule errors (too few accepted drafts)" if c.get("blind") else "not rejected"
+        verdict = (f"rejected by {c['rejected']} of {c['tests']} tests" if c["rejected"] else
+                   "not rejected, but could not see rule errors (too few accepted drafts)" if c.get("blind")
+                   else "not rejected")
         drift = c.get("drift_tv")
         drift = f", drift vs fresh target {fmt.stat(drift)} TV" if drift is not None and drift == drift else ""
         parts.append(f"K={c['k']} `{_cell_name(c, multi)}`: {verdict} ({c['names']}; "

@@ -326,7 +326,8 @@ def sampled_family(tokens: dict[str, Sequence], accepted: Sequence[bool], alpha:
     `tokens` holds the tokens table's columns (source, target_logprob, pit_u, logprob_mean/var/m3, cond_pit_u and,
     when the run was rescored, the FRESH_COLUMNS). With fresh rows the preservation family is: support (own row
     and fresh target), PIT and score against the fresh rows, conditional PIT by source, and acceptance above
-    sum(alpha) or above min(1, p/q) given the draft; the PIT and score on the decoder's own rows become labelled diagnostics beside the drift. Without
+    sum(alpha) or above min(1, p/q) given the draft; the PIT and score on the decoder's own rows become labelled
+    diagnostics beside the drift. Without
     fresh rows (older results, servers without an audit model) the decoder-row tests stay in the family, as before.
     Acceptance below sum(alpha) is the efficiency diagnostic (`acceptance` family). Holm is left to the caller.
     """

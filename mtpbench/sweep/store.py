@@ -89,7 +89,8 @@ VERDICTS = pa.schema([
     ("test", pa.string()), ("n", pa.int64()), ("statistic", pa.float64()), ("p_value", pa.float64()),
     ("p_holm", pa.float64()), ("detectable", pa.float64()), ("detectable_unit", pa.string()),
     ("rejected", pa.bool_()), ("note", pa.string()),
-    ("family", pa.string()),  # preservation (decides the verdict) | acceptance (is the rule the optimal one)
+    # preservation (decides the verdict) | acceptance (is the rule the optimal one) | diagnostic (decides nothing)
+    ("family", pa.string()),
 ])
 TABLES: dict[str, pa.Schema] = {"runs": RUNS, "steps": STEPS, "tokens": TOKENS, "verdicts": VERDICTS}
 CELL_TABLES = ("steps", "tokens", "runs")  # the order a cell is written in: runs last marks it done
