@@ -249,3 +249,10 @@ def test_acceptance_intervals_resample_prompts_and_count_greedy_repetitions_once
     assert acc["acceptance_lo"] <= acc["acceptance"] <= acc["acceptance_hi"]
     greedy = acceptance_by_depth(_acc_runs(0.0, 8, 5, rates), by=["setting"]).iloc[0]
     assert greedy["repeats_dropped"] == 8 * 4 and greedy["verify_steps"] == 8 * 50
+
+
+def test_verify_says_when_drafts_are_too_rarely_accepted_to_see_rule_errors(cli, tiny):
+    """The random tiny head almost never drafts what the trunk wants: 'not rejected' must not stand bare."""
+    res = cli("verify", "-m", tiny, "--k", "1", "--temp", "0.6", "--samples", "20", "--tokens", "8", "-q")
+    assert res.exit_code == 0, res.stdout + res.stderr
+    assert "could not see rule errors" in res.stdout and "rescoring against the fresh target" in res.stdout
