@@ -46,6 +46,24 @@ def generate_samples(bundle: Bundle, prompt: str, cfg: SamplingConfig, k: int | 
         c = replace(cfg, seed=cfg.seed + i)
         if k is None:
             r = generate_ar(bundle, ids, c, max_tokens, records=False)
-        else:
-            r = generate_mtp(bundle, ids, c, k, max_tokens, draft_temperature=draft_temperature, records=False)
-        yield {"seed": c.seed, **result_dict(bundle, r)}
+            yield {"seed": c.seed, **result_dict(bundle, r)}
+            continue
+        r = generate_mtp(bundle, ids, c, k, max_tokens, draft_temperature=draft_temperature, records=not c.greedy)
+        fresh = {} if c.greedy else {"rescoring": rescoring(bundle, ids, r, c)}
+        yield {"seed": c.seed, **result_dict(bundle, r), **fresh}
+
+
+def rescoring(bundle: Bundle, ids: list[int], r: DecodeResult, cfg: SamplingConfig) -> dict[str, Any]:
+    """A sampled MTP run against a fresh teacher-forced target (decode/rescore.py), in brief."""
+    import math
+
+    from .decode.rescore import rescore
+
+    fresh = rescore(bundle, ids, r, cfg)
+    tv = [f.drift_tv for f in fresh.records if not math.isnan(f.drift_tv)]
+    finite = [f.drift_logprob for f in fresh.records if math.isfinite(f.drift_logprob)]
+    return {"seconds": fresh.seconds,  # not in prefill_s / decode_s
+            "outside_fresh_support": sum(not f.in_fresh_support for f in fresh.records),
+            "possible_under_one_row_only": sum(math.isinf(f.drift_logprob) for f in fresh.records),
+            "max_finite_drift_logprob": max(finite, default=0.0),
+            "mean_drift_tv": sum(tv) / len(tv) if tv else None}

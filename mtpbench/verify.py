@@ -18,14 +18,17 @@ from .model.checkpoint import Bundle
 from .decode import MAX_K, generate_ar, generate_mtp
 from .decode.controls import Control
 from .decode.rule import EXACT
+from .decode.rescore import rescore
 from .decode.teacher import enumerate_target, top2_gaps
-from .stats.preservation import (TestResult, calibration_test, exact_target_test, greedy_identity, holm_by_family,
-                                 pit_test, score_test, two_sample_categorical, two_sample_scalar)
+from .stats.preservation import (FRESH_COLUMNS, MIN_ACCEPTED, TestResult, exact_target_test, greedy_identity,
+                                 holm_by_family, sampled_family, two_sample_categorical, two_sample_scalar)
 from .sweep.axes import AXES
 from .sweep.spec import Setting
 
-TESTS = ("exact", "pit", "score", "calibration", "two_sample", "greedy")
-DEFAULT_TESTS = ("exact", "pit", "score", "calibration", "greedy")  # two_sample: opt in (weaker, costs AR runs)
+TESTS = ("exact", "support", "pit", "score", "conditional", "calibration", "two_sample", "greedy")
+# two_sample: opt in (weaker, costs AR runs)
+DEFAULT_TESTS = ("exact", "support", "pit", "score", "conditional", "calibration", "greedy")
+ROLLBACKS = ("capture", "reforward")  # sample i runs rollback i % 2: both reach every test
 DEFAULT_PROMPTS = ("def add(a, b):\n    return", "The quick brown fox", "for i in range(10):\n", "x = ")
 EXACT_TOKENS = 3
 MAX_EXACT_SUPPORT = 1_000
@@ -52,6 +55,12 @@ class GroupResult:
     expected_acceptance: float  # mean alpha at reached drafts
     accepted: int
     reached: int
+    rescore_s: float = 0.0  # seconds spent rescoring against the fresh target (not in any decode timing)
+
+    @property
+    def blind_to_rule_errors(self) -> bool:
+        """Too few accepted drafts for errors in the acceptance rule to show (sampled groups only)."""
+        return self.setting.temperature > 0 and self.accepted < MIN_ACCEPTED
 
 
 @dataclass
@@ -85,25 +94,27 @@ def group_seed(plan: VerifyPlan, setting_index: int, k: int) -> int:
 def _sampled_group(bundle: Bundle, plan: VerifyPlan, setting: Setting, k: int, prompts: list[list[int]],
                    ar_samples: list, tick: Callable[[], None], base: int) -> GroupResult:
     rule = plan.control.rule if plan.control else EXACT
-    u, accepted, alpha, seqs, logps, toks = [], [], [], [], [], []
+    accepted, alpha, p_draft, q_draft, seqs, logps, toks, fresh = [], [], [], [], [], [], [], []
+    rescore_s = 0.0
     for i in range(plan.samples):
-        r = generate_mtp(bundle, prompts[i % len(prompts)], setting.config(base + i), k, plan.tokens,
-                         setting.draft_temperature, rule=rule)
-        u += [t.pit_u for t in r.token_records]
+        prompt, cfg = prompts[i % len(prompts)], setting.config(base + i)
+        r = generate_mtp(bundle, prompt, cfg, k, plan.tokens, setting.draft_temperature, rule=rule,
+                         rollback=ROLLBACKS[i % 2])
+        rescored = rescore(bundle, prompt, r, cfg)
+        rescore_s += rescored.seconds
         toks += r.token_records
+        fresh += rescored.records
         accepted += [s.accepted for s in r.steps]
         alpha += [s.alpha for s in r.steps]
+        p_draft += [s.p_draft for s in r.steps]
+        q_draft += [s.q_draft for s in r.steps]
         seqs.append((i % len(prompts), tuple(r.tokens[1:3])))
         logps.append(_seq_logprob(r.token_records))
         tick()
-    results = []
-    if "pit" in plan.tests:
-        results.append(pit_test(u))
-    if "score" in plan.tests:
-        results.append(score_test([t.target_logprob for t in toks], [t.logprob_mean for t in toks],
-                                  [t.logprob_var for t in toks], [t.logprob_m3 for t in toks]))
-    if "calibration" in plan.tests:
-        results.append(calibration_test(accepted, alpha))
+    columns = {name: [getattr(t, name) for t in toks] for name in (
+        "source", "target_logprob", "pit_u", "logprob_mean", "logprob_var", "logprob_m3", "cond_pit_u")}
+    columns.update({name: [getattr(f, name) for f in fresh] for name in FRESH_COLUMNS})
+    results = sampled_family(columns, accepted, alpha, plan.tests, p_draft, q_draft)
     if "two_sample" in plan.tests:
         ar_seqs = [(i % len(prompts), tuple(r.tokens[1:3])) for i, r in enumerate(ar_samples)]
         results.append(two_sample_categorical(seqs, ar_seqs))
@@ -112,7 +123,7 @@ def _sampled_group(bundle: Bundle, plan: VerifyPlan, setting: Setting, k: int, p
         results.append(_exact(bundle, plan, setting, k, prompts[0], rule, tick, base))
     acc = np.asarray(accepted, dtype=float)
     return GroupResult(setting, k, results, float(acc.mean()) if len(acc) else float("nan"),
-                       float(np.mean(alpha)) if alpha else float("nan"), int(acc.sum()), len(acc))
+                       float(np.mean(alpha)) if alpha else float("nan"), int(acc.sum()), len(acc), rescore_s)
 
 
 def _exact(bundle: Bundle, plan: VerifyPlan, setting: Setting, k: int, prompt: list[int], rule,
@@ -126,7 +137,7 @@ def _exact(bundle: Bundle, plan: VerifyPlan, setting: Setting, k: int, prompt: l
     samples = []
     for i in range(plan.samples * 2):
         r = generate_mtp(bundle, prompt, setting.config(base + 500_000 + i), k, EXACT_TOKENS,
-                         setting.draft_temperature, rule=rule, records=False)
+                         setting.draft_temperature, rule=rule, records=False, rollback=ROLLBACKS[i % 2])
         samples.append(tuple(r.tokens))
     tick()
     return exact_target_test(samples, target)
@@ -171,11 +182,11 @@ def run_verify(bundle: Bundle, plan: VerifyPlan, tick: Callable[[], None] = lamb
                 tick()
         report.groups += [_sampled_group(bundle, plan, setting, k, prompts, ar_samples, tick, group_seed(plan, si, k))
                           for k in plan.ks]
-    # Two families over the whole run (preservation, acceptance), each Holm-corrected together.
+    # Families over the whole run (preservation, acceptance, diagnostic), each Holm-corrected together.
     flat = [r for g in report.groups for r in g.results]
     adjusted = iter(holm_by_family(flat))
     report.groups = [GroupResult(g.setting, g.k, [next(adjusted) for _ in g.results], g.acceptance,
-                                 g.expected_acceptance, g.accepted, g.reached) for g in report.groups]
+                                 g.expected_acceptance, g.accepted, g.reached, g.rescore_s) for g in report.groups]
     return report
 
 
@@ -209,6 +220,18 @@ def verdict_rows(report: VerifyReport, model: str, control: Control | None) -> l
     return rows
 
 
+def _verdict_word(r: TestResult) -> str:
+    if r.p_value != r.p_value:
+        return "n/a"
+    if not r.rejected():
+        return "ok"
+    return "REJECTED" if r.family == "preservation" else "differs"  # acceptance / diagnostic decide nothing
+
+
+def blind_groups(report: VerifyReport) -> list[GroupResult]:
+    return [g for g in report.groups if g.blind_to_rule_errors]
+
+
 def report_table(report: VerifyReport) -> str:
     """Every test of a run as a plain-text table (what `mtpbench verify` prints)."""
     import pandas as pd
@@ -219,7 +242,7 @@ def report_table(report: VerifyReport) -> str:
             rows.append({"setting": g.setting.label, "K": g.k, "test": r.test, "family": r.family, "n": r.n,
                          "statistic": f"{r.statistic:.4g}", "p": f"{r.p_value:.3g}", "p (Holm)": f"{r.p_holm:.3g}",
                          "detectable": f"{r.detectable:.3g} {r.unit}" if r.detectable == r.detectable else "-",
-                         "verdict": "REJECTED" if r.rejected() else ("n/a" if r.p_value != r.p_value else "ok"),
+                         "verdict": _verdict_word(r),
                          "acceptance (expected)": f"{g.acceptance:.3f} ({g.expected_acceptance:.3f})"})
     return pd.DataFrame(rows).to_string(index=False)
 

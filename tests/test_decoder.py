@@ -154,6 +154,8 @@ def test_generate_json_reports_speculative_counters(cli, tiny_agree):
     assert out["k"] == 3 and len(out["accepted_at_depth"]) == 3 and len(out["drafted_at_depth"]) == 3
     assert out["accepted_tokens"] == sum(out["accepted_per_step"]) == sum(out["accepted_at_depth"])
     assert out["drafted_tokens"] == 3 * out["verify_steps"]
+    fresh = out["rescoring"]  # an exact sampled run, rescored against a fresh target: nothing impossible, no drift
+    assert fresh["outside_fresh_support"] == 0 and fresh["max_finite_drift_logprob"] < 1e-4 and fresh["seconds"] > 0
 
 
 def test_trunk_gives_mlx_lm_logits_on_both_paths(bundle_agree):

@@ -119,12 +119,20 @@ def test_cost_model_break_even_and_paired_comparison():
 SETTINGS = (Setting(0.6, 0.95, 20), Setting(1.0, 1.0, 0, 0.0, 0.5))
 
 
+# The controls of the first verification round run at both settings, and so does draft-hotter (on this tiny
+# checkpoint its headline-setting signal is weak: score p ~ 0.01); the other decoder mistakes added with the fresh
+# target (issue 21) at the headline setting only, to keep the suite's runtime down.
+BOTH_SETTINGS = {"argmax-accept", "resample-target", "correction-from-draft", "draft-only-transform",
+                 "bonus-argmax", "sample-match", "draft-hotter"}
+
+
 @pytest.fixture(scope="module")
 def control_reports(bundle_agree):
-    """The exact rule and every control at the default sample size (K=2, two settings)."""
+    """The exact rule and every control at the default sample size (K=2)."""
     out = {}
     for name in [None, *CONTROLS]:
-        plan = VerifyPlan(ks=(2,), settings=SETTINGS, control=CONTROLS.get(name))
+        settings = SETTINGS if name is None or name in BOTH_SETTINGS else SETTINGS[:1]
+        plan = VerifyPlan(ks=(2,), settings=settings, control=CONTROLS.get(name))
         out[name] = run_verify(bundle_agree, plan)
     return out
 

@@ -122,7 +122,11 @@ def test_greedy_rows_match_ar_and_sampled_cells_get_verdicts(small_sweep):
     for _, g in greedy.groupby("cell_id"):
         assert g["output_hash"].nunique() == 1
     verdicts = read_table(out, "verdicts")
-    assert set(verdicts["test"]) == {"greedy_identity", "pit_ks", "logprob_score", "acceptance_calibration"}
+    assert set(verdicts["test"]) == {"greedy_identity", "pit_ks", "logprob_score", "acceptance_calibration",
+                                     "support", "fresh_pit_ks", "fresh_logprob_score", "pit_accepted", "pit_residual",
+                                     "pit_bonus", "acceptance_excess", "acceptance_given_draft", "drift"}
+    sampled = verdicts[verdicts["temperature"] > 0]
+    assert set(sampled.loc[sampled["family"] == "diagnostic", "test"]) == {"pit_ks", "logprob_score", "drift"}
     assert not verdicts["rejected"].any()
 
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from ..decode import DecodeResult, generate_ar, generate_mtp
+from ..decode.rescore import Rescoring, rescore
 from ..errors import UserError
 from ..model.checkpoint import Bundle, context_length, load, preflight, read_config, text_config
 from ..model.kvcache import KVCacheSpec
@@ -177,6 +178,13 @@ class ReferenceBackend:
         assert self.bundle is not None
         return encode(self.bundle.tokenizer, cell.prompt, thinking_flag(cell.thinking))
 
+    def _rescore(self, cell: Cell, ids: list[int], mode: str, result: DecodeResult) -> Rescoring | None:
+        """The fresh-target rescoring of a sampled MTP run with records (after the decode, outside its timing)."""
+        if mode != "mtp" or cell.setting.temperature == 0 or not self.spec.records or not result.token_records:
+            return None
+        assert self.bundle is not None
+        return rescore(self.bundle, ids, result, cell.setting.config(cell.seed), self._kv(cell))
+
     def warm_up(self, cell: Cell) -> None:
         if self._broken:
             return
@@ -201,11 +209,17 @@ class ReferenceBackend:
                 except Exception as e:  # a failed run is recorded and the sweep goes on
                     error = f"{type(e).__name__}: {e}"
             measured = decode_fields(result, mode, k, self._weights[k]) if result is not None else None
+            fresh = self._rescore(cell, ids, mode, result) if result is not None and not error else None
+            if fresh is not None and measured is not None:
+                measured["rescore_s"] = fresh.seconds
             row = run_row(cell, self._facts(), mode, k, order, started, self.sweep, measured, error)
             rows.runs.append(row)
             if result is not None:
                 rows.steps += record_rows(row["run_id"], result.steps)
-                rows.tokens += record_rows(row["run_id"], result.token_records)
+                tokens = record_rows(row["run_id"], result.token_records)
+                if fresh is not None:
+                    tokens = [{**t, **asdict(f)} for t, f in zip(tokens, fresh.records)]
+                rows.tokens += tokens
             if on_run:
                 on_run(f"{cell.prompt.id} {mode}{k if k else ''}", row.get("decode_tok_s") or float("nan"))
         return rows

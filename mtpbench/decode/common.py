@@ -31,24 +31,44 @@ def choose(p: Support, cfg: SamplingConfig, rng: np.random.Generator) -> int:
     return p.argmax() if cfg.greedy else sample(p, rng)
 
 
-def token_record(index: int, token: int, source: str, p: Support, pit_rng: np.random.Generator | None) -> TokenRecord:
-    """Target log-prob and randomized PIT u = F(x-) + U p(x) of `token` under target row `p` (its support in
-    ascending id order, so F(x-) is the mass of the smaller ids, as on the dense row)."""
-    pt = p.prob(token)
-    u = float(p.probs[p.ids < token].sum() + pit_rng.random() * pt) if pit_rng is not None else float("nan")
+def support_moments(p: Support) -> tuple[float, float, float]:
+    """E[log p(X)], Var[log p(X)] and the third central moment under X ~ p (the score test's moments)."""
     mass = p.probs[p.probs > 0]
     logs = np.log(mass)
     mean = float(mass @ logs)
     centred = logs - mean
-    var = float(mass @ (centred * centred))
-    m3 = float(mass @ (centred * centred * centred))
-    return TokenRecord(index, token, source, math.log(pt) if pt > 0 else float("-inf"), u, mean, var, m3)
+    return mean, float(mass @ (centred * centred)), float(mass @ (centred * centred * centred))
+
+
+def pit(p: Support, token: int, w: float) -> float:
+    """Randomized PIT u = F(x-) + w p(x) (its support is in ascending id order, so F(x-) is the mass of the smaller
+    ids, as on the dense row)."""
+    return float(p.probs[p.ids < token].sum() + w * p.prob(token))
+
+
+def token_record(index: int, token: int, source: str, p: Support, pit_rng: np.random.Generator | None,
+                 cond: Support | None = None) -> TokenRecord:
+    """Target log-prob and randomized PIT of `token` under target row `p`; with `cond` (the law of the token given
+    its source, `rule.conditional_law`), also its PIT under that law, from the same uniform."""
+    pt = p.prob(token)
+    w = pit_rng.random() if pit_rng is not None else float("nan")
+    cond_u = pit(cond, token, w) if cond is not None else float("nan")
+    return TokenRecord(index, token, source, math.log(pt) if pt > 0 else float("-inf"), pit(p, token, w),
+                       *support_moments(p), cond_u)
+
+
+SPARSE_ROW_MAX = 4096  # support size up to which a decoder row is kept for rescoring's total variation
+
+
+def sparse_row(p: Support) -> Support | None:
+    """A row kept for the fresh-target drift; None when its support is too wide to keep for every token."""
+    return p if len(p.ids) <= SPARSE_ROW_MAX else None
 
 
 def point_mass_record(index: int, token: int, source: str, pit_rng: np.random.Generator | None) -> TokenRecord:
     """`token_record` of a greedy token (p = onehot(token)) without building a vocabulary-sized row."""
     u = float(pit_rng.random()) if pit_rng is not None else float("nan")
-    return TokenRecord(index, token, source, 0.0, u, 0.0, 0.0, 0.0)
+    return TokenRecord(index, token, source, 0.0, u, 0.0, 0.0, 0.0, u)  # every conditional law is the point mass
 
 
 def rngs(seed: int) -> tuple[np.random.Generator, np.random.Generator]:

@@ -30,6 +30,7 @@ class TokenRecord:
     logprob_mean: float = float("nan")  # E_p[log p(X)] (= -entropy) of the row the token should follow
     logprob_var: float = float("nan")  # Var_p[log p(X)]: with the mean, gives the log-likelihood score test
     logprob_m3: float = float("nan")  # E_p[(log p(X) - mean)^3]: the skew the score test's tail correction needs
+    cond_pit_u: float = float("nan")  # PIT under the token's law given its source (accepted | residual | bonus)
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,9 @@ class DecodeResult:
     token_records: list[TokenRecord] = field(default_factory=list)
     finished_by: str = "length"  # length | eos
     peak_memory_bytes: int = 0
+    # Sampled MTP with records: the decoder's target row (ids, probs of its support; None when too wide) per
+    # emitted token, for the drift against a fresh rescoring (decode/rescore.py). Never written to parquet as is.
+    target_rows: list = field(default_factory=list)
 
     @property
     def generated_tokens(self) -> int:

@@ -24,10 +24,16 @@ MAX_K = 16  # the deepest draft chain the reference decoder takes (K drafts per 
 
 @dataclass(frozen=True)
 class Rule:
-    accept: str = "ratio"  # ratio (exact) | target_argmax | target_sample
+    accept: str = "ratio"  # ratio (exact) | target_argmax | target_sample | ratio_power (min(1, (p/q)^0.8))
     correction: str = "residual"  # residual (exact) | target | draft
-    bonus: str = "sample"  # sample (exact) | argmax
+    bonus: str = "sample"  # sample (exact) | argmax | previous (drawn from the row of the last draft, p_K)
     target_transform: str = "same"  # same (exact) | raw: the target ignores the sampling transform
+    uniform: str = "fresh"  # fresh (exact) | shared: the acceptance uniform is reused to draw the residual
+    # The decoder's side of a control (read by speculative.py, not by `apply_rule`):
+    filters: str = "both"  # both (exact) | accept_only: residual from unfiltered rows | residual_only: the reverse
+    draft_temperature_scale: float = 1.0  # != 1: drafts drawn at T * scale while q (the rule's) stays at T
+    rollback: str = "exact"  # exact | commit_next: commit position j+1 | keep_gdn: GatedDeltaNet state not rolled back
+    causal_mask: bool = True  # False: the verify forward attends to later draft positions too
 
 
 EXACT = Rule()
@@ -43,14 +49,32 @@ class Verdict:
 Row = Union[Support, np.ndarray]
 
 
-def apply_rule(p: Sequence[Row], q: Sequence[Row], drafts: list[int], rng: np.random.Generator,
-               rule: Rule = EXACT) -> Verdict:
+def _inverse_cdf(dist: Support, u: float) -> int:
+    """The token at quantile `u` of `dist` (the draw `sample` makes from its uniform)."""
+    cdf = np.cumsum(dist.probs)
+    return int(dist.ids[min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), len(cdf) - 1)])
+
+
+def apply_rule(p: Sequence[Row], q: Sequence[Row], drafts: list[int], rng: np.random.Generator, rule: Rule = EXACT,
+               accept_rows: tuple[Sequence[Row], Sequence[Row]] | None = None,
+               residual_rows: tuple[Sequence[Row], Sequence[Row]] | None = None) -> Verdict:
     """Accept drafts left to right. p: K+1 target rows, q: K draft rows (each a `Support` or a dense row),
-    drafts: K ids. Every distribution is a support, so a step touches only the ids with probability."""
+    drafts: K ids. Every distribution is a support, so a step touches only the ids with probability.
+
+    `accept_rows`, `residual_rows` (the filter controls only): other (p, q) rows the acceptance test or the
+    residual is built from; the bonus always comes from `p`."""
+    bonus_p = p
+    if accept_rows is not None:
+        p, q = accept_rows
     for i, d in enumerate(drafts):
         pi, qi = as_support(p[i]), as_support(q[i])
+        u = float("nan")
         if rule.accept == "ratio":
-            ok = rng.random() * qi.prob(d) < pi.prob(d)  # u < p/q without dividing; q[d] > 0 since d was drawn from q
+            u = rng.random()
+            ok = u * qi.prob(d) < pi.prob(d)  # u < p/q without dividing; q[d] > 0 since d was drawn from q
+        elif rule.accept == "ratio_power":
+            u = rng.random()
+            ok = u < min(1.0, (pi.prob(d) / qi.prob(d)) ** 0.8)
         elif rule.accept == "target_argmax":
             ok = d == pi.argmax()
         else:  # target_sample: draw y ~ p_i; accept if d == y, else emit y itself (unbiased, accepts less)
@@ -64,9 +88,13 @@ def apply_rule(p: Sequence[Row], q: Sequence[Row], drafts: list[int], rng: np.ra
             elif rule.correction == "draft":
                 dist = qi
             else:  # p == q exactly leaves no residual: rejection has probability 0 but guard float noise
-                dist = residual(pi, qi) or pi
+                rp, rq = (as_support(residual_rows[0][i]), as_support(residual_rows[1][i])) \
+                    if residual_rows is not None else (pi, qi)
+                dist = residual(rp, rq) or rp
+            if rule.uniform == "shared" and u == u:
+                return Verdict(i, _inverse_cdf(dist, u), "residual")
             return Verdict(i, sample(dist, rng), "residual")
-    last = as_support(p[len(drafts)])
+    last = as_support(bonus_p[len(drafts) - 1 if rule.bonus == "previous" else len(drafts)])
     token = last.argmax() if rule.bonus == "argmax" else sample(last, rng)
     return Verdict(len(drafts), token, "bonus")
 
@@ -83,3 +111,29 @@ def apply_rule_greedy(drafts: list[int], targets: list[int]) -> Verdict:
         if d != t:
             return Verdict(i, t, "residual")
     return Verdict(len(drafts), targets[len(drafts)], "bonus")
+
+
+def conditional_law(rule: Rule, p: Row, q: Row | None, draft: int, source: str) -> Support:
+    """The law an emitted token follows given its source, under the rule the decoder claims to run.
+
+    Exact rule: an accepted draft ~ min(p, q) / alpha, a residual ~ normalize(max(0, p - q)), a bonus ~ p (here p,
+    q are the rows of the token's position). The positive control `target_sample` is unbiased with other laws: an
+    accepted draft ~ p q / sum(p q), a residual ~ p restricted to tokens other than the draft. Negative controls
+    claim the exact rule's laws, so they are tested against those. PIT values under these laws are uniform when
+    the rule is run as claimed; each law catches an error in its own part of the rule.
+    """
+    p = as_support(p)
+    if source in ("bonus", "ar") or q is None:
+        return p
+    q = as_support(q)
+    if source != "accepted":
+        if rule.accept == "target_sample":
+            keep = p.ids != draft
+            ids, law = p.ids[keep], p.probs[keep]
+        else:
+            return residual(p, q) or p
+    else:
+        ids, i, j = np.intersect1d(p.ids, q.ids, assume_unique=True, return_indices=True)
+        law = p.probs[i] * q.probs[j] if rule.accept == "target_sample" else np.minimum(p.probs[i], q.probs[j])
+    total = law.sum()
+    return Support(ids, law / total) if total > 0 else p

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, replace
 
 import mlx.core as mx
 import numpy as np
+from mlx_lm.models.cache import ArraysCache
 
 from ..model.checkpoint import Bundle
 from ..model.conventions import COMMITTED, CYCLE, DEFAULT_HISTORY, NORMED, History, chain as parse_chain
@@ -40,9 +41,9 @@ from ..errors import UserError
 from ..model.kvcache import FULL_KV, KVCacheSpec
 from ..sampling import SamplingConfig, Support, alpha
 from .cache import require_exact_rollback, restore, snapshot
-from .common import choose, host_supports, now, peak, point_mass_record, reset_peak, rngs, token_record
+from .common import choose, host_supports, now, peak, point_mass_record, reset_peak, rngs, sparse_row, token_record
 from .records import DecodeResult, StepRecord, TokenRecord
-from .rule import EXACT, MAX_K, Rule, Verdict, apply_rule, apply_rule_greedy
+from .rule import EXACT, MAX_K, Rule, Verdict, apply_rule, apply_rule_greedy, conditional_law
 
 
 ROLLBACKS = ("capture", "reforward")
@@ -68,6 +69,7 @@ class _State:
     accepted_per_step: list[int] = field(default_factory=list)
     step_recs: list[StepRecord] = field(default_factory=list)
     token_recs: list[TokenRecord] = field(default_factory=list)
+    target_rows: list = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -90,17 +92,18 @@ class _Run:
     history: History = DEFAULT_HISTORY
 
 
-def _verify(trunk, cache: list, x: mx.array, rollback: str):
-    """One trunk forward over [last, d1..dK]; returns the output and a function that rolls back to j accepted."""
+def _verify(trunk, cache: list, x: mx.array, rollback: str, causal: bool = True):
+    """One trunk forward over [last, d1..dK]; returns the output and a function that rolls back to j accepted.
+    (`causal=False`: the no-causal-mask control only.)"""
     if rollback == "capture":
-        out, captured = trunk.forward_capturing(x, cache)
+        out, captured = trunk.forward_capturing(x, cache, causal=causal)
         return out, lambda j: captured.commit(cache, j)
     snap = snapshot(cache)
-    out = trunk(x, cache)
+    out = trunk(x, cache, causal=causal)
 
     def reforward(j: int) -> None:
         restore(cache, snap)
-        trunk(x[:, : j + 1], cache)
+        trunk(x[:, : j + 1], cache, causal=causal)
     return out, reforward
 
 
@@ -178,7 +181,8 @@ def generate_mtp(
     st = _State(tokens=[last], last=last, pending_h=out.hidden[:, -1:], pending_tok=[last], accepted_at=[0] * k,
                 drafted_at=[0] * k, window_h=window_h, window_tok=window_tok)
     if records:
-        st.token_recs.append(token_record(0, last, "ar", p, pit_rng))
+        st.token_recs.append(token_record(0, last, "ar", p, pit_rng, p))
+        st.target_rows.append(sparse_row(p) if not cfg.greedy else None)
     run = _Run(bundle, cache, mtp_cache, k, cfg, dcfg, rule, rng, pit_rng if records else None, max_tokens, eos,
                rollback, chain, history)
     step = _greedy_step if greedy_fast_path and cfg.greedy and dcfg.greedy and rule == EXACT else _sampled_step
@@ -189,7 +193,7 @@ def generate_mtp(
     return DecodeResult(
         tokens=st.tokens, prompt_tokens=len(prompt), prefill_s=t1 - t0, decode_s=t2 - t1, k=k, verify_steps=steps,
         drafted_at_depth=st.drafted_at, accepted_at_depth=st.accepted_at, accepted_per_step=st.accepted_per_step,
-        steps=st.step_recs, token_records=st.token_recs,
+        steps=st.step_recs, token_records=st.token_recs, target_rows=st.target_rows,
         finished_by="eos" if st.tokens[-1] in bundle.eos_ids else "length", peak_memory_bytes=peak(),
     )
 
@@ -216,7 +220,7 @@ def _head_feed(r: _Run, st: _State) -> tuple[mx.array, list[int], list]:
 def _sampled_step(r: _Run, st: _State) -> None:
     """One step with host-side sparse rows (`Support`): any temperature, draft temperature and rule (controls
     included)."""
-    trunk, head, k, rng = r.bundle.trunk, r.bundle.draft_head, _depth(r, st), r.rng
+    trunk, head, k, rng, rule = r.bundle.trunk, r.bundle.draft_head, _depth(r, st), r.rng, r.rule
     # 1. Draft: catch the MTP cache up on the true pairs and draft d1 in one call, then chain.
     fed_h, fed_tok, mtp_cache = _head_feed(r, st)
     z, normed = head.chained(fed_h, trunk.embed(mx.array([fed_tok])), mtp_cache, r.chain)
@@ -224,23 +228,59 @@ def _sampled_step(r: _Run, st: _State) -> None:
     committed = mtp_cache[0].offset
     drafts: list[int] = []
     q: list[Support] = []  # sparse rows: at top-k a few ids each, whatever the vocabulary
+    draft_logits = []
     for i in range(k):
         if i:
             z, normed = head.chained(z, trunk.embed(mx.array([[drafts[-1]]])), mtp_cache, r.chain)
-        q.append(host_supports(trunk.lm_head(normed)[0], r.dcfg)[0])
-        drafts.append(choose(q[i], r.dcfg, rng))
+        draft_logits.append(trunk.lm_head(normed)[0])
+        q.append(host_supports(draft_logits[-1], r.dcfg)[0])
+        drawn_from = q[i] if rule.draft_temperature_scale == 1 else host_supports(  # control: draws at another T
+            draft_logits[-1], replace(r.dcfg, temperature=r.dcfg.temperature * rule.draft_temperature_scale))[0]
+        drafts.append(choose(drawn_from, r.dcfg, rng))
 
     # 2. Verify all K drafts with one trunk forward over K+1 positions, and accept by the rule.
-    verify, roll_back = _verify(trunk, r.cache, mx.array([[st.last] + drafts]), r.rollback)
+    verify, roll_back = _verify(trunk, r.cache, mx.array([[st.last] + drafts]), r.rollback, rule.causal_mask)
     p = host_supports(verify.logits[0], r.cfg)  # the K+1 rows come to the host once, as float32
-    rule_p = p if r.rule.target_transform == "same" else host_supports(verify.logits[0], _raw_target(r.cfg))
-    verdict = apply_rule(rule_p, q, drafts, rng, r.rule)
+    rule_p = p if rule.target_transform == "same" else host_supports(verify.logits[0], _raw_target(r.cfg))
+    verdict = apply_rule(rule_p, q, drafts, rng, rule, *_filter_control_rows(r, verify.logits[0], draft_logits, p, q))
 
     # 3.-4. Roll back, record, emit.
-    _finish(r, st, verdict, drafts, roll_back, mtp_cache, committed, verify.hidden,
+    def token_rec(i: int, index: int, tok: int, src: str) -> TokenRecord:
+        st.target_rows.append(sparse_row(p[i]))
+        law = conditional_law(rule, p[i], q[i] if i < k else None, drafts[i] if i < k else -1, src)
+        return token_record(index, tok, src, p[i], r.pit_rng, law)
+
+    _finish(r, st, verdict, drafts, _control_rollback(rule, r.cache, roll_back), mtp_cache, committed, verify.hidden,
             lambda step, i, j: StepRecord(step, i + 1, drafts[i], i < j, p[i].prob(drafts[i]), q[i].prob(drafts[i]),
                                           alpha(p[i], q[i])),
-            lambda i, index, tok, src: token_record(index, tok, src, p[i], r.pit_rng))
+            token_rec)
+
+
+def _filter_control_rows(r: _Run, logits: mx.array, draft_logits: list[mx.array], p: list[Support],
+                         q: list[Support]):
+    """(accept_rows, residual_rows) for `apply_rule`: both None under every rule but the two filter controls, which
+    build one part of the rule from rows without top-p/top-k/min-p (temperature kept)."""
+    if r.rule.filters == "both":
+        return None, None
+    unfiltered = replace(r.cfg, top_p=1.0, top_k=0, min_p=0.0)
+    raw = (host_supports(logits, unfiltered),
+           host_supports(mx.concatenate(draft_logits), replace(unfiltered, temperature=r.dcfg.temperature)))
+    return (None, raw) if r.rule.filters == "accept_only" else (raw, (p, q))
+
+
+def _control_rollback(rule: Rule, cache: list, roll_back: Callable[[int], None]) -> Callable[[int], None]:
+    """The rollback a state-bug control runs instead of the exact one (the exact one otherwise)."""
+    if rule.rollback == "commit_next":  # keeps the first rejected draft's state
+        return lambda j: roll_back(j + 1)
+    if rule.rollback == "keep_gdn":  # trims the KV caches, leaves GatedDeltaNet states after all K+1 tokens
+        def keep_gdn(j: int) -> None:
+            after_verify = [list(c.cache) if isinstance(c, ArraysCache) else None for c in cache]
+            roll_back(j)
+            for c, arrays in zip(cache, after_verify):
+                if arrays is not None:
+                    c.cache = arrays
+        return keep_gdn
+    return roll_back
 
 
 def _greedy_drafts(r: _Run, st: _State, k: int) -> tuple[mx.array, list, int]:

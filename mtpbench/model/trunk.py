@@ -48,19 +48,21 @@ class Trunk:
             return self.body.embed_tokens.as_linear(hidden)
         return self.lm.lm_head(hidden)
 
-    def __call__(self, tokens: mx.array, cache: list) -> TrunkOutput:
-        return self._forward(tokens, cache, capture=False)[0]
+    def __call__(self, tokens: mx.array, cache: list, causal: bool = True) -> TrunkOutput:
+        return self._forward(tokens, cache, capture=False, causal=causal)[0]
 
-    def forward_capturing(self, tokens: mx.array, cache: list) -> tuple[TrunkOutput, Captured]:
+    def forward_capturing(self, tokens: mx.array, cache: list, causal: bool = True) -> tuple[TrunkOutput, Captured]:
         """The same forward, keeping every position's GatedDeltaNet state so any prefix can be committed."""
-        out, captured = self._forward(tokens, cache, capture=True)
+        out, captured = self._forward(tokens, cache, capture=True, causal=causal)
         assert captured is not None
         return out, captured
 
-    def _forward(self, tokens: mx.array, cache: list, capture: bool) -> tuple[TrunkOutput, Captured | None]:
+    def _forward(self, tokens: mx.array, cache: list, capture: bool,
+                 causal: bool = True) -> tuple[TrunkOutput, Captured | None]:
+        """`causal=False` exists only for a verification control (a verify forward without the causal mask)."""
         h = self.body.embed_tokens(tokens)
         layers = self.body.layers
-        fa_mask = create_attention_mask(h, cache[self.body.fa_idx])
+        fa_mask = create_attention_mask(h, cache[self.body.fa_idx]) if causal else None
         ssm_mask = create_ssm_mask(h, cache[self.body.ssm_idx])
         fast = compiles(h) and ssm_mask is None
         if capture and not fast:

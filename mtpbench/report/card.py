@@ -93,7 +93,8 @@ def _preservation(data: Loaded) -> dict[str, Any]:
     controls = v[v["is_control"]] if not v.empty else v
     return {
         "tested": not cells.empty,
-        "cells": _records(cells, CELL_KEYS + ["k", "tests", "names", "rejected", "min_p_holm", "max_n"]),
+        "cells": _records(cells, CELL_KEYS + ["k", "tests", "names", "rejected", "min_p_holm", "max_n", "drift_tv",
+                                              "blind"]),
         "untested": _records(untested, CELL_KEYS + ["k"]),
         "controls": {"rows": len(controls),
                      "rejected": int(controls["rejected"].fillna(False).astype(bool).sum()) if len(controls) else 0},
@@ -232,9 +233,13 @@ def _preservation_line(card: dict[str, Any], multi: list[str]) -> str:
                 f"run `{tables.VERIFY_HINT}`).")
     parts = []
     for c in p["cells"]:
-        verdict = f"rejected by {c['rejected']} of {c['tests']} tests" if c["rejected"] else "not rejected"
+        verdict = (f"rejected by {c['rejected']} of {c['tests']} tests" if c["rejected"] else
+                   "not rejected, but could not see rule errors (too few accepted drafts)" if c.get("blind")
+                   else "not rejected")
+        drift = c.get("drift_tv")
+        drift = f", drift vs fresh target {fmt.stat(drift)} TV" if drift is not None and drift == drift else ""
         parts.append(f"K={c['k']} `{_cell_name(c, multi)}`: {verdict} ({c['names']}; "
-                     f"n up to {fmt.integer(c['max_n'])}, smallest Holm p {fmt.pvalue(c['min_p_holm'])})")
+                     f"n up to {fmt.integer(c['max_n'])}, smallest Holm p {fmt.pvalue(c['min_p_holm'])}{drift})")
     if p["untested"]:
         parts.append("not tested: " + ", ".join(f"K={c['k']} `{_cell_name(c, multi)}`" for c in p["untested"]))
     ctrl = p["controls"]

@@ -204,6 +204,27 @@ def backends_section(data: Loaded, keys: list[str]) -> Section | None:
                    extra={"no_survival": s.empty})
 
 
+def _family(r) -> str:
+    fam = r.get("family")
+    return fam if isinstance(fam, str) and fam else "preservation"  # rows written before families: preservation
+
+
+def _verdict_word(r) -> str:
+    """Only the preservation family rejects; acceptance (below sum(alpha)) and diagnostics only differ."""
+    if r["p_value"] != r["p_value"]:
+        return "n/a"
+    if not bool(r["rejected"]):
+        return "not rejected"
+    return "rejected" if _family(r) == "preservation" else "differs (decides nothing)"
+
+
+def _cell_verdict_word(r) -> str:
+    if r["rejected"]:
+        return f"rejected by {r['rejected']} of {r['tests']}"
+    return "not rejected, but could not see rule errors (too few accepted drafts)" if r.get("blind") else \
+        "not rejected"
+
+
 def verdicts_section(data: Loaded, keys: list[str]) -> Section:
     v = tables.verdict_rows(data.verdicts)
     t = build(v, key_columns([k for k in keys if k != "setting"]) + [
@@ -213,15 +234,19 @@ def verdicts_section(data: Loaded, keys: list[str]) -> Section:
         ("Statistic", lambda r: fmt.stat(r["statistic"]), True), ("p", lambda r: fmt.pvalue(r["p_value"]), True),
         ("p (Holm)", lambda r: fmt.pvalue(r["p_holm"]), True),
         ("Detectable deviation", lambda r: f"{fmt.stat(r['detectable'])} {fmt.text(r['detectable_unit'])}", True),
-        ("Verdict", lambda r: "rejected" if bool(r["rejected"]) else "not rejected", False),
+        ("Family", lambda r: _family(r), False),
+        ("Verdict", _verdict_word, False),
+        ("Note", lambda r: fmt.text(r.get("note") or ""), False),
     ])
     cells = build(tables.cell_verdicts(data.verdicts), key_columns(keys) + [
         ("K", lambda r: fmt.integer(r["k"]), True), ("Tests", col("names"), False),
         ("Largest n", lambda r: fmt.integer(r["max_n"]), True),
         ("Smallest p (Holm)", lambda r: fmt.pvalue(r["min_p_holm"]), True),
-        ("Verdict", lambda r: f"rejected by {r['rejected']} of {r['tests']}" if r["rejected"] else "not rejected",
-         False),
-    ], caption="Per tested cell (controls excluded)")
+        ("Drift (mean TV, decoder vs fresh rows)", lambda r: fmt.stat(r.get("drift_tv", float("nan"))), True),
+        ("Verdict", _cell_verdict_word, False),
+    ], caption="Per tested cell (controls excluded): the preservation family decides (support, PIT and score "
+               "against a fresh teacher-forced target, PIT by token source, acceptance above its bound); "
+               "near-zero drift with a rejection points at the rule, large drift at the state")
     t.caption = "Every test row"
     untested = tables.untested_cells(data.runs, data.verdicts)
     u = build(untested, key_columns(keys) + [("K", lambda r: str(int(r["k"])), True)],

@@ -215,13 +215,19 @@ def cell_verdicts(verdicts: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     rows = []
     for key, g in v.groupby([*BY, "k"], dropna=False, sort=True):
+        drift = g[g["test"] == "drift"]
+        g = g[g["test"] != "drift"]  # a measurement beside the tests, not a test
+        family = g.get("family", pd.Series("preservation", index=g.index)).fillna("preservation")
+        notes = g["note"].fillna("") if "note" in g else pd.Series("", index=g.index)
         rows.append({**dict(zip([*BY, "k"], key)), "tests": len(g), "names": ", ".join(sorted(set(g["test"]))),
-                     # only the preservation family decides the verdict; acceptance calibration is reported
-                     # with the tests but an unbiased-yet-suboptimal rule must not read as "not preserving"
-                     "rejected": int((g["rejected"].fillna(False).astype(bool)
-                                      & (g.get("family", pd.Series("preservation", index=g.index))
-                                         .fillna("preservation") != "acceptance")).sum()),
-                     "min_p_holm": float(g["p_holm"].min()), "max_n": int(g["n"].max())})
+                     # only the preservation family decides the verdict; acceptance calibration and the
+                     # diagnostics (decoder-row PIT/score, drift) are reported with the tests but an
+                     # unbiased-yet-suboptimal rule must not read as "not preserving"
+                     "rejected": int((g["rejected"].fillna(False).astype(bool) & (family == "preservation")).sum()),
+                     "min_p_holm": float(g.loc[family == "preservation", "p_holm"].min()),
+                     "max_n": int(g["n"].max()),
+                     "drift_tv": float(drift["statistic"].iloc[0]) if len(drift) else float("nan"),
+                     "blind": bool(notes.str.contains("could not see rule errors").any())})
     return pd.DataFrame(rows)
 
 

@@ -30,12 +30,18 @@ class TestResult:
     unit: str
     note: str = ""
     p_holm: float = float("nan")
+    kind: str = ""  # the family when it is not the test's default (see `family`)
 
     @property
     def family(self) -> str:
-        """`preservation` tests decide the verdict; `acceptance` (calibration) checks the rule is the optimal one:
-        an unbiased but different rule (sample-match) fails calibration while preserving the distribution."""
-        return "acceptance" if self.test == "acceptance_calibration" else "preservation"
+        """`preservation` tests decide the verdict; `acceptance` (calibration below sum(alpha)) checks the rule is
+        the optimal one: an unbiased but different rule (sample-match) fails it while preserving the distribution;
+        `diagnostic` tests (the self-referential PIT and score on the decoder's own rows, when fresh rows exist)
+        localise a failure and decide nothing."""
+        return self.kind or ("acceptance" if self.test == "acceptance_calibration" else "preservation")
+
+    def as_diagnostic(self) -> "TestResult":
+        return replace(self, kind="diagnostic", note=("decoder's own rows (diagnostic); " + self.note).rstrip("; "))
 
     def rejected(self, alpha: float = ALPHA) -> bool:
         p = self.p_holm if np.isfinite(self.p_holm) else self.p_value
@@ -85,20 +91,73 @@ def exact_target_test(samples: Sequence[Hashable], target: dict[Hashable, float]
                       note=f"{len(obs)} cells ({len(small)} pooled)")
 
 
-def pit_test(u: Sequence[float]) -> TestResult:
+def pit_test(u: Sequence[float], name: str = "pit_ks", note: str = "") -> TestResult:
     """Kolmogorov-Smirnov test that randomized PIT values are Uniform(0, 1), as they are under exact sampling."""
     u = np.asarray([x for x in u if np.isfinite(x)], dtype=float)
     n = len(u)
     if n < 2:
-        return TestResult("pit_ks", n, float("nan"), float("nan"), float("nan"), "KS distance", note="too few tokens")
+        return TestResult(name, n, float("nan"), float("nan"), float("nan"), "KS distance",
+                          note=(note + "; " if note else "") + "too few tokens")
     res = st.kstest(u, "uniform")
     # Asymptotic sup-distance detected with POWER: critical value plus the power quantile of the KS spread.
     detectable = (st.kstwobign.ppf(1 - ALPHA) + st.norm.ppf(POWER) * 0.5) / np.sqrt(n)
-    return TestResult("pit_ks", n, float(res.statistic), float(res.pvalue), float(detectable), "KS distance")
+    return TestResult(name, n, float(res.statistic), float(res.pvalue), float(detectable), "KS distance", note=note)
+
+
+SOURCE_LAWS = {"accepted": "min(p, q) / alpha", "residual": "normalize(max(0, p - q))", "bonus": "p_K+1"}
+
+
+def conditional_pit_tests(u: Sequence[float], source: Sequence[str]) -> list[TestResult]:
+    """PIT by token source, each under the law the exact rule gives it (shared/STATS.md, 6): accepted drafts under
+    min(p, q) / alpha, residual tokens under normalize(max(0, p - q)), bonus tokens under p_K+1. Pooled PIT mixes
+    them and dilutes an error in one part of the rule; each of these sees its own part at full strength."""
+    u, source = np.asarray(u, dtype=float), np.asarray(source)
+    return [pit_test(u[source == s], f"pit_{s}", note=f"{s} tokens under {law}") for s, law in SOURCE_LAWS.items()]
+
+
+def support_test(logprob: Sequence[float], in_fresh: Sequence[bool] | None = None) -> TestResult:
+    """Any emitted token with zero probability under its own target row, or outside the fresh filtered target,
+    fails outright (p = 0): an exact sampler never emits one. Detectable: the smallest share of impossible tokens
+    seen at least once with POWER."""
+    lp = np.asarray(logprob, dtype=float)
+    own = int(np.sum(np.isneginf(lp)))
+    fresh = 0 if in_fresh is None else int(np.sum(~np.asarray(in_fresh, dtype=bool)))
+    n = len(lp)
+    bad = own + fresh
+    where = f"{own} outside their own row" + ("" if in_fresh is None else f", {fresh} outside the fresh target")
+    return TestResult("support", n, float(bad), 0.0 if bad else 1.0,
+                      float(-np.log(1 - POWER) / n) if n else float("nan"), "share of tokens",
+                      note=f"impossible tokens: {where}" if bad else "every token inside both supports"
+                      if in_fresh is not None else "every token inside its own row's support")
+
+
+def drift_summary(drift_logprob: Sequence[float], drift_tv: Sequence[float]) -> TestResult:
+    """Not a test: how far the decoder's rows sit from the fresh ones (mean total variation as the statistic).
+    Near zero with a rejected test points at the rule; large drift points at the state (caches after rollback)."""
+    d = np.asarray(drift_logprob, dtype=float)
+    tv = np.asarray(drift_tv, dtype=float)
+    n = len(d)
+    known = tv[np.isfinite(tv)]
+    finite = d[np.isfinite(d)]
+    note = (f"rows differing (TV > 1e-5): {np.mean(known > 1e-5):.1%}; " if len(known) else "") + \
+        f"max |delta log p| {finite.max() if len(finite) else 0.0:.3g}" + \
+        (f"; {int(np.sum(~np.isfinite(d)))} tokens possible under one row only" if np.any(~np.isfinite(d)) else "")
+    return TestResult("drift", n, float(known.mean()) if len(known) else float("nan"), float("nan"), float("nan"),
+                      "mean TV", note=note, kind="diagnostic")
+
+
+MIN_ACCEPTED = 300  # accepted drafts below which rule errors (in the accepted/residual laws) are hard to see
+
+
+def rule_power_note(accepted: int) -> str:
+    """What a group could not have seen: with few accepted drafts, errors in the acceptance rule barely move any
+    test, so "not rejected" would overstate the evidence."""
+    return (f"could not see rule errors: only {accepted} accepted drafts (< {MIN_ACCEPTED})"
+            if accepted < MIN_ACCEPTED else "")
 
 
 def score_test(logprob: Sequence[float], mean: Sequence[float], var: Sequence[float],
-               m3: Sequence[float] | None = None) -> TestResult:
+               m3: Sequence[float] | None = None, name: str = "logprob_score") -> TestResult:
     """Log-likelihood score test: sum of (log p(x_t) - E_p[log p]) over emitted tokens, standardised.
 
     Under exact sampling each term has mean 0 and variance Var_p[log p] given the past (a martingale), so the
@@ -114,13 +173,13 @@ def score_test(logprob: Sequence[float], mean: Sequence[float], var: Sequence[fl
     keep = np.isfinite(lp) & np.isfinite(m) & (v > 0)
     n = int(keep.sum())
     if n == 0:
-        return TestResult("logprob_score", 0, float("nan"), float("nan"), float("nan"), "nats per token",
+        return TestResult(name, 0, float("nan"), float("nan"), float("nan"), "nats per token",
                           note="no token with a non-degenerate target")
     total_var = float(v[keep].sum())
     z = float((lp[keep] - m[keep]).sum() / np.sqrt(total_var))
     skew = float(third[keep].sum() / total_var ** 1.5) if np.all(np.isfinite(third[keep])) else 0.0
     detectable = (st.norm.ppf(1 - ALPHA / 2) + st.norm.ppf(POWER)) * np.sqrt(total_var) / n
-    return TestResult("logprob_score", n, z, _edgeworth_two_sided(z, skew), float(detectable), "nats per token",
+    return TestResult(name, n, z, _edgeworth_two_sided(z, skew), float(detectable), "nats per token",
                       note=f"mean log p {lp[keep].mean():.4f} vs expected {m[keep].mean():.4f}, skew {skew:+.3f}")
 
 
@@ -131,20 +190,53 @@ def _edgeworth_two_sided(z: float, skew: float) -> float:
     return float(np.clip(2 * tail, 0.0, 1.0))
 
 
-def calibration_test(accepted: Sequence[bool], alpha: Sequence[float]) -> TestResult:
-    """z-test of accepted drafts against sum(alpha_i): exact rules accept position i with probability alpha_i."""
+def calibration_test(accepted: Sequence[bool], alpha: Sequence[float], alternative: str = "two-sided") -> TestResult:
+    """z-test of accepted drafts against sum(alpha_i): exact rules accept position i with probability alpha_i.
+
+    `alternative="greater"` is `acceptance_excess`, a preservation test: no rule that preserves the target
+    accepts more than sum(alpha) (the maximal-coupling bound), so acceptance above it is bias. `"less"` is the
+    efficiency diagnostic `acceptance_calibration` (an unbiased but sub-optimal rule accepts less)."""
+    name = "acceptance_excess" if alternative == "greater" else "acceptance_calibration"
     acc = np.asarray(accepted, dtype=float)
     a = np.clip(np.asarray(alpha, dtype=float), 0, 1)
     n = len(acc)
     var = float(np.sum(a * (1 - a)))
     if n == 0 or var <= 0:
-        return TestResult("acceptance_calibration", n, float("nan"), float("nan"), float("nan"), "acceptance rate",
+        return TestResult(name, n, float("nan"), float("nan"), float("nan"), "acceptance rate",
                           note="no drafted position with 0 < alpha < 1")
     z = (acc.sum() - a.sum()) / np.sqrt(var)
-    p = 2 * st.norm.sf(abs(z))
-    detectable = (st.norm.ppf(1 - ALPHA / 2) + st.norm.ppf(POWER)) * np.sqrt(var) / n
-    return TestResult("acceptance_calibration", n, float(z), float(p), float(detectable), "acceptance rate",
+    p = {"greater": st.norm.sf(z), "less": st.norm.cdf(z)}.get(alternative, 2 * st.norm.sf(abs(z)))
+    crit = st.norm.ppf(1 - ALPHA / (1 if alternative in ("greater", "less") else 2))
+    detectable = (crit + st.norm.ppf(POWER)) * np.sqrt(var) / n
+    return TestResult(name, n, float(z), float(p), float(detectable), "acceptance rate",
                       note=f"observed {acc.mean():.4f} vs expected {a.mean():.4f}")
+
+
+def acceptance_given_draft_test(accepted: Sequence[bool], p_draft: Sequence[float],
+                                q_draft: Sequence[float]) -> TestResult:
+    """One-sided z-test that drafts are not accepted more often than min(1, p(d) / q(d)) given the drafted token.
+
+    A rule that accepts d with probability above p(d)/q(d) emits d through acceptance alone with probability above
+    p(d): no preserving rule can (the exact rule meets the bound). Conditioning on the draft removes the variance
+    of which token was drafted, so lenient ratios that `acceptance_excess` (against sum(alpha)) barely sees show
+    here; positions with p >= q (acceptance certain) carry no information and drop out of the variance.
+    """
+    acc = np.asarray(accepted, dtype=float)
+    p, q = np.asarray(p_draft, dtype=float), np.asarray(q_draft, dtype=float)
+    a = np.clip(np.where(q > 0, p / np.where(q > 0, q, 1.0), 1.0), 0.0, 1.0)
+    var = float(np.sum(a * (1 - a)))
+    n = len(acc)
+    certain_rejected = int(np.sum((a == 0) & (acc > 0)))  # accepted a draft the target cannot emit
+    if certain_rejected:
+        return TestResult("acceptance_given_draft", n, float("inf"), 0.0, float("nan"), "acceptance rate",
+                          note=f"{certain_rejected} drafts with p(d) = 0 accepted")
+    if n == 0 or var <= 0:
+        return TestResult("acceptance_given_draft", n, float("nan"), float("nan"), float("nan"), "acceptance rate",
+                          note="no drafted position with 0 < p/q < 1")
+    z = (acc.sum() - a.sum()) / np.sqrt(var)
+    detectable = (st.norm.ppf(1 - ALPHA) + st.norm.ppf(POWER)) * np.sqrt(var) / n
+    return TestResult("acceptance_given_draft", n, float(z), float(st.norm.sf(z)), float(detectable),
+                      "acceptance rate", note=f"accepted {acc.sum():.0f} vs min(1, p/q) sum {a.sum():.1f}")
 
 
 def two_sample_categorical(a: Sequence[Hashable], b: Sequence[Hashable], min_expected: float = 5.0) -> TestResult:
@@ -198,7 +290,7 @@ def greedy_identity(ar: Sequence[int], mtp: Sequence[int], top2_gaps: Sequence[f
 
 
 def holm_by_family(results: Sequence[TestResult]) -> list[TestResult]:
-    """Holm within each family (preservation, acceptance), order kept."""
+    """Holm within each family (preservation, acceptance, diagnostic), order kept."""
     out = list(results)
     for fam in {r.family for r in results}:
         idx = [i for i, r in enumerate(results) if r.family == fam]
@@ -220,3 +312,51 @@ def holm(results: Sequence[TestResult]) -> list[TestResult]:
         running = max(running, min(1.0, (m - rank) * p))
         adjusted[i] = running
     return [replace(r, p_holm=adjusted[i]) for i, r in enumerate(results)]
+
+
+FRESH_COLUMNS = ("fresh_logprob", "fresh_pit_u", "in_fresh_support", "fresh_logprob_mean", "fresh_logprob_var",
+                 "fresh_logprob_m3", "drift_logprob", "drift_tv")
+
+
+def sampled_family(tokens: dict[str, Sequence], accepted: Sequence[bool], alpha: Sequence[float],
+                   tests: Sequence[str] = ("support", "pit", "score", "conditional", "calibration"),
+                   p_draft: Sequence[float] | None = None, q_draft: Sequence[float] | None = None) -> list[TestResult]:
+    """The tests of one sampled group (a verify group or a sweep cell), from per-token and per-draft columns.
+
+    `tokens` holds the tokens table's columns (source, target_logprob, pit_u, logprob_mean/var/m3, cond_pit_u and,
+    when the run was rescored, the FRESH_COLUMNS). With fresh rows the preservation family is: support (own row
+    and fresh target), PIT and score against the fresh rows, conditional PIT by source, and acceptance above
+    sum(alpha) or above min(1, p/q) given the draft; the PIT and score on the decoder's own rows become labelled
+    diagnostics beside the drift. Without
+    fresh rows (older results, servers without an audit model) the decoder-row tests stay in the family, as before.
+    Acceptance below sum(alpha) is the efficiency diagnostic (`acceptance` family). Holm is left to the caller.
+    """
+    col = {k: np.asarray(v) for k, v in tokens.items()}
+    fresh = "fresh_pit_u" in col and len(col["fresh_pit_u"]) > 0 and bool(np.all(np.isfinite(
+        col["fresh_pit_u"].astype(float))))
+    own_pit = pit_test(col["pit_u"])
+    own_score = score_test(col["target_logprob"], col["logprob_mean"], col["logprob_var"], col.get("logprob_m3"))
+    n_accepted = int(np.sum(np.asarray(accepted, dtype=bool)))
+    blind = rule_power_note(n_accepted)
+    out: list[TestResult] = []
+    if "support" in tests:
+        out.append(support_test(col["target_logprob"], col["in_fresh_support"].astype(bool) if fresh else None))
+    if "pit" in tests:
+        out.append(pit_test(col["fresh_pit_u"].astype(float), "fresh_pit_ks", note="fresh target") if fresh
+                   else own_pit)
+    if "score" in tests:
+        out.append(score_test(col["fresh_logprob"], col["fresh_logprob_mean"], col["fresh_logprob_var"],
+                              col["fresh_logprob_m3"], name="fresh_logprob_score") if fresh else own_score)
+    if "conditional" in tests and "cond_pit_u" in col:
+        out += [replace(r, note=f"{r.note}; {blind}" if blind and r.test != "pit_bonus" else r.note)
+                for r in conditional_pit_tests(col["cond_pit_u"].astype(float), col["source"])]
+    if "calibration" in tests:
+        excess = calibration_test(accepted, alpha, "greater")
+        out.append(replace(excess, note=f"{excess.note}; {blind}" if blind else excess.note))
+        if p_draft is not None and q_draft is not None:
+            out.append(acceptance_given_draft_test(accepted, p_draft, q_draft))
+        out.append(calibration_test(accepted, alpha, "less"))
+    if fresh:
+        out += [r.as_diagnostic() for r, t in ((own_pit, "pit"), (own_score, "score")) if t in tests]
+        out.append(drift_summary(col["drift_logprob"].astype(float), col["drift_tv"].astype(float)))
+    return out

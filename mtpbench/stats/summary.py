@@ -46,12 +46,16 @@ def draft_depth(runs: pd.DataFrame) -> pd.Series:
     return k.where(k != 0, positions).astype(int)
 
 
-def acceptance_by_depth(runs: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
-    """One row per (group, k, depth): reached, accepted, conditional acceptance and survival with Wilson CIs.
+def acceptance_by_depth(runs: pd.DataFrame, by: list[str] | None = None, seed: int = 0) -> pd.DataFrame:
+    """One row per (group, k, depth): reached, accepted, conditional acceptance and survival with 95% intervals.
 
     Counts the reference decoder's MTP rows and server rows with speculative counters alike (k = draft_depth):
     vLLM accepts draft position i only if positions < i were accepted, so its accepted-per-position counts are the
     same chain as the reference's accepted-at-depth and a server drafting 3 positions compares with K = 3.
+
+    Intervals respect clustering (shared/STATS.md, 7): steps within one sequence are not independent, so each
+    interval spans both the Wilson interval of the counts and a percentile bootstrap that resamples prompts
+    (`prompt_clusters` of them); greedy repetitions are copies of one output and count once (`repeats_dropped`).
     """
     by = by or SETTING_KEYS
     mtp = ok_runs(runs)
@@ -59,21 +63,58 @@ def acceptance_by_depth(runs: pd.DataFrame, by: list[str] | None = None) -> pd.D
     mtp = mtp[mtp["verify_steps"].notna()]
     mtp = mtp.assign(k=draft_depth(mtp))
     mtp = mtp[mtp["accepted_at_depth"].map(len) == mtp["k"]]
+    cluster = "prompt_digest" if "prompt_digest" in mtp else "prompt_id" if "prompt_id" in mtp else None
     rows = []
     for key, g in mtp.groupby(by + ["k"], dropna=False, sort=True):
         k = int(key[-1])
-        steps = int(g["verify_steps"].sum())
-        acc = np.sum(np.stack([np.asarray(a, dtype=np.int64) for a in g["accepted_at_depth"]]), axis=0)
+        n_runs = len(g)
+        if cluster and "temperature" in g and (g["temperature"] == 0).all():
+            g = g.drop_duplicates([cluster, "output_hash"] if "output_hash" in g else [cluster])
+        acc_runs = np.stack([np.asarray(a, dtype=np.int64) for a in g["accepted_at_depth"]])
+        steps_runs = g["verify_steps"].to_numpy(dtype=np.int64)
+        steps = int(steps_runs.sum())
+        acc = acc_runs.sum(axis=0)
         reached = np.concatenate([[steps], acc[:-1]])
+        labels = g[cluster].to_numpy() if cluster else np.arange(len(g))
+        boot = _cluster_bootstrap(labels, acc_runs, steps_runs, seed)
         for d in range(k):
             lo, hi = wilson(acc[d], reached[d])
             slo, shi = wilson(acc[d], steps)
+            if boot is not None:
+                (blo, bhi), (bslo, bshi) = boot[d]
+                lo, hi, slo, shi = min(lo, blo), max(hi, bhi), min(slo, bslo), max(shi, bshi)
             rows.append({**dict(zip(by + ["k"], key)), "depth": d + 1, "verify_steps": steps,
                          "reached": int(reached[d]), "accepted": int(acc[d]),
                          "acceptance": acc[d] / reached[d] if reached[d] else np.nan, "acceptance_lo": lo,
                          "acceptance_hi": hi, "survival": acc[d] / steps if steps else np.nan,
-                         "survival_lo": slo, "survival_hi": shi})
+                         "survival_lo": slo, "survival_hi": shi, "prompt_clusters": len(set(labels)),
+                         "repeats_dropped": n_runs - len(g)})
     return pd.DataFrame(rows)
+
+
+def _cluster_bootstrap(labels: np.ndarray, acc_runs: np.ndarray, steps_runs: np.ndarray, seed: int,
+                       n_boot: int = 2000, confidence: float = 0.95):
+    """Per depth, percentile intervals of (conditional acceptance, survival) resampling whole prompts; None with
+    fewer than 2 prompts (nothing to resample)."""
+    uniq, inverse = np.unique(labels.astype(str), return_inverse=True)
+    if len(uniq) < 2:
+        return None
+    acc_c = np.zeros((len(uniq), acc_runs.shape[1]))
+    np.add.at(acc_c, inverse, acc_runs)
+    steps_c = np.bincount(inverse, weights=steps_runs, minlength=len(uniq)).astype(float)
+    idx = np.random.default_rng(seed).integers(0, len(uniq), size=(n_boot, len(uniq)))
+    acc_b = acc_c[idx].sum(axis=1)  # (B, K)
+    steps_b = steps_c[idx].sum(axis=1)  # (B,)
+    reached_b = np.concatenate([steps_b[:, None], acc_b[:, :-1]], axis=1)
+    a = (1 - confidence) / 2
+    out = []
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cond = acc_b / reached_b
+        surv = acc_b / steps_b[:, None]
+    for d in range(acc_runs.shape[1]):
+        out.append(tuple((float(np.nanquantile(x[:, d], a)), float(np.nanquantile(x[:, d], 1 - a)))
+                         if np.isfinite(x[:, d]).any() else (float("nan"), float("nan")) for x in (cond, surv)))
+    return out
 
 
 def bootstrap_ci(values: np.ndarray, stat=np.mean, n_boot: int = 2000, confidence: float = 0.95,

@@ -1,8 +1,10 @@
 """Preservation verdicts for every sweep cell, computed from the `runs`, `steps` and `tokens` tables alone.
 
-Sampled settings get the per-token PIT test and the acceptance calibration test (Holm-corrected within the cell);
-greedy settings get token identity with the AR run of the same prompt and repetition. This is what lets every
-sweep cell carry a verdict on any checkpoint size, without re-running a model.
+Sampled settings get `preservation.sampled_family`: with the fresh-target columns the reference backend records
+(decode/rescore.py), support, PIT and score against the fresh rows, PIT by token source and acceptance above its
+bound decide; the decoder-row PIT and score and the drift are labelled diagnostics; Holm within each family of the
+cell. Greedy settings get token identity with the AR run of the same prompt and repetition. This is what lets
+every sweep cell carry a verdict on any checkpoint size, without re-running a model.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import numpy as np
 import pandas as pd
 
 from ..sweep.axes import GROUP_KEYS
-from .preservation import TestResult, calibration_test, holm_by_family, pit_test, score_test
+from .preservation import FRESH_COLUMNS, TestResult, holm_by_family, sampled_family
+
+TOKEN_COLUMNS = ("source", "target_logprob", "pit_u", "logprob_mean", "logprob_var", "logprob_m3", "cond_pit_u")
 
 CELL_KEYS = [*GROUP_KEYS, "k"]  # a verdict per group of like cells and K
 
@@ -53,9 +57,11 @@ def sweep_verdicts(runs: pd.DataFrame, steps: pd.DataFrame, tokens: pd.DataFrame
         ids = set(g["run_id"])
         toks = tokens[tokens["run_id"].isin(ids)]
         st = steps[steps["run_id"].isin(ids)]
-        results = holm_by_family([pit_test(toks["pit_u"].to_numpy()),
-                                  score_test(toks["target_logprob"], toks["logprob_mean"], toks["logprob_var"],
-                                             toks["logprob_m3"]),
-                        calibration_test(st["accepted"].to_numpy(dtype=bool), st["alpha"].to_numpy())])
-        rows += [_row(keyd, first, r) for r in results if r.n > 0 and np.isfinite(r.p_value)]
+        columns = {c: toks[c].to_numpy() for c in (*TOKEN_COLUMNS, *FRESH_COLUMNS) if c in toks.columns}
+        if "cond_pit_u" in columns and not np.isfinite(columns["cond_pit_u"].astype(float)).any():
+            del columns["cond_pit_u"]  # written before conditional PIT existed
+        results = holm_by_family(sampled_family(columns, st["accepted"].to_numpy(dtype=bool), st["alpha"].to_numpy(),
+                                                p_draft=st["p_draft"].to_numpy(), q_draft=st["q_draft"].to_numpy()))
+        rows += [_row(keyd, first, r) for r in results
+                 if r.n > 0 and (np.isfinite(r.p_value) or r.test == "drift")]
     return rows

@@ -57,6 +57,7 @@ RUNS = pa.schema([
     ("mean_acceptance_length", pa.float64()),
     ("drafted_at_depth", pa.list_(pa.int32())), ("accepted_at_depth", pa.list_(pa.int32())),
     ("finished_by", pa.string()), ("output_hash", pa.string()), ("status", pa.string()), ("error", pa.string()),
+    ("rescore_s", pa.float64()),  # seconds of the fresh-target rescoring after the run (not in decode_s)
     ("concurrency", pa.int32()), ("itl_p50_s", pa.float64()), ("itl_p95_s", pa.float64()), ("itl_p99_s", pa.float64()),
     ("server_completion_tokens", pa.int32()),
     ("mtpbench_version", pa.string()), ("mlx_version", pa.string()), ("mlx_lm_version", pa.string()),
@@ -71,6 +72,11 @@ TOKENS = pa.schema([
     ("run_id", pa.string()), ("index", pa.int32()), ("token_id", pa.int32()), ("source", pa.string()),
     ("target_logprob", pa.float64()), ("pit_u", pa.float64()),
     ("logprob_mean", pa.float64()), ("logprob_var", pa.float64()), ("logprob_m3", pa.float64()),
+    ("cond_pit_u", pa.float64()),  # PIT under the token's law given its source (accepted | residual | bonus)
+    # Rescoring against a fresh teacher-forced target (decode/rescore.py): sampled MTP runs of the reference only.
+    ("fresh_logprob", pa.float64()), ("fresh_pit_u", pa.float64()), ("in_fresh_support", pa.bool_()),
+    ("fresh_logprob_mean", pa.float64()), ("fresh_logprob_var", pa.float64()), ("fresh_logprob_m3", pa.float64()),
+    ("drift_logprob", pa.float64()), ("drift_tv", pa.float64()),
 ])
 # A verdict is about one group of cells: the grouping keys, the sampling values behind `setting`, and K.
 _VERDICT_KEYS = [c for c in GROUP_KEYS if c != "setting"] + ["setting"]
@@ -83,7 +89,8 @@ VERDICTS = pa.schema([
     ("test", pa.string()), ("n", pa.int64()), ("statistic", pa.float64()), ("p_value", pa.float64()),
     ("p_holm", pa.float64()), ("detectable", pa.float64()), ("detectable_unit", pa.string()),
     ("rejected", pa.bool_()), ("note", pa.string()),
-    ("family", pa.string()),  # preservation (decides the verdict) | acceptance (is the rule the optimal one)
+    # preservation (decides the verdict) | acceptance (is the rule the optimal one) | diagnostic (decides nothing)
+    ("family", pa.string()),
 ])
 TABLES: dict[str, pa.Schema] = {"runs": RUNS, "steps": STEPS, "tokens": TOKENS, "verdicts": VERDICTS}
 CELL_TABLES = ("steps", "tokens", "runs")  # the order a cell is written in: runs last marks it done

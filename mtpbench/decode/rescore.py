@@ -1,0 +1,102 @@
+"""Rescoring against a fresh target: the independent truth the preservation tests need (shared/STATS.md, 5).
+
+A test computed from the decoder's own target rows cannot see a bug that corrupts those rows (a rollback that keeps
+a rejected draft's state, a GatedDeltaNet state left behind): the rows and the samples are wrong together and look
+perfectly calibrated. After a sampled run, one teacher-forced forward of the trunk over prompt + output, with a
+fresh cache and mlx_lm's own model call (not the decoder's compiled layers, captured states or caches), gives the
+target row at every emitted position; the run's sampling transform (`sampling.support`, the one transform, sparse) turns
+it into the row the token should have followed. Per token it records the fresh log p, a fresh PIT value (its own
+uniform stream), whether the token is in the fresh filtered support, the score test's moments under the fresh
+row, and the drift between the decoder's row and the fresh one (|delta log p| of the token, total variation of the
+two rows where the decoder's row was kept).
+
+Near-zero drift with a rejected test points at the rule; large drift points at the state. Rescoring runs after the
+decode and is excluded from its timing; its own cost is returned.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from ..model.checkpoint import Bundle
+from ..model.kvcache import FULL_KV, KVCacheSpec
+from ..sampling import SamplingConfig, Support, support
+from .common import pit, support_moments
+from .records import DecodeResult
+
+CHUNK = 512  # positions per forward chunk (bounds the (L, V) logits held at once on large vocabularies)
+
+
+@dataclass(frozen=True)
+class FreshRecord:
+    """One emitted token scored against the fresh target (columns of the tokens table)."""
+
+    fresh_logprob: float  # log p(token) under the fresh row after the sampling transform (-inf: outside support)
+    fresh_pit_u: float  # randomized PIT under the fresh row: Uniform(0, 1) when the decode is exact
+    in_fresh_support: bool  # the token has non-zero probability under the fresh filtered target
+    fresh_logprob_mean: float  # E_f[log f(X)] of the fresh row (score test)
+    fresh_logprob_var: float  # Var_f[log f(X)]
+    fresh_logprob_m3: float  # E_f[(log f(X) - mean)^3]
+    drift_logprob: float  # |log p_decoder(token) - log p_fresh(token)| (inf when exactly one of them is -inf)
+    drift_tv: float  # total variation between the decoder's row and the fresh one (NaN: decoder row not kept)
+
+
+@dataclass(frozen=True)
+class Rescoring:
+    records: list[FreshRecord]
+    seconds: float
+
+
+def fresh_logits(bundle: Bundle, ids: list[int], start: int, kv: KVCacheSpec = FULL_KV) -> np.ndarray:
+    """Float32 logits of rows start..len(ids)-1 of one teacher-forced forward over `ids` with a fresh cache, through
+    mlx_lm's model call in chunks of CHUNK positions (row i predicts token i+1)."""
+    model = bundle.trunk.model
+    cache = bundle.trunk.make_cache(kv)  # mlx_lm's make_cache (quantized KV only when the run used it)
+    out = []
+    for lo in range(0, len(ids), CHUNK):
+        chunk = ids[lo: lo + CHUNK]
+        logits = model(mx.array(chunk)[None], cache=cache)[0]
+        keep = max(start - lo, 0)
+        if keep < len(chunk):
+            out.append(np.asarray(logits[keep:].astype(mx.float32)))
+        else:
+            mx.eval(logits)
+    return np.concatenate(out) if out else np.zeros((0, bundle.trunk.lm.args.vocab_size), np.float32)
+
+
+def _drift(a: float, b: float) -> float:
+    if math.isinf(a) and math.isinf(b):
+        return 0.0
+    return abs(a - b)
+
+
+def _tv(row: Support | None, f: Support) -> float:
+    """Total variation between the decoder's row (None: not kept) and the fresh one, over their supports' union."""
+    if row is None:
+        return float("nan")
+    ids = np.union1d(row.ids, f.ids)
+    return 0.5 * float(np.abs(f.on(ids) - row.on(ids)).sum())
+
+
+def rescore(bundle: Bundle, prompt: list[int], result: DecodeResult, cfg: SamplingConfig,
+            kv: KVCacheSpec = FULL_KV) -> Rescoring:
+    """Score every emitted token of a sampled run against a fresh teacher-forced target (see the module doc)."""
+    t0 = time.perf_counter()
+    tokens = list(result.tokens)
+    logits = fresh_logits(bundle, prompt + tokens[:-1], len(prompt) - 1, kv)
+    rng = np.random.default_rng([cfg.seed, 0x5C0DE])  # its own stream: never the decoder's or its PIT's
+    rows, recs = result.target_rows, result.token_records
+    out = []
+    for i, tok in enumerate(tokens):
+        f = support(logits[i], cfg)  # the run's transform, sparse: a few ids per row at top-k
+        ft = f.prob(tok)
+        lp = math.log(ft) if ft > 0 else float("-inf")
+        dec = recs[i].target_logprob if i < len(recs) else float("nan")
+        out.append(FreshRecord(lp, pit(f, tok, rng.random()), ft > 0, *support_moments(f), _drift(dec, lp),
+                               _tv(rows[i] if i < len(rows) else None, f)))
+    return Rescoring(out, time.perf_counter() - t0)
