@@ -242,9 +242,13 @@ def _points(spec: SweepSpec, backend: str) -> Iterable[tuple[tuple[str, Any], ..
                 yield tuple(values.items())
 
 
-def plan(spec: SweepSpec, prompts: list[Prompt]) -> list[Cell]:
+def plan(spec: SweepSpec, prompts: list[Prompt],
+         bucketed: dict[tuple[str, int], list[Prompt]] | None = None) -> list[Cell]:
     """Cells in execution order: the reference decoder's (grouped by model and policy, then setting and the other
     axes, then repetition and prompt), then the servers' (the same order without the decoder-only axes).
+
+    A cell at a context bucket takes its prompts from `bucketed[(model, bucket)]` (the long-context documents cut
+    with that model's tokenizer: `backends.reference.context_prompts`); the native context takes `prompts`.
 
     One seed per (prompt, repetition): runs of one verdict group never share a random stream (a shared PIT stream
     across prompts would make the u values dependent and the test invalid).
@@ -254,10 +258,15 @@ def plan(spec: SweepSpec, prompts: list[Prompt]) -> list[Cell]:
     cells = []
     for kind in kinds:
         for point in dict.fromkeys(_points(spec, kind)):
+            values = dict(point)
+            bucket = values.get("context") or 0
+            here = chosen if not bucket else (bucketed or {}).get((values["model"], bucket))
+            if here is None:
+                raise UserError(f"--context {bucket}: no prompts were cut for {values['model']}")
             for r in range(spec.repeats):
-                for i, p in enumerate(chosen):
+                for i, p in enumerate(here):
                     cells.append(Cell(kind, point + (("prompts", p.set_name),), p, r,
-                                      spec.seed + r * len(chosen) + i, spec.ks if kind == REFERENCE else (),
+                                      spec.seed + r * len(here) + i, spec.ks if kind == REFERENCE else (),
                                       p.max_tokens or spec.max_tokens))
     return cells
 
