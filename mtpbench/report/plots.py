@@ -244,6 +244,9 @@ def context(ctx: pd.DataFrame) -> str | None:
         if title == "speedup over AR":
             ax.axhline(1.0, color="grey", lw=0.6)
         ax.set_xscale("log", base=2)
+        ticks = sorted({int(round(v)) for v in ctx[x_col].dropna()})
+        ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=7)
+        ax.minorticks_off()
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("prompt tokens")
     handles, labels = axes[3].get_legend_handles_labels()
