@@ -8,7 +8,7 @@ import json
 import pytest
 
 from mtpbench.errors import UserError
-from mtpbench.sweep.axes import BY_NAME, COMPARED, GROUP_KEYS, context_buckets, context_label
+from mtpbench.sweep.axes import BY_NAME, COMPARED, GROUP_KEYS, context_buckets, context_label, read_sweep_file
 from mtpbench.sweep.longctx import DATA_FILE, Document, cut, load_documents
 from mtpbench.sweep.store import read_table
 
@@ -24,6 +24,26 @@ def test_context_buckets_parse_k_suffixes_plain_counts_and_native():
     assert [context_label(n) for n in (0, 1024, 4096, 200, None)] == ["native", "1k", "4k", "200", "native"]
     axis = BY_NAME["context"]
     assert axis.default == (0,) and "context" in GROUP_KEYS and axis in COMPARED
+    assert read_sweep_file({"context": ["1k", 4096]}, "s.toml").given["context"] == (1024, 4096)
+    with pytest.raises(UserError, match="s.toml: context"):
+        read_sweep_file({"context": "lots"}, "s.toml")
+
+
+def test_the_native_context_leaves_spec_and_cell_identities_as_they_were(tiny_agree):
+    """Sweeps without --context keep their results dir name and cell ids (resume works across the upgrade)."""
+    from mtpbench.sweep.prompts import Prompt
+    from mtpbench.sweep.spec import SweepSpec, plan
+
+    native = SweepSpec.of(model=str(tiny_agree), prompts="code", repeats=1)
+    assert "context" not in native.to_dict()
+    bucketed = SweepSpec.of(model=str(tiny_agree), prompts="code", repeats=1, context="native,1k")
+    assert bucketed.to_dict()["context"] == [0, 1024] and bucketed.digest() != native.digest()
+    p = Prompt("s", "p1", "c", "text", None, None)
+    long = Prompt("longctx", "p1", "c", "long text", None, None)
+    cells = plan(bucketed, [p], {(str(tiny_agree), 1024): [long]})
+    ids = {b: {c.cell_id for c in cells if c["context"] == b} for b in (0, 1024)}
+    assert ids[0] == {c.cell_id for c in plan(native, [p])} and not ids[0] & ids[1024]
+    assert all(c.prompt is long for c in cells if c["context"] == 1024)
 
 
 def _doc(lines: int = 40) -> Document:

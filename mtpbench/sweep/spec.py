@@ -151,7 +151,8 @@ class SweepSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """The spec as the manifest stores it (and resume compares): axes, options, endpoint records."""
-        out: dict[str, Any] = {name: list(vals) for name, vals in self.grid}
+        out: dict[str, Any] = {name: list(vals) for name, vals in self.grid
+                               if not (name == "context" and list(vals) == [0])}  # native only: as before the axis
         out.update(max_tokens=self.max_tokens, repeats=self.repeats, seed=self.seed, prompt_limit=self.prompt_limit,
                    kv_group_size=self.kv_group_size, ignore_eos=self.ignore_eos, records=self.records,
                    warmup_tokens=self.warmup_tokens)
@@ -197,7 +198,8 @@ class Cell:
     def cell_id(self) -> str:
         """A hash of what makes this cell: every axis value it carries, the prompt (set, id and content) and the
         repetition. Editing a prompt's text gives new ids, so a resume reruns exactly those cells."""
-        key = {"point": {k: v for k, v in self.point if k != "prompts" and not (k == "policy" and v == "as-is")},
+        key = {"point": {k: v for k, v in self.point if k != "prompts" and not (k == "policy" and v == "as-is")
+                         and not (k == "context" and not v)},  # the native context: ids as before the axis
                "prompt": [self.prompt.set_name, self.prompt.id, self.prompt.digest], "repetition": self.repetition}
         return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
