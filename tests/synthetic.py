@@ -56,7 +56,8 @@ def _base_row(spec: Spec, setting: str, mode: str, k: int, category: str, pid: s
     return {
         "run_id": f"{cell}-{pid}-r{rep}", "cell_id": cell, "sweep": spec.name, "backend": spec.backend,
         "model": spec.model, "model_fingerprint": "f00d", "model_path": f"/models/{spec.model}",
-        "policy": spec.policy, "kv_bits": 0, "mode": mode, "k": k, **SETTINGS[setting], "setting": setting, "thinking": "off",
+        "policy": spec.policy, "kv_bits": 0, "context": 0, "mode": mode, "k": k, **SETTINGS[setting],
+        "setting": setting, "thinking": "off",
         "prompt_set": category, "prompt_id": pid, "category": category, "repetition": rep, "seed": rep,
         "max_tokens": spec.max_tokens, "order": order, "prompt_tokens": 20, "hidden_variant": "post_norm",
         **{f: PROVENANCE[f] for f in ("mtpbench_version", "mlx_version", "mlx_lm_version", "git_sha", "device",
@@ -159,8 +160,9 @@ def manifest(spec: Spec) -> dict[str, Any]:
 def verdict(spec: Spec, k: int, setting: str, test: str, p: float, rejected: bool,
             control: str | None = None, n: int = 4000) -> dict[str, Any]:
     """One schema-valid verdict row for `spec`'s model."""
-    return {"scope": "verify", "model": spec.model, "policy": spec.policy, "kv_bits": 0, "backend": spec.backend, "k": k,
-            "setting": setting, **SETTINGS[setting], "control": control, "test": test, "n": n,
+    return {"scope": "verify", "model": spec.model, "policy": spec.policy, "kv_bits": 0, "context": 0,
+            "backend": spec.backend, "k": k, "setting": setting, **SETTINGS[setting], "control": control,
+            "test": test, "n": n,
             "statistic": 1.23, "p_value": p, "p_holm": min(1.0, 2 * p), "detectable": 0.021,
             "detectable_unit": "KS distance", "rejected": rejected, "note": None}
 
@@ -191,7 +193,8 @@ def server_rows(spec: Spec, backend: str, mode: str, concurrency: tuple[int, ...
                         tok_s *= rng.lognormal(0, 0.05)
                         row = {**_base_row(spec, setting, mode, 0, category, pid, rep, len(rows)),
                                "run_id": f"{backend}-{cell}-c{c}-{j}", "cell_id": cell, "backend": backend,
-                               "policy": "as-is", "kv_bits": None, "draft_temperature": None, "hidden_variant": None,
+                               "policy": "as-is", "kv_bits": None, "context": None, "draft_temperature": None,
+                               "hidden_variant": None,
                                "model_path": f"http://127.0.0.1/{backend}/v1", "concurrency": c,
                                "generated_tokens": spec.max_tokens, "decode_tok_s": tok_s,
                                "decode_s": (spec.max_tokens - 1) / tok_s, "ttft_s": 0.05 * c,
@@ -201,7 +204,8 @@ def server_rows(spec: Spec, backend: str, mode: str, concurrency: tuple[int, ...
     for n in range(failed):
         row = _base_row(spec, spec.settings[0], mode, 0, CATEGORIES[0], "code-0", 0, len(rows))
         rows.append({**row, "run_id": f"{backend}-failed-{n}", "cell_id": "srv-failed", "backend": backend,
-                     "policy": "as-is", "kv_bits": None, "concurrency": concurrency[0], "status": "failed",
+                     "policy": "as-is", "kv_bits": None, "context": None, "concurrency": concurrency[0],
+                     "status": "failed",
                      "error": "RequestFailed: timed out", "decode_tok_s": None})
     return rows
 
