@@ -130,3 +130,28 @@ def test_a_bucket_beyond_the_position_limit_is_refused_in_one_line(cli, tmp_path
     assert "context of 4096" in res.stderr and not out.exists()
     res = cli("sweep", "-m", tiny_agree, "--context", "12", "--out", out, "--no-report")
     assert res.exit_code == 2 and "at least 16 tokens" in res.stderr and not out.exists()
+
+
+def test_the_split_tells_a_dearer_verify_step_from_falling_acceptance():
+    """Same drafts at two contexts, MTP steps twice as slow at the longer one (AR unchanged): the whole speedup
+    change is cost (c0/c = 0.5), none of it acceptance (tau/tau0 = 1)."""
+    import pandas as pd
+
+    from mtpbench.report import tables
+    from tests.synthetic import Spec, build_runs
+
+    runs, _ = build_runs(Spec(failed_runs=0, settings=("greedy",)))
+    long = []
+    for r in runs:
+        r2 = {**r, "context": 4096, "run_id": r["run_id"] + "-4k", "cell_id": r["cell_id"] + "-4k"}
+        if r["mode"] == "mtp":
+            r2.update(decode_s=2 * r["decode_s"], decode_tok_s=r["decode_tok_s"] / 2)
+        long.append(r2)
+    frame = pd.DataFrame([{**r, "context": 1024, "source": "s"} for r in runs] + [{**r, "source": "s"} for r in long])
+    ctx = tables.context_table(frame)
+    assert set(ctx["context"]) == {1024, 4096} and len(ctx) == 2 * 3
+    at_4k = ctx[ctx["context"] == 4096]
+    assert (at_4k["acceptance_factor"] == 1).all()
+    assert at_4k["cost_factor"].round(9).eq(0.5).all() and at_4k["speedup_change"].round(9).eq(0.5).all()
+    assert at_4k["residual"].round(9).eq(1).all()
+    assert (ctx[ctx["context"] == 1024][["speedup_change", "acceptance_factor", "cost_factor"]] == 1).all().all()

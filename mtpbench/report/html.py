@@ -187,6 +187,7 @@ def context_section(data: Loaded, keys: list[str]) -> Section | None:
         ("TTFT MTP s", lambda r: fmt.num(r.get("mtp_ttft_s"), 3), True),
         ("Peak memory AR", lambda r: fmt.memory(r.get("ar_peak_memory_bytes")), True),
         ("Peak memory MTP", lambda r: fmt.memory(r.get("mtp_peak_memory_bytes")), True),
+        ("KV MB/step AR", lambda r: fmt.num(r.get("ar_kv_bytes_per_step", float("nan")) / 1e6, 2), True),
         ("KV MB/step MTP", lambda r: fmt.num(r.get("mtp_kv_bytes_per_step", float("nan")) / 1e6, 2), True),
         ("S / S₀", lambda r: fmt.ratio(r["speedup_change"]), True),
         ("acceptance τ/τ₀", lambda r: fmt.ratio(r["acceptance_factor"]), True),
