@@ -56,7 +56,8 @@ def _base_row(spec: Spec, setting: str, mode: str, k: int, category: str, pid: s
     return {
         "run_id": f"{cell}-{pid}-r{rep}", "cell_id": cell, "sweep": spec.name, "backend": spec.backend,
         "model": spec.model, "model_fingerprint": "f00d", "model_path": f"/models/{spec.model}",
-        "policy": spec.policy, "kv_bits": 0, "mode": mode, "k": k, **SETTINGS[setting], "setting": setting, "thinking": "off",
+        "policy": spec.policy, "kv_bits": 0, "context": 0, "mode": mode, "k": k, **SETTINGS[setting],
+        "setting": setting, "thinking": "off",
         "prompt_set": category, "prompt_id": pid, "category": category, "repetition": rep, "seed": rep,
         "max_tokens": spec.max_tokens, "order": order, "prompt_tokens": 20, "hidden_variant": "post_norm",
         "mtp_chain": "normed", "mtp_history": "committed",
@@ -160,7 +161,7 @@ def manifest(spec: Spec) -> dict[str, Any]:
 def verdict(spec: Spec, k: int, setting: str, test: str, p: float, rejected: bool,
             control: str | None = None, n: int = 4000) -> dict[str, Any]:
     """One schema-valid verdict row for `spec`'s model."""
-    return {"scope": "verify", "model": spec.model, "policy": spec.policy, "kv_bits": 0, "hidden_variant": "post_norm",
+    return {"scope": "verify", "model": spec.model, "policy": spec.policy, "kv_bits": 0, "context": 0, "hidden_variant": "post_norm",
             "mtp_chain": "normed", "mtp_history": "committed", "backend": spec.backend, "k": k,
             "setting": setting, **SETTINGS[setting], "control": control, "test": test, "n": n,
             "statistic": 1.23, "p_value": p, "p_holm": min(1.0, 2 * p), "detectable": 0.021,
@@ -193,7 +194,7 @@ def server_rows(spec: Spec, backend: str, mode: str, concurrency: tuple[int, ...
                         tok_s *= rng.lognormal(0, 0.05)
                         row = {**_base_row(spec, setting, mode, 0, category, pid, rep, len(rows)),
                                "run_id": f"{backend}-{cell}-c{c}-{j}", "cell_id": cell, "backend": backend,
-                               "policy": "as-is", "kv_bits": None, "draft_temperature": None, "hidden_variant": None,
+                               "policy": "as-is", "kv_bits": None, "context": None, "draft_temperature": None, "hidden_variant": None,
                                "mtp_chain": None, "mtp_history": None,
                                "model_path": f"http://127.0.0.1/{backend}/v1", "concurrency": c,
                                "generated_tokens": spec.max_tokens, "decode_tok_s": tok_s,
@@ -204,7 +205,7 @@ def server_rows(spec: Spec, backend: str, mode: str, concurrency: tuple[int, ...
     for n in range(failed):
         row = _base_row(spec, spec.settings[0], mode, 0, CATEGORIES[0], "code-0", 0, len(rows))
         rows.append({**row, "run_id": f"{backend}-failed-{n}", "cell_id": "srv-failed", "backend": backend,
-                     "policy": "as-is", "kv_bits": None, "hidden_variant": None, "mtp_chain": None,
+                     "policy": "as-is", "kv_bits": None, "context": None, "hidden_variant": None, "mtp_chain": None,
                      "mtp_history": None, "concurrency": concurrency[0], "status": "failed",
                      "error": "RequestFailed: timed out", "decode_tok_s": None})
     return rows

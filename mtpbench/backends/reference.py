@@ -19,9 +19,11 @@ from ..decode.rescore import Rescoring, rescore
 from ..errors import UserError
 from ..model.checkpoint import Bundle, context_length, load, preflight, read_config, text_config
 from ..model.kvcache import KVCacheSpec
-from ..model.roofline import bytes_per_token, copy_bandwidth, draft_step_bytes, weight_bytes
+from ..model.roofline import (bytes_per_token, copy_bandwidth, draft_step_bytes, kv_bytes_per_step, kv_layout,
+                              weight_bytes)
 from ..provenance import now_iso
-from ..sweep.axes import REFERENCE
+from ..sweep.axes import NATIVE, REFERENCE, context_label
+from ..sweep.longctx import bucket_prompts, edge_lines, load_documents
 from ..sweep.prompts import Prompt, encode, supports_thinking
 from ..sweep.rows import CellRows, record_rows, run_row
 from ..sweep.spec import Cell, SweepSpec, thinking_flag
@@ -61,10 +63,17 @@ def display_names(models: tuple[str, ...]) -> dict[str, str]:
 
 def check(spec: SweepSpec, prompts: list[Prompt]) -> dict[str, Path]:
     """Every check that needs no model in memory, for every checkpoint: path, config, weights, MTP head, KV-cache
-    groups, chat template, and each prompt's position budget. Returns the resolved paths."""
+    groups, chat template, each context bucket's and each prompt's position budget. Returns the resolved paths."""
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
     paths = {m: preflight(m, require_mtp=True) for m in spec.models}
+    generation = spec.max_tokens + max(spec.ks) + 1
+    for model, path in paths.items():
+        ctx = context_length(read_config(path))
+        for bucket in (b for b in spec.values("context") if b):
+            if bucket + generation > ctx:
+                raise UserError(f"--context {context_label(bucket)} needs {bucket + generation} positions ({bucket} "
+                                f"prompt tokens + generation) but {model} has a context of {ctx}")
     for model, path in paths.items():
         tok = load_tokenizer(path)
         config = read_config(path)
@@ -77,7 +86,8 @@ def check(spec: SweepSpec, prompts: list[Prompt]) -> dict[str, Path]:
                 raise UserError(f"{model}: --kv-bits {bits}: {e}") from None
         if any(t != "n/a" for t in spec.values("thinking")) and not supports_thinking(tok):
             raise UserError(f"{model}: --thinking needs a chat template with enable_thinking; this one has none")
-        for p in prompts:
+        native = prompts if NATIVE in spec.values("context") else []
+        for p in native:
             for th in spec.values("thinking"):
                 n = len(encode(tok, p, thinking_flag(th)))
                 budget = n + (p.max_tokens or spec.max_tokens) + max(spec.ks) + 1
@@ -87,11 +97,51 @@ def check(spec: SweepSpec, prompts: list[Prompt]) -> dict[str, Path]:
     return paths
 
 
-def decode_fields(r: DecodeResult, mode: str, k: int, weights: tuple[int, int]) -> dict[str, Any]:
-    """The measured columns of one decode; `weights` = (trunk, draft step) weight bytes, for the roofline."""
+def context_prompts(spec: SweepSpec) -> dict[tuple[str, int], list[Prompt]]:
+    """Each (checkpoint, context bucket)'s prompts: the long-context documents cut with that checkpoint's
+    tokenizer (the first `--prompt-limit` documents). Run after `check`, before any model is loaded."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    buckets = [b for b in spec.values("context") if b]
+    if not buckets:
+        return {}
+    docs = load_documents()
+    docs = docs[: spec.prompt_limit] if spec.prompt_limit else docs
+    thinking = [thinking_flag(t) for t in spec.values("thinking")]
+    out: dict[tuple[str, int], list[Prompt]] = {}
+    for model in spec.models:
+        tok = load_tokenizer(preflight(model, require_mtp=True))
+        for b in buckets:
+            out[(model, b)] = bucket_prompts(tok, docs, b, thinking, f" with {model}'s tokenizer")
+    return out
+
+
+def context_manifest(spec: SweepSpec, bucketed: dict[tuple[str, int], list[Prompt]]) -> dict[str, Any]:
+    """What the manifest records of the cut prompts: per model and `set/id@bucket`, the content digest and the
+    first and last lines of the document part (where the bucket starts and where it was cut); the runs table has
+    each prompt's token count."""
+    names = display_names(spec.models)
+    tasks = {d.id: d.task for d in load_documents()} if bucketed else {}
+    out: dict[str, Any] = {}
+    for (model, bucket), prompts in bucketed.items():
+        entry = out.setdefault(names[model], {})
+        for p in prompts:
+            first, last = edge_lines(p, tasks.get(p.id, ""))
+            entry[f"{p.set_name}/{p.id}@{context_label(bucket)}"] = {
+                "digest": p.digest, "first_line": first, "last_line": last, "sources": p.source}
+    return out
+
+
+def decode_fields(r: DecodeResult, mode: str, k: int, weights: tuple[int, int],
+                  kv: tuple[float, float] = (0.0, 0.0)) -> dict[str, Any]:
+    """The measured columns of one decode; `weights` = (trunk, draft step) weight bytes and `kv` = (trunk, head)
+    KV-cache bytes per cached position, for the roofline. A step's KV bytes are taken at the run's mean cache
+    length, prompt tokens + half the generated ones."""
     tau = r.mean_acceptance_length if mode == "mtp" else 1.0
+    context = r.prompt_tokens + r.generated_tokens / 2
     return dict(
         weight_bytes_per_token=bytes_per_token(*weights, k, tau), memory_gb_s=copy_bandwidth(),
+        kv_bytes_per_step=kv_bytes_per_step(kv, k if mode == "mtp" else 0, context),
         prompt_tokens=r.prompt_tokens, generated_tokens=r.generated_tokens, prefill_s=r.prefill_s,
         decode_s=r.decode_s, decode_tok_s=r.decode_tok_s, ttft_s=r.prefill_s, peak_memory_bytes=r.peak_memory_bytes,
         verify_steps=r.verify_steps, drafted_tokens=r.drafted_tokens, accepted_tokens=r.accepted_tokens,
@@ -163,6 +213,12 @@ class ReferenceBackend:
             self._views[variant] = self.bundle.with_hidden_variant(variant)
         return self._views[variant]
 
+    def _kv_layout(self, cell: Cell) -> tuple[float, float]:
+        assert self.bundle is not None
+        kv = self._kv(cell)
+        group = kv.resolved_group_size(int(self.bundle.text_config.get("head_dim", 64) or 64)) if kv.bits else 64
+        return kv_layout(self.bundle, kv.bits, group)
+
     def _decode(self, cell: Cell, ids: list[int], mode: str, k: int, max_tokens: int, records: bool,
                 ignore_eos: bool) -> DecodeResult:
         assert self.bundle is not None
@@ -194,7 +250,7 @@ class ReferenceBackend:
             self._decode(cell, ids, mode, k, n, self.spec.records, ignore_eos=True)
 
     def run_cell(self, cell: Cell, on_run: OnRun | None = None) -> CellRows:
-        ids = self._ids(cell)
+        ids, layout = self._ids(cell), self._kv_layout(cell)
         rows = CellRows()
         for order, (mode, k) in enumerate(cell.order(cell.ks)):
             started, error, result = now_iso(), self._broken, None
@@ -208,7 +264,7 @@ class ReferenceBackend:
                     raise
                 except Exception as e:  # a failed run is recorded and the sweep goes on
                     error = f"{type(e).__name__}: {e}"
-            measured = decode_fields(result, mode, k, self._weights[k]) if result is not None else None
+            measured = decode_fields(result, mode, k, self._weights[k], layout) if result is not None else None
             fresh = self._rescore(cell, ids, mode, result) if result is not None and not error else None
             if fresh is not None and measured is not None:
                 measured["rescore_s"] = fresh.seconds

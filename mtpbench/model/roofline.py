@@ -77,3 +77,44 @@ def copy_bandwidth(mb: int = 256, best_of: int = 5) -> float:
         np.copyto(dst, src)
         best = min(best, time.perf_counter() - t0)
     return 2 * src.nbytes / best / 1e9
+
+
+# ------------------------------------------------------------------------------------------ KV-cache bytes per step
+# Apart from the weights, a decode step reads the attention KV cache: every full-attention layer reads a key and a
+# value vector per KV head per cached position. The GatedDeltaNet layers keep a fixed-size state instead, so only
+# the attention layers grow with context.
+
+
+def kv_bytes_per_position(attention_layers: int, kv_heads: int, head_dim: int, bytes_per_element: float) -> float:
+    """Bytes one cached position costs a step that attends over it: layers x 2 (key, value) x KV heads x head dim
+    x bytes per element."""
+    return float(attention_layers * 2 * kv_heads * head_dim * bytes_per_element)
+
+
+def kv_element_bytes(bits: int, group_size: int, dtype_bytes: int) -> float:
+    """Bytes per cached element: the model's dtype unquantized; bits / 8 plus a scale and a bias (in the model's
+    dtype) per group when quantized (mlx_lm's QuantizedKVCache)."""
+    return float(dtype_bytes) if not bits else bits / 8 + 2 * dtype_bytes / group_size
+
+
+def kv_layout(bundle: Bundle, bits: int = 0, group_size: int = 64) -> tuple[float, float]:
+    """(trunk, MTP head) KV bytes per cached position for this checkpoint; the head's own cache is never
+    quantized (model/kvcache.py)."""
+    text = bundle.text_config
+    layers = bundle.trunk.lm.model.layers
+    attention = sum(1 for layer in layers if not getattr(layer, "is_linear", False))
+    kv_heads = int(text.get("num_key_value_heads") or text.get("num_attention_heads") or 0)
+    head_dim = int(text.get("head_dim") or 0) or int(text.get("hidden_size", 0)) // max(
+        int(text.get("num_attention_heads") or 1), 1)
+    floats = [v.dtype.size for _, v in tree_flatten(bundle.model.parameters()) if "float" in str(v.dtype)]
+    dtype_bytes = floats[0] if floats else 2
+    head_layers = len(bundle.mtp.layers) if bundle.mtp is not None else 0
+    return (kv_bytes_per_position(attention, kv_heads, head_dim, kv_element_bytes(bits, group_size, dtype_bytes)),
+            kv_bytes_per_position(head_layers, kv_heads, head_dim, dtype_bytes))
+
+
+def kv_bytes_per_step(layout: tuple[float, float], k: int, context: float) -> float:
+    """KV-cache bytes one decode step reads at `context` cached positions: the trunk's attention layers once (an
+    AR token, or a verify of K+1 positions), plus K draft steps over the MTP head's own cache (same length)."""
+    trunk, head = layout
+    return (trunk + k * head) * context

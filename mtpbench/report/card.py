@@ -17,11 +17,16 @@ import pandas as pd
 from ..errors import UserError
 from . import backends, fmt, tables
 from .load import GROUP_KEYS, Loaded, load
+from ..sweep.axes import context_label
 from .present import acceptance_cell, mode_label, mode_speedup_cell, survival_cell
 
 CELL_KEYS = [k for k in GROUP_KEYS if k not in ("source", "model")]  # a card is about one model
 BACKEND_FIELDS = CELL_KEYS + ["mode", "k", "positions", "concurrency", "ok", "failed", "tok_s", "ttft_p50_s",
                               "itl_p50_s", "itl_p95_s", "speedup", "speedup_lo", "speedup_hi", "n_prompts", "baseline"]
+CONTEXT_FIELDS = CELL_KEYS + ["k", "ar_prompt_tokens", "acceptance_by_depth", "tau", "speedup", "speedup_lo",
+                               "speedup_hi", "cost_ratio", "ar_ttft_s", "mtp_ttft_s", "ar_peak_memory_bytes",
+                               "mtp_peak_memory_bytes", "ar_kv_bytes_per_step", "mtp_kv_bytes_per_step",
+                               "speedup_change", "acceptance_factor", "cost_factor", "residual"]
 SURVIVAL_FIELDS = ["setting", "k", "depth", "series", *CELL_KEYS, "verify_steps", "accepted", "survival",
                    "survival_lo", "survival_hi"]
 
@@ -36,6 +41,8 @@ def _plain(x: Any) -> Any:
         return None if math.isnan(float(x)) else float(x)
     if isinstance(x, (np.bool_,)):
         return bool(x)
+    if isinstance(x, (list, tuple, np.ndarray)):
+        return [_plain(v) for v in x]
     return x
 
 
@@ -116,6 +123,7 @@ def card_data(results_dir: Path, model: str | None = None, say=None) -> dict[str
         "acceptance": _records(acc, CELL_KEYS + ["k", "depth", "verify_steps", "reached", "accepted", "acceptance",
                                                  "acceptance_lo", "acceptance_hi", "survival", "survival_lo",
                                                  "survival_hi"]),
+        "context": _records(tables.context_table(sub.runs), CONTEXT_FIELDS),
         "backends": _records(backends.comparison(sub.runs), BACKEND_FIELDS),
         "backend_survival": _records(backends.survival(sub.runs), SURVIVAL_FIELDS),
         "sampling": _records(tables.sampling(sub.runs), ["setting", *tables.SAMPLING_FIELDS, "prompt_sets",
@@ -181,6 +189,29 @@ def _acceptance_md(card: dict[str, Any], multi: list[str]) -> list[str]:
     return [md_table(["Setting", "K", "Depth", "Acceptance", "Survival"], rows), "",
             ("Acceptance at depth d: accepted at d / drafts that reached d. Survival to depth d: share of verify "
              "steps whose first d drafts were all accepted. 95% Wilson intervals.")]
+
+
+def _context_md(card: dict[str, Any], multi: list[str]) -> list[str]:
+    """Acceptance, tau, speedup, TTFT and peak memory against context, with the acceptance/cost split."""
+    recs = card.get("context") or []
+    if not recs:
+        return []
+    rows = [[_cell_name(r, [m for m in multi if m != "context"]), str(r["k"]), context_label(r["context"]),
+             fmt.integer(r["ar_prompt_tokens"]),
+             " / ".join(fmt.rate(v) for v in r["acceptance_by_depth"] or []) or fmt.DASH, fmt.num(r["tau"], 3),
+             fmt.with_ci(r["speedup"], r["speedup_lo"], r["speedup_hi"], fmt.ratio),
+             fmt.num(r["ar_ttft_s"], 3), fmt.num(r["mtp_ttft_s"], 3), fmt.memory(r["mtp_peak_memory_bytes"]),
+             fmt.ratio(r["speedup_change"]), fmt.ratio(r["acceptance_factor"]), fmt.ratio(r["cost_factor"])]
+            for r in recs]
+    return ["**Against context**", "",
+            md_table(["Setting", "K", "Context", "Prompt tokens", "Acceptance by depth", "τ", "Speedup",
+                      "TTFT AR s", "TTFT MTP s", "Peak memory MTP", "S / S₀", "τ / τ₀", "c₀ / c"], rows), "",
+            ("Context buckets: the long-context set's documents (Python standard library modules, PSF licence) cut "
+             "per tokenizer to at most that many tokens at a line boundary, task at the end. With c = (MTP s per "
+             "verify step) / (AR s per token) the cost model predicts speedup = τ / c, so against the shortest "
+             "context S / S₀ = (τ / τ₀) × (c₀ / c) × residual: τ / τ₀ < 1 means acceptance fell, c₀ / c < 1 that a "
+             "verify step got dearer relative to an AR token. TTFT: prefill seconds (MTP includes the head's "
+             "prefill)."), ""]
 
 
 def _backends_md(card: dict[str, Any]) -> list[str]:
@@ -262,6 +293,7 @@ def to_markdown(card: dict[str, Any]) -> str:
     lines = [f"## MTP speculative decoding: {card['model']}", "",
              f"Measured with mtpbench (results `{card['source']}`).", ""]
     lines += _throughput_md(card) + ["", "**MTP draft acceptance**", ""] + _acceptance_md(card, multi) + [""]
+    lines += _context_md(card, multi)
     lines += _backends_md(card)
     lines += [_sampling_line(card), "", _hardware_line(card), "", _preservation_line(card, multi), ""]
     if card["failed_runs"]:

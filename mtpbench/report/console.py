@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..sweep.axes import GROUP_KEYS
+from ..sweep.axes import GROUP_KEYS, context_label
 
 from ..stats.acceptance import (StepCosts, bandwidth_bound_speedup, costs_from_bench, draft_shares,
                                 expected_tokens, predicted_speedup)
@@ -65,7 +65,8 @@ def sweep_summary(runs: pd.DataFrame, benches: list[dict] | None = None) -> str:
 
         ar = rows(thr)
         ar = ar[ar["mode"] == "ar"]
-        head = "  |  ".join(f"{c} {v}" if c not in ("model", "setting") else str(v) for c, v in sel.items()
+        shown = {c: context_label(v) if c == "context" else v for c, v in sel.items()}
+        head = "  |  ".join(f"{c} {v}" if c not in ("model", "setting") else str(v) for c, v in shown.items()
                             if c in ("model", "setting") or runs[c].nunique(dropna=False) > 1)
         lines.append(f"\n{head}  |  AR {ar.tok_s.iloc[0]:.1f} tok/s (sd {ar.tok_s_std.iloc[0]:.1f}, "
                      f"{int(ar.runs.iloc[0])} runs)")

@@ -19,6 +19,7 @@ from . import backends, fmt, plots, tables
 from ..stats.acceptance import draft_shares
 from .load import Loaded, load
 from .present import (
+    KEY_FORMATS,
     KEY_HEADERS,
     Table,
     acceptance_cell,
@@ -159,6 +160,54 @@ def efficiency_section(data: Loaded, keys: list[str]) -> Section:
                    empty="Needs completed AR and MTP runs in the same cell.")
 
 
+CONTEXT_SPLIT = ("The cost model predicts speedup = τ / c, with c = (MTP seconds per verify step) / (AR seconds per "
+                 "token). Between a context and the shortest one measured for the same cell and K, the speedup "
+                 "ratio splits as S / S₀ = (τ / τ₀) × (c₀ / c) × residual: the acceptance factor τ / τ₀ is below 1 "
+                 "when acceptance fell, the cost factor c₀ / c is below 1 when a verify step (and the K drafts) got "
+                 "dearer relative to an AR token, and the residual is what neither explains (the realized "
+                 "efficiency changing). TTFT is the prefill time (the MTP column includes the head's prefill over "
+                 "every prompt position); peak memory is the largest over the runs. KV bytes per step: the KV-cache "
+                 "bytes one step reads, attention layers × 2 (key, value) × KV heads × head dim × bytes per element "
+                 "× context, plus K draft steps over the MTP head's own cache, at the run's mean cache length "
+                 "(prompt tokens + half the generated ones).")
+
+
+def _depths(r: pd.Series) -> str:
+    values = r.get("acceptance_by_depth")
+    if not isinstance(values, (list, tuple)) or not len(values):
+        return fmt.DASH
+    return " / ".join(fmt.rate(v) for v in values)
+
+
+def context_section(data: Loaded, keys: list[str]) -> Section | None:
+    """Acceptance, τ, speedup, TTFT and peak memory against context, with the acceptance/cost split."""
+    if not tables.has_context(data.runs):
+        return None
+    ctx = tables.context_table(data.runs)
+    shown = [k for k in keys if k != "context"]
+    t = build(ctx, key_columns(shown) + [
+        ("K", lambda r: str(int(r["k"])), True), ("Context", KEY_FORMATS["context"], False),
+        ("Prompt tokens", lambda r: fmt.integer(r.get("ar_prompt_tokens")), True),
+        ("Acceptance by depth", _depths, True),
+        ("τ", lambda r: fmt.num(r["tau"], 3), True),
+        ("Speedup [95% CI]", speedup_cell, True),
+        ("cost ratio c", lambda r: fmt.num(r["cost_ratio"], 3), True),
+        ("TTFT AR s", lambda r: fmt.num(r.get("ar_ttft_s"), 3), True),
+        ("TTFT MTP s", lambda r: fmt.num(r.get("mtp_ttft_s"), 3), True),
+        ("Peak memory AR", lambda r: fmt.memory(r.get("ar_peak_memory_bytes")), True),
+        ("Peak memory MTP", lambda r: fmt.memory(r.get("mtp_peak_memory_bytes")), True),
+        ("KV MB/step AR", lambda r: fmt.num(r.get("ar_kv_bytes_per_step", float("nan")) / 1e6, 2), True),
+        ("KV MB/step MTP", lambda r: fmt.num(r.get("mtp_kv_bytes_per_step", float("nan")) / 1e6, 2), True),
+        ("S / S₀", lambda r: fmt.ratio(r["speedup_change"]), True),
+        ("acceptance τ/τ₀", lambda r: fmt.ratio(r["acceptance_factor"]), True),
+        ("cost c₀/c", lambda r: fmt.ratio(r["cost_factor"]), True),
+        ("residual", lambda r: fmt.ratio(r["residual"]), True),
+    ])
+    return Section("context", "Against context: acceptance, τ, speedup, TTFT and memory", [t],
+                   _svg(plots.context(ctx)), empty="Needs completed AR and MTP runs in the same cell.",
+                   extra={"note": CONTEXT_SPLIT})
+
+
 def categories_section(data: Loaded, keys: list[str]) -> Section:
     cat = tables.categories(data.runs)
     t = build(cat, key_columns(keys) + [
@@ -293,6 +342,7 @@ def sections(data: Loaded) -> list[Section]:
     keys = shown_keys(data.runs)
     out = [headline_section(data, keys), throughput_section(data, keys), acceptance_section(data, keys),
            position_section(data, keys), tau_section(data, keys), efficiency_section(data, keys),
+           context_section(data, keys),
            categories_section(data, keys), *comparison_sections(data, keys), backends_section(data, keys),
            verdicts_section(data, keys), performance_section(data),
            provenance_section(data)]

@@ -26,6 +26,7 @@ from ..sweep.axes import GROUP_KEYS as AXIS_GROUP_KEYS
 GROUP_KEYS: list[str] = ["source", *AXIS_GROUP_KEYS]
 MISSING = "(none)"
 INTEGER_AXES = {a.column for a in AXES if pa.types.is_integer(a.arrow)}
+LEGACY = {a.column: a.legacy for a in AXES if a.legacy is not None}
 
 
 @dataclass
@@ -65,6 +66,8 @@ def _fill_keys(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
         if k in df and k != "k":
             if k in INTEGER_AXES:  # a number axis a backend lacks stays a number: nullable, never "(none)" text
                 df[k] = pd.to_numeric(df[k]).astype("Int64")
+                if len(df) and df[k].isna().all() and k in LEGACY:  # rows written before the axis existed
+                    df[k] = df[k].fillna(LEGACY[k])
                 continue
             col = df[k].astype(object)
             df[k] = col.where(col.notna() & (col != ""), MISSING)

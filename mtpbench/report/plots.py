@@ -212,3 +212,44 @@ def compared(cmp: pd.DataFrame, column: str) -> str | None:
     ax.set_ylim(bottom=0)
     _legend(ax)
     return to_svg(fig, f"compare-{column}")
+
+
+@_styled
+def context(ctx: pd.DataFrame) -> str | None:
+    """Depth-1 acceptance, τ, speedup, TTFT and peak memory against the prompt length (mean prompt tokens of each
+    bucket, log scale), one line per group and K (dashed: AR where a panel has it)."""
+    if ctx.empty:
+        return None
+    fig = Figure(figsize=(9.0, 6.4))
+    axes = fig.subplots(2, 3).ravel()
+    keys = [k for k in varying(ctx) if k != "context"]
+    x_col = "ar_prompt_tokens"
+    panels = [("depth-1 acceptance", lambda g: g["acceptance_by_depth"].map(
+                  lambda v: v[0] if isinstance(v, (list, tuple, np.ndarray)) and len(v) else np.nan), None),
+              ("τ (mean acceptance length)", lambda g: g["tau"], None),
+              ("speedup over AR", lambda g: g["speedup"], None),
+              ("TTFT s", lambda g: g["mtp_ttft_s"], lambda g: g["ar_ttft_s"]),
+              ("peak memory MB", lambda g: g["mtp_peak_memory_bytes"] / 1e6, lambda g: g["ar_peak_memory_bytes"] / 1e6),
+              ("cost ratio c", lambda g: g["cost_ratio"], None)]
+    for ax, (title, mtp_y, ar_y) in zip(axes, panels):
+        ar_drawn: set[str] = set()
+        for _, g in ctx.groupby([*keys, "k"], dropna=False, sort=True):
+            g = g.sort_values(x_col)
+            label = group_label(g.iloc[0], keys) + f" · K={int(g['k'].iloc[0])}"
+            ax.plot(g[x_col], mtp_y(g), marker="o", label=label)
+            base = group_label(g.iloc[0], keys)
+            if ar_y is not None and base not in ar_drawn:
+                ar_drawn.add(base)
+                ax.plot(g[x_col], ar_y(g), marker="s", ls="--", color="grey", label=f"{base} · AR")
+        if title == "speedup over AR":
+            ax.axhline(1.0, color="grey", lw=0.6)
+        ax.set_xscale("log", base=2)
+        ticks = sorted({int(round(v)) for v in ctx[x_col].dropna()})
+        ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=7)
+        ax.minorticks_off()
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("prompt tokens")
+    handles, labels = axes[3].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 0.95))
+    fig.tight_layout()
+    return to_svg(fig, "context")

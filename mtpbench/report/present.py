@@ -8,7 +8,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..sweep.axes import AXES
+from ..sweep.axes import AXES, context_label
 from . import fmt
 from .tables import BY
 
@@ -41,8 +41,11 @@ def build(df: pd.DataFrame, columns: list[tuple[str, Cell, bool]], caption: str 
     return Table([h for h, _, _ in columns], rows, [n for _, _, n in columns], caption)
 
 
+KEY_FORMATS: dict[str, Cell] = {"context": lambda r: context_label(r["context"])}  # 1024 -> "1k", 0 -> "native"
+
+
 def key_columns(keys: list[str]) -> list[tuple[str, Cell, bool]]:
-    return [(KEY_HEADERS.get(k, k), col(k), False) for k in keys]
+    return [(KEY_HEADERS.get(k, k), KEY_FORMATS.get(k, col(k)), False) for k in keys]
 
 
 def shown_keys(runs: pd.DataFrame) -> list[str]:

@@ -129,6 +129,52 @@ def with_bandwidth_projection(eff: pd.DataFrame, runs: pd.DataFrame, shares: dic
     return out.drop(columns="fp")
 
 
+CONTEXT = "context"  # the context-bucket axis column (sweep/axes.py): 0 = the prompt sets' own prompts
+
+
+def has_context(runs: pd.DataFrame) -> bool:
+    """Whether these runs measured context buckets (any bucket, or more than one context value)."""
+    if runs.empty or CONTEXT not in runs:
+        return False
+    c = pd.to_numeric(runs[CONTEXT], errors="coerce")
+    return bool((c.fillna(0) > 0).any() or c.nunique(dropna=False) > 1)
+
+
+def context_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per (group, K) at each context: acceptance by depth, tau, the paired speedup, the cost ratio c, TTFT and
+    peak memory of AR and MTP, prompt tokens and KV-cache bytes per step; and, against the group's shortest
+    context, the split of the speedup change into acceptance and cost.
+
+    With c = (MTP s per verify step) / (AR s per token), the cost model predicts speedup = tau / c, so between a
+    context b and the shortest a: S_b / S_a = (tau_b / tau_a) x (c_a / c_b) x residual. `acceptance_factor` is
+    tau_b / tau_a (acceptance fell if < 1), `cost_factor` is c_a / c_b (a verify step got dearer relative to an
+    AR token if < 1), and `residual` is what neither explains (the realized speedup's efficiency changing)."""
+    eff = efficiency(runs)
+    if eff.empty or not has_context(runs):
+        return pd.DataFrame()
+    ok = summary.ok_runs(runs)
+    ar, mtp = ok[ok["mode"] == "ar"], ok[ok["mode"] == "mtp"]
+    agg = {"ttft_s": "mean", "peak_memory_bytes": "max", "kv_bytes_per_step": "mean"}
+    agg = {c: f for c, f in agg.items() if c in ok}
+    ar_cols = ar.groupby(BY, dropna=False).agg(agg | {"prompt_tokens": "mean"}).reset_index()
+    ar_cols = ar_cols.rename(columns={c: f"ar_{c}" for c in [*agg, "prompt_tokens"]})
+    mtp_cols = mtp.groupby([*BY, "k"], dropna=False).agg(agg).reset_index().rename(columns={c: f"mtp_{c}" for c in agg})
+    out = eff.merge(ar_cols, on=BY, how="left").merge(mtp_cols, on=[*BY, "k"], how="left")
+    acc = acceptance(runs)
+    if not acc.empty:
+        depth = acc.sort_values("depth").groupby([*BY, "k"], dropna=False)["acceptance"].agg(list).reset_index()
+        out = out.merge(depth.rename(columns={"acceptance": "acceptance_by_depth"}), on=[*BY, "k"], how="left")
+    out["_ctx"] = pd.to_numeric(out[CONTEXT], errors="coerce").fillna(0)
+    others = [k for k in BY if k != CONTEXT]
+    out = out.sort_values([*others, "k", "_ctx"], kind="stable")
+    first = out.groupby([*others, "k"], dropna=False)[["speedup", "tau", "cost_ratio"]].transform("first")
+    out["speedup_change"] = out["speedup"] / first["speedup"]
+    out["acceptance_factor"] = out["tau"] / first["tau"]
+    out["cost_factor"] = first["cost_ratio"] / out["cost_ratio"]
+    out["residual"] = out["speedup_change"] / (out["acceptance_factor"] * out["cost_factor"])
+    return out.drop(columns="_ctx").reset_index(drop=True)
+
+
 def categories(runs: pd.DataFrame) -> pd.DataFrame:
     """Per prompt category: geometric-mean speedup with a bootstrap CI over prompts, and depth-1 acceptance."""
     pp = summary.per_prompt_ratios(runs, BY)

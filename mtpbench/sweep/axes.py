@@ -122,6 +122,43 @@ def draft_temps(value: Any, option: str) -> tuple[float | None, ...]:
     return tuple(out)
 
 
+NATIVE = 0  # the context axis's "native" value: the prompt sets' own prompts, uncut
+MIN_CONTEXT = 16  # the shortest bucket (tests use 64 or 128 tokens; real sweeps 1k to 32k)
+
+
+def context_buckets(value: Any, option: str = "--context") -> tuple[int, ...]:
+    """'1k,4k,16k,32k' -> (1024, 4096, 16384, 32768): prompt lengths in tokens ('k' = 1024; a plain number is
+    tokens, e.g. 128); 'native' (0) keeps the prompt sets' own prompts. Without repeats, in the order given."""
+    out: list[int] = []
+    for x in _items(value, option):
+        text = str(x).strip().lower() if not isinstance(x, bool) else ""
+        if text in ("native", "0"):
+            out.append(NATIVE)
+            continue
+        scale = 1024 if text.endswith("k") else 1
+        try:
+            n = int(text[:-1] if scale > 1 else text) * scale
+        except ValueError:
+            raise UserError(f"{option} {x!r}: expected token counts like 1k,4k,16k or 128 (or native)") from None
+        if n < MIN_CONTEXT:
+            raise UserError(f"{option} {x!r}: a context bucket needs at least {MIN_CONTEXT} tokens")
+        out.append(n)
+    if not out:
+        raise UserError(f"{option}: no context bucket given")
+    return tuple(dict.fromkeys(out))
+
+
+def context_label(tokens: Any) -> str:
+    """1024 -> '1k', 1536 -> '1536', 0 or missing -> 'native' (how tables and prompt keys name a bucket)."""
+    try:
+        n = int(tokens)
+    except (TypeError, ValueError):
+        return "native"
+    if n <= 0:
+        return "native"
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
 def choices(allowed: Sequence[str]) -> Callable[[Any, str], tuple[str, ...]]:
     def parse(value: Any, option: str) -> tuple[str, ...]:
         got = words(value, option)
@@ -214,6 +251,10 @@ AXES: tuple[Axis, ...] = (
     Axis("prompts", ("--prompts",), "prompt_set", pa.string(), words, (),
          "Prompt sets by name or .jsonl path, comma-separated (default: stdlib for the embedded demo, else every "
          "bundled set)."),
+    Axis("context", ("--context",), "context", pa.int32(), context_buckets, (NATIVE,),
+         "Prompt lengths in tokens, e.g. 1k,4k,16k,32k: each bucket's prompts are the long-context set's stdlib "
+         "documents cut to that length per checkpoint, task kept at the end (default: native, the prompt sets' "
+         "own prompts).", group=True, backends=frozenset({REFERENCE}), legacy=NATIVE, title="Context"),
     Axis("k", ("--k",), "k", pa.int32(), k_values, (1, 2, 3, 4), "Draft depths: 3, 1,2,4 or 1..4.",
          scope=RUN, backends=frozenset({REFERENCE}), metavar="K"),
 )

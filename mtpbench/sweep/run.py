@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from ..backends.base import Backend
 from ..errors import UserError
 from ..provenance import now_iso, provenance
-from .axes import REFERENCE, SERVER
+from .axes import NATIVE, REFERENCE, SERVER
 from .prompts import Prompt, load_sets
 from .execute import RunEvent, SweepOutcome, Work, Writer, execute_local
 from .spec import Cell, SweepSpec, plan
@@ -112,23 +112,34 @@ def run_sweep(spec: SweepSpec, out: Path, command: str = "", progress: Callable[
     if executor == "ray" and spec.endpoints:
         raise UserError("--executor ray runs checkpoints with the reference decoder; --endpoint sweeps measure "
                         "servers from this machine: use one or the other")
+    if spec.endpoints and NATIVE not in spec.values("context"):
+        raise UserError("--context buckets apply to checkpoints (the reference decoder); server endpoints take the "
+                        "prompt sets' own prompts: add native to --context or sweep the endpoints apart")
     prompts = load_sets(list(spec.prompts))
+    bucketed: dict[tuple[str, int], list[Prompt]] = {}
     if spec.models:
-        from ..backends.reference import check
+        from ..backends.reference import check, context_prompts
 
         check(spec, prompts)
-    cells = plan(spec, prompts)
+        bucketed = context_prompts(spec)
+    cells = plan(spec, prompts, bucketed)
     lock, created, manifest = open_results_dir(out, lambda: new_manifest(out, spec, command))
     try:
         if created is None:
             _check_resume(out, manifest, spec)
         backends = build_backends(spec, out.name, say)
         work = schedule(backends, cells)
-        notes = _supersede_stale(out, {b.part(c) for b, c in work}, prompts) if created is None else []
+        every = prompts + [p for ps in bucketed.values() for p in ps]
+        notes = _supersede_stale(out, {b.part(c) for b, c in work}, every) if created is None else []
         for note in notes:
             say(note)
         update_manifest(out, lambda m: m.setdefault("prompts", {}).update(
             {f"{p.set_name}/{p.id}": p.digest for p in prompts}))
+        if bucketed:
+            from ..backends.reference import context_manifest
+
+            update_manifest(out, lambda m: m.setdefault("context_prompts", {}).update(
+                context_manifest(spec, bucketed)))
         done = done_parts(out)
         todo = [(b, c) for b, c in work if b.part(c) not in done]
         outcome = SweepOutcome(out, len(work), 0, len(work) - len(todo), notes=notes)

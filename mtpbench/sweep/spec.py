@@ -151,7 +151,8 @@ class SweepSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """The spec as the manifest stores it (and resume compares): axes, options, endpoint records."""
-        out: dict[str, Any] = {name: list(vals) for name, vals in self.grid}
+        out: dict[str, Any] = {name: list(vals) for name, vals in self.grid
+                               if not (name == "context" and list(vals) == [0])}  # native only: as before the axis
         out.update(max_tokens=self.max_tokens, repeats=self.repeats, seed=self.seed, prompt_limit=self.prompt_limit,
                    kv_group_size=self.kv_group_size, ignore_eos=self.ignore_eos, records=self.records,
                    warmup_tokens=self.warmup_tokens)
@@ -197,7 +198,8 @@ class Cell:
     def cell_id(self) -> str:
         """A hash of what makes this cell: every axis value it carries, the prompt (set, id and content) and the
         repetition. Editing a prompt's text gives new ids, so a resume reruns exactly those cells."""
-        key = {"point": {k: v for k, v in self.point if k != "prompts" and not (k == "policy" and v == "as-is")},
+        key = {"point": {k: v for k, v in self.point if k != "prompts" and not (k == "policy" and v == "as-is")
+                         and not (k == "context" and not v)},  # the native context: ids as before the axis
                "prompt": [self.prompt.set_name, self.prompt.id, self.prompt.digest], "repetition": self.repetition}
         return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -242,9 +244,13 @@ def _points(spec: SweepSpec, backend: str) -> Iterable[tuple[tuple[str, Any], ..
                 yield tuple(values.items())
 
 
-def plan(spec: SweepSpec, prompts: list[Prompt]) -> list[Cell]:
+def plan(spec: SweepSpec, prompts: list[Prompt],
+         bucketed: dict[tuple[str, int], list[Prompt]] | None = None) -> list[Cell]:
     """Cells in execution order: the reference decoder's (grouped by model and policy, then setting and the other
     axes, then repetition and prompt), then the servers' (the same order without the decoder-only axes).
+
+    A cell at a context bucket takes its prompts from `bucketed[(model, bucket)]` (the long-context documents cut
+    with that model's tokenizer: `backends.reference.context_prompts`); the native context takes `prompts`.
 
     One seed per (prompt, repetition): runs of one verdict group never share a random stream (a shared PIT stream
     across prompts would make the u values dependent and the test invalid).
@@ -254,10 +260,15 @@ def plan(spec: SweepSpec, prompts: list[Prompt]) -> list[Cell]:
     cells = []
     for kind in kinds:
         for point in dict.fromkeys(_points(spec, kind)):
+            values = dict(point)
+            bucket = values.get("context") or 0
+            here = chosen if not bucket else (bucketed or {}).get((values["model"], bucket))
+            if here is None:
+                raise UserError(f"--context {bucket}: no prompts were cut for {values['model']}")
             for r in range(spec.repeats):
-                for i, p in enumerate(chosen):
+                for i, p in enumerate(here):
                     cells.append(Cell(kind, point + (("prompts", p.set_name),), p, r,
-                                      spec.seed + r * len(chosen) + i, spec.ks if kind == REFERENCE else (),
+                                      spec.seed + r * len(here) + i, spec.ks if kind == REFERENCE else (),
                                       p.max_tokens or spec.max_tokens))
     return cells
 

@@ -53,6 +53,7 @@ RUNS = pa.schema([
     ("peak_memory_bytes", pa.int64()),
     ("weight_bytes_per_token", pa.float64()),  # roofline: trunk (+ K draft steps / tau) weight bytes per token
     ("memory_gb_s", pa.float64()),  # the machine's copy bandwidth, measured once per process
+    ("kv_bytes_per_step", pa.float64()),  # roofline: KV-cache bytes a step reads at the run's mean cache length
     ("verify_steps", pa.int32()), ("drafted_tokens", pa.int32()), ("accepted_tokens", pa.int32()),
     ("mean_acceptance_length", pa.float64()),
     ("drafted_at_depth", pa.list_(pa.int32())), ("accepted_at_depth", pa.list_(pa.int32())),
