@@ -30,9 +30,10 @@ from .model.checkpoint import Bundle, load
 from .decode import DecodeResult, generate_ar, generate_mtp
 from .decode.cache import restore, snapshot, state_arrays
 from .decode.common import now as _clock
+from .decode.speculative import prefill, verify_forward
 from .errors import UserError
 from .provenance import now_iso, provenance
-from .sweep.store import write_json
+from .atomic import write_json
 from .model.roofline import bytes_per_token, copy_bandwidth, draft_step_bytes, nbytes, weight_bytes
 from .sampling import SamplingConfig
 from .sampling_cost import QWEN_SAMPLED, sampling_section
@@ -191,12 +192,8 @@ class _Primed:
 
 
 def _prime(bundle: Bundle, prompt: list[int]) -> _Primed:
-    trunk, head = bundle.trunk, bundle.draft_head
-    cache, mtp_cache = trunk.make_cache(), head.make_cache()
-    x = mx.array(prompt)[None]
-    out = trunk(x, cache)
-    if len(prompt) > 1:
-        head(out.hidden[:, :-1], trunk.embed(x[:, 1:]), mtp_cache)
+    cache, mtp_cache = bundle.trunk.make_cache(), bundle.draft_head.make_cache()
+    out, _, _ = prefill(bundle, prompt, cache, mtp_cache)  # the decoder's own prefill
     last = int(np.asarray(mx.argmax(out.logits[0, -1])))
     hidden = out.hidden[:, -1:]
     mx.eval(hidden, *state_arrays(cache), *state_arrays(mtp_cache))
@@ -241,7 +238,7 @@ def measure_costs(bundle: Bundle, prompt_ids: list[int], ks: Sequence[int], repe
     drafts = [st.last] * kmax  # token values do not change the cost of a forward
     window = mx.array([[st.last] + drafts])
     snap, mtp_offset = snapshot(st.cache), st.mtp_cache[0].offset
-    captured: list = []
+    roll_backs: list[Callable[[int], None]] = []
 
     def put_back() -> None:
         restore(st.cache, snap)
@@ -257,30 +254,20 @@ def measure_costs(bundle: Bundle, prompt_ids: list[int], ks: Sequence[int], repe
             np.asarray(ids)  # the ids themselves: an argmax over them would not need the chain computed
         return op
 
-    def verify(k: int, capture: bool) -> Callable[[], None]:
-        if capture:
-            return lambda: _host_argmax(trunk.forward_capturing(window[:, : k + 1], st.cache)[0].logits[0])
-        return lambda: _host_argmax(trunk(window[:, : k + 1], st.cache).logits[0])
+    def verify(k: int, capture: bool) -> Callable[[], None]:  # the decoder's own verify forward, as it runs it
+        rollback = "capture" if capture else "reforward"
+        return lambda: _host_argmax(verify_forward(trunk, st.cache, window[:, : k + 1], rollback)[0].logits[0])
 
-    def after_verify() -> None:  # the state a reforward rollback starts from: the full window forwarded
-        trunk(window, st.cache)
-        mx.eval(*state_arrays(st.cache))
+    def verified(rollback: str) -> Callable[[], None]:
+        def setup() -> None:  # the state a rollback starts from: the whole window verified, as the decoder leaves it
+            out, rb = verify_forward(trunk, st.cache, window, rollback)
+            mx.eval(out.logits, *state_arrays(st.cache))
+            roll_backs[:] = [rb]
+        return setup
 
-    def after_capturing_verify() -> None:  # ... and a commit's: the window forwarded with every state kept
-        out, cap = trunk.forward_capturing(window, st.cache)
-        mx.eval(out.logits, *[a for layer in cap.layers.values() for a in (*layer.conv, *layer.recurrent)])
-        captured[:] = [cap]
-
-    def reforward(j: int) -> Callable[[], None]:
+    def roll_back(j: int) -> Callable[[], None]:  # the decoder's own rollback to j accepted drafts
         def op() -> None:
-            restore(st.cache, snap)
-            trunk(window[:, : j + 1], st.cache)
-            mx.eval(*state_arrays(st.cache))
-        return op
-
-    def commit(j: int) -> Callable[[], None]:
-        def op() -> None:
-            captured[0].commit(st.cache, j)
+            roll_backs[0](j)
             mx.eval(*state_arrays(st.cache))
         return op
 
@@ -289,8 +276,8 @@ def measure_costs(bundle: Bundle, prompt_ids: list[int], ks: Sequence[int], repe
     ops |= {f"catch_up{r}": (draft_chain(1, r), None) for r in range(2, kmax + 2)}
     ops |= {f"verify{k}": (verify(k, False), None) for k in sorted(set(ks))}
     ops |= {f"verify_capture{k}": (verify(k, True), None) for k in sorted(set(ks))}
-    ops |= {f"reforward{j}": (reforward(j), after_verify) for j in range(kmax)}
-    ops |= {f"commit{j}": (commit(j), after_capturing_verify) for j in range(kmax)}
+    ops |= {f"reforward{j}": (roll_back(j), verified("reforward")) for j in range(kmax)}
+    ops |= {f"commit{j}": (roll_back(j), verified("capture")) for j in range(kmax)}
     t = _interleaved_medians(ops, put_back, repeats, warmup)
     commit_by_j = tuple(t[f"commit{j}"] for j in range(kmax))
     return MeasuredCosts(

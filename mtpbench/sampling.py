@@ -13,7 +13,7 @@ under a millisecond at top-k. `sampling_probs`, the dense float64 transform, is 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -43,9 +43,6 @@ class SamplingConfig:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
-
-    def with_temperature(self, temperature: float) -> "SamplingConfig":
-        return replace(self, temperature=temperature)
 
     def label(self) -> str:
         if self.greedy:

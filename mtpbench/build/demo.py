@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -30,9 +29,8 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
-from mlx_lm.models.qwen3_5 import Model, ModelArgs
 
-from ..model.mtp import MTPHead
+from .net import Net
 from .tiny import checkpoint_config
 from .tokenizer import train_bpe, write_tokenizer
 
@@ -76,27 +74,6 @@ def text_config(r: Recipe) -> dict:
         "rope_parameters": {"type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
         "mtp_num_hidden_layers": 1,
     }
-
-
-class Net(nn.Module):
-    """Trunk + head in one module so one optimizer and one value_and_grad cover both."""
-
-    def __init__(self, config: dict):
-        super().__init__()
-        self.model = Model(ModelArgs.from_dict(config))
-        self.mtp = MTPHead(self.model.language_model.args)
-
-    def logits(self, h: mx.array) -> mx.array:
-        lm = self.model.language_model
-        return lm.model.embed_tokens.as_linear(h) if lm.args.tie_word_embeddings else lm.lm_head(h)
-
-    def trunk(self, x: mx.array) -> tuple[mx.array, mx.array]:
-        h = self.model.language_model.model(x)  # post-norm hidden
-        return h, self.logits(h)
-
-    def head_logits(self, h: mx.array, next_tokens: mx.array) -> tuple[mx.array, mx.array]:
-        z = self.mtp(h, self.model.language_model.model.embed_tokens(next_tokens))
-        return z, self.logits(z)
 
 
 def joint_loss(net: Net, x: mx.array, mtp_weight: float) -> mx.array:

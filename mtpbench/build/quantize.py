@@ -36,6 +36,7 @@ from ..model.checkpoint import (
     weight_files,
 )
 from ..model.describe import component
+from ..atomic import write_json
 from ..errors import UserError
 from ..model.mtp import MTPHead
 from ..model.trunk import Trunk
@@ -285,10 +286,6 @@ def _write_config(out: Path, config: dict[str, Any], model: nn.Module) -> None:
     save_config(config, config_path=out / "config.json")
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
-
-
 def quantize_checkpoint(model: str | Path, out: Path, policy: str, group_size: int = DEFAULT_GROUP_SIZE,
                         lm_head_bits: int | None = None, mtp_layout: str = "inline") -> Path:
     """Load `model`, quantize trunk and head by `policy`, and write an MLX checkpoint directory at `out`."""
@@ -318,7 +315,7 @@ def quantize_checkpoint(model: str | Path, out: Path, policy: str, group_size: i
         "source": {"path": str(bundle.path), "fingerprint": bundle.fingerprint},
         **_build_stats(entries, before, trunk_plan.skipped + head_plan.skipped),
     }
-    _write_json(out / MANIFEST, manifest)
+    write_json(out / MANIFEST, manifest)
     return out
 
 
@@ -380,7 +377,7 @@ def _copy_trunk(src: Path, out: Path) -> None:
         elif f.name.endswith(".safetensors.index.json"):
             index = json.loads(f.read_text())
             index["weight_map"] = {k: v for k, v in index.get("weight_map", {}).items() if not MTP_KEY.match(k)}
-            _write_json(out / f.name, index)
+            write_json(out / f.name, index)
         else:
             shutil.copy2(f, out / f.name)
 
@@ -415,7 +412,7 @@ def graft(trunk_model: str | Path, mtp_from: str | Path, out: Path, mtp_policy: 
     _copy_trunk(trunk_path, out)
     params = _mtp_params(head)
     _save(out / SIDECAR, params)
-    _write_json(out / "config.json", _with_mtp_layers(trunk_cfg, len(head.layers)))
+    write_json(out / "config.json", _with_mtp_layers(trunk_cfg, len(head.layers)))
     manifest = {
         "kind": "graft", "mtp_policy": mtp_policy or "as-is", "mode": MODE, "group_size": group_size, "mtp_layout": "sidecar",
         "trunk": {"path": str(trunk_path), "config_keys_checked": list(COMPAT_KEYS)},
@@ -423,7 +420,7 @@ def graft(trunk_model: str | Path, mtp_from: str | Path, out: Path, mtp_policy: 
                        "norm_convention": source.norm_convention},
         **_build_stats(_head_entries(head), before, head_plan.skipped),
     }
-    _write_json(out / GRAFT_MANIFEST, manifest)
+    write_json(out / GRAFT_MANIFEST, manifest)
     return out
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..model.mtp import EXPERT_LAYOUTS, EXPERT_PROJS, FUSED, MTP_NORM_SUFFIXES, PER_EXPERT
+from .net import Net
 from .tokenizer import pad_vocab, train_bpe, write_tokenizer
 
 MTP_PREFIXES = ("mtp.", "model.mtp.", "language_model.mtp.", "model.language_model.mtp.")
@@ -140,8 +141,6 @@ def _agree(net, strength: float) -> None:
 
 def random_weights(spec: TinySpec) -> tuple[dict, dict[str, mx.array], dict[str, mx.array]]:
     """(config, trunk tensors in MLX layout, MTP tensors without prefix), seeded."""
-    from .demo import Net
-
     mx.random.seed(spec.seed)
     rng = np.random.default_rng(spec.seed)
     config = checkpoint_config(text_config(spec))

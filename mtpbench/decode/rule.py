@@ -3,7 +3,8 @@
 `Rule()` is the exact rule (Leviathan et al. 2023; Chen et al. 2023): accept draft d_i with probability
 min(1, p_i(d_i) / q_i(d_i)); at the first rejection emit a token from normalize(max(0, p_i - q_i)); if all K
 drafts are accepted emit a bonus token from p_{K+1}. At temperature 0, p and q are point masses and the same rule
-reduces to "accept while the draft equals the target argmax", so greedy needs no second code path.
+reduces to "accept while the draft equals the target argmax"; `apply_rule_greedy` is that reduction on ids alone (the
+greedy decoder reads K + (K+1) integers a step, not one-hot rows), held equal to `apply_rule` by a test.
 
 The other field values exist only as verification controls (see `controls.py`): each is one switch away from the
 exact rule, so a control tests exactly one mistake.

@@ -15,14 +15,14 @@ Near the end of the budget a step drafts only as deep as tokens are left (min(K,
 accepted counts describe work that could be emitted.
 
 Rollback after j < K accepted drafts: `capture` (default) keeps every verify position's GatedDeltaNet state and
-commits position j (see `trunk_capture`); `reforward` restores a snapshot and forwards the j+1 accepted tokens
+commits position j (see `model.capture`); `reforward` restores a snapshot and forwards the j+1 accepted tokens
 again. Both are exact against a fresh prefill (tested); the second costs about one decode step per rejection.
 
 Greedy (target and draft at temperature 0, the exact rule) runs a fast path: drafts, verify and the target
 argmaxes stay on the device and the step reads 2K+1 integers in one host synchronisation, instead of K+1 rows
 of vocabulary size. Its acceptance is `apply_rule_greedy`, the exact rule on point masses.
 
-Decode-sized forwards of trunk and head run compiled layers (`compiled_layers`), which is most of what makes a
+Decode-sized forwards of trunk and head run compiled layers (`model.compiled`), which is most of what makes a
 step cheap on a small model; the AR baseline runs the same ones.
 """
 
@@ -92,7 +92,7 @@ class _Run:
     history: History = DEFAULT_HISTORY
 
 
-def _verify(trunk, cache: list, x: mx.array, rollback: str, causal: bool = True):
+def verify_forward(trunk, cache: list, x: mx.array, rollback: str, causal: bool = True):
     """One trunk forward over [last, d1..dK]; returns the output and a function that rolls back to j accepted.
     (`causal=False`: the no-causal-mask control only.)"""
     if rollback == "capture":
@@ -125,6 +125,23 @@ def _emit(r: _Run, st: _State, verdict: Verdict, drafts: list[int],
         if tok in r.eos:
             break
     st.pending_tok = new
+
+
+def prefill(bundle: Bundle, prompt: list[int], cache: list, mtp_cache: list, history: History = DEFAULT_HISTORY):
+    """The prompt's forward: the trunk over the prompt, and the head's history of true pairs by the convention.
+
+    Returns (trunk output, window hiddens, window tokens); the window is kept only under `window:N` (the prompt's
+    last N pairs). `bench` primes its caches with this same function.
+    """
+    trunk, head = bundle.trunk, bundle.draft_head
+    x = mx.array(prompt)[None]
+    out = trunk(x, cache)
+    window_h, window_tok = None, []
+    if len(prompt) > 1 and history.kind == COMMITTED:  # MTP entries for positions 0..P-2: (h[i], x[i+1])
+        head(out.hidden[:, :-1], trunk.embed(x[:, 1:]), mtp_cache)
+    elif len(prompt) > 1 and history.kind != CYCLE:  # window:N keeps the prompt's last N true pairs
+        window_h, window_tok = out.hidden[:, :-1][:, -history.window:], prompt[1:][-history.window:]
+    return out, window_h, window_tok
 
 
 def generate_mtp(
@@ -167,13 +184,7 @@ def generate_mtp(
     reset_peak()
 
     t0 = now()
-    x = mx.array(prompt)[None]
-    out = trunk(x, cache)
-    window_h, window_tok = None, []
-    if len(prompt) > 1 and history.kind == COMMITTED:  # MTP entries for positions 0..P-2: (h[i], x[i+1])
-        head(out.hidden[:, :-1], trunk.embed(x[:, 1:]), mtp_cache)
-    elif len(prompt) > 1 and history.kind != CYCLE:  # window:N keeps the prompt's last N true pairs
-        window_h, window_tok = out.hidden[:, :-1][:, -history.window:], prompt[1:][-history.window:]
+    out, window_h, window_tok = prefill(bundle, prompt, cache, mtp_cache, history)
     p = host_supports(out.logits[0, -1:], cfg)[0]
     last = choose(p, cfg, rng)
     t1 = now()
@@ -239,7 +250,7 @@ def _sampled_step(r: _Run, st: _State) -> None:
         drafts.append(choose(drawn_from, r.dcfg, rng))
 
     # 2. Verify all K drafts with one trunk forward over K+1 positions, and accept by the rule.
-    verify, roll_back = _verify(trunk, r.cache, mx.array([[st.last] + drafts]), r.rollback, rule.causal_mask)
+    verify, roll_back = verify_forward(trunk, r.cache, mx.array([[st.last] + drafts]), r.rollback, rule.causal_mask)
     p = host_supports(verify.logits[0], r.cfg)  # the K+1 rows come to the host once, as float32
     rule_p = p if rule.target_transform == "same" else host_supports(verify.logits[0], _raw_target(r.cfg))
     verdict = apply_rule(rule_p, q, drafts, rng, rule, *_filter_control_rows(r, verify.logits[0], draft_logits, p, q))
@@ -301,7 +312,7 @@ def _greedy_step(r: _Run, st: _State) -> None:
     """
     draft_ids, mtp_cache, committed = _greedy_drafts(r, st, _depth(r, st))
     mx.async_eval(draft_ids)  # the device drafts while the host builds the verify graph
-    verify, roll_back = _verify(r.bundle.trunk, r.cache, mx.concatenate([mx.array([st.last]), draft_ids])[None],
+    verify, roll_back = verify_forward(r.bundle.trunk, r.cache, mx.concatenate([mx.array([st.last]), draft_ids])[None],
                                 r.rollback)
     target_ids = mx.argmax(verify.logits[0], axis=-1)
     drafts, targets = draft_ids.tolist(), target_ids.tolist()  # the step's one host synchronisation

@@ -3,7 +3,7 @@
 After a verify over [last, d1..dK] with j drafts accepted, the trunk must hold the state after `last` + d1..dj.
 Attention KV caches get there by trimming. GatedDeltaNet layers are recurrent: a plain forward keeps only the
 state after all K+1 tokens, so the fallback restores a snapshot and forwards the j+1 accepted tokens again (about
-one more decode step per rejected step). The compiled GatedDeltaNet layer (`compiled_layers.gdn_layer`, the same
+one more decode step per rejected step). The compiled GatedDeltaNet layer (`model.compiled.gdn_layer`, the same
 recurrence as mlx_lm's CPU path) returns the conv window and recurrent state after every token; committing
 position j is then a pointer swap. A test holds the committed states equal to a fresh prefill's.
 """

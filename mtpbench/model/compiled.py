@@ -11,7 +11,7 @@ The functions mirror mlx_lm's `qwen3_5.DecoderLayer`, `GatedDeltaNet` and `Qwen3
 padding masks; a test holds the logits equal to mlx_lm's forward, bit for bit. Compiled functions keep the weight
 arrays they were traced with, so they belong to one loaded (or policy-quantized) model and are built with it.
 GatedDeltaNet layers return their state after every token, which is what a capturing verify commits from
-(`trunk_capture`): the states are computed on the way anyway.
+(`model.capture`): the states are computed on the way anyway.
 """
 
 from __future__ import annotations

@@ -38,8 +38,6 @@ MTP_NORM_SUFFIXES = (
     "q_norm.weight",
     "k_norm.weight",
 )
-# The linears that a policy may quantize (`fc` is kept separate: policies usually leave it in bf16).
-MTP_BODY_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 # How checkpoints store the experts of an MoE head's MLP: one tensor per expert and projection (Qwen3.5 releases),
@@ -104,7 +102,7 @@ class MTPHead(nn.Module):
 
 
 class CompiledHead:
-    """`MTPHead.__call__` on a cache, with decode-sized inputs run through compiled layers (`compiled_layers`), and
+    """`MTPHead.__call__` on a cache, with decode-sized inputs run through compiled layers (`model.compiled`), and
     greedy draft chains with the trunk's embedding, lm head and argmax folded into the same traces.
 
     Built once per loaded head and reused by every decode, so each input shape is traced once; longer inputs (the

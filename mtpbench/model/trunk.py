@@ -3,7 +3,7 @@
 mlx_lm's forward returns only logits (or the post-norm hidden); the MTP head needs the trunk hidden at every
 position, and the pre-norm variant needs it before the final norm. This runs mlx_lm's masks and caches in the same
 order as `Qwen3_5TextModel.__call__`: prefills through mlx_lm's own layers, decode-sized inputs through the same
-layers compiled (`compiled_layers`), so logits are identical to mlx_lm's (tested bit for bit).
+layers compiled (`model.compiled`), so logits are identical to mlx_lm's (tested bit for bit).
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ class Trunk:
         return self.lm_head(normed), normed if self.variant is HiddenVariant.POST_NORM else h
 
     def _compiled(self, i: int):
-        """Layer i's compiled forward, traced on first use (it keeps this model's weights: see compiled_layers)."""
+        """Layer i's compiled forward, traced on first use (it keeps this model's weights: see model.compiled)."""
         if i not in self._layers:
             layer = self.body.layers[i]
             last = i == len(self.body.layers) - 1

@@ -15,7 +15,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
 
 from . import fmt
-from .plots import _figure, _legend, _styled, to_svg
+from .plots import figure, legend, styled, to_svg
 from .present import Table
 
 
@@ -135,20 +135,20 @@ def blas_table(b: dict[str, Any]) -> Table:
                  "child process without the OpenBLAS preload, same checkpoint and prompt)")
 
 
-@_styled
+@styled
 def speedup_plot(b: dict[str, Any]) -> str | None:
     """Predicted and realized speedup side by side per K, with the no-speedup line."""
     eff = b["mtp"]
     if not eff:
         return None
-    fig, ax = _figure(5.6, 3.2)
+    fig, ax = figure(5.6, 3.2)
     x = np.arange(len(eff))
     ax.bar(x - 0.18, [e["predicted_speedup"] for e in eff], width=0.36, label="predicted (measured costs)")
     ax.bar(x + 0.18, [e["realized_speedup"] for e in eff], width=0.36, label="realized (decoder)")
     ax.axhline(1.0, color="grey", lw=0.8, label="AR")
     ax.set_xticks(x, [f"K={e['k']}" for e in eff])
     ax.set_ylabel("speedup over AR")
-    _legend(ax)
+    legend(ax)
     return to_svg(fig, "bench-speedup")
 
 

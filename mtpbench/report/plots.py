@@ -21,7 +21,7 @@ _RC = {"svg.fonttype": "none", "font.size": 9, "axes.grid": True, "grid.alpha": 
 _NO_METADATA = {"Creator": None, "Date": None, "Format": None, "Type": None}
 
 
-def _styled(fn: Callable[..., str | None]) -> Callable[..., str | None]:
+def styled(fn: Callable[..., str | None]) -> Callable[..., str | None]:
     """Build the whole figure under the report's rc settings, leaving the caller's rcParams untouched."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -53,12 +53,12 @@ def _prefix_ids(svg: str, prefix: str) -> str:
     return re.sub(r'href="#([^"]+)"', rf'href="#{prefix}-\1"', svg)
 
 
-def _figure(width: float = 7.0, height: float = 3.6) -> tuple[Figure, object]:
+def figure(width: float = 7.0, height: float = 3.6) -> tuple[Figure, object]:
     fig = Figure(figsize=(width, height))
     return fig, fig.add_subplot()
 
 
-def _legend(ax) -> None:
+def legend(ax) -> None:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: no overlap
 
@@ -68,12 +68,12 @@ def _err(y: pd.Series, lo: pd.Series, hi: pd.Series) -> np.ndarray:
     return np.vstack([(y - lo).clip(lower=0).fillna(0).to_numpy(), (hi - y).clip(lower=0).fillna(0).to_numpy()])
 
 
-@_styled
+@styled
 def throughput(modes: pd.DataFrame) -> str | None:
     """Decode tok/s by K (K = 0 is AR), one line per group, error bars = std over runs."""
     if modes.empty:
         return None
-    fig, ax = _figure()
+    fig, ax = figure()
     keys = varying(modes)
     for _, g in modes.groupby(keys, dropna=False, sort=True):
         g = g.sort_values("k")
@@ -83,16 +83,16 @@ def throughput(modes: pd.DataFrame) -> str | None:
     ax.set_xticks(ks, ["AR" if k == 0 else f"K={k}" for k in ks])
     ax.set_ylabel("decode tok/s")
     ax.set_ylim(bottom=0)
-    _legend(ax)
+    legend(ax)
     return to_svg(fig, "throughput")
 
 
-@_styled
+@styled
 def acceptance(acc: pd.DataFrame) -> str | None:
     """Conditional acceptance by depth with Wilson 95% intervals, one line per (group, K)."""
     if acc.empty:
         return None
-    fig, ax = _figure()
+    fig, ax = figure()
     keys = varying(acc) + ["k"]
     for _, g in acc.groupby(keys, dropna=False, sort=True):
         row = g.iloc[0]
@@ -102,16 +102,16 @@ def acceptance(acc: pd.DataFrame) -> str | None:
     ax.set_xlabel("draft depth")
     ax.set_ylabel("acceptance (conditional)")
     ax.set_ylim(0, 1.02)
-    _legend(ax)
+    legend(ax)
     return to_svg(fig, "acceptance")
 
 
-@_styled
+@styled
 def position(pos: pd.DataFrame) -> str | None:
     """Depth-1 acceptance by verify-step bin, with Wilson 95% intervals."""
     if pos.empty:
         return None
-    fig, ax = _figure()
+    fig, ax = figure()
     keys = varying(pos) + ["k"]
     for _, g in pos.groupby(keys, dropna=False, sort=True):
         row = g.iloc[0]
@@ -121,16 +121,16 @@ def position(pos: pd.DataFrame) -> str | None:
     ax.set_xlabel("verify step index (bin centre)")
     ax.set_ylabel("depth-1 acceptance")
     ax.set_ylim(0, 1.02)
-    _legend(ax)
+    legend(ax)
     return to_svg(fig, "position")
 
 
-@_styled
+@styled
 def tau(t: pd.DataFrame) -> str | None:
     """Measured tau (solid) against the i.i.d. prediction (dashed) by K."""
     if t.empty:
         return None
-    fig, ax = _figure()
+    fig, ax = figure()
     keys = varying(t)
     for _, g in t.groupby(keys, dropna=False, sort=True):
         g = g.sort_values("k")
@@ -139,16 +139,16 @@ def tau(t: pd.DataFrame) -> str | None:
     ax.set_xticks(sorted(t["k"].unique()))
     ax.set_xlabel("K (drafts per step)")
     ax.set_ylabel("mean acceptance length τ")
-    _legend(ax)
+    legend(ax)
     return to_svg(fig, "tau")
 
 
-@_styled
+@styled
 def efficiency(eff: pd.DataFrame) -> str | None:
     """Realized against predicted speedup; points on the diagonal realize all of the prediction."""
     if eff.empty:
         return None
-    fig, ax = _figure(5.2, 4.0)
+    fig, ax = figure(5.2, 4.0)
     keys = varying(eff)
     for _, g in eff.groupby(keys, dropna=False, sort=True):
         ax.errorbar(g["predicted"], g["speedup"], yerr=_err(g["speedup"], g["speedup_lo"], g["speedup_hi"]),
@@ -167,11 +167,11 @@ def efficiency(eff: pd.DataFrame) -> str | None:
     ax.set_ylim(lo, hi)
     ax.set_xlabel("predicted speedup τ / c")
     ax.set_ylabel("realized speedup")
-    _legend(ax)
+    legend(ax)
     return to_svg(fig, "efficiency")
 
 
-@_styled
+@styled
 def categories(cat: pd.DataFrame, best: pd.DataFrame) -> str | None:
     """Speedup per category with bootstrap CIs at each group's best K (the table has every K)."""
     if cat.empty or best.empty:
@@ -181,7 +181,7 @@ def categories(cat: pd.DataFrame, best: pd.DataFrame) -> str | None:
         return None
     series = list(cat.groupby(varying(cat, BY) + ["k"], dropna=False, sort=True))
     cats = sorted(cat["category"].unique())
-    fig, ax = _figure(7.0, max(2.5, 0.25 * len(cats) * len(series) + 1.0))
+    fig, ax = figure(7.0, max(2.5, 0.25 * len(cats) * len(series) + 1.0))
     height = 0.8 / len(series)
     for i, (_, g) in enumerate(series):
         g = g.set_index("category").reindex(cats)
@@ -192,16 +192,16 @@ def categories(cat: pd.DataFrame, best: pd.DataFrame) -> str | None:
     ax.set_yticks(np.arange(len(cats)) + 0.4 - height / 2, cats)
     ax.axvline(1.0, color="grey", lw=0.8)
     ax.set_xlabel("speedup (geometric mean over prompts)")
-    _legend(ax)
+    legend(ax)
     return to_svg(fig, "categories")
 
 
-@_styled
+@styled
 def compared(cmp: pd.DataFrame, column: str) -> str | None:
     """Decode tok/s per value of a compared axis and K: the trade-off a policy or a cache precision makes."""
     if cmp.empty:
         return None
-    fig, ax = _figure()
+    fig, ax = figure()
     label_keys = [k for k in varying(cmp) if k != column and k in BY]
     for _, g in cmp.groupby([column, *label_keys], dropna=False, sort=True):
         g = g.sort_values("k")
@@ -210,11 +210,11 @@ def compared(cmp: pd.DataFrame, column: str) -> str | None:
     ax.set_xticks(ks, ["AR" if k == 0 else f"K={k}" for k in ks])
     ax.set_ylabel("decode tok/s")
     ax.set_ylim(bottom=0)
-    _legend(ax)
+    legend(ax)
     return to_svg(fig, f"compare-{column}")
 
 
-@_styled
+@styled
 def context(ctx: pd.DataFrame) -> str | None:
     """Depth-1 acceptance, τ, speedup, TTFT and peak memory against the prompt length (mean prompt tokens of each
     bucket, log scale), one line per group and K (dashed: AR where a panel has it)."""

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from ..stats import summary
-from ..stats.acceptance import bandwidth_bound_speedup
+from ..stats.acceptance import bandwidth_bound_speedup, iid_expected_tokens
 from ..sweep.axes import COMPARED
 from .load import GROUP_KEYS, MISSING, Loaded
 
@@ -84,8 +84,7 @@ def tau_table(runs: pd.DataFrame) -> pd.DataFrame:
     for key, g in acc.groupby([*BY, "k"], dropna=False, sort=True):
         k = int(key[-1])
         a = float(g.loc[g["depth"] == 1, "acceptance"].iloc[0])
-        iid = float(k + 1) if a == 1 else (1 - a ** (k + 1)) / (1 - a)
-        rows.append({**dict(zip([*BY, "k"], key)), "a1": a, "tau": 1 + float(g["survival"].sum()), "tau_iid": iid,
+        rows.append({**dict(zip([*BY, "k"], key)), "a1": a, "tau": 1 + float(g["survival"].sum()), "tau_iid": iid_expected_tokens(a, k),
                      "verify_steps": int(g["verify_steps"].iloc[0])})
     out = pd.DataFrame(rows)
     out["tau_ratio"] = out["tau"] / out["tau_iid"]
