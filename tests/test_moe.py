@@ -218,3 +218,38 @@ def test_sweep_over_a_dense_and_an_moe_checkpoint(cli, tmp_path, tiny_agree, moe
     card = cli("card", out, "-m", "per-expert", "-o", tmp_path / "card.md")
     assert card.exit_code == 0, card.stderr
     assert "per-expert" in (tmp_path / "card.md").read_text()
+
+
+def test_policies_reach_the_experts_and_keep_routers_at_8_bits(moe_dirs, tmp_path):
+    """`q4+mtp-int4` on an MoE checkpoint quantizes the routed experts (trunk and head) to 4 bits and the routers to
+    8, as mlx_lm's conversions do; the result loads in mlx_lm and keeps greedy identity."""
+    import mlx_lm
+
+    from mtpbench.build.quantize import quantize_checkpoint
+    from mtpbench.model.describe import describe
+
+    src = make_tiny(tmp_path / "moe64", TinySpec(moe=True, seed=4, agree=0.9, hidden=64, head_dim=32))
+    out = quantize_checkpoint(src, tmp_path / "q4", "q4+mtp-int4", group_size=32)
+    info = describe(load(out))
+    assert "q4 g32" in info["formats"]["experts"] and "q8 g32" in info["formats"]["router"], info["formats"]
+    assert "q4 g32" in info["mtp"]["formats"]["mtp.experts"], info["mtp"]["formats"]
+    assert "q8 g32" in info["mtp"]["formats"]["mtp.router"], info["mtp"]["formats"]
+    model, tok = mlx_lm.load(str(out))
+    ids = mx.array([tok.encode(PROMPTS[0])])
+    assert mx.array_equal(model(ids), load(out).model(ids))
+    _greedy_identity(out, PROMPTS[:1], n=32)
+
+
+def test_an_moe_head_grafts_onto_its_trunk_and_a_dense_trunk_is_refused(moe_dirs, tmp_path, tiny_agree):
+    from mtpbench.build.quantize import graft
+    from mtpbench.errors import UserError
+
+    spec = MOE_LAYOUTS["per-expert"]
+    trunk = make_tiny(tmp_path / "moe-trunk", TinySpec(**{**spec.__dict__, "mtp": False}))
+    out = graft(trunk, moe_dirs["per-expert"], tmp_path / "grafted", mtp_policy="mtp-int4")
+    b = load(out)
+    assert b.mtp_source is not None and b.mtp_source.expert_layout is not None
+    _greedy_identity(out, PROMPTS[:1], n=32)
+    with pytest.raises(UserError, match="cannot graft: num_experts differs"):
+        graft(tiny_agree, moe_dirs["per-expert"], tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()

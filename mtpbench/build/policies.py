@@ -20,28 +20,39 @@ KEEP_BITS = 16  # lm_head_bits=16: leave the vocab-sized matrices unquantized
 DEFAULT_GROUP_SIZE = 64
 
 Rules = tuple[tuple[str, int], ...]  # (component, bits); a component not listed stays unquantized
-TRUNK_COMPONENTS = ("gated_deltanet", "attention", "mlp", "embedding", "lm_head")
+# `experts` (routed experts, switch layers) and `router` (the expert gate and the shared expert's gate) exist in MoE
+# checkpoints only; a dense checkpoint simply has no tensor of theirs. Routers stay at 8 bits under every quantizing
+# policy, as mlx_lm's own conversions keep them: their few rows decide which experts run at all.
+TRUNK_COMPONENTS = ("gated_deltanet", "attention", "mlp", "experts", "router", "embedding", "lm_head")
 VOCAB_COMPONENTS = ("embedding", "lm_head")
+ROUTER_BITS = 8
 
 
 def _uniform(bits: int) -> Rules:
-    return tuple((c, bits) for c in TRUNK_COMPONENTS)
+    return tuple((c, ROUTER_BITS if c == "router" else bits) for c in TRUNK_COMPONENTS)
+
+
+def _head(bits: int) -> Rules:
+    return (("attention", bits), ("mlp", bits), ("experts", bits), ("router", ROUTER_BITS))
 
 
 # name -> (description, rules). Data, not code: add a policy by adding a row.
 TRUNK_POLICIES: dict[str, tuple[str, Rules]] = {
     "bf16": ("no quantization: every tensor keeps its stored dtype (bf16 releases stay bf16, fp32 stays fp32)", ()),
-    "q8": ("8-bit affine linears, embedding and lm_head; norms, conv1d and GDN gates untouched", _uniform(8)),
-    "q4": ("4-bit affine linears, embedding and lm_head; norms, conv1d and GDN gates untouched", _uniform(4)),
+    "q8": ("8-bit affine linears (experts too), embedding and lm_head; norms, conv1d and GDN gates untouched", _uniform(8)),
+    "q4": ("4-bit affine linears (experts too; routers 8-bit), embedding and lm_head; norms, conv1d and GDN gates "
+           "untouched", _uniform(4)),
     "mixed-gdn8-mlp4": (
-        "GatedDeltaNet + full-attention linears 8-bit, MLP 4-bit, embedding 8-bit, lm_head 4-bit; norms untouched",
-        (("gated_deltanet", 8), ("attention", 8), ("mlp", 4), ("embedding", 8), ("lm_head", 4)),
+        "GatedDeltaNet + full-attention linears 8-bit, MLP (experts too) 4-bit, router 8-bit, embedding 8-bit, lm_head "
+        "4-bit; norms untouched",
+        (("gated_deltanet", 8), ("attention", 8), ("mlp", 4), ("experts", 4), ("router", ROUTER_BITS), ("embedding", 8),
+         ("lm_head", 4)),
     ),
 }
 MTP_VARIANTS: dict[str, tuple[str, Rules]] = {
     "mtp-bf16": ("MTP head unquantized", ()),
-    "mtp-int4": ("MTP attention/MLP linears 4-bit; fc and norms unquantized", (("attention", 4), ("mlp", 4))),
-    "mtp-q8": ("MTP attention/MLP linears 8-bit; fc and norms unquantized", (("attention", 8), ("mlp", 8))),
+    "mtp-int4": ("MTP attention/MLP (experts too) linears 4-bit, router 8-bit; fc and norms unquantized", _head(4)),
+    "mtp-q8": ("MTP attention/MLP (experts too) linears 8-bit; fc and norms unquantized", _head(8)),
 }
 UNQUANTIZED_HEAD = "mtp-bf16"
 

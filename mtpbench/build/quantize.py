@@ -20,6 +20,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
 from ..model.checkpoint import (
     MTP_KEY,
@@ -96,7 +97,7 @@ def plan(module: nn.Module, rules: dict[str, int], group_size: int, mtp: bool) -
         bits = rules.get(component_of(path, mtp).removeprefix("mtp."))
         if not bits:
             continue
-        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear)):
             raise UserError(f"{where}{path} is already quantized (q{m.bits} g{m.group_size}); "
                             f"quantize from an unquantized checkpoint")
         if not hasattr(m, "to_quantized"):
@@ -323,7 +324,9 @@ def quantize_checkpoint(model: str | Path, out: Path, policy: str, group_size: i
 # Grafting
 
 
-COMPAT_KEYS = ("hidden_size", "vocab_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+COMPAT_KEYS = ("hidden_size", "vocab_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+               # MoE: the head's experts are built from the trunk's config, so its MoE shape must match too
+               "num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size")
 
 
 def check_compatible(trunk_cfg: dict[str, Any], head_cfg: dict[str, Any], trunk_name: str, head_name: str) -> None:

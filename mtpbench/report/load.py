@@ -19,14 +19,14 @@ import pyarrow as pa
 
 from ..sweep.store import Damage, read_manifest, read_results
 
-from ..sweep.axes import AXES
+from ..sweep.axes import AXES, REFERENCE, SERVER
 from ..sweep.axes import GROUP_KEYS as AXIS_GROUP_KEYS
 
 # Every aggregate in the report and the card is grouped by these keys, so both always agree.
 GROUP_KEYS: list[str] = ["source", *AXIS_GROUP_KEYS]
 MISSING = "(none)"
 INTEGER_AXES = {a.column for a in AXES if pa.types.is_integer(a.arrow)}
-LEGACY = {a.column: a.legacy for a in AXES if a.legacy is not None}
+LEGACY = {a.column: a for a in AXES if a.legacy is not None}
 
 
 @dataclass
@@ -62,12 +62,16 @@ def sampling_label(row: pd.Series) -> str:
 def _fill_keys(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     """Missing group keys become a visible placeholder, so groupby/merge never silently drop or mismatch them."""
     df = df.copy()
+    kind = df["backend"].map(lambda b: REFERENCE if b == REFERENCE else SERVER) if "backend" in df else None
     for k in keys:
         if k in df and k != "k":
+            if k in LEGACY and kind is not None:  # rows written before the axis existed, by a backend it applies to
+                old = df[k].isna() & kind.isin(LEGACY[k].backends)
+                df[k] = df[k].astype(object).where(~old, LEGACY[k].legacy)
             if k in INTEGER_AXES:  # a number axis a backend lacks stays a number: nullable, never "(none)" text
                 df[k] = pd.to_numeric(df[k]).astype("Int64")
-                if len(df) and df[k].isna().all() and k in LEGACY:  # rows written before the axis existed
-                    df[k] = df[k].fillna(LEGACY[k])
+                if len(df) and df[k].isna().all() and k in LEGACY:  # no backend of these rows has the axis
+                    df[k] = df[k].fillna(LEGACY[k].legacy)
                 continue
             col = df[k].astype(object)
             df[k] = col.where(col.notna() & (col != ""), MISSING)
