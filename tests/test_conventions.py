@@ -153,3 +153,29 @@ def test_convention_axes_land_in_rows_and_the_report(cli, tmp_path, tiny_agree):
     assert given["mtp_history"] == ("window:4",) and given["mtp_hidden"] == ("pre_norm",)
     bad = cli("sweep", "-m", tiny_agree, "--mtp-history", "forever", "--out", tmp_path / "bad", "--no-report")
     assert bad.exit_code == 2 and "--mtp-history" in bad.stderr and not (tmp_path / "bad").exists()
+
+
+def test_a_declared_runtime_contract_sets_the_defaults_and_says_so(cli, tmp_path, tiny_agree):
+    """A checkpoint shipping an MTPLX `mtplx_runtime.json` is run by its own conventions unless told otherwise;
+    `inspect` shows them, the sweep says it used them, and the rows record them."""
+    import shutil
+
+    model = tmp_path / "contract"
+    shutil.copytree(tiny_agree, model)
+    (model / "mtplx_runtime.json").write_text(json.dumps(
+        {"profile": {"base_hidden_variant": "pre_norm", "mtp_history_policy": "cycle"}}))
+    shown = cli("inspect", model)
+    assert shown.exit_code == 0 and "declares:    mtp-hidden pre_norm, mtp-history cycle" in shown.stdout
+    common = ["--k", "1", "--temp", "0", "--prompts", _prompt_file(tmp_path), "--repeats", "1", "--max-tokens", "8",
+              "--quiet", "--no-report"]
+    res = cli("sweep", "-m", model, *common, "--out", tmp_path / "declared")
+    assert res.exit_code == 0, res.stderr
+    assert "mtp-history: cycle, as the checkpoints' mtplx_runtime.json declares" in res.stderr
+    runs = read_table(tmp_path / "declared", "runs")
+    assert set(zip(runs["hidden_variant"], runs["mtp_history"], runs["mtp_chain"])) == {("pre_norm", "cycle", "normed")}
+    res = cli("sweep", "-m", model, *common, "--mtp-history", "committed", "--out", tmp_path / "chosen")
+    assert res.exit_code == 0 and "mtp-history: cycle" not in res.stderr
+    assert set(read_table(tmp_path / "chosen", "runs")["mtp_history"]) == {"committed"}
+    (model / "mtplx_runtime.json").write_text(json.dumps({"mtp_history_policy": "sometimes"}))
+    bad = cli("sweep", "-m", model, *common, "--out", tmp_path / "bad")
+    assert bad.exit_code == 2 and "mtp_history_policy" in bad.stderr and not (tmp_path / "bad").exists()

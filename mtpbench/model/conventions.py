@@ -15,7 +15,10 @@ Python: the sweep's axes table parses these where mlx is not installed.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from ..errors import UserError
 
@@ -66,3 +69,67 @@ class History:
 
 
 DEFAULT_HISTORY = History()
+
+
+# ------------------------------------------------------------------------------------- conventions a checkpoint declares
+RUNTIME_CONTRACT = "mtplx_runtime.json"  # MTPLX's runtime contract, shipped next to its checkpoints
+_CHAIN_NAMES = {"post_norm": NORMED, "post": NORMED, NORMED: NORMED, "pre_norm": PRENORM, "pre": PRENORM,
+                PRENORM: PRENORM}
+_HISTORY_NAMES = {COMMITTED: COMMITTED, CYCLE: CYCLE, "last-window": WINDOW, "last_window": WINDOW, WINDOW: WINDOW}
+CONVENTION_AXES = ("mtp_hidden", "mtp_chain", "mtp_history")
+
+
+def _keys(doc: Any, found: dict[str, Any]) -> dict[str, Any]:
+    """Every key of a nested JSON document (the first occurrence wins): contracts nest them under a profile."""
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            found.setdefault(str(k), v)
+            _keys(v, found)
+    elif isinstance(doc, list):
+        for v in doc:
+            _keys(v, found)
+    return found
+
+
+def declared(directory: str | Path) -> dict[str, str]:
+    """The conventions a checkpoint directory declares in an MTPLX runtime contract, as sweep-axis values
+    (`mtp_hidden`, `mtp_chain`, `mtp_history`); {} when there is no contract. MTPLX's names: `base_hidden_variant`
+    (the trunk hidden fed), `mtp_hidden_variant` (the hidden chained), `mtp_history_policy` (cycle / committed /
+    last-window, with the window's size in a key naming a window)."""
+    path = Path(directory) / RUNTIME_CONTRACT
+    if not path.is_file():
+        return {}
+    try:
+        found = _keys(json.loads(path.read_text(encoding="utf-8")), {})
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable JSON runtime contract ({e})") from None
+    out: dict[str, str] = {}
+    if "base_hidden_variant" in found:
+        out["mtp_hidden"] = hidden_variant(str(found["base_hidden_variant"]), f"{path.name} base_hidden_variant")
+    if "mtp_hidden_variant" in found:
+        value = str(found["mtp_hidden_variant"])
+        if value not in _CHAIN_NAMES:
+            raise UserError(f"{path.name} mtp_hidden_variant: expected post_norm or pre_norm, got {value!r}")
+        out["mtp_chain"] = _CHAIN_NAMES[value]
+    if "mtp_history_policy" in found:
+        value = str(found["mtp_history_policy"])
+        kind = _HISTORY_NAMES.get(value.partition(":")[0])
+        if kind is None:
+            raise UserError(f"{path.name} mtp_history_policy: expected cycle, committed or last-window, got {value!r}")
+        if kind == WINDOW and ":" not in value:
+            size = next((v for k, v in found.items() if "window" in k and isinstance(v, int)), None)
+            if size is None:
+                raise UserError(f"{path.name}: mtp_history_policy {value!r} without a window size")
+            value = f"{WINDOW}:{size}"
+        out["mtp_history"] = str(History.parse(value.replace(value.partition(":")[0], kind, 1) if ":" in value
+                                               else kind, f"{path.name} mtp_history_policy"))
+    return out
+
+
+def declared_defaults(models: "list[str] | tuple[str, ...]") -> dict[str, str]:
+    """Axis -> value for each convention every one of `models` (local directories) declares alike: what a sweep
+    uses where the user names no value. Checkpoints that declare nothing or disagree keep the standard default."""
+    if not models or not all(Path(m).is_dir() for m in models):
+        return {}
+    each = [declared(m) for m in models]
+    return {a: each[0][a] for a in CONVENTION_AXES if all(a in d and d[a] == each[0][a] for d in each)}

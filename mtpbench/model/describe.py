@@ -10,6 +10,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
+from .conventions import RUNTIME_CONTRACT, declared
+
 from .checkpoint import Bundle
 
 _DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
@@ -94,6 +96,7 @@ def describe(bundle: Bundle) -> dict[str, Any]:
         "fingerprint": bundle.fingerprint,
         "moe": moe_facts(text, int(params), _expert_params(bundle.model)),
         "mtp": None,
+        "declared_conventions": declared(bundle.path),
     }
     if bundle.mtp is not None and bundle.mtp_source is not None:
         src = bundle.mtp_source
@@ -139,4 +142,8 @@ def describe_text(info: dict[str, Any]) -> str:
                f"active per token"] if mtp.get("expert_layout") else []),
             "               formats: " + "; ".join(f"{k} {v}" for k, v in mtp["formats"].items()),
         ]
+    if info.get("declared_conventions"):
+        lines.append("  declares:    " + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in
+                                                   info["declared_conventions"].items())
+                     + f" ({RUNTIME_CONTRACT}; sweeps use them unless told otherwise)")
     return "\n".join(lines)

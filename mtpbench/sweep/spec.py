@@ -18,6 +18,7 @@ from typing import Any
 
 from ..backends.endpoint import Endpoint
 from ..errors import UserError
+from ..model import conventions
 from ..sampling import SamplingConfig
 from .axes import AXES, BY_NAME, CELL, OPTION_BY_NAME, REFERENCE, SAMPLING_AXES, SERVER, TARGET, axes_for
 from .prompts import Prompt
@@ -86,12 +87,18 @@ class SweepSpec:
         from .prompts import available_sets
 
         grid: dict[str, tuple[Any, ...]] = {}
+        named: set[str] = set()
         for axis in AXES:
             given = values.pop(axis.name, None)
-            grid[axis.name] = axis.parse(given, axis.option) if given not in (None, (), []) else axis.default
+            if given not in (None, (), []):
+                named.add(axis.name)
+            grid[axis.name] = axis.parse(given, axis.option) if axis.name in named else axis.default
         endpoints = tuple(values.pop("endpoints", ()))
         if not grid["model"] and not endpoints:
             grid["model"] = (default_model(),)
+        for name, value in conventions.declared_defaults(grid["model"]).items():  # the checkpoints' own contract
+            if name not in named:
+                grid[name] = (value,)
         if not grid["prompts"]:
             demo = grid["model"] and all(is_default_model(m) for m in grid["model"])
             grid["prompts"] = (DEMO_PROMPT_SET,) if demo else tuple(s for s in available_sets()
