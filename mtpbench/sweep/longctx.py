@@ -22,7 +22,7 @@ from typing import Any
 from ..defaults import PACKAGE_DIR
 from ..errors import UserError
 from .axes import context_label
-from .prompts import Prompt, encode
+from .prompts import Prompt, encode, jsonl_objects
 
 LONGCTX_SET = "longctx"
 DATA_FILE = PACKAGE_DIR / "prompts_data" / f"{LONGCTX_SET}.jsonl"
@@ -53,19 +53,9 @@ class Document:
 
 def load_documents(path: Path = DATA_FILE) -> list[Document]:
     """The long-context set, validated with the file and line named in every error."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise UserError(f"long-context prompt file {path}: {e.strerror}; rebuild it with "
-                        f"`python -m mtpbench.build.longctx`") from None
     docs = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+    for lineno, obj in jsonl_objects(path, "long-context prompt file",
+                                     "; rebuild it with `python -m mtpbench.build.longctx`"):
         if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) and obj[k]
                                                 for k in ("id", "category", "document", "task")):
             raise UserError(f"{path}:{lineno}: needs non-empty 'id', 'category', 'document' and 'task' strings")

@@ -88,25 +88,31 @@ def _parse_line(path: Path, lineno: int, obj: Any, set_name: str) -> Prompt:
                   str(path.resolve()))
 
 
-def load_set(name: str) -> list[Prompt]:
-    path = _set_path(name)
-    set_name = path.stem
-    prompts: list[Prompt] = []
+def jsonl_objects(path: Path, what: str = "prompt file", hint: str = "") -> list[tuple[int, Any]]:
+    """(line number, parsed value) of each non-blank line of a JSON-lines file; every error one line naming the
+    file and line (`hint` is added to an unreadable file's)."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         line = path.read_bytes()[: e.start].count(b"\n") + 1
         raise UserError(f"{path}:{line}: not UTF-8 text (byte {e.start})") from None
     except OSError as e:
-        raise UserError(f"prompt file {path}: {e.strerror}") from None
+        raise UserError(f"{what} {path}: {e.strerror}{hint}") from None
+    out = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            out.append((lineno, json.loads(line)))
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-        prompts.append(_parse_line(path, lineno, obj, set_name))
+    return out
+
+
+def load_set(name: str) -> list[Prompt]:
+    path = _set_path(name)
+    set_name = path.stem
+    prompts = [_parse_line(path, lineno, obj, set_name) for lineno, obj in jsonl_objects(path)]
     if not prompts:
         raise UserError(f"{path}: empty prompt file")
     ids = [p.id for p in prompts]
