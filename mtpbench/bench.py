@@ -597,6 +597,41 @@ def bench_into(out: Path, models: list[str], ks: tuple[int, ...], large: bool, l
         run_bench(model, where, ks, settings, log=log)
 
 
+COST_MODEL = "cost_model.json"
+
+
+def measure_cost_model(model: str | Path, out_dir: Path, ks: Sequence[int]) -> dict[str, Any]:
+    """The cost terms and weight bytes a sweep's summary predicts and projects speedups from, written to
+    `out_dir/cost_model.json`: `measure_costs` (the decoder's own ops, interleaved medians) and the roofline's
+    byte counts, without bench's decode runs, parity or context scaling (seconds, not minutes)."""
+    s = BenchSettings(ks=tuple(ks))
+    bundle = load(model, require_mtp=True)
+    prompt = pattern_prompt(bundle, min(s.prompt_tokens, _context_cap(bundle, s.max_tokens, s.ks)))
+    costs = measure_costs(bundle, prompt, s.ks, s.repeats, s.warmup)
+    doc = {"schema": SCHEMA, "created_at": now_iso(), "complete": True, "kind": "cost_model",
+           "blas": active_blas(), "provenance": dict(provenance()), "model": _model_facts(bundle),
+           "costs": costs.to_dict(),
+           "roofline": {"trunk_bytes": weight_bytes(bundle), "draft_step_bytes": draft_step_bytes(bundle)}}
+    write_json(Path(out_dir) / COST_MODEL, doc)
+    return doc
+
+
+def cost_models_into(out: Path, models: list[str], ks: tuple[int, ...], log: Log | None = None) -> None:
+    """`measure_cost_model` per checkpoint into out/bench/<name>/ (what a sweep keeps by default; `--bench`
+    keeps the whole bench instead); one already there, or a bench, is kept."""
+    for model in models:
+        where = out / "bench" / safe_name(model)
+        if (where / COST_MODEL).exists() or (where / "bench.json").exists():
+            continue
+        if log:
+            log(f"cost model of {safe_name(model)}: AR step, draft steps, verify K={list(ks)}, rollback")
+        try:
+            measure_cost_model(model, where, ks)
+        except Exception as e:  # the sweep's results stand without it; the summary then shows realized speedups only
+            if log:
+                log(f"no cost model for {safe_name(model)}: {e}")
+
+
 def safe_name(model: str) -> str:
     """A checkpoint's directory name (or repo id), made safe for a directory name."""
     import re

@@ -75,3 +75,25 @@ def test_html_report_has_the_projection_column_with_a_bench(swept_and_benched, t
     out, bench = swept_and_benched
     html = render_report([out], tmp_path / "r.html").read_text()
     assert "bandwidth-bound projection (not measured)" in html and "a projection, not a measurement" in html
+
+
+def test_a_plain_sweep_times_its_cost_model_and_shows_the_projections(cli, tmp_path, tiny_agree):
+    """Without `--bench` the sweep still times each checkpoint's step costs (cost_model.json), so the main job's
+    summary sets predicted and projected speedups beside the realized ones; `--no-cost-model` turns it off."""
+    from mtpbench.bench import COST_MODEL, safe_name
+    from mtpbench.report.html import render_report
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"id": "p0", "category": "code", "prompt": "def f(x):\n    return x +"}) + "\n")
+    args = ["sweep", "-m", tiny_agree, "--k", "1", "--temp", "0", "--prompts", prompts, "--repeats", "1",
+            "--max-tokens", "12", "--no-report"]
+    res = cli(*args, "--out", tmp_path / "with")
+    assert res.exit_code == 0, res.stderr
+    doc = json.loads((tmp_path / "with" / "bench" / safe_name(str(tiny_agree)) / COST_MODEL).read_text())
+    assert doc["costs"]["ar_step_s"] > 0 and doc["roofline"]["draft_step_bytes"] > 0
+    assert "predicted (this machine)" in res.stdout and "bandwidth-bound projection" in res.stdout
+    html = render_report([tmp_path / "with"], tmp_path / "r.html").read_text()
+    assert "bandwidth-bound projection (not measured)" in html
+    res = cli(*args, "--no-cost-model", "--out", tmp_path / "without")
+    assert res.exit_code == 0 and "bandwidth-bound projection" not in res.stdout
+    assert not (tmp_path / "without" / "bench").exists()

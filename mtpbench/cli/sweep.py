@@ -61,6 +61,9 @@ def table_options(fn):
 @click.option("--bench", "bench_models", is_flag=True,
               help="Also run `mtpbench bench` on each checkpoint (cost terms, AR parity with mlx_lm, predicted vs "
                    "realized speedup, roofline, context scaling) into <out>/bench/; the report shows it.")
+@click.option("--no-cost-model", is_flag=True,
+              help="Do not time each checkpoint's step costs after the sweep (seconds each; they give the summary's "
+                   "predicted and bandwidth-bound projected speedups). Skipped anyway with --quiet --no-report.")
 @click.option("--bench-large", is_flag=True,
               help="With --bench: also bench a generated ~118M-parameter checkpoint, where verify is cheap.")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
@@ -68,14 +71,15 @@ def table_options(fn):
 @click.option("--ray-address", default=None, metavar="HOST:PORT",
               help="With --executor ray: the cluster's head (e.g. HEAD:6379); default: a local Ray instance.")
 @friendly
-def sweep_cmd(config_file, quiet, no_report, bench_models, bench_large, executor, ray_address, **given):
+def sweep_cmd(config_file, quiet, no_report, bench_models, no_cost_model, bench_large, executor, ray_address,
+              **given):
     """Sweep checkpoints x K x sampling settings x prompt sets: AR and MTP side by side, into parquet.
 
     Rerunning the same command resumes: only missing cells run. Results land in results/<name>/ as parquet
     tables (runs, steps, tokens, verdicts) with a manifest; an HTML report is rendered at the end. Servers
     (--endpoint) are measured with the same prompts and settings, next to or instead of the reference decoder.
     """
-    from ..bench import bench_into
+    from ..bench import bench_into, cost_models_into
     from ..report.console import summary_of
     from ..report.html import render_report
     from ..sweep.run import run_sweep
@@ -99,9 +103,11 @@ def sweep_cmd(config_file, quiet, no_report, bench_models, bench_large, executor
         outcome = run_sweep(spec, out, command, progress, executor=executor, ray_address=ray_address, say=say)
     finally:
         progress.close()
+    log = None if quiet else (lambda m: click.echo(f"bench: {m}", err=True))
     if bench_models and spec.models:  # before the summary, which sets the bench's predictions beside the speedups
-        bench_into(out, list(spec.models), spec.ks, bench_large,
-                   None if quiet else (lambda m: click.echo(f"bench: {m}", err=True)))
+        bench_into(out, list(spec.models), spec.ks, bench_large, log)
+    elif spec.models and not no_cost_model and not (quiet and no_report):
+        cost_models_into(out, list(spec.models), spec.ks, log)
     if not quiet:
         if outcome.cells_skipped:
             click.echo(f"resumed: {outcome.cells_skipped} of {outcome.cells_total} cells were already done")

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 
 from ..sweep.axes import GROUP_KEYS, context_label
+from .load import cost_sources
 
 from ..stats.acceptance import (StepCosts, bandwidth_bound_speedup, costs_from_bench, draft_shares,
                                 expected_tokens, predicted_speedup)
@@ -23,8 +23,8 @@ def summary_of(results_dir) -> str:
     """The closing summary of one results directory (with the bench results kept in it, when there are any)."""
     from ..sweep.store import read_table
 
-    benches = [json.loads(f.read_text()) for f in sorted(Path(results_dir).glob("bench/**/bench.json"))]
-    return sweep_summary(read_table(results_dir, "runs"), benches)
+    return sweep_summary(read_table(results_dir, "runs"), cost_sources(Path(results_dir)))
+
 
 
 def _cost_model(benches: list[dict], fingerprint) -> tuple[StepCosts, float] | None:
@@ -85,7 +85,8 @@ def sweep_summary(runs: pd.DataFrame, benches: list[dict] | None = None) -> str:
                           "prompts": int(r.n_prompts), **_projections(model, int(r.k), list(a.survival))})
         lines.append(pd.DataFrame(table).to_string(index=False))
         if model is not None:
-            lines.append("  predicted: the cost model on this machine's bench costs and the measured survival.\n"
+            lines.append("  predicted: the cost model on this machine's measured step costs (bench/ in the results) "
+                         "and the measured survival.\n"
                          "  bandwidth-bound projection: the same survival where a (K+1)-token verify costs one decode "
                          "step and a draft its share of weight bytes (Apple silicon, GPUs): not a measurement.")
     pp = per_prompt_ratios(runs, by)

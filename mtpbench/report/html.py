@@ -138,7 +138,7 @@ def tau_section(data: Loaded, keys: list[str]) -> Section:
 
 def efficiency_section(data: Loaded, keys: list[str]) -> Section:
     eff = tables.efficiency(data.runs)
-    shares = draft_shares(data.benches)
+    shares = draft_shares(data.costs)
     columns = key_columns(keys) + [
         ("K", lambda r: str(int(r["k"])), True),
         ("AR ms/token", lambda r: fmt.num(1000 * r["ar_s_per_token"], 2), True),
@@ -154,7 +154,7 @@ def efficiency_section(data: Loaded, keys: list[str]) -> Section:
         columns.append(("bandwidth-bound projection (not measured)", lambda r: fmt.ratio(r["projected_bw"]), True))
     t = build(eff, columns, caption="Bandwidth-bound projection: what the same τ gives where a (K+1)-token verify "
               "costs one decode step and a draft step its share of weight bytes (Apple silicon, GPUs at batch 1): "
-              "τ / (1 + K × share), share from the bench kept with the results; a projection, not a measurement"
+              "τ / (1 + K × share), share from the weight bytes kept with the results; a projection, not a measurement"
               if shares else "")
     return Section("efficiency", "Predicted vs realized speedup", [t], _svg(plots.efficiency(eff)),
                    empty="Needs completed AR and MTP runs in the same cell.")

@@ -39,6 +39,7 @@ class Loaded:
     manifests: dict[str, dict[str, Any]] = field(default_factory=dict)
     dirs: dict[str, Path] = field(default_factory=dict)
     benches: list[dict[str, Any]] = field(default_factory=list)  # `mtpbench bench` results kept in a dir's bench/
+    costs: list[dict[str, Any]] = field(default_factory=list)  # per checkpoint its bench, else its cost model
     damaged: list[str] = field(default_factory=list)  # parts that could not be read (path: reason), left out
 
 
@@ -99,6 +100,15 @@ def _source_names(dirs: list[Path], manifests: list[dict[str, Any]]) -> list[str
     return names
 
 
+def cost_sources(results_dir: Path) -> list[dict]:
+    """What a results dir keeps of each checkpoint's measured costs: its bench.json, else its cost_model.json."""
+    out = []
+    for d in sorted(p for p in (results_dir / "bench").glob("*") if p.is_dir()):
+        f = next((d / n for n in ("bench.json", "cost_model.json") if (d / n).exists()), None)
+        if f is not None:
+            out.append(json.loads(f.read_text()))
+    return out
+
 def load(results_dirs: list[Path | str], say: Callable[[str], None] | None = None) -> Loaded:
     """Read each directory with results.read_results and tag its rows with a source name. A damaged part is left
     out, kept in `damaged` (the page shows it) and said as one warning line."""
@@ -115,7 +125,8 @@ def load(results_dirs: list[Path | str], say: Callable[[str], None] | None = Non
     verdicts = _fill_keys(pd.concat(frames["verdicts"], ignore_index=True), GROUP_KEYS)
     steps = pd.concat(frames["steps"], ignore_index=True)
     benches = [json.loads(f.read_text()) for d in dirs for f in sorted(d.glob("bench/**/bench.json"))]
+    costs = [c for d in dirs for c in cost_sources(d)]
     for line in damage.parts if say else ():
         say(f"warning: left out a damaged results part: {line}")
     return Loaded(runs=runs, steps=steps, verdicts=verdicts, manifests=dict(zip(names, manifests)),
-                  dirs=dict(zip(names, dirs)), benches=benches, damaged=damage.parts)
+                  dirs=dict(zip(names, dirs)), benches=benches, costs=costs, damaged=damage.parts)
