@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 from click.testing import CliRunner
 
@@ -81,3 +88,37 @@ def cli():
         return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
 
     return invoke
+
+
+@contextmanager
+def mlx_lm_server(model: Path, tmp: Path, hf_cache: Path, port: int,
+                  ready: Callable[[httpx.Response], bool] = lambda r: True) -> Iterator[str]:
+    """`python -m mlx_lm server --model MODEL` on 127.0.0.1:PORT with HF_HUB_CACHE at `hf_cache` and the hub
+    offline; yields its /v1 URL once /v1/models answers as `ready` accepts (60 s at most), stops it after."""
+    env = {**os.environ, "HF_HUB_CACHE": str(hf_cache), "HF_HUB_OFFLINE": "1"}
+    log = (tmp / "server.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_lm", "server", "--model", str(model), "--host",
+                             "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mlx_lm server exited: {(tmp / 'server.log').read_text()[-2000:]}")
+            try:
+                if ready(httpx.get(f"{url}/models", timeout=2, trust_env=False)):
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("mlx_lm server did not answer /v1/models within 60 s")
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        log.close()

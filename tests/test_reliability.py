@@ -24,6 +24,7 @@ from click.testing import CliRunner
 
 from mtpbench.cli.main import main
 from mtpbench.sweep.store import read_table
+from tests.conftest import mlx_lm_server
 from tests.test_server_backend import StubHandler, StubState, free_port, prompt_file
 
 
@@ -496,33 +497,8 @@ def mlx_server_no_cache(tiny_agree, tmp_path_factory) -> Iterator[str]:
     """`python -m mlx_lm server` with HF_HUB_CACHE pointing at a directory that does not exist (a fresh machine):
     its /v1/models then answers HTTP 500."""
     port, tmp = free_port(), tmp_path_factory.mktemp("mlx-server-nocache")
-    env = {**os.environ, "HF_HUB_CACHE": str(tmp / "no-such-cache"), "HF_HUB_OFFLINE": "1"}
-    log = (tmp / "server.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "mlx_lm", "server", "--model", str(tiny_agree), "--host",
-                             "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlx_lm server exited: {(tmp / 'server.log').read_text()[-2000:]}")
-            try:
-                httpx.get(f"{url}/models", timeout=2, trust_env=False)
-                break  # it answers (with whatever status)
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("mlx_lm server did not answer within 60 s")
-            time.sleep(0.3)
+    with mlx_lm_server(tiny_agree, tmp, tmp / "no-such-cache", port) as url:  # it answers, with whatever status
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        log.close()
 
 
 def test_a_real_server_without_a_hub_cache_falls_back_to_model(cli, tmp_path, tiny_agree, mlx_server_no_cache):

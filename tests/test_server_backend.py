@@ -7,10 +7,7 @@ answers end after a few seconds whatever happens, and the client's timeouts are 
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -23,6 +20,8 @@ import httpx
 import pytest
 
 from mtpbench.backends.endpoint import Endpoint, endpoints_from_options
+
+from .conftest import mlx_lm_server
 from mtpbench.backends.metrics import SpecCounters, counter_fields, parse_spec_counters
 from mtpbench.decode import generate_ar
 from mtpbench.errors import UserError
@@ -71,33 +70,8 @@ def mlx_server(tiny_agree, tmp_path_factory) -> Iterator[str]:
     port, tmp = free_port(), tmp_path_factory.mktemp("mlx-server")
     hf_cache = tmp / "hf-cache"  # an empty hub cache: /v1/models then lists only --model
     hf_cache.mkdir()
-    env = {**os.environ, "HF_HUB_CACHE": str(hf_cache), "HF_HUB_OFFLINE": "1"}
-    log = (tmp / "server.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "mlx_lm", "server", "--model", str(tiny_agree), "--host",
-                             "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlx_lm server exited: {(tmp / 'server.log').read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{url}/models", timeout=2, trust_env=False).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("mlx_lm server did not answer /v1/models within 60 s")
-            time.sleep(0.3)
+    with mlx_lm_server(tiny_agree, tmp, hf_cache, port, ready=lambda r: r.status_code == 200) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        log.close()
 
 
 def test_real_server_sweep_rows(mlx_server, tiny_agree, tmp_path):
