@@ -261,7 +261,9 @@ def cell_verdicts(verdicts: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for key, g in v.groupby([*BY, "k"], dropna=False, sort=True):
         drift = g[g["test"] == "drift"]
-        g = g[g["test"] != "drift"]  # a measurement beside the tests, not a test
+        g = g[~g["test"].isin(["drift", "audit"])]  # measurements beside the tests, not tests
+        if g.empty:  # e.g. a server cell none of whose runs could be audited: untested, never "not rejected"
+            continue
         family = g.get("family", pd.Series("preservation", index=g.index)).fillna("preservation")
         notes = g["note"].fillna("") if "note" in g else pd.Series("", index=g.index)
         rows.append({**dict(zip([*BY, "k"], key)), "tests": len(g), "names": ", ".join(sorted(set(g["test"]))),
