@@ -1,0 +1,169 @@
+"""Audit of a server: a loopback OpenAI-compatible server (tests/audit_server.py) serves the demo through the
+reference decoder with labelled runtime bugs; the audit (`sweep --endpoint URL --audit-model CHECKPOINT`) must
+reject each bug and pass the exact MTP server and a plain AR one, at the headline setting T=0.6/top_p=0.95/top_k=20.
+
+Sample size: the sizes below are what the suite can afford on 2 CPU cores; the p-values at the sweep's default
+size (15 prompts x 128 tokens x 2 repetitions) are in the branch's notes, and every bug here is rejected at both.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mtpbench.backends.audit import FROM_IDS, FROM_TEXT, UNAUDITED, detect_profile, server_tokens
+from mtpbench.backends.endpoint import Endpoint
+from mtpbench.backends.http import Answer, chunk_logprobs
+from mtpbench.defaults import DEMO_MODEL
+from mtpbench.model.checkpoint import load
+from mtpbench.sweep.run import run_sweep
+from mtpbench.errors import UserError
+from mtpbench.sweep.spec import SweepSpec, spec_from_values
+from mtpbench.sweep.store import read_manifest, read_table
+
+from .audit_server import AuditServer, Served
+
+SIZE = {"prompt_limit": 8, "max_tokens": 64, "repeats": 1}  # 512 tokens per cell
+BUGS = {  # the issue's runtime bugs, each a labelled decoder control
+    "rollback-commit-next": "a rollback that keeps a rejected draft's state",
+    "draft-hotter": "draft drawn at T x 1.3 while q is computed at T",
+    "draft-only-transform": "target at default settings (raw softmax) while the draft is filtered",
+    "ratio-at-t1": "temperature fixed at 1 in the acceptance ratio",
+}
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load(DEMO_MODEL)
+
+
+def audit(demo, served: Served, out: Path, **size) -> pd.DataFrame:
+    """One audited server sweep at the headline setting; returns its verdict rows for the server's cell."""
+    server = AuditServer(demo, served)
+    try:
+        endpoint = Endpoint(address=server.url, name="srv", mode=served.mode, audit_model=str(DEMO_MODEL),
+                            timeout_s=30)
+        spec = SweepSpec.of(prompts="stdlib", k=2, temperature=0.6, top_p=0.95, top_k=20, warmup_tokens=0,
+                            endpoints=(endpoint,), **{**SIZE, **size})
+        outcome = run_sweep(spec, out)
+    finally:
+        server.stop()
+    assert outcome.failed_runs == []
+    return read_table(out, "verdicts")
+
+
+def preservation(v: pd.DataFrame) -> pd.DataFrame:
+    return v[v["family"] == "preservation"].set_index("test")
+
+
+@pytest.fixture(scope="module")
+def exact(demo, tmp_path_factory) -> pd.DataFrame:
+    return audit(demo, Served(), tmp_path_factory.mktemp("exact") / "res")
+
+
+def test_exact_mtp_server_passes_the_audit(exact):
+    p = preservation(exact)
+    assert set(p.index) == {"support", "fresh_pit_ks", "fresh_logprob_score"}
+    assert not p["rejected"].any(), p[["n", "p_value", "p_holm"]]
+    assert (p["n"] >= 400).all()
+    note = exact.loc[exact["test"] == "audit", "note"].iloc[0]
+    assert "8 of 8 runs audited" in note and FROM_IDS in note and "sampling profile mlx" in note
+    assert "same weights as" in note and "asserted by the user" in note
+
+
+@pytest.mark.parametrize("bug", list(BUGS))
+def test_each_runtime_bug_is_rejected(demo, tmp_path, bug):
+    p = preservation(audit(demo, Served(bug=bug), tmp_path / "res"))
+    assert p["rejected"].any(), (bug, p[["n", "statistic", "p_value", "p_holm", "note"]].to_dict("index"))
+
+
+def test_plain_ar_server_passes_the_audit(demo, tmp_path):
+    v = audit(demo, Served(mode="ar"), tmp_path / "res")
+    p = preservation(v)
+    assert len(p) == 3 and not p["rejected"].any(), p[["n", "p_value", "p_holm"]]
+
+
+def test_the_audit_records_profile_model_and_assumption(demo, exact, tmp_path):
+    server = AuditServer(demo, Served(owned_by="vllm", bug="draft-hotter"))
+    out = tmp_path / "res"
+    try:
+        endpoint = Endpoint(address=server.url, name="srv", audit_model=str(DEMO_MODEL), timeout_s=30)
+        spec = SweepSpec.of(prompts="stdlib", k=2, temperature=0.6, top_p=0.95, top_k=20, warmup_tokens=0,
+                            endpoints=(endpoint,), prompt_limit=1, max_tokens=16, repeats=1)
+        run_sweep(spec, out)
+    finally:
+        server.stop()
+    entry = read_manifest(out)["endpoints"]["srv"]
+    assert entry["audit"]["profile"] == "temper-first" and "owned_by 'vllm'" in entry["audit"]["profile_source"]
+    assert "same weights" in entry["audit"]["assumption"]
+    runs, tokens = read_table(out, "runs"), read_table(out, "tokens")
+    assert set(runs["audit_profile"]) == {"temper-first"} and set(runs["audit"]) == {FROM_IDS}
+    assert set(tokens["source"]) == {"server"} and tokens["fresh_pit_u"].between(0, 1).all()
+    assert tokens["pit_u"].isna().all()  # a server has no own rows: nothing pretends it does
+
+
+def test_profile_detection():
+    assert detect_profile("auto", [{"id": "m", "owned_by": ""}])[0] == "mlx"
+    assert detect_profile("auto", [{"id": "m", "owned_by": "mlx-community"}])[0] == "mlx"
+    assert detect_profile("auto", [{"id": "m", "owned_by": "sglang"}])[0] == "temper-first"
+    assert detect_profile("temper-first", None)[0] == "temper-first"
+    profile, why = detect_profile("auto", None, "HTTP 404")
+    assert profile == "" and "--audit-profile" in why
+
+
+def test_log_prob_entries_name_ids_in_every_form():
+    chat = {"logprobs": {"content": [{"token": "token_id:17", "logprob": -0.5}, {"id": 3, "logprob": -1.0},
+                                     {"token": "abc", "logprob": -0.1}]}}
+    assert chat_ids(chat) == [17, 3, None]
+    done = {"logprobs": {"tokens": ["token_id:5", "token_id:6"], "token_logprobs": [-0.2, None]}}
+    got = chunk_logprobs(done)
+    assert [i for i, _ in got] == [5, 6] and got[0][1] == -0.2 and np.isnan(got[1][1])
+    assert chunk_logprobs({"logprobs": None}) == [] and chunk_logprobs({"text": "x"}) == []
+
+
+def chat_ids(choice) -> list:
+    return [i for i, _ in chunk_logprobs(choice)]
+
+
+def test_text_is_retokenised_only_when_the_round_trip_holds(demo):
+    tok = demo.tokenizer
+    text = "def add(a, b):\n    return a + b\n"
+    ids = list(tok.encode(text))
+    ok = server_tokens(Answer(completion_tokens=len(ids), finish_reason="length", text=text), tok)
+    assert ok.ids == ids and ok.how == FROM_TEXT
+    with_eos = server_tokens(Answer(completion_tokens=len(ids) + 1, finish_reason="stop", text=text), tok)
+    assert with_eos.ids == ids  # the EOS the server counted but did not show
+    miscount = server_tokens(Answer(completion_tokens=len(ids) + 3, finish_reason="length", text=text), tok)
+    assert miscount.ids is None and miscount.how.startswith(UNAUDITED)
+    bad = server_tokens(Answer(completion_tokens=1, finish_reason="length", text="\udcff"), _Lossy(tok))
+    assert bad.ids is None and bad.how == f"{UNAUDITED}tokenization round trip failed"
+    named = server_tokens(Answer(completion_tokens=2, finish_reason="length", text="zz", token_ids=(5, 9)), tok)
+    assert named.ids == [5, 9] and named.how == FROM_IDS
+
+
+class _Lossy:
+    """A tokenizer whose decode loses what it encoded (as a byte-level BPE does with invalid UTF-8)."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def encode(self, text: str, **kw) -> list[int]:
+        return [1]
+
+    def decode(self, ids) -> str:
+        return "?"
+
+
+def test_audit_options_reach_the_endpoints():
+    spec = spec_from_values({"endpoint": ("a=http://127.0.0.1:9/v1", "b=http://127.0.0.1:8/v1"),
+                             "audit_model": str(DEMO_MODEL), "audit_profile": ("mlx", "temper-first")})
+    assert [(e.audit_model, e.audit_profile) for e in spec.endpoints] == [(str(DEMO_MODEL), "mlx"),
+                                                                          (str(DEMO_MODEL), "temper-first")]
+    assert spec.to_dict()["endpoints"]["b"]["audit_profile"] == "temper-first"
+    with pytest.raises(UserError, match="--audit-model"):
+        spec_from_values({"endpoint": ("http://127.0.0.1:9/v1",), "audit_profile": ("mlx",)})
+    with pytest.raises(UserError, match="--endpoint"):
+        spec_from_values({"audit_model": str(DEMO_MODEL)})
