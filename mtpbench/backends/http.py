@@ -50,6 +50,7 @@ class Answer:
     error: str = ""
     token_ids: tuple[int, ...] | None = None  # the generated ids, where the server's log-probs name them
     token_logprobs: tuple[float, ...] | None = None  # the server's log p per generated token, where it sends them
+    pieces: tuple[str, ...] = ()  # the text of each token-bearing chunk, in order (an audit's re-tokenisation)
 
 
 def one_line(text: str, limit: int = 200) -> str:
@@ -258,9 +259,45 @@ def stream(client: httpx.Client, endpoint: Endpoint, path: str, body: dict[str, 
     if not times or completion == 0:
         raise RequestFailed("the server generated no tokens")
     ids = tuple(i for i, _ in reported)
-    return Answer(tuple(times), completion, prompt, finish, "".join(texts),
+    return Answer(tuple(times), completion, prompt, finish, "".join(texts), pieces=tuple(texts),
                   token_ids=ids if reported and all(i is not None for i in ids) else None,  # type: ignore[arg-type]
                   token_logprobs=tuple(v for _, v in reported) if reported else None)
+
+
+MAX_JSON_BYTES = 16 << 20  # a non-streamed answer with per-token log-probs: a few hundred bytes per token
+
+
+def complete(client: httpx.Client, endpoint: Endpoint, path: str, body: dict[str, Any]) -> Answer:
+    """One non-streamed request (`body` with stream off), its answer read up to MAX_JSON_BYTES; never raises. Used
+    only to get token ids from servers that name them only outside streams (mlx_lm.server); no timing."""
+    plain = {k: v for k, v in body.items() if k != "stream_options"} | {"stream": False}
+    deadline = deadline_for(endpoint, int(body["max_tokens"]))
+    try:
+        with client.stream("POST", endpoint.request_url(path), json=plain,
+                           timeout=httpx.Timeout(endpoint.timeout_s, read=deadline)) as resp:
+            if resp.status_code >= 400:
+                raise RequestFailed(f"HTTP {resp.status_code}: {endpoint.scrub(error_message(_head(resp)))}")
+            raw = _head(resp, MAX_JSON_BYTES + 1)
+        if len(raw) > MAX_JSON_BYTES:
+            raise RequestFailed(f"an answer longer than {MAX_JSON_BYTES >> 20} MiB")
+        obj = json.loads(raw)
+        choice = obj["choices"][0]
+        usage = obj.get("usage") or {}
+        text = choice.get("text") if isinstance(choice.get("text"), str) else \
+            str((choice.get("message") or {}).get("content") or "")
+        reported = chunk_logprobs(choice)
+        ids = tuple(i for i, _ in reported)
+        return Answer((), _count(usage.get("completion_tokens"), "completion_tokens", int(body["max_tokens"])),
+                      _count(usage.get("prompt_tokens"), "prompt_tokens", MAX_PROMPT_TOKENS),
+                      choice.get("finish_reason"), text,
+                      token_ids=ids if reported and all(i is not None for i in ids) else None,  # type: ignore[arg-type]
+                      token_logprobs=tuple(v for _, v in reported) if reported else None)
+    except RequestFailed as e:
+        return Answer(error=str(e))
+    except (httpx.HTTPError, httpx.StreamError) as e:
+        return Answer(error=str(_transport_failure(e, endpoint, 0)))
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return Answer(error="not an OpenAI-compatible answer")
 
 
 def send(client: httpx.Client, endpoint: Endpoint, path: str, body: dict[str, Any]) -> Answer:

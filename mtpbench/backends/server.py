@@ -24,7 +24,7 @@ from ..sweep.prompts import encode
 from .audit import UNAUDITED, Audit, assumption, audit_run, detect_profile, logprobs_request
 from .base import OnRun
 from .endpoint import Endpoint
-from .http import Answer, RequestFailed, send, served_model_entries, timing_fields
+from .http import Answer, RequestFailed, complete, send, served_model_entries, timing_fields
 from .metrics import counter_fields, fetch_spec_counters
 
 
@@ -168,9 +168,14 @@ class ServerBackend:
         if self.audit_bundle is None or cell.setting.temperature == 0:
             return {}
         ids = encode(self.audit_bundle.tokenizer, cell.prompt, thinking_flag(cell.thinking))
+        replay = None
+        if answer.token_ids is None and self.client is not None and self.model is not None:
+            # mlx_lm.server names token ids only outside streams: ask once more, unstreamed (outside all timing)
+            replay = complete(self.client, self.endpoint, *request_body(cell, self.model, cell.max_tokens,
+                                                                        self.spec.ignore_eos, self.profile or ""))
         try:
             audit = audit_run(self.audit_bundle, ids, answer, cell.setting.config(cell.seed), self.profile or "",
-                              run_id)
+                              run_id, replay)
         except Exception as e:  # a failed audit is a recorded reason, never a lost measurement
             audit = Audit(f"{UNAUDITED}{type(e).__name__}: {e}"[:300], [], 0.0)
         rows.tokens += audit.tokens
