@@ -201,7 +201,8 @@ def support(logits: np.ndarray, cfg: SamplingConfig) -> Support:
     """`sampling_probs` of one row as a `Support`, in a few vocabulary-sized float32 passes.
 
     Same order as `sampling_probs`: under the `mlx` profile (mlx_lm's sampler) top-p, min-p and top-k on the
-    untempered log-probs, then temperature on what survives; `temper-first` tempers the logits first. Each filter keeps the tokens at or above one threshold (ties kept), so the
+    untempered log-probs, then temperature on what survives; `temper-first` tempers the logits first. Each filter
+    keeps the tokens at or above one threshold (ties kept), so the
     support is every token at or above the highest of the thresholds: a partition finds the k-th logit, a
     partial sort the top-p cut, the log-sum-exp (float32 exps, float64 sum) is needed for top-p only. The
     survivors are then treated in float64 as the dense transform treats them (equal up to float rounding; a top-p

@@ -92,6 +92,28 @@ def test_plain_ar_server_passes_the_audit(demo, tmp_path):
     assert len(p) == 3 and not p["rejected"].any(), p[["n", "p_value", "p_holm"]]
 
 
+def test_mtp_server_is_compared_with_an_audited_ar_endpoint(demo, tmp_path):
+    """Two endpoints in one sweep (an exact MTP server and a plain AR one): the MTP cell gets two-sample tests
+    against the AR endpoint's runs, in its preservation family, and passes."""
+    mtp, ar = AuditServer(demo, Served()), AuditServer(demo, Served(mode="ar"))
+    out = tmp_path / "res"
+    try:
+        endpoints = tuple(Endpoint(address=s.url, name=n, mode=n, audit_model=str(DEMO_MODEL), timeout_s=30)
+                          for s, n in ((mtp, "mtp"), (ar, "ar")))
+        spec = SweepSpec.of(prompts="stdlib", k=2, temperature=0.6, top_p=0.95, top_k=20, warmup_tokens=0,
+                            endpoints=endpoints, **SIZE)
+        assert run_sweep(spec, out).failed_runs == []
+    finally:
+        mtp.stop()
+        ar.stop()
+    v = read_table(out, "verdicts")
+    two = v[(v["backend"] == "mtp") & v["test"].str.startswith("two_sample")].set_index("test")
+    assert set(two.index) == {"two_sample_first_token", "two_sample_mean_logprob"}
+    assert (two["family"] == "preservation").all() and two["note"].str.contains("vs ar AR").all()
+    assert not v.loc[v["backend"] == "mtp", "rejected"].any()
+    assert not v.loc[v["backend"] == "ar", "test"].str.startswith("two_sample").any()
+
+
 def test_the_audit_records_profile_model_and_assumption(demo, exact, tmp_path):
     server = AuditServer(demo, Served(owned_by="vllm", bug="draft-hotter"))
     out = tmp_path / "res"

@@ -56,12 +56,12 @@ def detect_profile(requested: str, entries: list[dict[str, Any]] | None, error: 
     return TEMPER_FIRST, f"auto: /models owned_by {owner!r} (not an mlx server)"
 
 
-def logprobs_request(completion: bool, profile: str) -> dict[str, Any]:
-    """The body fields that ask for the generated tokens' log-probs and ids: chat takes `logprobs: true`; the
-    completions API takes an integer (mlx_lm.server validates a boolean for both); vLLM's
+def logprobs_request() -> dict[str, Any]:
+    """The body fields that ask for the generated tokens' log-probs and ids. `logprobs: true` for chat and
+    completions alike: mlx_lm.server refuses anything but a boolean (measured: an integer is HTTP 400), and the
+    pydantic-validated servers (vLLM, SGLang) read true as 1 where the completions API wants a count. vLLM's
     `return_tokens_as_token_ids` names the ids (other servers ignore it)."""
-    flag: bool | int = 1 if completion and profile != MLX else True
-    return {"logprobs": flag, "return_tokens_as_token_ids": True}
+    return {"logprobs": True, "return_tokens_as_token_ids": True}
 
 
 @dataclass(frozen=True)

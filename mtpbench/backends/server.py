@@ -42,7 +42,7 @@ def request_body(cell: Cell, model: str, max_tokens: int, ignore_eos: bool,
         body["ignore_eos"] = True
     p = cell.prompt
     if audit_profile is not None and s.temperature > 0:
-        body.update(logprobs_request(p.completion, audit_profile))
+        body.update(logprobs_request())
     if p.completion:
         return "completions", {**body, "prompt": p.raw_text()}
     thinking = thinking_flag(cell.thinking)

@@ -10,17 +10,23 @@ An audited server's cell (tokens of source "server", rescored against the local 
 gets the part of the family that applies without own rows or drafts (`preservation.SERVER_TESTS`: support, PIT and
 score against the fresh rows), the drift of its reported log-probs, and an `audit` row (not a test) saying how many
 runs were audited, how their tokens were obtained, the sampling profile, and the assumption the audit rests on.
+Where the sweep also holds AR runs of the same setting and prompts (an audited AR endpoint under the same profile,
+else the reference decoder's AR when the profile is mlx's, the reference's own), an audited MTP server's cell also
+gets two-sample tests against them: the first token (chi-square) and the per-run mean log p (Mann-Whitney).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from ..sweep.axes import GROUP_KEYS
-from .preservation import FRESH_COLUMNS, SERVER_TESTS, TestResult, holm_by_family, sampled_family
+from ..sampling import MLX
+from ..sweep.axes import GROUP_KEYS, REFERENCE
+from .preservation import (FRESH_COLUMNS, SERVER_TESTS, TestResult, holm_by_family, sampled_family,
+                           two_sample_categorical, two_sample_scalar)
 
 TOKEN_COLUMNS = ("source", "target_logprob", "pit_u", "logprob_mean", "logprob_var", "logprob_m3", "cond_pit_u")
 NOT_TESTS = ("drift", "audit")  # measurements reported beside the tests (their p is NaN)
@@ -60,9 +66,45 @@ def audit_summary(g: pd.DataFrame) -> TestResult | None:
     profile = ", ".join(sorted(set(g["audit_profile"].dropna()))) or "none"
     model = ", ".join(sorted(set(g["audit_model"].dropna()))) if "audit_model" in g else ""
     return TestResult("audit", len(g), float(len(g) - audited), float("nan"), float("nan"), "unaudited runs",
-                      note=f"{audited} of {len(g)} runs audited ({hows}); sampling profile {profile}; assumes the "
+                      note=f"{audited} of {len(g)} runs audited ({hows}); sampling profile {profile} (under a profile "
+                           f"the server does not use, a rejection is that mismatch, not a sampler bug); assumes the "
                            f"server serves the same weights as {model or 'the audit checkpoint'} (asserted by the "
                            f"user, not checked)", kind="diagnostic")
+
+
+def _per_run(runs: pd.DataFrame, tokens: pd.DataFrame, logprob: str) -> tuple[list[int], list[float]]:
+    """(first token, mean finite log p) of each run with tokens rows."""
+    t = tokens[tokens["run_id"].isin(set(runs["run_id"]))].sort_values(["run_id", "index"])
+    firsts, means = [], []
+    for _, rt in t.groupby("run_id", sort=True):
+        lp = rt[logprob].to_numpy(dtype=float)
+        firsts.append(int(rt["token_id"].iloc[0]))
+        means.append(float(lp[np.isfinite(lp)].mean()) if np.isfinite(lp).any() else float("nan"))
+    return firsts, means
+
+
+def two_sample_tests(g: pd.DataFrame, runs: pd.DataFrame, tokens: pd.DataFrame) -> list[TestResult]:
+    """An audited MTP server cell against AR runs of the same setting and prompts: another audited endpoint's AR
+    under the same profile, else the reference's AR when the audit's profile is mlx (the reference's order)."""
+    first = g.iloc[0]
+    profile = first.get("audit_profile")
+    ar = runs[(runs["mode"] == "ar") & (runs["setting"] == first["setting"])
+              & runs["prompt_id"].isin(set(g["prompt_id"])) & (runs["backend"] != first["backend"])]
+    server_ar = ar[ar["audit"].notna() & (ar["audit_profile"] == profile)] if "audit" in ar else ar.iloc[:0]
+    reference_ar = ar[ar["backend"] == REFERENCE] if profile == MLX else ar.iloc[:0]
+    other, column = (server_ar, "fresh_logprob") if len(server_ar) else (reference_ar, "target_logprob")
+    if other.empty:
+        return []
+    mine_first, mine_mean = _per_run(g, tokens, "fresh_logprob")
+    other_first, other_mean = _per_run(other, tokens, column)
+    if len(mine_first) < 2 or len(other_first) < 2:
+        return []
+    what = f"vs {', '.join(sorted(set(other['backend'])))} AR ({len(other_first)} runs)"
+    cat = two_sample_categorical(mine_first, other_first)
+    scalar = two_sample_scalar([m for m in mine_mean if m == m], [m for m in other_mean if m == m],
+                               name="two_sample_mean_logprob")
+    return [replace(cat, note=f"first token {what}" + (f"; {cat.note}" if cat.note else "")),
+            replace(scalar, note=f"per-run mean log p {what}")]
 
 
 def sweep_verdicts(runs: pd.DataFrame, steps: pd.DataFrame, tokens: pd.DataFrame) -> list[dict[str, Any]]:
@@ -84,10 +126,13 @@ def sweep_verdicts(runs: pd.DataFrame, steps: pd.DataFrame, tokens: pd.DataFrame
         if "cond_pit_u" in columns and not np.isfinite(columns["cond_pit_u"].astype(float)).any():
             del columns["cond_pit_u"]  # written before conditional PIT existed
         server = len(toks) > 0 and bool((toks["source"] == "server").all())
-        results = holm_by_family(sampled_family(columns, st["accepted"].to_numpy(dtype=bool), st["alpha"].to_numpy(),
-                                                tests=SERVER_TESTS if server else
-                                                ("support", "pit", "score", "conditional", "calibration"),
-                                                p_draft=st["p_draft"].to_numpy(), q_draft=st["q_draft"].to_numpy()))
+        family = sampled_family(columns, st["accepted"].to_numpy(dtype=bool), st["alpha"].to_numpy(),
+                                tests=SERVER_TESTS if server else ("support", "pit", "score", "conditional",
+                                                                   "calibration"),
+                                p_draft=st["p_draft"].to_numpy(), q_draft=st["q_draft"].to_numpy())
+        if server and first["mode"] == "mtp":
+            family += two_sample_tests(g, runs, tokens)
+        results = holm_by_family(family)
         audit = audit_summary(g)
         results += [audit] if audit is not None else []
         rows += [_row(keyd, first, r) for r in results
