@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mtpbench.backends.audit import FROM_IDS, FROM_TEXT, UNAUDITED, detect_profile, server_tokens
+from mtpbench.backends.audit import FROM_IDS, FROM_TEXT, REPEAT, UNAUDITED, detect_profile, server_tokens
 from mtpbench.backends.endpoint import Endpoint
 from mtpbench.backends.http import Answer, chunk_logprobs
 from mtpbench.defaults import DEMO_MODEL
@@ -118,7 +118,8 @@ def test_the_audit_records_profile_model_and_assumption(demo, exact, tmp_path):
     server = AuditServer(demo, Served(owned_by="vllm", bug="draft-hotter"))
     out = tmp_path / "res"
     try:
-        endpoint = Endpoint(address=server.url, name="srv", audit_model=str(DEMO_MODEL), timeout_s=30)
+        endpoint = Endpoint(address=server.url, name="srv", audit_model=str(DEMO_MODEL), timeout_s=30,
+                            concurrency=(1, 2))
         spec = SweepSpec.of(prompts="stdlib", k=2, temperature=0.6, top_p=0.95, top_k=20, warmup_tokens=0,
                             endpoints=(endpoint,), prompt_limit=1, repeats=1)
         run_sweep(spec, out)
@@ -128,8 +129,10 @@ def test_the_audit_records_profile_model_and_assumption(demo, exact, tmp_path):
     assert entry["audit"]["profile"] == "temper-first" and "owned_by 'vllm'" in entry["audit"]["profile_source"]
     assert "same weights" in entry["audit"]["assumption"]
     runs, tokens = read_table(out, "runs"), read_table(out, "tokens")
-    assert set(runs["audit_profile"]) == {"temper-first"} and set(runs["audit"]) == {FROM_IDS}
-    assert set(tokens["source"]) == {"server"} and len(tokens) == runs["generated_tokens"].sum()
+    # one audited run per cell: the other requests repeat it with the same seed (a seeded server repeats its sample)
+    assert set(runs["audit_profile"]) == {"temper-first"} and sorted(runs["audit"]) == sorted([FROM_IDS, REPEAT, REPEAT])
+    assert set(tokens["source"]) == {"server"} and set(tokens["run_id"]) == {runs["run_id"].iloc[0]}
+    assert len(tokens) == runs["generated_tokens"].iloc[0]
     assert tokens["pit_u"].isna().all()  # a server has no own rows: nothing pretends it does
 
 

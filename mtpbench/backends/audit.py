@@ -37,6 +37,7 @@ FROM_IDS = "token ids reported by the server"
 FROM_REPLAY = "token ids from a non-streamed replay of the request (the stream named none)"
 FROM_TEXT = "re-tokenised text, one token per streamed chunk (round trip checked)"
 UNAUDITED = "unaudited: "
+REPEAT = "not audited: repeats the cell's audited request (same seed), whose sample it would count twice"
 
 
 def assumption(model: str) -> str:

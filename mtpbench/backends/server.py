@@ -21,7 +21,7 @@ from ..sweep.axes import SERVER
 from ..sweep.rows import CellRows, run_row
 from ..sweep.spec import Cell, SweepSpec, thinking_flag
 from ..sweep.prompts import encode
-from .audit import UNAUDITED, Audit, assumption, audit_run, detect_profile, logprobs_request
+from .audit import REPEAT, UNAUDITED, Audit, assumption, audit_run, detect_profile, logprobs_request
 from .base import OnRun
 from .endpoint import Endpoint
 from .http import Answer, RequestFailed, complete, send, served_model_entries, timing_fields
@@ -162,11 +162,14 @@ class ServerBackend:
         """The audit's profile when this endpoint is audited (None: not audited)."""
         return self.profile if self.audit_bundle is not None else None
 
-    def _audit(self, cell: Cell, answer: Answer, run_id: str, rows: CellRows) -> dict[str, Any]:
+    def _audit(self, cell: Cell, answer: Answer, run_id: str, rows: CellRows, first: bool) -> dict[str, Any]:
         """Rescore one sampled answer (tokens rows into `rows`); returns its runs fields (audit status, profile,
-        rescoring seconds)."""
+        rescoring seconds). Only a cell's first run is audited: the others (concurrency levels, parallel requests)
+        repeat its request with the same seed, and a seeded server repeats its sample, which would count twice."""
         if self.audit_bundle is None or cell.setting.temperature == 0:
             return {}
+        if not first:
+            return {"audit": REPEAT, "audit_profile": self.profile or None, "audit_model": self.endpoint.audit_model}
         ids = encode(self.audit_bundle.tokenizer, cell.prompt, thinking_flag(cell.thinking))
         replay = None
         if answer.token_ids is None and self.client is not None and self.model is not None:
@@ -190,6 +193,7 @@ class ServerBackend:
         """Server counters cover a whole batch, so they go on its first row only (sums over rows stay exact; the
         other rows' counters are null, i.e. unknown)."""
         rows = CellRows()
+        audited = False
         for order, c in enumerate(self.endpoint.concurrency):
             batch = self._batch(cell, c, order) if self.model is not None else \
                 Batch(c, order, now_iso(), (Answer(error=self.model_error),) * c, {})
@@ -198,7 +202,9 @@ class ServerBackend:
                 fields, error = measured(a)
                 run_id = f"{self.endpoint.name}-{cell.cell_id}-c{c}-{i}"
                 if fields is not None:
-                    fields = {**fields, **(batch.counters if i == 0 else {}), **self._audit(cell, a, run_id, rows)}
+                    fields = {**fields, **(batch.counters if i == 0 else {}),
+                              **self._audit(cell, a, run_id, rows, first=not audited)}
+                    audited = audited or "audit" in fields
                     speeds.append(fields.get("decode_tok_s") or np.nan)
                 rows.runs.append(run_row(cell, self._facts(), self.endpoint.mode, 0, batch.order, batch.started_at,
                                          self.sweep, {**(fields or {}), "concurrency": c}, error, run_id=run_id))

@@ -61,7 +61,7 @@ def audit_summary(g: pd.DataFrame) -> TestResult | None:
     if "audit" not in g or g["audit"].isna().all():
         return None
     status = g["audit"].fillna("not requested")
-    audited = int((~status.str.startswith("unaudited") & (status != "not requested")).sum())
+    audited = int((~status.str.startswith(("unaudited", "not audited")) & (status != "not requested")).sum())
     hows = "; ".join(f"{n} {how}" for how, n in status.value_counts().items())
     profile = ", ".join(sorted(set(g["audit_profile"].dropna()))) or "none"
     model = ", ".join(sorted(set(g["audit_model"].dropna()))) if "audit_model" in g else ""
