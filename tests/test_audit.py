@@ -20,6 +20,7 @@ from mtpbench.backends.endpoint import Endpoint
 from mtpbench.backends.http import Answer, chunk_logprobs
 from mtpbench.defaults import DEMO_MODEL
 from mtpbench.model.checkpoint import load
+from mtpbench.sweep.axes import read_sweep_file
 from mtpbench.sweep.run import run_sweep
 from mtpbench.errors import UserError
 from mtpbench.sweep.spec import SweepSpec, spec_from_values
@@ -136,6 +137,43 @@ def test_the_audit_records_profile_model_and_assumption(demo, exact, tmp_path):
     assert tokens["pit_u"].isna().all()  # a server has no own rows: nothing pretends it does
 
 
+def test_a_profile_mismatch_is_visible_and_named(demo, tmp_path):
+    """The test server samples in mlx's order; audited as temper-first (vLLM's order) its tokens fall outside the
+    assumed support, and the verdict names the profile it assumed, so the rejection reads as the mismatch it is."""
+    server = AuditServer(demo, Served())
+    try:
+        endpoint = Endpoint(address=server.url, name="srv", audit_model=str(DEMO_MODEL), audit_profile="temper-first",
+                            timeout_s=30)
+        spec = SweepSpec.of(prompts="stdlib", k=2, temperature=0.6, top_p=0.95, top_k=20, warmup_tokens=0,
+                            endpoints=(endpoint,), **SIZE)
+        run_sweep(spec, tmp_path / "res")
+    finally:
+        server.stop()
+    v = read_table(tmp_path / "res", "verdicts").set_index("test")
+    assert v.loc["support", "rejected"] and "outside the fresh target" in v.loc["support", "note"]
+    assert "sampling profile temper-first (under a profile the server does not use" in v.loc["audit", "note"]
+
+
+def test_drift_compares_reported_raw_log_probs(demo):
+    """A server reporting the model's raw log-softmax (mlx_lm.server, vLLM's default) drifts by float noise from
+    the fresh forward; reporting anything else (here the tempered, filtered log p) shows as drift."""
+    import mlx.core as mx
+
+    from mtpbench.decode.rescore import rescore_tokens
+    from mtpbench.sampling import SamplingConfig
+
+    prompt, tokens = [5, 17, 33, 2000], [40, 41, 42, 43, 44, 45]
+    logits = np.asarray(demo.trunk.model(mx.array(prompt + tokens[:-1])[None])[0].astype(mx.float32))
+    raw = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - \
+        logits.max(-1, keepdims=True)
+    reported = [float(raw[len(prompt) - 1 + i, t]) for i, t in enumerate(tokens)]
+    cfg = SamplingConfig(0.6, 0.95, 20)
+    same = rescore_tokens(demo, prompt, tokens, cfg, compare=reported, compare_raw=True)
+    assert max(r.drift_logprob for r in same.records) < 1e-4
+    tempered = rescore_tokens(demo, prompt, tokens, cfg, compare=[2 * x for x in reported], compare_raw=True)
+    assert min(r.drift_logprob for r in tempered.records) > 1e-2
+
+
 def test_profile_detection():
     assert detect_profile("auto", [{"id": "m", "owned_by": ""}])[0] == "mlx"
     assert detect_profile("auto", [{"id": "m", "owned_by": "mlx-community"}])[0] == "mlx"
@@ -207,3 +245,6 @@ def test_audit_options_reach_the_endpoints():
         spec_from_values({"endpoint": ("http://127.0.0.1:9/v1",), "audit_profile": ("mlx",)})
     with pytest.raises(UserError, match="--endpoint"):
         spec_from_values({"audit_model": str(DEMO_MODEL)})
+    given = read_sweep_file({"endpoint": ["http://127.0.0.1:9/v1"], "audit-model": str(DEMO_MODEL),
+                             "audit_profile": ["temper-first"]}, "sweep.toml").given
+    assert spec_from_values(given).endpoints[0].audit_profile == "temper-first"
