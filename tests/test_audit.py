@@ -94,7 +94,7 @@ def test_plain_ar_server_passes_the_audit(demo, tmp_path):
 
 
 def test_mtp_server_is_compared_with_an_audited_ar_endpoint(demo, tmp_path):
-    """Two endpoints in one sweep (an exact MTP server and a plain AR one): the MTP cell gets two-sample tests
+    """Two endpoints in one sweep (an exact MTP server and a plain AR one): the MTP cell gets a two-sample test
     against the AR endpoint's runs, in its preservation family, and passes."""
     mtp, ar = AuditServer(demo, Served()), AuditServer(demo, Served(mode="ar"))
     out = tmp_path / "res"
@@ -102,17 +102,35 @@ def test_mtp_server_is_compared_with_an_audited_ar_endpoint(demo, tmp_path):
         endpoints = tuple(Endpoint(address=s.url, name=n, mode=n, audit_model=str(DEMO_MODEL), timeout_s=30)
                           for s, n in ((mtp, "mtp"), (ar, "ar")))
         spec = SweepSpec.of(prompts="stdlib", k=2, temperature=0.6, top_p=0.95, top_k=20, warmup_tokens=0,
-                            endpoints=endpoints, **SIZE)
+                            endpoints=endpoints, prompt_limit=2, repeats=1)
         assert run_sweep(spec, out).failed_runs == []
     finally:
         mtp.stop()
         ar.stop()
     v = read_table(out, "verdicts")
     two = v[(v["backend"] == "mtp") & v["test"].str.startswith("two_sample")].set_index("test")
-    assert set(two.index) == {"two_sample_first_token", "two_sample_mean_logprob"}
+    assert set(two.index) == {"two_sample_mean_logprob"}  # no first-token test: same seed, same first token
     assert (two["family"] == "preservation").all() and two["note"].str.contains("vs ar AR").all()
     assert not v.loc[v["backend"] == "mtp", "rejected"].any()
     assert not v.loc[v["backend"] == "ar", "test"].str.startswith("two_sample").any()
+
+
+def test_mtp_server_is_compared_with_the_reference_ar(demo, tmp_path):
+    """A sweep of the checkpoint and its server together: with no audited AR endpoint, the server's MTP cell is
+    compared with the reference decoder's AR runs (same setting, same prompts; the mlx profile is the reference's)."""
+    server = AuditServer(demo, Served())
+    out = tmp_path / "res"
+    try:
+        endpoint = Endpoint(address=server.url, name="srv", audit_model=str(DEMO_MODEL), timeout_s=30)
+        spec = SweepSpec.of(model=str(DEMO_MODEL), prompts="stdlib", k=2, temperature=0.6, top_p=0.95, top_k=20,
+                            warmup_tokens=0, endpoints=(endpoint,), prompt_limit=2, repeats=1)
+        assert run_sweep(spec, out).failed_runs == []
+    finally:
+        server.stop()
+    v = read_table(out, "verdicts")
+    two = v[(v["backend"] == "srv") & v["test"].str.startswith("two_sample")]
+    assert len(two) == 1 and two["note"].str.contains("vs reference AR \\(2 runs\\)").all()
+    assert set(v["backend"]) == {"srv", "reference"}  # the server's cell beside the reference's
 
 
 def test_the_audit_records_profile_model_and_assumption(demo, exact, tmp_path):
