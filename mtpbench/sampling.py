@@ -1,9 +1,12 @@
 """The one sampling transform: logits -> probabilities, used for target and draft alike.
 
 Speculative sampling is exact only if p (target) and q (draft) come from the *same* transform applied in the
-*same* order. Keeping a single function here is what makes that true by construction. The order mirrors
-mlx_lm's sampler (top-p, min-p, top-k on the untempered log-probs, then temperature), so our AR baseline samples
-what `mlx_lm.generate` samples.
+*same* order. Keeping a single function here is what makes that true by construction. The order is a named
+profile (`SamplingConfig.order`): `mlx` (the default) mirrors mlx_lm's sampler (top-p, min-p, top-k on the
+untempered log-probs, then temperature), so our AR baseline samples what `mlx_lm.generate` samples; `temper-first`
+divides the logits by the temperature first and filters the tempered distribution, as vLLM, SGLang and HF
+transformers do. The two differ whenever top-p or min-p cut (top-k keeps the same ids either way), so auditing a
+server under the wrong profile would report a profile mismatch as a sampler bug.
 
 The decoder uses `support`: the row as a `Support` (ids with non-zero probability, ascending, and their
 probabilities), found in a few float32 passes over the vocabulary, so a row of Qwen's 248,320 ids costs well
@@ -13,11 +16,14 @@ under a millisecond at top-k. `sampling_probs`, the dense float64 transform, is 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .errors import UserError
+
+MLX, TEMPER_FIRST = "mlx", "temper-first"
+PROFILES = (MLX, TEMPER_FIRST)
 
 
 @dataclass(frozen=True)
@@ -29,8 +35,11 @@ class SamplingConfig:
     top_k: int = 0
     min_p: float = 0.0
     seed: int = 0
+    order: str = MLX  # the transform's profile: MLX (filter, then temper) | TEMPER_FIRST (temper, then filter)
 
     def __post_init__(self) -> None:
+        if self.order not in PROFILES:
+            raise UserError(f"sampling profile must be one of {', '.join(PROFILES)}, got {self.order!r}")
         if not np.isfinite(self.temperature) or self.temperature < 0:
             raise UserError(f"temperature must be >= 0, got {self.temperature}")
         if not (0 < self.top_p <= 1):
@@ -54,7 +63,16 @@ class SamplingConfig:
             parts.append(f"top_k={self.top_k}")
         if self.min_p:
             parts.append(f"min_p={self.min_p:g}")
+        if self.order != MLX:
+            parts.append(self.order)
         return " ".join(parts)
+
+    def tempered_first(self, logits: np.ndarray) -> tuple[np.ndarray, "SamplingConfig"]:
+        """Under `temper-first`: (logits / T, the same filters at T = 1), which the `mlx` order then treats exactly
+        as the tempered filters; under `mlx`, the arguments unchanged. How both transforms take the profile."""
+        if self.order == MLX or self.greedy:
+            return logits, self
+        return logits / np.asarray(self.temperature, dtype=logits.dtype), replace(self, temperature=1.0, order=MLX)
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -69,7 +87,7 @@ def sampling_probs(logits: np.ndarray, cfg: SamplingConfig) -> np.ndarray:
 
     Greedy is a point mass on the argmax (ties broken by the lowest id, as `argmax` does).
     """
-    logits = np.asarray(logits, dtype=np.float64)
+    logits, cfg = cfg.tempered_first(np.asarray(logits, dtype=np.float64))
     if cfg.greedy:
         out = np.zeros_like(logits)
         np.put_along_axis(out, np.argmax(logits, axis=-1)[..., None], 1.0, axis=-1)
@@ -182,15 +200,16 @@ def _top_p_floor(x: np.ndarray, top_p: float, m: float, total: float) -> float:
 def support(logits: np.ndarray, cfg: SamplingConfig) -> Support:
     """`sampling_probs` of one row as a `Support`, in a few vocabulary-sized float32 passes.
 
-    Same order as mlx_lm's sampler and `sampling_probs`: top-p, min-p and top-k on the untempered log-probs,
-    then temperature on what survives. Each filter keeps the tokens at or above one threshold (ties kept), so the
+    Same order as `sampling_probs`: under the `mlx` profile (mlx_lm's sampler) top-p, min-p and top-k on the
+    untempered log-probs, then temperature on what survives; `temper-first` tempers the logits first. Each filter
+    keeps the tokens at or above one threshold (ties kept), so the
     support is every token at or above the highest of the thresholds: a partition finds the k-th logit, a
     partial sort the top-p cut, the log-sum-exp (float32 exps, float64 sum) is needed for top-p only. The
     survivors are then treated in float64 as the dense transform treats them (equal up to float rounding; a top-p
     mass within ~1e-7 of a token boundary may cut differently). At T > 0 with no filter the support is the
     vocabulary: one float32 pass.
     """
-    x = np.asarray(logits, dtype=np.float32).reshape(-1)
+    x, cfg = cfg.tempered_first(np.asarray(logits, dtype=np.float32).reshape(-1))
     if cfg.greedy:
         return Support.point(int(np.argmax(x)))
     v, m = x.size, float(x.max())

@@ -12,6 +12,7 @@ import pytest
 
 from mtpbench.decode.common import host_supports, token_record
 from mtpbench.decode.rule import Rule, apply_rule
+from mtpbench.errors import UserError
 from mtpbench.sampling import SamplingConfig, Support, alpha, residual, sample, sampling_probs, support
 
 CONFIGS = [
@@ -218,3 +219,34 @@ def test_a_vocabulary_wider_than_the_tokenizer_decodes_to_placeholders(tmp_path)
         assert "<|pad_" in b.tokenizer.decode(r.tokens)
     res = CliRunner().invoke(main, ["make-tiny", str(tmp_path / "narrow"), "--vocab-size", "100"])
     assert res.exit_code == 2 and "--vocab-size" in res.output and not (tmp_path / "narrow").exists()
+
+
+@pytest.mark.parametrize("cfg", [SamplingConfig(0.6, 0.9, 0, order="temper-first"),
+                                 SamplingConfig(0.6, 0.95, 20, order="temper-first"),
+                                 SamplingConfig(1.7, 1.0, 0, 0.05, order="temper-first")])
+def test_temper_first_profile_filters_the_tempered_distribution(cfg):
+    """The `temper-first` profile (vLLM, SGLang, HF) against its own definition, written out here: softmax of
+    logits / T, then top-p / min-p / top-k on those probabilities; and it differs from `mlx` where top-p cuts."""
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        x = rng.normal(size=400) * 3
+        p = np.exp(x / cfg.temperature - np.max(x / cfg.temperature))
+        p /= p.sum()
+        keep = np.ones(len(p), dtype=bool)
+        order = np.argsort(-p, kind="stable")
+        above = np.cumsum(p[order]) - p[order]
+        keep[order[above >= cfg.top_p]] = False
+        keep &= p >= cfg.min_p * p.max()
+        if cfg.top_k:
+            keep &= p >= np.sort(p)[-cfg.top_k]
+        want = np.where(keep, p, 0) / np.where(keep, p, 0).sum()
+        assert np.allclose(sampling_probs(x[None], cfg)[0], want, atol=1e-9)
+        assert np.allclose(support(x, cfg).dense(len(x)), want, atol=1e-6)
+    x = rng.normal(size=400) * 3
+    mlx = support(x, SamplingConfig(0.6, 0.9))
+    assert len(support(x, SamplingConfig(0.6, 0.9, order="temper-first")).ids) < len(mlx.ids)
+
+
+def test_an_unknown_profile_is_refused():
+    with pytest.raises(UserError):
+        SamplingConfig(0.6, order="vllm")

@@ -19,6 +19,7 @@ import httpx
 from ..errors import UserError
 
 MODES = ("mtp", "ar")
+AUDIT_PROFILES = ("auto", "mlx", "temper-first")  # auto: detected from /models (see backends.audit)
 SCHEMES = {"http": 80, "https": 443}
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 SECRET_PARAM = re.compile(r"key|token|secret|passw|auth|sig|credential|session", re.IGNORECASE)
@@ -55,6 +56,8 @@ class Endpoint:
     deadline_s: float = 0.0
     retries: int = 0
     concurrency: tuple[int, ...] = (1,)
+    audit_model: str | None = None  # a local checkpoint of the weights the server serves (the user asserts it)
+    audit_profile: str = "auto"  # the sampling transform's order the server uses: auto | mlx | temper-first
 
     def __post_init__(self) -> None:
         try:
@@ -77,6 +80,8 @@ class Endpoint:
             raise UserError(f"request deadline must be >= 0 s (0: derived from max tokens), got {self.deadline_s}")
         if self.retries < 0:
             raise UserError(f"retries must be >= 0, got {self.retries}")
+        if self.audit_profile not in AUDIT_PROFILES:
+            raise UserError(f"audit profile must be one of {', '.join(AUDIT_PROFILES)}, got {self.audit_profile!r}")
         if not self.concurrency or any(int(c) != c or c < 1 for c in self.concurrency):
             raise UserError(f"concurrency levels must be integers >= 1, got {self.concurrency}")
         object.__setattr__(self, "concurrency", tuple(sorted({int(c) for c in self.concurrency})))
@@ -127,7 +132,8 @@ class Endpoint:
 
     def record(self) -> dict[str, Any]:
         """What decides which rows this endpoint produces (timeouts, retries and keys do not), as stored."""
-        return {"url": self.url, "mode": self.mode, "concurrency": list(self.concurrency)}
+        audit = {"audit_model": self.audit_model, "audit_profile": self.audit_profile} if self.audit_model else {}
+        return {"url": self.url, "mode": self.mode, "concurrency": list(self.concurrency), **audit}
 
 
 def redact(text: str) -> str:
@@ -157,16 +163,21 @@ def _paired(values: Sequence[str], n: int, flag: str) -> list[str | None]:
 
 def endpoints_from_options(urls: Sequence[str], served_models: Sequence[str] = (), api_key_env: str | None = None,
                            modes: Sequence[str] = (), concurrency: Sequence[int] = (1,), request_timeout: float = 60.0,
-                           request_deadline: float = 0.0, retries: int = 0) -> tuple[Endpoint, ...]:
+                           request_deadline: float = 0.0, retries: int = 0, audit_model: str | None = None,
+                           audit_profiles: Sequence[str] = ()) -> tuple[Endpoint, ...]:
     """Endpoint objects from the sweep's server options, validated; the names must be distinct."""
     n = len(urls)
     models, kinds = _paired(served_models, n, "--served-model"), _paired(modes, n, "--endpoint-mode")
+    profiles = _paired(audit_profiles, n, "--audit-profile")
+    if audit_profiles and not audit_model:
+        raise UserError("--audit-profile needs --audit-model (the local checkpoint the audit rescored with)")
     endpoints = []
-    for value, model, mode in zip(urls, models, kinds):
+    for value, model, mode, profile in zip(urls, models, kinds, profiles):
         name, url = split_endpoint(value)
         endpoints.append(Endpoint(address=url, name=name, served_model=model or None,
                                   api_key_env=api_key_env or None, mode=mode or "mtp", timeout_s=request_timeout,
-                                  deadline_s=request_deadline, retries=retries, concurrency=tuple(concurrency)))
+                                  deadline_s=request_deadline, retries=retries, concurrency=tuple(concurrency),
+                                  audit_model=audit_model or None, audit_profile=profile or "auto"))
     names = [e.name for e in endpoints]
     dup = next((x for x in names if names.count(x) > 1), None)
     if dup:

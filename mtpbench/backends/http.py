@@ -48,6 +48,9 @@ class Answer:
     finish_reason: str | None = None
     text: str = ""
     error: str = ""
+    token_ids: tuple[int, ...] | None = None  # the generated ids, where the server's log-probs name them
+    token_logprobs: tuple[float, ...] | None = None  # the server's log p per generated token, where it sends them
+    pieces: tuple[str, ...] = ()  # the text of each token-bearing chunk, in order (an audit's re-tokenisation)
 
 
 def one_line(text: str, limit: int = 200) -> str:
@@ -156,6 +159,42 @@ def _chunk_text(choice: dict[str, Any]) -> str:
     return "".join(str(delta[f]) for f in _TOKEN_FIELDS if delta.get(f))
 
 
+TOKEN_ID_PREFIX = "token_id:"  # vLLM's `return_tokens_as_token_ids` form of a token
+
+
+def _token_id(entry: dict[str, Any]) -> int | None:
+    """The id a log-prob entry names: an integer `id` (mlx_lm.server, SGLang), or a token string "token_id:123"
+    (vLLM with `return_tokens_as_token_ids`); None when it names none (then the text is re-tokenised)."""
+    value = entry.get("id", entry.get("token_id"))
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    token = entry.get("token")
+    if isinstance(token, str) and token.startswith(TOKEN_ID_PREFIX) and token[len(TOKEN_ID_PREFIX):].isdigit():
+        return int(token[len(TOKEN_ID_PREFIX):])
+    return None
+
+
+def _logprob(value: Any) -> float:
+    """A reported log p: a finite number <= 0 (a little float slack), else NaN (not a reason to fail the run)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value <= 1e-6
+    return float(value) if ok else float("nan")
+
+
+def chunk_logprobs(choice: dict[str, Any]) -> list[tuple[int | None, float]]:
+    """(token id or None, log p) per token a streamed choice reports, in either OpenAI form: chat
+    `logprobs.content[]` entries, or completions `logprobs.tokens` / `token_logprobs` lists."""
+    lp = choice.get("logprobs")
+    if not isinstance(lp, dict):
+        return []
+    content = lp.get("content")
+    if isinstance(content, list):
+        return [(_token_id(e), _logprob(e.get("logprob"))) for e in content if isinstance(e, dict) and e]
+    tokens, values = lp.get("tokens"), lp.get("token_logprobs")
+    if isinstance(tokens, list) and isinstance(values, list) and len(tokens) == len(values):
+        return [(_token_id({"token": t}), _logprob(v)) for t, v in zip(tokens, values)]
+    return []
+
+
 def _count(value: Any, name: str, limit: int) -> int | None:
     """A server-reported count: absent is None; anything but a finite integer in [0, limit] fails the request."""
     if value is None:
@@ -170,6 +209,7 @@ def stream(client: httpx.Client, endpoint: Endpoint, path: str, body: dict[str, 
     """One streamed request, timed from just before sending; raises RequestFailed with the reason."""
     times: list[float] = []
     texts: list[str] = []
+    reported: list[tuple[int | None, float]] = []
     usage: dict[str, Any] = {}
     finish, done = None, False
     max_tokens = int(body["max_tokens"])
@@ -194,6 +234,7 @@ def stream(client: httpx.Client, endpoint: Endpoint, path: str, body: dict[str, 
                     obj = _chunk(payload, endpoint)
                     usage = obj.get("usage") or usage
                     for choice in obj.get("choices") or []:
+                        reported += chunk_logprobs(choice)
                         text = _chunk_text(choice)
                         if text:
                             times.append(time.perf_counter() - t0)
@@ -217,7 +258,46 @@ def stream(client: httpx.Client, endpoint: Endpoint, path: str, body: dict[str, 
                             f"chunks")
     if not times or completion == 0:
         raise RequestFailed("the server generated no tokens")
-    return Answer(tuple(times), completion, prompt, finish, "".join(texts))
+    ids = tuple(i for i, _ in reported)
+    return Answer(tuple(times), completion, prompt, finish, "".join(texts), pieces=tuple(texts),
+                  token_ids=ids if reported and all(i is not None for i in ids) else None,  # type: ignore[arg-type]
+                  token_logprobs=tuple(v for _, v in reported) if reported else None)
+
+
+MAX_JSON_BYTES = 16 << 20  # a non-streamed answer with per-token log-probs: a few hundred bytes per token
+
+
+def complete(client: httpx.Client, endpoint: Endpoint, path: str, body: dict[str, Any]) -> Answer:
+    """One non-streamed request (`body` with stream off), its answer read up to MAX_JSON_BYTES; never raises. Used
+    only to get token ids from servers that name them only outside streams (mlx_lm.server); no timing."""
+    plain = {k: v for k, v in body.items() if k != "stream_options"} | {"stream": False}
+    deadline = deadline_for(endpoint, int(body["max_tokens"]))
+    try:
+        with client.stream("POST", endpoint.request_url(path), json=plain,
+                           timeout=httpx.Timeout(endpoint.timeout_s, read=deadline)) as resp:
+            if resp.status_code >= 400:
+                raise RequestFailed(f"HTTP {resp.status_code}: {endpoint.scrub(error_message(_head(resp)))}")
+            raw = _head(resp, MAX_JSON_BYTES + 1)
+        if len(raw) > MAX_JSON_BYTES:
+            raise RequestFailed(f"an answer longer than {MAX_JSON_BYTES >> 20} MiB")
+        obj = json.loads(raw)
+        choice = obj["choices"][0]
+        usage = obj.get("usage") or {}
+        text = choice.get("text") if isinstance(choice.get("text"), str) else \
+            str((choice.get("message") or {}).get("content") or "")
+        reported = chunk_logprobs(choice)
+        ids = tuple(i for i, _ in reported)
+        return Answer((), _count(usage.get("completion_tokens"), "completion_tokens", int(body["max_tokens"])),
+                      _count(usage.get("prompt_tokens"), "prompt_tokens", MAX_PROMPT_TOKENS),
+                      choice.get("finish_reason"), text,
+                      token_ids=ids if reported and all(i is not None for i in ids) else None,  # type: ignore[arg-type]
+                      token_logprobs=tuple(v for _, v in reported) if reported else None)
+    except RequestFailed as e:
+        return Answer(error=str(e))
+    except (httpx.HTTPError, httpx.StreamError) as e:
+        return Answer(error=str(_transport_failure(e, endpoint, 0)))
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return Answer(error="not an OpenAI-compatible answer")
 
 
 def send(client: httpx.Client, endpoint: Endpoint, path: str, body: dict[str, Any]) -> Answer:
@@ -234,6 +314,12 @@ def send(client: httpx.Client, endpoint: Endpoint, path: str, body: dict[str, An
 
 def served_models(client: httpx.Client, endpoint: Endpoint) -> list[str]:
     """The model ids the server lists at /models; raises RequestFailed saying what it answered."""
+    return [str(m["id"]) for m in served_model_entries(client, endpoint)]
+
+
+def served_model_entries(client: httpx.Client, endpoint: Endpoint) -> list[dict[str, Any]]:
+    """The model entries the server lists at /models (`id`, and `owned_by` where the server says who it is);
+    raises RequestFailed saying what it answered."""
     try:
         with client.stream("GET", endpoint.request_url("models")) as resp:
             head = _head(resp, 64_000)
@@ -244,13 +330,13 @@ def served_models(client: httpx.Client, endpoint: Endpoint) -> list[str]:
     if status >= 400:
         raise RequestFailed(f"HTTP {status} from {endpoint.url}/models: {first}")
     try:
-        ids = [str(m["id"]) for m in json.loads(head)["data"]]
-    except (ValueError, KeyError, TypeError):
+        entries = [{"id": str(m["id"]), "owned_by": str(m.get("owned_by") or "")} for m in json.loads(head)["data"]]
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise RequestFailed(f"not an OpenAI-compatible answer from {endpoint.url}/models (HTTP {status}): "
                             f"{first}") from None
-    if not ids:
+    if not entries:
         raise RequestFailed(f"{endpoint.url}/models lists no model")
-    return ids
+    return entries
 
 
 def timing_fields(a: Answer) -> dict[str, Any]:

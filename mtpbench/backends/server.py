@@ -20,15 +20,19 @@ from ..provenance import now_iso
 from ..sweep.axes import SERVER
 from ..sweep.rows import CellRows, run_row
 from ..sweep.spec import Cell, SweepSpec, thinking_flag
+from ..sweep.prompts import encode
+from .audit import REPEAT, UNAUDITED, Audit, assumption, audit_run, detect_profile, logprobs_request
 from .base import OnRun
 from .endpoint import Endpoint
-from .http import Answer, RequestFailed, send, served_models, timing_fields
+from .http import Answer, RequestFailed, complete, send, served_model_entries, timing_fields
 from .metrics import counter_fields, fetch_spec_counters
 
 
-def request_body(cell: Cell, model: str, max_tokens: int, ignore_eos: bool) -> tuple[str, dict[str, Any]]:
+def request_body(cell: Cell, model: str, max_tokens: int, ignore_eos: bool,
+                 audit_profile: str | None = None) -> tuple[str, dict[str, Any]]:
     """(path, JSON body) of one cell's request: every sampling value sent explicitly, so server defaults
-    (e.g. a model's generation_config) never change what is measured."""
+    (e.g. a model's generation_config) never change what is measured. An audited sampled cell (`audit_profile`
+    not None) also asks for the tokens' log-probs and ids."""
     s = cell.setting
     body: dict[str, Any] = {
         "model": model, "stream": True, "stream_options": {"include_usage": True}, "max_tokens": max_tokens,
@@ -37,6 +41,8 @@ def request_body(cell: Cell, model: str, max_tokens: int, ignore_eos: bool) -> t
     if ignore_eos:
         body["ignore_eos"] = True
     p = cell.prompt
+    if audit_profile is not None and s.temperature > 0:
+        body.update(logprobs_request())
     if p.completion:
         return "completions", {**body, "prompt": p.raw_text()}
     thinking = thinking_flag(cell.thinking)
@@ -81,6 +87,9 @@ class ServerBackend:
         self.model: str | None = None
         self.model_note = ""  # how the served model was learned, or why it is unknown
         self.model_error = ""
+        self.audit_bundle = None  # the local checkpoint an audit rescores with (`Endpoint.audit_model`)
+        self.profile: str | None = None  # the audit's sampling profile ('' when auto could not decide)
+        self.profile_note = ""
 
     def takes(self, cell: Cell) -> bool:
         return cell.backend == SERVER
@@ -97,23 +106,35 @@ class ServerBackend:
         self.client = httpx.Client(
             headers=e.headers(), timeout=httpx.Timeout(e.timeout_s), trust_env=False, follow_redirects=False,
             limits=httpx.Limits(max_connections=top + 1, max_keepalive_connections=top + 1))
+        entries, error = None, ""
+        if not e.served_model or (e.audit_model and e.audit_profile == "auto"):
+            try:
+                entries = served_model_entries(self.client, e)
+            except RequestFailed as err:
+                error = str(err)
+        if e.audit_model:
+            from ..model.checkpoint import load
+
+            self.audit_bundle = load(e.audit_model)
+            self.profile, self.profile_note = detect_profile(e.audit_profile, entries, error)
         if e.served_model:
             self.model, self.model_note = e.served_model, "given with --served-model"
-            return
-        try:
-            self.model, self.model_note = served_models(self.client, e)[0], "the first at /models"
-        except RequestFailed as err:
-            if self.fallback_model:
-                self.model = self.fallback_model
-                self.model_note = f"/models failed ({err}); using --model's {self.fallback_model!r}"
-                self.say(f"{e.name}: {self.model_note}")
-            else:
-                self.model_error = f"could not learn the served model: {err}; pass --served-model"
-                self.say(f"{e.name}: {self.model_error}")
+        elif entries:
+            self.model, self.model_note = entries[0]["id"], "the first at /models"
+        elif self.fallback_model:
+            self.model = self.fallback_model
+            self.model_note = f"/models failed ({error}); using --model's {self.fallback_model!r}"
+            self.say(f"{e.name}: {self.model_note}")
+        else:
+            self.model_error = f"could not learn the served model: {error}; pass --served-model"
+            self.say(f"{e.name}: {self.model_error}")
 
     def manifest_entry(self) -> tuple[str, str, dict[str, Any]]:
+        audit = {"audit": {"model": self.endpoint.audit_model, "profile": self.profile or None,
+                           "profile_source": self.profile_note,
+                           "assumption": assumption(str(self.endpoint.audit_model))}} if self.audit_bundle else {}
         return "endpoints", self.name, {**self.endpoint.record(), "served_model": self.model,
-                                        "served_model_source": self.model_note or self.model_error}
+                                        "served_model_source": self.model_note or self.model_error, **audit}
 
     def warm_up(self, cell: Cell) -> None:
         """One unrecorded request, so model loading and first-call costs never land in a timed row."""
@@ -128,7 +149,7 @@ class ServerBackend:
     def _batch(self, cell: Cell, concurrency: int, order: int) -> Batch:
         """`concurrency` identical requests at once, between two reads of the speculative counters."""
         assert self.client is not None and self.model is not None
-        path, body = request_body(cell, self.model, cell.max_tokens, self.spec.ignore_eos)
+        path, body = request_body(cell, self.model, cell.max_tokens, self.spec.ignore_eos, self._profile())
         before = fetch_spec_counters(self.client, self.endpoint)
         started = now_iso()
         with ThreadPoolExecutor(max_workers=concurrency) as pool:
@@ -136,6 +157,33 @@ class ServerBackend:
         after = fetch_spec_counters(self.client, self.endpoint) if before is not None else None
         delta = after.minus(before) if after is not None and before is not None else None
         return Batch(concurrency, order, started, answers, counter_fields(delta))
+
+    def _profile(self) -> str | None:
+        """The audit's profile when this endpoint is audited (None: not audited)."""
+        return self.profile if self.audit_bundle is not None else None
+
+    def _audit(self, cell: Cell, answer: Answer, run_id: str, rows: CellRows, first: bool) -> dict[str, Any]:
+        """Rescore one sampled answer (tokens rows into `rows`); returns its runs fields (audit status, profile,
+        rescoring seconds). Only a cell's first run is audited: the others (concurrency levels, parallel requests)
+        repeat its request with the same seed, and a seeded server repeats its sample, which would count twice."""
+        if self.audit_bundle is None or cell.setting.temperature == 0:
+            return {}
+        if not first:
+            return {"audit": REPEAT, "audit_profile": self.profile or None, "audit_model": self.endpoint.audit_model}
+        ids = encode(self.audit_bundle.tokenizer, cell.prompt, thinking_flag(cell.thinking))
+        replay = None
+        if answer.token_ids is None and self.client is not None and self.model is not None:
+            # mlx_lm.server names token ids only outside streams: ask once more, unstreamed (outside all timing)
+            replay = complete(self.client, self.endpoint, *request_body(cell, self.model, cell.max_tokens,
+                                                                        self.spec.ignore_eos, self.profile or ""))
+        try:
+            audit = audit_run(self.audit_bundle, ids, answer, cell.setting.config(cell.seed), self.profile or "",
+                              run_id, replay)
+        except Exception as e:  # a failed audit is a recorded reason, never a lost measurement
+            audit = Audit(f"{UNAUDITED}{type(e).__name__}: {e}"[:300], [], 0.0)
+        rows.tokens += audit.tokens
+        return {"audit": audit.status, "audit_profile": self.profile or None,
+                "audit_model": self.endpoint.audit_model, "rescore_s": audit.seconds or None}
 
     def _facts(self) -> dict[str, Any]:
         e = self.endpoint
@@ -145,18 +193,21 @@ class ServerBackend:
         """Server counters cover a whole batch, so they go on its first row only (sums over rows stay exact; the
         other rows' counters are null, i.e. unknown)."""
         rows = CellRows()
+        audited = False
         for order, c in enumerate(self.endpoint.concurrency):
             batch = self._batch(cell, c, order) if self.model is not None else \
                 Batch(c, order, now_iso(), (Answer(error=self.model_error),) * c, {})
             speeds = []
             for i, a in enumerate(batch.answers):
                 fields, error = measured(a)
+                run_id = f"{self.endpoint.name}-{cell.cell_id}-c{c}-{i}"
                 if fields is not None:
-                    fields = {**fields, **(batch.counters if i == 0 else {})}
+                    fields = {**fields, **(batch.counters if i == 0 else {}),
+                              **self._audit(cell, a, run_id, rows, first=not audited)}
+                    audited = audited or "audit" in fields
                     speeds.append(fields.get("decode_tok_s") or np.nan)
                 rows.runs.append(run_row(cell, self._facts(), self.endpoint.mode, 0, batch.order, batch.started_at,
-                                         self.sweep, {**(fields or {}), "concurrency": c}, error,
-                                         run_id=f"{self.endpoint.name}-{cell.cell_id}-c{c}-{i}"))
+                                         self.sweep, {**(fields or {}), "concurrency": c}, error, run_id=run_id))
             if on_run:
                 on_run(f"{self.name} {cell.prompt.id} c={c}", float(np.nanmean(speeds)) if speeds else float("nan"))
         return rows
@@ -165,3 +216,4 @@ class ServerBackend:
         if self.client is not None:
             self.client.close()
             self.client = None
+        self.audit_bundle = None

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -42,7 +43,8 @@ class FreshRecord:
     fresh_logprob_mean: float  # E_f[log f(X)] of the fresh row (score test)
     fresh_logprob_var: float  # Var_f[log f(X)]
     fresh_logprob_m3: float  # E_f[(log f(X) - mean)^3]
-    drift_logprob: float  # |log p_decoder(token) - log p_fresh(token)| (inf when exactly one of them is -inf)
+    drift_logprob: float  # |log p_decoder(token) - log p_fresh(token)| (inf when exactly one of them is -inf);
+    # for a server, |reported log p - fresh untransformed log p| (NaN where it reports none)
     drift_tv: float  # total variation between the decoder's row and the fresh one (NaN: decoder row not kept)
 
 
@@ -85,18 +87,40 @@ def _tv(row: Support | None, f: Support) -> float:
 
 def rescore(bundle: Bundle, prompt: list[int], result: DecodeResult, cfg: SamplingConfig,
             kv: KVCacheSpec = FULL_KV) -> Rescoring:
-    """Score every emitted token of a sampled run against a fresh teacher-forced target (see the module doc)."""
+    """Score every emitted token of a sampled run of the reference decoder against a fresh teacher-forced target
+    (see the module doc); drift is against the decoder's own rows."""
+    recs = result.token_records
+    return rescore_tokens(bundle, prompt, list(result.tokens), cfg, kv,
+                          [r.target_logprob for r in recs] if recs else None, result.target_rows)
+
+
+def rescore_tokens(bundle: Bundle, prompt: list[int], tokens: list[int], cfg: SamplingConfig,
+                   kv: KVCacheSpec = FULL_KV, compare: Sequence[float] | None = None,
+                   rows: Sequence[Support | None] | None = None, compare_raw: bool = False) -> Rescoring:
+    """Score `tokens` (generated after `prompt` by any sampler: the reference decoder or a server) against a fresh
+    teacher-forced target under `cfg`'s transform.
+
+    `compare`: the log p per token the sampler itself reported, for the drift (NaN where unknown); taken under the
+    transform (the decoder's rows), or, with `compare_raw`, as the model's untransformed log-softmax (what
+    mlx_lm.server and vLLM report by default). `rows`: the sampler's own rows where kept, for the TV drift."""
     t0 = time.perf_counter()
-    tokens = list(result.tokens)
     logits = fresh_logits(bundle, prompt + tokens[:-1], len(prompt) - 1, kv)
     rng = np.random.default_rng([cfg.seed, 0x5C0DE])  # its own stream: never the decoder's or its PIT's
-    rows, recs = result.target_rows, result.token_records
+    rows = rows or []
     out = []
     for i, tok in enumerate(tokens):
         f = support(logits[i], cfg)  # the run's transform, sparse: a few ids per row at top-k
         ft = f.prob(tok)
         lp = math.log(ft) if ft > 0 else float("-inf")
-        dec = recs[i].target_logprob if i < len(recs) else float("nan")
-        out.append(FreshRecord(lp, pit(f, tok, rng.random()), ft > 0, *support_moments(f), _drift(dec, lp),
+        ref = float(compare[i]) if compare is not None and i < len(compare) else float("nan")
+        fresh_ref = _raw_logprob(logits[i], tok) if compare_raw else lp
+        out.append(FreshRecord(lp, pit(f, tok, rng.random()), ft > 0, *support_moments(f), _drift(ref, fresh_ref),
                                _tv(rows[i] if i < len(rows) else None, f)))
     return Rescoring(out, time.perf_counter() - t0)
+
+
+def _raw_logprob(row: np.ndarray, token: int) -> float:
+    """log softmax(row)[token] at T=1 with no filter: the model's own log p, as servers report it."""
+    x = row.astype(np.float64)
+    m = float(x.max())
+    return float(x[token] - m - math.log(np.exp(x - m).sum()))

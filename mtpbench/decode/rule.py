@@ -32,6 +32,7 @@ class Rule:
     uniform: str = "fresh"  # fresh (exact) | shared: the acceptance uniform is reused to draw the residual
     # The decoder's side of a control (read by speculative.py, not by `apply_rule`):
     filters: str = "both"  # both (exact) | accept_only: residual from unfiltered rows | residual_only: the reverse
+    ratio_temperature: str = "same"  # same (exact) | one: the acceptance test's p and q at T=1, sampling at T
     draft_temperature_scale: float = 1.0  # != 1: drafts drawn at T * scale while q (the rule's) stays at T
     rollback: str = "exact"  # exact | commit_next: commit position j+1 | keep_gdn: GatedDeltaNet state not rolled back
     causal_mask: bool = True  # False: the verify forward attends to later draft positions too

@@ -270,7 +270,12 @@ def _sampled_step(r: _Run, st: _State) -> None:
 def _filter_control_rows(r: _Run, logits: mx.array, draft_logits: list[mx.array], p: list[Support],
                          q: list[Support]):
     """(accept_rows, residual_rows) for `apply_rule`: both None under every rule but the two filter controls, which
-    build one part of the rule from rows without top-p/top-k/min-p (temperature kept)."""
+    build one part of the rule from rows without top-p/top-k/min-p (temperature kept), and `ratio-at-t1`, whose
+    acceptance test takes p and q at temperature 1 (filters kept)."""
+    if r.rule.ratio_temperature == "one":
+        at_one = (host_supports(logits, replace(r.cfg, temperature=1.0)),
+                  host_supports(mx.concatenate(draft_logits), replace(r.dcfg, temperature=1.0)))
+        return at_one, (p, q)
     if r.rule.filters == "both":
         return None, None
     unfiltered = replace(r.cfg, top_p=1.0, top_k=0, min_p=0.0)

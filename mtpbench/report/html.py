@@ -293,9 +293,13 @@ def verdicts_section(data: Loaded, keys: list[str]) -> Section:
         ("Smallest p (Holm)", lambda r: fmt.pvalue(r["min_p_holm"]), True),
         ("Drift (mean TV, decoder vs fresh rows)", lambda r: fmt.stat(r.get("drift_tv", float("nan"))), True),
         ("Verdict", _cell_verdict_word, False),
+        ("Server audit", lambda r: fmt.text(r.get("audit") or "—"), False),
     ], caption="Per tested cell (controls excluded): the preservation family decides (support, PIT and score "
                "against a fresh teacher-forced target, PIT by token source, acceptance above its bound); "
-               "near-zero drift with a rejection points at the rule, large drift at the state")
+               "near-zero drift with a rejection points at the rule, large drift at the state. An audited "
+               "server's cells (rescored with a local checkpoint) sit beside the reference's: support, PIT and "
+               "score only, under the sampling profile named in the Server audit column, and valid only if the "
+               "server serves that checkpoint's weights (the user's assertion)")
     t.caption = "Every test row"
     untested = tables.untested_cells(data.runs, data.verdicts)
     u = build(untested, key_columns(keys) + [("K", lambda r: str(int(r["k"])), True)],

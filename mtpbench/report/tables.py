@@ -260,8 +260,10 @@ def cell_verdicts(verdicts: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     rows = []
     for key, g in v.groupby([*BY, "k"], dropna=False, sort=True):
-        drift = g[g["test"] == "drift"]
-        g = g[g["test"] != "drift"]  # a measurement beside the tests, not a test
+        drift, audit = g[g["test"] == "drift"], g[g["test"] == "audit"]
+        g = g[~g["test"].isin(["drift", "audit"])]  # measurements beside the tests, not tests
+        if g.empty:  # e.g. a server cell none of whose runs could be audited: untested, never "not rejected"
+            continue
         family = g.get("family", pd.Series("preservation", index=g.index)).fillna("preservation")
         notes = g["note"].fillna("") if "note" in g else pd.Series("", index=g.index)
         rows.append({**dict(zip([*BY, "k"], key)), "tests": len(g), "names": ", ".join(sorted(set(g["test"]))),
@@ -272,6 +274,7 @@ def cell_verdicts(verdicts: pd.DataFrame) -> pd.DataFrame:
                      "min_p_holm": float(g.loc[family == "preservation", "p_holm"].min()),
                      "max_n": int(g["n"].max()),
                      "drift_tv": float(drift["statistic"].iloc[0]) if len(drift) else float("nan"),
+                     "audit": str(audit["note"].iloc[0]) if len(audit) else "",  # a server: profile, assumption
                      "blind": bool(notes.str.contains("could not see rule errors").any())})
     return pd.DataFrame(rows)
 

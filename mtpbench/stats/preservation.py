@@ -115,25 +115,28 @@ def conditional_pit_tests(u: Sequence[float], source: Sequence[str]) -> list[Tes
     return [pit_test(u[source == s], f"pit_{s}", note=f"{s} tokens under {law}") for s, law in SOURCE_LAWS.items()]
 
 
-def support_test(logprob: Sequence[float], in_fresh: Sequence[bool] | None = None) -> TestResult:
+def support_test(logprob: Sequence[float] | None, in_fresh: Sequence[bool] | None = None) -> TestResult:
     """Any emitted token with zero probability under its own target row, or outside the fresh filtered target,
     fails outright (p = 0): an exact sampler never emits one. Detectable: the smallest share of impossible tokens
-    seen at least once with POWER."""
-    lp = np.asarray(logprob, dtype=float)
-    own = int(np.sum(np.isneginf(lp)))
+    seen at least once with POWER. A server has no own rows (`logprob` None): the fresh target alone."""
+    lp = None if logprob is None else np.asarray(logprob, dtype=float)
+    own = 0 if lp is None else int(np.sum(np.isneginf(lp)))
     fresh = 0 if in_fresh is None else int(np.sum(~np.asarray(in_fresh, dtype=bool)))
-    n = len(lp)
+    n = len(lp) if lp is not None else len(in_fresh) if in_fresh is not None else 0
     bad = own + fresh
-    where = f"{own} outside their own row" + ("" if in_fresh is None else f", {fresh} outside the fresh target")
+    where = ", ".join(([] if lp is None else [f"{own} outside their own row"]) +
+                      ([] if in_fresh is None else [f"{fresh} outside the fresh target"]))
+    kept = "every token inside its own row's support" if in_fresh is None else \
+        "every token inside the fresh target's support" if lp is None else "every token inside both supports"
     return TestResult("support", n, float(bad), 0.0 if bad else 1.0,
                       float(-np.log(1 - POWER) / n) if n else float("nan"), "share of tokens",
-                      note=f"impossible tokens: {where}" if bad else "every token inside both supports"
-                      if in_fresh is not None else "every token inside its own row's support")
+                      note=f"impossible tokens: {where}" if bad else kept)
 
 
-def drift_summary(drift_logprob: Sequence[float], drift_tv: Sequence[float]) -> TestResult:
+def drift_summary(drift_logprob: Sequence[float], drift_tv: Sequence[float], what: str = "") -> TestResult:
     """Not a test: how far the decoder's rows sit from the fresh ones (mean total variation as the statistic).
-    Near zero with a rejected test points at the rule; large drift points at the state (caches after rollback)."""
+    Near zero with a rejected test points at the rule; large drift points at the state (caches after rollback).
+    `what` says what was compared when it is not the decoder's rows (a server's reported log-probs)."""
     d = np.asarray(drift_logprob, dtype=float)
     tv = np.asarray(drift_tv, dtype=float)
     n = len(d)
@@ -141,7 +144,8 @@ def drift_summary(drift_logprob: Sequence[float], drift_tv: Sequence[float]) -> 
     finite = d[np.isfinite(d)]
     note = (f"rows differing (TV > 1e-5): {np.mean(known > 1e-5):.1%}; " if len(known) else "") + \
         f"max |delta log p| {finite.max() if len(finite) else 0.0:.3g}" + \
-        (f"; {int(np.sum(~np.isfinite(d)))} tokens possible under one row only" if np.any(~np.isfinite(d)) else "")
+        (f"; {int(np.sum(np.isinf(d)))} tokens possible under one row only" if np.any(np.isinf(d)) else "")
+    note = f"{what}: {note}" if what else note
     return TestResult("drift", n, float(known.mean()) if len(known) else float("nan"), float("nan"), float("nan"),
                       "mean TV", note=note, kind="diagnostic")
 
@@ -318,33 +322,44 @@ FRESH_COLUMNS = ("fresh_logprob", "fresh_pit_u", "in_fresh_support", "fresh_logp
                  "fresh_logprob_m3", "drift_logprob", "drift_tv")
 
 
+SERVER_TESTS = ("support", "pit", "score")  # what applies to a server: no own rows, no drafts, no acceptance
+
+
 def sampled_family(tokens: dict[str, Sequence], accepted: Sequence[bool], alpha: Sequence[float],
                    tests: Sequence[str] = ("support", "pit", "score", "conditional", "calibration"),
                    p_draft: Sequence[float] | None = None, q_draft: Sequence[float] | None = None) -> list[TestResult]:
-    """The tests of one sampled group (a verify group or a sweep cell), from per-token and per-draft columns.
+    """The tests of one sampled group (a verify group, a sweep cell, or an audited server's cell), from per-token
+    and per-draft columns.
 
     `tokens` holds the tokens table's columns (source, target_logprob, pit_u, logprob_mean/var/m3, cond_pit_u and,
     when the run was rescored, the FRESH_COLUMNS). With fresh rows the preservation family is: support (own row
     and fresh target), PIT and score against the fresh rows, conditional PIT by source, and acceptance above
     sum(alpha) or above min(1, p/q) given the draft; the PIT and score on the decoder's own rows become labelled
-    diagnostics beside the drift. Without
-    fresh rows (older results, servers without an audit model) the decoder-row tests stay in the family, as before.
-    Acceptance below sum(alpha) is the efficiency diagnostic (`acceptance` family). Holm is left to the caller.
+    diagnostics beside the drift. Without fresh rows (older results) the decoder-row tests stay in the family, as
+    before. A server (`SERVER_TESTS`, no finite `pit_u`: it has no own rows) gets support, PIT and score against
+    the fresh rows, and the drift of its reported log-probs where it sent them. Acceptance below sum(alpha) is the
+    efficiency diagnostic (`acceptance` family). Holm is left to the caller.
     """
     col = {k: np.asarray(v) for k, v in tokens.items()}
-    fresh = "fresh_pit_u" in col and len(col["fresh_pit_u"]) > 0 and bool(np.all(np.isfinite(
-        col["fresh_pit_u"].astype(float))))
-    own_pit = pit_test(col["pit_u"])
-    own_score = score_test(col["target_logprob"], col["logprob_mean"], col["logprob_var"], col.get("logprob_m3"))
+
+    def finite(name: str, every: bool = True) -> bool:
+        ok = np.isfinite(col[name].astype(float)) if name in col else np.zeros(0, bool)
+        return len(ok) > 0 and bool(ok.all() if every else ok.any())
+
+    fresh, own = finite("fresh_pit_u"), finite("pit_u", every=False)
+    own_pit = pit_test(col["pit_u"]) if own else None
+    own_score = score_test(col["target_logprob"], col["logprob_mean"], col["logprob_var"],
+                           col.get("logprob_m3")) if own else None
     n_accepted = int(np.sum(np.asarray(accepted, dtype=bool)))
     blind = rule_power_note(n_accepted)
     out: list[TestResult] = []
-    if "support" in tests:
-        out.append(support_test(col["target_logprob"], col["in_fresh_support"].astype(bool) if fresh else None))
-    if "pit" in tests:
+    if "support" in tests and (own or fresh):
+        out.append(support_test(col["target_logprob"] if own else None,
+                                col["in_fresh_support"].astype(bool) if fresh else None))
+    if "pit" in tests and (own or fresh):
         out.append(pit_test(col["fresh_pit_u"].astype(float), "fresh_pit_ks", note="fresh target") if fresh
                    else own_pit)
-    if "score" in tests:
+    if "score" in tests and (own or fresh):
         out.append(score_test(col["fresh_logprob"], col["fresh_logprob_mean"], col["fresh_logprob_var"],
                               col["fresh_logprob_m3"], name="fresh_logprob_score") if fresh else own_score)
     if "conditional" in tests and "cond_pit_u" in col:
@@ -357,6 +372,8 @@ def sampled_family(tokens: dict[str, Sequence], accepted: Sequence[bool], alpha:
             out.append(acceptance_given_draft_test(accepted, p_draft, q_draft))
         out.append(calibration_test(accepted, alpha, "less"))
     if fresh:
-        out += [r.as_diagnostic() for r, t in ((own_pit, "pit"), (own_score, "score")) if t in tests]
-        out.append(drift_summary(col["drift_logprob"].astype(float), col["drift_tv"].astype(float)))
+        out += [r.as_diagnostic() for r, t in ((own_pit, "pit"), (own_score, "score")) if t in tests and r]
+        d, tv = col["drift_logprob"].astype(float), col["drift_tv"].astype(float)
+        if own or np.isfinite(d).any():
+            out.append(drift_summary(d, tv, "" if own else "server-reported log p vs the fresh untransformed one"))
     return out

@@ -358,6 +358,14 @@ OPTIONS: tuple[Option, ...] = (
            "derived from max tokens: 30 s + 1 s per token).", in_spec=False, metavar="S"),
     Option("retries", ("--retries",), int, 0, "Retries of a request that failed before its first token (connect "
            "errors, HTTP 5xx/429).", in_spec=False, minimum=0),
+    Option("audit_model", ("--audit-model",), str, None, "Audit every --endpoint's sampled output against this "
+           "local checkpoint (the same weights the server serves: you assert it): token ids and log-probs are "
+           "requested, each run rescored with a fresh forward, and each cell gets preservation verdicts.",
+           in_spec=False, metavar="CHECKPOINT"),
+    Option("audit_profile", ("--audit-profile",), str, (), "The sampling order each audited server uses, per "
+           "--endpoint by position: mlx (filters, then temperature), temper-first (vLLM, SGLang, HF) or auto (from "
+           "/v1/models owned_by: mlx when absent or naming mlx, else temper-first) [auto].", repeatable=True,
+           choices=("auto", "mlx", "temper-first"), in_spec=False),
 )
 OPTION_BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
 

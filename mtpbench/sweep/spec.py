@@ -306,7 +306,10 @@ def spec_from_values(values: dict[str, Any]) -> SweepSpec:
     server = {name: o.coerce(given(name, o.default), o.flags[0]) for name, o in opts.items()}
     endpoints = endpoints_from_options(given("endpoint", ()), given("served_model", ()), given("api_key_env"),
                                        given("endpoint_mode", ()), server["concurrency"], server["request_timeout"],
-                                       server["request_deadline"], server["retries"]) if given("endpoint") else ()
+                                       server["request_deadline"], server["retries"], given("audit_model"),
+                                       given("audit_profile", ())) if given("endpoint") else ()
+    if given("audit_model") and not endpoints:
+        raise UserError("--audit-model audits servers: give an --endpoint")
     scalars = {}
     for name in ("max_tokens", "repeats", "seed", "prompt_limit", "kv_group_size", "ignore_eos"):
         o = OPTION_BY_NAME[name]

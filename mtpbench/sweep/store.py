@@ -61,6 +61,8 @@ RUNS = pa.schema([
     ("rescore_s", pa.float64()),  # seconds of the fresh-target rescoring after the run (not in decode_s)
     ("concurrency", pa.int32()), ("itl_p50_s", pa.float64()), ("itl_p95_s", pa.float64()), ("itl_p99_s", pa.float64()),
     ("server_completion_tokens", pa.int32()),
+    # audit of a server (backends/audit.py): how its tokens were obtained (or why unaudited), the sampling profile
+    ("audit", pa.string()), ("audit_profile", pa.string()), ("audit_model", pa.string()),
     ("mtpbench_version", pa.string()), ("mlx_version", pa.string()), ("mlx_lm_version", pa.string()),
     ("git_sha", pa.string()), ("host", pa.string()), ("device", pa.string()), ("os", pa.string()),
     ("python", pa.string()), ("blas", pa.string()), ("started_at", pa.string()),
@@ -74,10 +76,12 @@ TOKENS = pa.schema([
     ("target_logprob", pa.float64()), ("pit_u", pa.float64()),
     ("logprob_mean", pa.float64()), ("logprob_var", pa.float64()), ("logprob_m3", pa.float64()),
     ("cond_pit_u", pa.float64()),  # PIT under the token's law given its source (accepted | residual | bonus)
-    # Rescoring against a fresh teacher-forced target (decode/rescore.py): sampled MTP runs of the reference only.
+    # Rescoring against a fresh teacher-forced target (decode/rescore.py): sampled MTP runs of the reference, and
+    # audited servers' sampled runs (backends/audit.py).
     ("fresh_logprob", pa.float64()), ("fresh_pit_u", pa.float64()), ("in_fresh_support", pa.bool_()),
     ("fresh_logprob_mean", pa.float64()), ("fresh_logprob_var", pa.float64()), ("fresh_logprob_m3", pa.float64()),
     ("drift_logprob", pa.float64()), ("drift_tv", pa.float64()),
+    ("server_logprob", pa.float64()),  # an audited server's reported log p of the token (source "server")
 ])
 # A verdict is about one group of cells: the grouping keys, the sampling values behind `setting`, and K.
 _VERDICT_KEYS = [c for c in GROUP_KEYS if c != "setting"] + ["setting"]
