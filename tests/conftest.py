@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -122,3 +124,20 @@ def mlx_lm_server(model: Path, tmp: Path, hf_cache: Path, port: int,
             proc.kill()
             proc.wait(5)
         log.close()
+
+
+@contextmanager
+def loopback(handler: type[BaseHTTPRequestHandler], before_close: Callable[[], None] = lambda: None) -> Iterator[str]:
+    """A threaded HTTP server on 127.0.0.1 (a free port) with `handler`; yields its /v1 URL. `before_close` runs
+    first on the way out (e.g. releases a handler stuck in a slow answer), then the server stops."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        before_close()
+        server.shutdown()
+        server.server_close()
+        thread.join(5)

@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +23,7 @@ from click.testing import CliRunner
 
 from mtpbench.cli.main import main
 from mtpbench.sweep.store import read_table
-from tests.conftest import mlx_lm_server
+from tests.conftest import loopback, mlx_lm_server
 from tests.test_server_backend import StubHandler, StubState, free_port, prompt_file
 
 
@@ -260,21 +259,10 @@ class Hostile(StubHandler):
 
 @pytest.fixture
 def hostile() -> Iterator[tuple[StubState, str]]:
-    from http.server import ThreadingHTTPServer
-
     state = StubState()
     state.paths, state.sent = [], 0
-    server = ThreadingHTTPServer(("127.0.0.1", 0), type("H", (Hostile,), {"state": state}))
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield state, f"http://127.0.0.1:{server.server_address[1]}/v1"
-    finally:
-        state.release.set()
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    with loopback(type("H", (Hostile,), {"state": state}), state.release.set) as url:
+        yield state, url
 
 
 HOSTILE = {  # prompt (= behaviour) -> the reason its failed row must give

@@ -13,7 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import httpx
@@ -21,7 +21,7 @@ import pytest
 
 from mtpbench.backends.endpoint import Endpoint, endpoints_from_options
 
-from .conftest import mlx_lm_server
+from .conftest import loopback, mlx_lm_server
 from mtpbench.backends.metrics import SpecCounters, counter_fields, parse_spec_counters
 from mtpbench.decode import generate_ar
 from mtpbench.errors import UserError
@@ -236,18 +236,8 @@ class StubHandler(BaseHTTPRequestHandler):
 @pytest.fixture
 def stub() -> Iterator[tuple[StubState, str]]:
     state = StubState()
-    handler = type("Handler", (StubHandler,), {"state": state})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield state, f"http://127.0.0.1:{server.server_address[1]}/v1"
-    finally:
-        state.release.set()
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    with loopback(type("Handler", (StubHandler,), {"state": state}), state.release.set) as url:
+        yield state, url
 
 
 def _stub_prompts(tmp_path: Path, keys: list[str]) -> Path:
