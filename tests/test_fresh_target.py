@@ -256,3 +256,24 @@ def test_verify_says_when_drafts_are_too_rarely_accepted_to_see_rule_errors(cli,
     res = cli("verify", "-m", tiny, "--k", "1", "--temp", "0.6", "--samples", "20", "--tokens", "8", "-q")
     assert res.exit_code == 0, res.stdout + res.stderr
     assert "could not see rule errors" in res.stdout and "rescoring against the fresh target" in res.stdout
+
+
+def test_rescoring_from_a_shared_prompt_prefix_equals_a_whole_fresh_forward(bundle_agree):
+    """The cell's runs continue from one fresh prefix of the prompt: the same fresh rows as a forward over the whole
+    prompt + output, for every run, however often the prefix is reused (no run writes into another's)."""
+    from mtpbench.decode import generate_mtp
+    from mtpbench.decode.rescore import fresh_logits, fresh_prefix
+    from mtpbench.sampling import SamplingConfig
+
+    prompt = bundle_agree.tokenizer.encode("def add(a, b):\n    return a + b\n\nclass Point:\n")
+    prefix = fresh_prefix(bundle_agree, prompt)
+    assert prefix is not None and len(prefix.ids) == len(prompt) - 1
+    for k, seed in ((1, 1), (2, 2), (3, 3), (2, 4)):
+        r = generate_mtp(bundle_agree, prompt, SamplingConfig(0.6, 0.95, 20, 0.0, seed), k, 40, records=True,
+                         ignore_eos=True)
+        ids = prompt + list(r.tokens)[:-1]
+        whole = fresh_logits(bundle_agree, ids, len(prompt) - 1)
+        shared = fresh_logits(bundle_agree, ids, len(prompt) - 1, prefix=prefix)
+        np.testing.assert_allclose(shared, whole, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError):
+        fresh_logits(bundle_agree, [t + 1 for t in prompt], len(prompt) - 1, prefix=prefix)

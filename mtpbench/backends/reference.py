@@ -10,12 +10,13 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from ..decode import DecodeResult, generate_ar, generate_mtp
-from ..decode.rescore import Rescoring, rescore
+from ..decode.rescore import Prefix, Rescoring, fresh_prefix, rescore
 from ..errors import UserError
 from ..model.checkpoint import Bundle, context_length, load, preflight, read_config, text_config
 from ..model.kvcache import KVCacheSpec
@@ -234,12 +235,20 @@ class ReferenceBackend:
         assert self.bundle is not None
         return encode(self.bundle.tokenizer, cell.prompt, thinking_flag(cell.thinking))
 
-    def _rescore(self, cell: Cell, ids: list[int], mode: str, result: DecodeResult) -> Rescoring | None:
-        """The fresh-target rescoring of a sampled MTP run with records (after the decode, outside its timing)."""
+    def _rescore(self, cell: Cell, ids: list[int], mode: str, result: DecodeResult,
+                 prefixes: dict[str, Prefix | None]) -> Rescoring | None:
+        """The fresh-target rescoring of a sampled MTP run with records (after the decode, outside its timing). The
+        prompt's fresh prefix is computed at the cell's first rescoring (its cost counted there) and shared by the
+        cell's other runs."""
         if mode != "mtp" or cell.setting.temperature == 0 or not self.spec.records or not result.token_records:
             return None
         assert self.bundle is not None
-        return rescore(self.bundle, ids, result, cell.setting.config(cell.seed), self._kv(cell))
+        t0 = time.perf_counter()
+        if "prefix" not in prefixes:
+            prefixes["prefix"] = fresh_prefix(self.bundle, ids, self._kv(cell))
+        first = time.perf_counter() - t0
+        r = rescore(self.bundle, ids, result, cell.setting.config(cell.seed), self._kv(cell), prefixes["prefix"])
+        return replace(r, seconds=r.seconds + first)
 
     def warm_up(self, cell: Cell) -> None:
         if self._broken:
@@ -252,6 +261,7 @@ class ReferenceBackend:
     def run_cell(self, cell: Cell, on_run: OnRun | None = None) -> CellRows:
         ids, layout = self._ids(cell), self._kv_layout(cell)
         rows = CellRows()
+        prefixes: dict[str, Prefix | None] = {}
         for order, (mode, k) in enumerate(cell.order(cell.ks)):
             started, error, result = now_iso(), self._broken, None
             if not error:
@@ -265,7 +275,7 @@ class ReferenceBackend:
                 except Exception as e:  # a failed run is recorded and the sweep goes on
                     error = f"{type(e).__name__}: {e}"
             measured = decode_fields(result, mode, k, self._weights[k], layout) if result is not None else None
-            fresh = self._rescore(cell, ids, mode, result) if result is not None and not error else None
+            fresh = self._rescore(cell, ids, mode, result, prefixes) if result is not None and not error else None
             if fresh is not None and measured is not None:
                 measured["rescore_s"] = fresh.seconds
             row = run_row(cell, self._facts(), mode, k, order, started, self.sweep, measured, error)
