@@ -41,7 +41,8 @@ from ..errors import UserError
 from ..model.kvcache import FULL_KV, KVCacheSpec
 from ..sampling import SamplingConfig, Support, alpha
 from .cache import require_exact_rollback, restore, snapshot
-from .common import choose, host_supports, now, peak, point_mass_record, reset_peak, rngs, sparse_row, token_record
+from .common import (choose, host_supports, now, peak, pit, point_mass_record, reset_peak, rngs, sparse_row,
+                     token_record)
 from .records import DecodeResult, StepRecord, TokenRecord
 from .rule import EXACT, MAX_K, Rule, Verdict, apply_rule, apply_rule_greedy, conditional_law
 
@@ -70,6 +71,9 @@ class _State:
     step_recs: list[StepRecord] = field(default_factory=list)
     token_recs: list[TokenRecord] = field(default_factory=list)
     target_rows: list = field(default_factory=list)
+    # (token record index, p, q, draft, source) of sampled tokens whose conditional PIT is computed after the
+    # timed loop (`_conditional_pits`): records work the decode need not pay for
+    laws: list = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -200,6 +204,7 @@ def generate_mtp(
     while len(st.tokens) < max_tokens and st.last not in eos:
         step(run, st)
     t2 = now()
+    _conditional_pits(st, rule, cfg.seed)
     steps = len(st.accepted_per_step)
     return DecodeResult(
         tokens=st.tokens, prompt_tokens=len(prompt), prefill_s=t1 - t0, decode_s=t2 - t1, k=k, verify_steps=steps,
@@ -258,13 +263,27 @@ def _sampled_step(r: _Run, st: _State) -> None:
     # 3.-4. Roll back, record, emit.
     def token_rec(i: int, index: int, tok: int, src: str) -> TokenRecord:
         st.target_rows.append(sparse_row(p[i]))
-        law = conditional_law(rule, p[i], q[i] if i < k else None, drafts[i] if i < k else -1, src)
-        return token_record(index, tok, src, p[i], r.pit_rng, law)
+        if r.cfg.greedy and r.dcfg.greedy:  # point masses: every conditional law is p itself (as the fast path's)
+            return token_record(index, tok, src, p[i], r.pit_rng, p[i])
+        st.laws.append((len(st.token_recs), p[i], q[i] if i < k else None, drafts[i] if i < k else -1, src))
+        return token_record(index, tok, src, p[i], r.pit_rng)
 
     _finish(r, st, verdict, drafts, _control_rollback(rule, r.cache, roll_back), mtp_cache, committed, verify.hidden,
             lambda step, i, j: StepRecord(step, i + 1, drafts[i], i < j, p[i].prob(drafts[i]), q[i].prob(drafts[i]),
                                           alpha(p[i], q[i])),
             token_rec)
+
+
+def _conditional_pits(st: _State, rule: Rule, seed: int) -> None:
+    """Each sampled token's PIT under its law given its source (`rule.conditional_law`), after the timed loop, with
+    its own uniform stream (a randomized PIT needs a uniform independent of the token, not the PIT's own)."""
+    if not st.laws:
+        return
+    rng = np.random.default_rng([seed, 0xC0D])
+    for j, p, q, draft, source in st.laws:
+        rec = st.token_recs[j]
+        st.token_recs[j] = replace(rec, cond_pit_u=pit(conditional_law(rule, p, q, draft, source), rec.token_id,
+                                                       rng.random()))
 
 
 def _filter_control_rows(r: _Run, logits: mx.array, draft_logits: list[mx.array], p: list[Support],
