@@ -445,7 +445,9 @@ def roofline(bundle: Bundle, tok_s: dict[int, float], tau: dict[int, float] | No
 
     AR reads every trunk weight once per token. An MTP step reads the trunk once plus K draft steps of the head
     and the lm head (drafts use the trunk's), and emits tau tokens. The untied embedding table is counted whole
-    although a step reads one row of it (`embedding_bytes` says how much that is).
+    although a step reads one row of it (`embedding_bytes` says how much that is). For MoE a (K+1)-token verify
+    reads the routed experts of up to (K+1) x experts-per-token per layer (the bound `weight_bytes` states), so
+    each mode counts its own trunk bytes.
     """
     tau = tau or {}
     trunk = weight_bytes(bundle)
@@ -453,7 +455,7 @@ def roofline(bundle: Bundle, tok_s: dict[int, float], tau: dict[int, float] | No
     machine = copy_bandwidth(copy_mb)
     rows = []
     for k, ts in sorted(tok_s.items()):
-        per_token = bytes_per_token(trunk, head, k, tau.get(k, 1.0))
+        per_token = bytes_per_token(weight_bytes(bundle, k + 1), head, k, tau.get(k, 1.0))
         gbs = per_token * ts / 1e9
         rows.append({"k": k, "tok_s": ts, "bytes_per_token": per_token, "achieved_gb_s": gbs,
                      "share": gbs / machine})

@@ -253,3 +253,19 @@ def test_an_moe_head_grafts_onto_its_trunk_and_a_dense_trunk_is_refused(moe_dirs
     with pytest.raises(UserError, match="cannot graft: num_experts differs"):
         graft(tiny_agree, moe_dirs["per-expert"], tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
+
+
+def test_bench_roofline_reads_more_experts_per_deeper_verify(moe_dirs):
+    """`bench`'s roofline counts each mode's own trunk bytes: a K+1-token verify of an MoE trunk reads more routed
+    experts than an AR step, so the same tok/s and tau give more bytes per token at larger K."""
+    from mtpbench.bench import roofline
+    from mtpbench.model.roofline import bytes_per_token, draft_step_bytes, weight_bytes
+
+    b = load(moe_dirs["switch-sharded"])  # 8 experts, 3 per token
+    r = roofline(b, {0: 100.0, 1: 100.0, 2: 100.0}, {1: 1.5, 2: 2.0}, copy_mb=8)
+    per_token = {m["k"]: m["bytes_per_token"] for m in r["modes"]}
+    head = draft_step_bytes(b)
+    assert per_token[0] == weight_bytes(b, 1)
+    for k, tau in ((1, 1.5), (2, 2.0)):
+        assert per_token[k] == bytes_per_token(weight_bytes(b, k + 1), head, k, tau)
+    assert weight_bytes(b, 2) > weight_bytes(b, 1)

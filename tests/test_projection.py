@@ -94,6 +94,12 @@ def test_a_plain_sweep_times_its_cost_model_and_shows_the_projections(cli, tmp_p
     assert "predicted (this machine)" in res.stdout and "bandwidth-bound projection" in res.stdout
     html = render_report([tmp_path / "with"], tmp_path / "r.html").read_text()
     assert "bandwidth-bound projection (not measured)" in html
+    card = cli("card", tmp_path / "with")
+    assert card.exit_code == 0 and "Bandwidth-bound projection (not measured)" in card.stdout
+    share = doc["roofline"]["draft_step_bytes"] / doc["roofline"]["trunk_bytes"]
+    rec = json.loads(cli("card", tmp_path / "with", "--format", "json").stdout)["projection"][0]
+    assert math.isclose(rec["projected_bw"], bandwidth_bound_speedup(rec["tau"], rec["k"], share))
     res = cli(*args, "--no-cost-model", "--out", tmp_path / "without")
     assert res.exit_code == 0 and "bandwidth-bound projection" not in res.stdout
     assert not (tmp_path / "without" / "bench").exists()
+    assert "Bandwidth-bound projection" not in cli("card", tmp_path / "without").stdout

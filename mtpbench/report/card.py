@@ -17,6 +17,7 @@ import pandas as pd
 from ..errors import UserError
 from . import backends, fmt, tables
 from .load import GROUP_KEYS, Loaded, load
+from ..stats.acceptance import draft_shares
 from ..sweep.axes import context_label
 from .present import acceptance_cell, mode_label, mode_speedup_cell, survival_cell
 
@@ -124,6 +125,7 @@ def card_data(results_dir: Path, model: str | None = None, say=None) -> dict[str
                                                  "acceptance_lo", "acceptance_hi", "survival", "survival_lo",
                                                  "survival_hi"]),
         "context": _records(tables.context_table(sub.runs), CONTEXT_FIELDS),
+        "projection": _projection(data, sub),
         "backends": _records(backends.comparison(sub.runs), BACKEND_FIELDS),
         "backend_survival": _records(backends.survival(sub.runs), SURVIVAL_FIELDS),
         "sampling": _records(tables.sampling(sub.runs), ["setting", *tables.SAMPLING_FIELDS, "prompt_sets",
@@ -133,6 +135,18 @@ def card_data(results_dir: Path, model: str | None = None, say=None) -> dict[str
         "formats": _formats(data.manifests[source], name),
         "failed_runs": len(tables.failed(sub.runs)),
     }
+
+
+def _projection(data: Loaded, sub: Loaded) -> list[dict[str, Any]]:
+    """Per (cell, K): tau, the realized speedup and the bandwidth-bound projection of that tau, where the results
+    keep the checkpoint's weight bytes (bench/ or the sweep's cost model); [] otherwise."""
+    shares = draft_shares(data.costs)
+    eff = tables.efficiency(sub.runs)
+    if not shares or eff.empty:
+        return []
+    eff = tables.with_bandwidth_projection(eff, sub.runs, shares)
+    return _records(eff[eff["projected_bw"].notna()], CELL_KEYS + ["k", "tau", "speedup", "speedup_lo", "speedup_hi",
+                                                                   "projected_bw"])
 
 
 # ---- markdown ------------------------------------------------------------------------------------------------
@@ -212,6 +226,20 @@ def _context_md(card: dict[str, Any], multi: list[str]) -> list[str]:
              "context S / S₀ = (τ / τ₀) × (c₀ / c) × residual: τ / τ₀ < 1 means acceptance fell, c₀ / c < 1 that a "
              "verify step got dearer relative to an AR token. TTFT: prefill seconds (MTP includes the head's "
              "prefill)."), ""]
+
+
+def _projection_md(card: dict[str, Any], multi: list[str]) -> list[str]:
+    recs = card.get("projection") or []
+    if not recs:
+        return []
+    rows = [[_cell_name(r, multi), str(r["k"]), fmt.num(r["tau"], 2),
+             fmt.with_ci(r["speedup"], r["speedup_lo"], r["speedup_hi"], fmt.ratio), fmt.ratio(r["projected_bw"])]
+            for r in recs]
+    return ["**Realized speedup and the bandwidth-bound projection**", "",
+            md_table(["Setting", "K", "τ", "Realized speedup", "Bandwidth-bound projection (not measured)"], rows), "",
+            ("Projection: what the measured τ gives where a (K+1)-token verify costs one decode step and a draft step "
+             "its share of the weight bytes (Apple silicon, GPUs at batch 1): τ / (1 + K × share). A projection "
+             "from this run's τ, not a measurement."), ""]
 
 
 def _backends_md(card: dict[str, Any]) -> list[str]:
@@ -294,6 +322,7 @@ def to_markdown(card: dict[str, Any]) -> str:
              f"Measured with mtpbench (results `{card['source']}`).", ""]
     lines += _throughput_md(card) + ["", "**MTP draft acceptance**", ""] + _acceptance_md(card, multi) + [""]
     lines += _context_md(card, multi)
+    lines += _projection_md(card, multi)
     lines += _backends_md(card)
     lines += [_sampling_line(card), "", _hardware_line(card), "", _preservation_line(card, multi), ""]
     if card["failed_runs"]:
