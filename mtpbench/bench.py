@@ -91,19 +91,28 @@ LARGE = TinySpec(seed=7, hidden=1024, layers=8, vocab=16384, head_dim=128, agree
 
 
 def large_checkpoint(cache_root: Path | None = None) -> Path:
-    """The LARGE checkpoint's directory, built on first use under ~/.cache/mtpbench (atomically renamed in)."""
+    """The LARGE checkpoint's directory, built on first use under ~/.cache/mtpbench (atomically renamed in).
+
+    Only this run's temporary directory is ever removed: an incomplete directory at the checkpoint's path was not
+    written by this function (it renames complete ones in) and is refused, never deleted."""
     root = cache_root or Path.home() / ".cache" / "mtpbench"
     key = hashlib.sha1(json.dumps(asdict(LARGE), sort_keys=True).encode()).hexdigest()[:10]
     out = root / f"bench-large-{key}"
-    if not (out / "config.json").exists():
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-large-", dir=root))
+    if (out / "config.json").exists():
+        return out
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} exists but is not a complete bench checkpoint; move it away and rerun")
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-large-", dir=root))
+    try:
+        make_tiny(tmp, LARGE)
         try:
-            make_tiny(tmp, LARGE)
-            shutil.rmtree(out, ignore_errors=True)
-            tmp.rename(out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.rename(out)  # onto nothing, or an empty directory
+        except OSError:
+            if not (out / "config.json").exists():  # another process renamed its own complete copy in meanwhile
+                raise UserError(f"cannot place the bench checkpoint at {out}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # this run's mkdtemp (gone after a successful rename)
     return out
 
 

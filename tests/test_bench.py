@@ -129,3 +129,24 @@ def test_sampling_section_measures_both_paths_and_renders(bench):
         assert _finite_positive(d["greedy_s"]) and _finite_positive(d["sampled_s"]) and _finite_positive(d["ratio"])
         assert d["read_back_bytes_sampled"] > d["read_back_bytes_greedy"] > 0
     assert "Sampled decoding" in render_bench_html(bench[1])
+
+
+def test_large_checkpoint_never_deletes_what_it_did_not_write(tmp_path):
+    """An incomplete directory at the bench checkpoint's path (someone's files) is refused in one line and kept;
+    a complete one is used as it is."""
+    import hashlib
+    from dataclasses import asdict
+
+    from mtpbench.bench import LARGE, large_checkpoint
+    from mtpbench.errors import UserError
+
+    key = hashlib.sha1(json.dumps(asdict(LARGE), sort_keys=True).encode()).hexdigest()[:10]
+    out = tmp_path / f"bench-large-{key}"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep")
+    with pytest.raises(UserError, match="not a complete bench checkpoint"):
+        large_checkpoint(tmp_path)
+    assert (out / "notes.txt").read_text() == "keep"
+    assert not list(tmp_path.glob(".tmp-large-*"))
+    (out / "config.json").write_text("{}")
+    assert large_checkpoint(tmp_path) == out and (out / "notes.txt").exists()
