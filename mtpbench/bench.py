@@ -138,6 +138,11 @@ def pattern_prompt(bundle: Bundle, length: int) -> list[int]:
     return (pattern * reps)[: max(1, length)]
 
 
+def bench_prompt(bundle: Bundle, s: BenchSettings) -> list[int]:
+    """The prompt every cost term is timed on: `s.prompt_tokens` of the pattern, capped so generation still fits."""
+    return pattern_prompt(bundle, min(s.prompt_tokens, _context_cap(bundle, s.max_tokens, s.ks)))
+
+
 def _context_cap(bundle: Bundle, max_tokens: int, ks: Sequence[int]) -> int:
     """The longest prompt that still leaves room for the decode and the verify window in the position budget."""
     return max(1, bundle.context_length - max_tokens - max(ks, default=0) - 2)
@@ -558,7 +563,7 @@ def run_bench(model: str | Path, out_dir: Path, ks: Sequence[int] = (1, 2, 3), s
         raise UserError("bench needs at least one K, --repeats >= 1 and --max-tokens >= 4")
     say = log or (lambda _msg: None)
     bundle = load(model, require_mtp=True)
-    prompt = pattern_prompt(bundle, min(s.prompt_tokens, _context_cap(bundle, s.max_tokens, s.ks)))
+    prompt = bench_prompt(bundle, s)
     path = Path(out_dir) / "bench.json"
     bench: dict[str, Any] = {
         "schema": SCHEMA, "created_at": now_iso(), "complete": False, "blas": active_blas(),
@@ -617,7 +622,7 @@ def measure_cost_model(model: str | Path, out_dir: Path, ks: Sequence[int]) -> d
     byte counts, without bench's decode runs, parity or context scaling (seconds, not minutes)."""
     s = BenchSettings(ks=tuple(ks))
     bundle = load(model, require_mtp=True)
-    prompt = pattern_prompt(bundle, min(s.prompt_tokens, _context_cap(bundle, s.max_tokens, s.ks)))
+    prompt = bench_prompt(bundle, s)
     costs = measure_costs(bundle, prompt, s.ks, s.repeats, s.warmup)
     doc = {"schema": SCHEMA, "created_at": now_iso(), "complete": True, "kind": "cost_model",
            "blas": active_blas(), "provenance": dict(provenance()), "model": _model_facts(bundle),

@@ -251,7 +251,12 @@ def sample(probs: "np.ndarray | Support", rng: np.random.Generator) -> int:
     A support lists its ids in ascending order, so its CDF takes the same values as the dense row's (zeros add
     nothing): the same uniform draws the same token from both, up to float rounding of the probabilities.
     """
+    return quantile(probs, rng.random())
+
+
+def quantile(probs: "np.ndarray | Support", u: float) -> int:
+    """The token at quantile `u` of a dense row or a `Support`: the draw `sample` makes from its uniform."""
     ids, values = (probs.ids, probs.probs) if isinstance(probs, Support) else (None, probs)
     cdf = np.cumsum(values)
-    idx = min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), len(values) - 1)
+    idx = min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), len(values) - 1)
     return idx if ids is None else int(ids[idx])

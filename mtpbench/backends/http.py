@@ -180,6 +180,14 @@ def _logprob(value: Any) -> float:
     return float(value) if ok else float("nan")
 
 
+def reported_tokens(reported: list[tuple[int | None, float]]) -> dict[str, Any]:
+    """`Answer`'s token_ids (only when every reported token names its id) and token_logprobs, from
+    `chunk_logprobs` entries; both None when the server reported none."""
+    ids = tuple(i for i, _ in reported)
+    return {"token_ids": ids if reported and all(i is not None for i in ids) else None,
+            "token_logprobs": tuple(v for _, v in reported) if reported else None}
+
+
 def chunk_logprobs(choice: dict[str, Any]) -> list[tuple[int | None, float]]:
     """(token id or None, log p) per token a streamed choice reports, in either OpenAI form: chat
     `logprobs.content[]` entries, or completions `logprobs.tokens` / `token_logprobs` lists."""
@@ -258,10 +266,8 @@ def stream(client: httpx.Client, endpoint: Endpoint, path: str, body: dict[str, 
                             f"chunks")
     if not times or completion == 0:
         raise RequestFailed("the server generated no tokens")
-    ids = tuple(i for i, _ in reported)
     return Answer(tuple(times), completion, prompt, finish, "".join(texts), pieces=tuple(texts),
-                  token_ids=ids if reported and all(i is not None for i in ids) else None,  # type: ignore[arg-type]
-                  token_logprobs=tuple(v for _, v in reported) if reported else None)
+                  **reported_tokens(reported))
 
 
 MAX_JSON_BYTES = 16 << 20  # a non-streamed answer with per-token log-probs: a few hundred bytes per token
@@ -286,12 +292,9 @@ def complete(client: httpx.Client, endpoint: Endpoint, path: str, body: dict[str
         text = choice.get("text") if isinstance(choice.get("text"), str) else \
             str((choice.get("message") or {}).get("content") or "")
         reported = chunk_logprobs(choice)
-        ids = tuple(i for i, _ in reported)
         return Answer((), _count(usage.get("completion_tokens"), "completion_tokens", int(body["max_tokens"])),
                       _count(usage.get("prompt_tokens"), "prompt_tokens", MAX_PROMPT_TOKENS),
-                      choice.get("finish_reason"), text,
-                      token_ids=ids if reported and all(i is not None for i in ids) else None,  # type: ignore[arg-type]
-                      token_logprobs=tuple(v for _, v in reported) if reported else None)
+                      choice.get("finish_reason"), text, **reported_tokens(reported))
     except RequestFailed as e:
         return Answer(error=str(e))
     except (httpx.HTTPError, httpx.StreamError) as e:

@@ -11,7 +11,7 @@ import gc
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,15 +70,13 @@ def check(spec: SweepSpec, prompts: list[Prompt]) -> dict[str, Path]:
     paths = {m: preflight(m, require_mtp=True) for m in spec.models}
     generation = spec.max_tokens + max(spec.ks) + 1
     for model, path in paths.items():
-        ctx = context_length(read_config(path))
+        config = read_config(path)
+        ctx = context_length(config)
         for bucket in (b for b in spec.values("context") if b):
             if bucket + generation > ctx:
                 raise UserError(f"--context {context_label(bucket)} needs {bucket + generation} positions ({bucket} "
                                 f"prompt tokens + generation) but {model} has a context of {ctx}")
-    for model, path in paths.items():
         tok = load_tokenizer(path)
-        config = read_config(path)
-        ctx = context_length(config)
         head_dim = int(text_config(config).get("head_dim", 0) or 0)
         for bits in (b for b in spec.values("kv_bits") if b):
             try:
@@ -235,20 +233,27 @@ class ReferenceBackend:
         assert self.bundle is not None
         return encode(self.bundle.tokenizer, cell.prompt, thinking_flag(cell.thinking))
 
-    def _rescore(self, cell: Cell, ids: list[int], mode: str, result: DecodeResult,
-                 prefixes: dict[str, Prefix | None]) -> Rescoring | None:
-        """The fresh-target rescoring of a sampled MTP run with records (after the decode, outside its timing). The
-        prompt's fresh prefix is computed at the cell's first rescoring (its cost counted there) and shared by the
-        cell's other runs."""
-        if mode != "mtp" or cell.setting.temperature == 0 or not self.spec.records or not result.token_records:
-            return None
+    def _rescores(self, cell: Cell) -> bool:
+        """Whether the cell's MTP runs are rescored against a fresh target: sampled, with records."""
+        return cell.setting.temperature > 0 and self.spec.records and bool(cell.ks)
+
+    def _fresh_prefix(self, cell: Cell, ids: list[int]) -> tuple[Prefix | None, float]:
+        """The prompt's fresh prefix, shared by the cell's rescorings, and the seconds it took (None, 0 when the
+        cell rescores nothing)."""
+        if not self._rescores(cell):
+            return None, 0.0
         assert self.bundle is not None
         t0 = time.perf_counter()
-        if "prefix" not in prefixes:
-            prefixes["prefix"] = fresh_prefix(self.bundle, ids, self._kv(cell))
-        first = time.perf_counter() - t0
-        r = rescore(self.bundle, ids, result, cell.setting.config(cell.seed), self._kv(cell), prefixes["prefix"])
-        return replace(r, seconds=r.seconds + first)
+        prefix = fresh_prefix(self.bundle, ids, self._kv(cell))
+        return prefix, time.perf_counter() - t0
+
+    def _rescore(self, cell: Cell, ids: list[int], mode: str, result: DecodeResult,
+                 prefix: Prefix | None) -> Rescoring | None:
+        """The fresh-target rescoring of a sampled MTP run with records (after the decode, outside its timing)."""
+        if mode != "mtp" or not self._rescores(cell) or not result.token_records:
+            return None
+        assert self.bundle is not None
+        return rescore(self.bundle, ids, result, cell.setting.config(cell.seed), self._kv(cell), prefix)
 
     def warm_up(self, cell: Cell) -> None:
         if self._broken:
@@ -261,7 +266,7 @@ class ReferenceBackend:
     def run_cell(self, cell: Cell, on_run: OnRun | None = None) -> CellRows:
         ids, layout = self._ids(cell), self._kv_layout(cell)
         rows = CellRows()
-        prefixes: dict[str, Prefix | None] = {}
+        prefix, prefix_s = self._fresh_prefix(cell, ids) if not self._broken else (None, 0.0)
         for order, (mode, k) in enumerate(cell.order(cell.ks)):
             started, error, result = now_iso(), self._broken, None
             if not error:
@@ -275,9 +280,10 @@ class ReferenceBackend:
                 except Exception as e:  # a failed run is recorded and the sweep goes on
                     error = f"{type(e).__name__}: {e}"
             measured = decode_fields(result, mode, k, self._weights[k], layout) if result is not None else None
-            fresh = self._rescore(cell, ids, mode, result, prefixes) if result is not None and not error else None
+            fresh = self._rescore(cell, ids, mode, result, prefix) if result is not None and not error else None
             if fresh is not None and measured is not None:
-                measured["rescore_s"] = fresh.seconds
+                measured["rescore_s"] = fresh.seconds + prefix_s
+                prefix_s = 0.0  # the shared prefix is counted once, with the cell's first rescoring
             row = run_row(cell, self._facts(), mode, k, order, started, self.sweep, measured, error)
             rows.runs.append(row)
             if result is not None:

@@ -93,12 +93,9 @@ def sweep_cmd(config_file, quiet, no_report, bench_models, no_cost_model, bench_
         else "mtpbench sweep"
     progress = Progress("sweep", quiet)
     say = lambda line: click.echo(line, err=True)  # noqa: E731
-    from ..model.conventions import declared_defaults
-
-    for axis, value in declared_defaults(spec.models).items():
-        if not values.get(axis):
-            say(f"{axis.replace('_', '-')}: {value}, as the checkpoints' mtplx_runtime.json declares (pass "
-                f"--{axis.replace('_', '-')} to choose)")
+    for axis, value in spec.declared:
+        say(f"{axis.replace('_', '-')}: {value}, as the checkpoints' mtplx_runtime.json declares (pass "
+            f"--{axis.replace('_', '-')} to choose)")
     try:
         outcome = run_sweep(spec, out, command, progress, executor=executor, ray_address=ray_address, say=say)
     finally:

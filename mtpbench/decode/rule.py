@@ -18,7 +18,7 @@ from typing import Union
 
 import numpy as np
 
-from ..sampling import Support, as_support, residual, sample
+from ..sampling import Support, as_support, quantile, residual, sample
 
 MAX_K = 16  # the deepest draft chain the reference decoder takes (K drafts per step)
 
@@ -49,12 +49,6 @@ class Verdict:
 
 
 Row = Union[Support, np.ndarray]
-
-
-def _inverse_cdf(dist: Support, u: float) -> int:
-    """The token at quantile `u` of `dist` (the draw `sample` makes from its uniform)."""
-    cdf = np.cumsum(dist.probs)
-    return int(dist.ids[min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), len(cdf) - 1)])
 
 
 def apply_rule(p: Sequence[Row], q: Sequence[Row], drafts: list[int], rng: np.random.Generator, rule: Rule = EXACT,
@@ -94,7 +88,7 @@ def apply_rule(p: Sequence[Row], q: Sequence[Row], drafts: list[int], rng: np.ra
                     if residual_rows is not None else (pi, qi)
                 dist = residual(rp, rq) or rp
             if rule.uniform == "shared" and u == u:
-                return Verdict(i, _inverse_cdf(dist, u), "residual")
+                return Verdict(i, quantile(dist, u), "residual")
             return Verdict(i, sample(dist, rng), "residual")
     last = as_support(bonus_p[len(drafts) - 1 if rule.bonus == "previous" else len(drafts)])
     token = last.argmax() if rule.bonus == "argmax" else sample(last, rng)

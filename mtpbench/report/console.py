@@ -20,15 +20,15 @@ def _fmt_ci(v: float, lo: float, hi: float) -> str:
 
 
 def summary_of(results_dir) -> str:
-    """The closing summary of one results directory (with the bench results kept in it, when there are any)."""
+    """The closing summary of one results directory (with the step costs kept in it, when there are any)."""
     from ..sweep.store import read_table
 
     return sweep_summary(read_table(results_dir, "runs"), cost_sources(Path(results_dir)))
 
 
-
 def _cost_model(benches: list[dict], fingerprint) -> tuple[StepCosts, float] | None:
-    """The bench costs and draft share (draft-step bytes / trunk bytes) measured on the checkpoint `fingerprint`."""
+    """The step costs and draft share (draft-step bytes / trunk bytes) measured on the checkpoint `fingerprint`
+    (from its bench.json or cost_model.json)."""
     share = draft_shares(benches).get(fingerprint)
     for b in benches:
         if b.get("model", {}).get("fingerprint") == fingerprint and "costs" in b and share is not None:
@@ -47,9 +47,9 @@ def _projections(model: tuple[StepCosts, float] | None, k: int, survival: list[f
 
 
 def sweep_summary(runs: pd.DataFrame, benches: list[dict] | None = None) -> str:
-    """Per group: AR tok/s, then per K the realized speedup; with a bench of the checkpoint, beside it the speedup
-    the cost model predicts from the measured survival on this machine and the bandwidth-bound projection (see
-    `stats.acceptance.bandwidth_bound_speedup`)."""
+    """Per group: AR tok/s, then per K the realized speedup; with the checkpoint's measured step costs (`benches`:
+    bench.json or cost_model.json documents), beside it the speedup the cost model predicts from the measured
+    survival on this machine and the bandwidth-bound projection (see `stats.acceptance.bandwidth_bound_speedup`)."""
     if runs.empty:
         return "no runs"
     by = [c for c in GROUP_KEYS if c in runs]

@@ -124,8 +124,8 @@ def load(results_dirs: list[Path | str], say: Callable[[str], None] | None = Non
     runs = _normalize_runs(pd.concat(frames["runs"], ignore_index=True))
     verdicts = _fill_keys(pd.concat(frames["verdicts"], ignore_index=True), GROUP_KEYS)
     steps = pd.concat(frames["steps"], ignore_index=True)
-    benches = [json.loads(f.read_text()) for d in dirs for f in sorted(d.glob("bench/**/bench.json"))]
     costs = [c for d in dirs for c in cost_sources(d)]
+    benches = [c for c in costs if c.get("kind") != "cost_model"]  # the whole benches, read once
     for line in damage.parts if say else ():
         say(f"warning: left out a damaged results part: {line}")
     return Loaded(runs=runs, steps=steps, verdicts=verdicts, manifests=dict(zip(names, manifests)),

@@ -13,6 +13,7 @@ import pandas as pd
 
 from ..stats import summary
 from ..stats.acceptance import bandwidth_bound_speedup, iid_expected_tokens
+from ..stats.sweep_verdicts import NOT_TESTS
 from ..sweep.axes import COMPARED
 from .load import GROUP_KEYS, MISSING, Loaded
 
@@ -84,7 +85,8 @@ def tau_table(runs: pd.DataFrame) -> pd.DataFrame:
     for key, g in acc.groupby([*BY, "k"], dropna=False, sort=True):
         k = int(key[-1])
         a = float(g.loc[g["depth"] == 1, "acceptance"].iloc[0])
-        rows.append({**dict(zip([*BY, "k"], key)), "a1": a, "tau": 1 + float(g["survival"].sum()), "tau_iid": iid_expected_tokens(a, k),
+        rows.append({**dict(zip([*BY, "k"], key)), "a1": a, "tau": 1 + float(g["survival"].sum()),
+                     "tau_iid": iid_expected_tokens(a, k),
                      "verify_steps": int(g["verify_steps"].iloc[0])})
     out = pd.DataFrame(rows)
     out["tau_ratio"] = out["tau"] / out["tau_iid"]
@@ -261,7 +263,7 @@ def cell_verdicts(verdicts: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for key, g in v.groupby([*BY, "k"], dropna=False, sort=True):
         drift, audit = g[g["test"] == "drift"], g[g["test"] == "audit"]
-        g = g[~g["test"].isin(["drift", "audit"])]  # measurements beside the tests, not tests
+        g = g[~g["test"].isin(NOT_TESTS)]  # measurements beside the tests, not tests
         if g.empty:  # e.g. a server cell none of whose runs could be audited: untested, never "not rejected"
             continue
         family = g.get("family", pd.Series("preservation", index=g.index)).fillna("preservation")

@@ -78,6 +78,9 @@ class SweepSpec:
     ignore_eos: bool = False
     records: bool = True  # steps/tokens tables (p, q, alpha, PIT): needed for the preservation verdicts
     warmup_tokens: int = 16
+    # (axis, value) of each feeding convention taken from the checkpoints' runtime contract, not named by the user
+    # (what the CLI says); the values themselves are in `grid`
+    declared: tuple[tuple[str, str], ...] = field(default=(), compare=False)
 
     @classmethod
     def of(cls, **values: Any) -> SweepSpec:
@@ -96,17 +99,17 @@ class SweepSpec:
         endpoints = tuple(values.pop("endpoints", ()))
         if not grid["model"] and not endpoints:
             grid["model"] = (default_model(),)
-        for name, value in conventions.declared_defaults(grid["model"]).items():  # the checkpoints' own contract
-            if name not in named:
-                grid[name] = (value,)
+        declared = tuple((name, value) for name, value in conventions.declared_defaults(grid["model"]).items()
+                         if name not in named)  # the checkpoints' own contract, where the user named no value
+        grid.update({name: (value,) for name, value in declared})
         if not grid["prompts"]:
             demo = grid["model"] and all(is_default_model(m) for m in grid["model"])
             grid["prompts"] = (DEMO_PROMPT_SET,) if demo else tuple(s for s in available_sets()
                                                                      if s != DEMO_PROMPT_SET)
-        unknown = sorted(set(values) - {f for f in cls.__dataclass_fields__})
+        unknown = sorted(set(values) - {f for f in cls.__dataclass_fields__ if f != "declared"})
         if unknown:
             raise UserError(f"unknown sweep setting(s): {', '.join(unknown)}")
-        return cls(grid=tuple(grid.items()), endpoints=endpoints, **values)
+        return cls(grid=tuple(grid.items()), endpoints=endpoints, declared=declared, **values)
 
     def __post_init__(self) -> None:
         names = [n for n, _ in self.grid]
