@@ -43,7 +43,7 @@ from .stats.acceptance import (
     expected_tokens,
     predicted_speedup,
 )
-from .build.tiny import TinySpec, make_tiny
+from .builders.tiny import TinySpec, make_tiny
 
 SCHEMA = "mtpbench.bench/1"
 GREEDY = SamplingConfig(temperature=0.0)

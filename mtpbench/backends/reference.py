@@ -181,7 +181,7 @@ class ReferenceBackend:
     def prepare(self) -> None:
         bundle = load(self.model, require_mtp=True)
         if self.policy != "as-is":
-            from ..build.quantize import apply_policy
+            from ..builders.quantize import apply_policy
 
             bundle = apply_policy(bundle, self.policy)
         self.bundle = bundle

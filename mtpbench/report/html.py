@@ -15,7 +15,8 @@ import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
 
-from . import backends, fmt, plots, tables
+from .. import fmt
+from . import backends, plots, tables
 from ..stats.acceptance import draft_shares
 from .load import Loaded, load
 from .present import (
