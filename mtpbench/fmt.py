@@ -1,4 +1,5 @@
-"""Number formatting shared by the HTML report and the model card, so both print identical strings."""
+"""Number formatting shared by the HTML report, the model card and the builders' summaries, so all print identical
+strings (a low wing: the builders sit below the report)."""
 
 from __future__ import annotations
 
