@@ -13,7 +13,7 @@ The house, low to high (`WINGS` is the one list; a wing is a top-level package o
 - backends, stats, report: what a sweep measures, the statistics on result tables, the HTML report and card;
 - sampling_cost, bench, perf: what `mtpbench bench` measures (bench.py and sampling_cost.py move into perf/);
 - orchestrate: the runs that drive the wings below (the sweep runner and executors, verify, generate);
-- cli, __main__, then `mtpbench` itself (its lazy facade).
+- cli, __main__, mtpbench: the command line, `python -m mtpbench`, the package's lazy facade (`mtpbench.load`).
 Every import counts, function-level ones too (a lazy import still couples two wings): a feature that needs an
 upward import, a cycle or a private import to work is a feature in the wrong place.
 """
@@ -139,6 +139,12 @@ def test_every_wing_has_a_place_in_the_order():
     wings = set(_wing_edges(_modules()))
     assert wings - set(WINGS) == set(), "place each new wing in WINGS (low to high)"
     assert len(set(WINGS)) == len(WINGS)
+
+
+def test_the_docstring_lists_the_wings_in_their_order():
+    """The house described above (each bullet's names before its colon) is `WINGS`, in the same order."""
+    bullets = [line[2:].split(":")[0] for line in __doc__.splitlines() if line.startswith("- ")]
+    assert tuple(w.strip() for b in bullets for w in b.split(",")) == WINGS
 
 
 def test_wings_import_only_downward_and_form_no_cycle():
