@@ -28,10 +28,13 @@ def _drift(g: pd.DataFrame) -> str | None:
     if ok.empty or ok["repetition"].nunique() < 2:
         return None
     key = ["prompt_set", "prompt_id", "mode", "k"]
-    first = ok[ok["repetition"] == ok["repetition"].min()].set_index(key)["decode_tok_s"]
-    last = ok[ok["repetition"] == ok["repetition"].max()].set_index(key)["decode_tok_s"]
+
+    def block(rep: int) -> pd.Series:
+        rates = ok[ok["repetition"] == rep].set_index(key)["decode_tok_s"]
+        return rates[~rates.index.duplicated()]
+
+    first, last = block(ok["repetition"].min()), block(ok["repetition"].max())
     both = first.index.intersection(last.index)
-    both = both[~both.duplicated()]
     return drift_warning(list(first.loc[both]), list(last.loc[both])) if len(both) else None
 
 
@@ -41,7 +44,8 @@ def machine_warnings(runs: pd.DataFrame, by: list[str]) -> list[tuple[dict[str, 
         return []
     out: list[tuple[dict[str, Any], str]] = []
     keys = [c for c in by if c in runs]
-    for key, g in runs.groupby(keys, sort=True, dropna=False):
+    kept = runs[runs["cores"].notna()]  # rows with a machine state: the reference decoder's, since it was kept
+    for key, g in kept.groupby(keys, sort=True, dropna=False):
         sel = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
         cells = [_busy(c) for _, c in g.groupby("cell_id", sort=False)]
         busy = [c for c in cells if c[1]]
