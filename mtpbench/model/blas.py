@@ -244,8 +244,8 @@ def choose(found: Sequence[Candidate], command: Sequence[str] | None = None) -> 
                                                                                    list[tuple[Candidate, Probe]]]:
     """The first candidate (the most portable) whose probe passes, None if none does, and the failed probes before
     it. Portable first, also where a one-CPU build runs: the same machine type then always gets the same BLAS, and
-    Debian's DYNAMIC_ARCH 0.3.21 picks AVX-512 kernels where they exist (measured within 0.8-1.0x of PyPI's
-    SkylakeX 0.3.31 on an AVX-512 EPYC: README, Performance notes)."""
+    Debian's DYNAMIC_ARCH 0.3.21 picks AVX-512 kernels where they exist (on an AVX-512 EPYC, as fast as PyPI's
+    SkylakeX 0.3.31 on decode-shaped products, 1.2-1.3x slower on 64-row ones: README, Performance notes)."""
     failed: list[tuple[Candidate, Probe]] = []
     for c in found:
         p = cached_probe(c, command)
