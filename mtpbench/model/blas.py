@@ -10,7 +10,7 @@ child process loads it and multiplies with mlx on the CPU (`probe`); only a libr
 the right product is preloaded. A portable build (DYNAMIC_ARCH: Debian's libopenblas0-pthread picks its kernels at
 load time) is tried before the one-CPU build, which is only used where no portable one is installed. When every candidate fails, the command runs on mlx's bundled BLAS,
 says so in one line on stderr, and every row's `blas` says why (`reference (openblas probe failed: SIGILL)`). The
-verdict is cached per (library file, CPU model and flags, mlx version) under ~/.cache/mtpbench, so the probe costs
+verdict is cached per (library file, CPU model and flags, mlx build) under ~/.cache/mtpbench, so the probe costs
 one child process once per machine and library.
 """
 
@@ -25,7 +25,6 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 _MARK = "MTPBENCH_BLAS_CHOSEN"  # set only on the re-executed child, so it never loops
@@ -79,14 +78,11 @@ class Probe:
 
 
 def _cmeel_library() -> Path | None:
-    try:
-        import site
+    """cmeel-openblas's library, found by path (importing `cmeel` loads its build tooling: most of a second)."""
+    import site
 
-        import cmeel  # noqa: F401
-    except ImportError:
-        return None
     roots = [Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages",
-             *(Path(p) for p in site.getsitepackages())]
+             *(Path(p) for p in site.getsitepackages()), Path(site.getusersitepackages())]
     return next((r / "cmeel.prefix" / "lib" / "libopenblas.so.0" for r in roots
                  if (r / "cmeel.prefix" / "lib" / "libopenblas.so.0").exists()), None)
 
@@ -192,17 +188,18 @@ def probe(c: Candidate, command: Sequence[str] | None = None, timeout_s: float |
 
 def probe_key(c: Candidate) -> str:
     """What decides a probe's verdict: the library file (real path, size, mtime), the CPU (model and flags), mlx's
-    version and the probe's own version."""
+    core library (size, mtime) and the probe's own version."""
     from ..machine import cpu_flags, cpu_model
+
+    import importlib.util
 
     real = Path(os.path.realpath(c.path))
     st = real.stat()
-    try:
-        mlx = version("mlx")
-    except PackageNotFoundError:
-        mlx = "unknown"
+    spec = importlib.util.find_spec("mlx.core")  # mlx's own library, by file (cheaper than its package metadata)
+    core = Path(spec.origin).stat() if spec is not None and spec.origin else None
     ident = {"library": str(real), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "cpu": cpu_model(),
-             "flags": hashlib.sha1(cpu_flags().encode()).hexdigest(), "mlx": mlx, "probe": PROBE_VERSION}
+             "flags": hashlib.sha1(cpu_flags().encode()).hexdigest(), "probe": PROBE_VERSION,
+             "mlx": [core.st_size, core.st_mtime_ns] if core else None}
     return hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
 
 
