@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 
+from .clock import clock_fields, server_timings
 from .endpoint import Endpoint
 
 MAX_LINE_BYTES = 4 << 20  # one SSE line: a chunk with 20 top log-probs per token is a few kB
@@ -51,6 +52,8 @@ class Answer:
     token_ids: tuple[int, ...] | None = None  # the generated ids, where the server's log-probs name them
     token_logprobs: tuple[float, ...] | None = None  # the server's log p per generated token, where it sends them
     pieces: tuple[str, ...] = ()  # the text of each token-bearing chunk, in order (an audit's re-tokenisation)
+    ids_named: int | None = None  # how many reported tokens named their id (a speculative server names only some)
+    server_clock: tuple[int, float] | None = None  # (tokens, s) of the server's own decode clock (clock.py)
 
 
 def one_line(text: str, limit: int = 200) -> str:
@@ -185,7 +188,8 @@ def reported_tokens(reported: list[tuple[int | None, float]]) -> dict[str, Any]:
     `chunk_logprobs` entries; both None when the server reported none."""
     ids = tuple(i for i, _ in reported)
     return {"token_ids": ids if reported and all(i is not None for i in ids) else None,
-            "token_logprobs": tuple(v for _, v in reported) if reported else None}
+            "token_logprobs": tuple(v for _, v in reported) if reported else None,
+            "ids_named": sum(i is not None for i in ids) if reported else None}
 
 
 def chunk_logprobs(choice: dict[str, Any]) -> list[tuple[int | None, float]]:
@@ -219,7 +223,7 @@ def stream(client: httpx.Client, endpoint: Endpoint, path: str, body: dict[str, 
     texts: list[str] = []
     reported: list[tuple[int | None, float]] = []
     usage: dict[str, Any] = {}
-    finish, done = None, False
+    finish, done, clock = None, False, None
     max_tokens = int(body["max_tokens"])
     deadline = deadline_for(endpoint, max_tokens)
     expired = threading.Event()
@@ -241,6 +245,7 @@ def stream(client: httpx.Client, endpoint: Endpoint, path: str, body: dict[str, 
                         break
                     obj = _chunk(payload, endpoint)
                     usage = obj.get("usage") or usage
+                    clock = server_timings(obj) or clock
                     for choice in obj.get("choices") or []:
                         reported += chunk_logprobs(choice)
                         text = _chunk_text(choice)
@@ -267,7 +272,7 @@ def stream(client: httpx.Client, endpoint: Endpoint, path: str, body: dict[str, 
     if not times or completion == 0:
         raise RequestFailed("the server generated no tokens")
     return Answer(tuple(times), completion, prompt, finish, "".join(texts), pieces=tuple(texts),
-                  **reported_tokens(reported))
+                  server_clock=clock, **reported_tokens(reported))
 
 
 MAX_JSON_BYTES = 16 << 20  # a non-streamed answer with per-token log-probs: a few hundred bytes per token
@@ -358,12 +363,16 @@ def timing_fields(a: Answer) -> dict[str, Any]:
     tok_s = (n - 1) / decode_s if decode_s > 0 and n > 1 else None
     if tok_s is not None and tok_s > MAX_TOK_S:
         raise RequestFailed(f"implausible client-side speed {tok_s:.3g} tok/s ({n} tokens in {decode_s:.3g} s)")
+    clock = clock_fields(times, tok_s, a.server_clock)  # decode_tok_s: the server's clock, else the client median
+    if clock["decode_clock"] == "client" and clock["client_decode_tok_s"] is None:
+        clock["client_decode_tok_s"] = tok_s
     gaps = np.diff(times)
     p50, p95, p99 = (float(x) for x in np.percentile(gaps, [50, 95, 99])) if len(gaps) else (None, None, None)
     return {
         "prompt_tokens": a.prompt_tokens, "generated_tokens": n, "server_completion_tokens": a.completion_tokens,
-        "ttft_s": float(times[0]) if len(times) else None, "decode_s": decode_s or None, "decode_tok_s": tok_s,
-        "itl_p50_s": p50, "itl_p95_s": p95, "itl_p99_s": p99,
+        "ttft_s": float(times[0]) if len(times) else None, "decode_s": decode_s or None,
+        "decode_tok_s": clock["server_decode_tok_s"] or clock["client_decode_tok_s"],
+        "itl_p50_s": p50, "itl_p95_s": p95, "itl_p99_s": p99, "client_mean_tok_s": tok_s,
         "finished_by": "eos" if a.finish_reason == "stop" else a.finish_reason,
-        "output_hash": hashlib.sha1(a.text.encode()).hexdigest()[:16],
+        "output_hash": hashlib.sha1(a.text.encode()).hexdigest()[:16], **clock,
     }
