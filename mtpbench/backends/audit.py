@@ -94,7 +94,9 @@ def server_tokens(answer: Answer, tokenizer: Any, eos_ids: frozenset[int] | set[
     if answer.token_ids is not None:
         ids = list(answer.token_ids)
         if not count_ok(len(ids)):
-            return ServerTokens(None, f"{UNAUDITED}the server named {len(ids)} token ids but reported {n} tokens")
+            return ServerTokens(None, f"{UNAUDITED}the server named {len(ids)} token ids but reported {n} tokens (a "
+                                      f"speculative server names only tokens it did not take from a draft), and no "
+                                      f"replay named them all")
         return with_eos(ids, FROM_IDS)
     if answer.ids_named:
         return ServerTokens(None, f"{UNAUDITED}the server named ids for {answer.ids_named} of its {n} tokens (a "
@@ -113,6 +115,15 @@ def server_tokens(answer: Answer, tokenizer: Any, eos_ids: frozenset[int] | set[
     if tokenizer.decode(ids) != "".join(pieces):
         return ServerTokens(None, f"{UNAUDITED}tokenization round trip failed")
     return with_eos(ids, FROM_TEXT)
+
+
+def names_every_token(answer: Answer) -> bool:
+    """Whether an answer names an id for each token it counts (an EOS counted but not shown aside): a speculative
+    server's stream names only the tokens it did not take from a draft."""
+    if answer.error or answer.token_ids is None:
+        return False
+    n, m = answer.completion_tokens, len(answer.token_ids)
+    return n is None or m == n or (answer.finish_reason == "stop" and m == n - 1)
 
 
 @dataclass(frozen=True)
@@ -136,11 +147,11 @@ def audit_run(bundle: Bundle, prompt: list[int], answer: Answer, cfg: SamplingCo
     The teacher-forced alpha of the local checkpoint's MTP head at each draftable position rides along: what an
     exact optimal rule would accept there, against which the server's own acceptance is its rule's efficiency."""
     for other, how in ((replay, FROM_REPLAY), (native, FROM_NATIVE)):
-        if answer.token_ids is None and other is not None and not other.error and other.token_ids is not None:
+        if not names_every_token(answer) and other is not None and names_every_token(other):
             audited = audit_run(bundle, prompt, other, cfg, profile, run_id)
             return replace(audited, status=audited.status.replace(FROM_IDS, how, 1)) \
                 if audited.status.startswith(FROM_IDS) else audited
-    if answer.token_ids is None and native is not None and native.error and answer.ids_named:
+    if not names_every_token(answer) and native is not None and native.error and answer.ids_named:
         return Audit(f"{UNAUDITED}the server named ids for {answer.ids_named} of its {answer.completion_tokens} "
                      f"tokens and the /completion replay failed: {native.error}"[:300], [], 0.0)
     if not profile:

@@ -22,7 +22,7 @@ from ..sweep.axes import SERVER
 from ..sweep.rows import CellRows, run_row
 from ..sweep.spec import Cell, SweepSpec, thinking_flag
 from ..sweep.prompts import encode
-from .audit import REPEAT, UNAUDITED, Audit, assumption, audit_run, logprobs_request
+from .audit import REPEAT, UNAUDITED, Audit, assumption, audit_run, logprobs_request, names_every_token
 from .base import OnRun
 from .endpoint import Endpoint
 from .http import Answer, RequestFailed, complete, send, served_model_entries, timing_fields
@@ -177,11 +177,11 @@ class ServerBackend:
         ids = encode(self.audit_bundle.tokenizer, cell.prompt, thinking_flag(cell.thinking))
         replay = native = None
         cfg = cell.setting.config(cell.seed)
-        if answer.token_ids is None and self.client is not None and self.model is not None:
+        if not names_every_token(answer) and self.client is not None and self.model is not None:
             # mlx_lm.server names token ids only outside streams: ask once more, unstreamed (outside all timing)
             replay = complete(self.client, self.endpoint, *request_body(cell, self.model, cell.max_tokens,
                                                                         self.spec.ignore_eos, self.profile or ""))
-            if replay.token_ids is None and (answer.ids_named or replay.ids_named or self._llamacpp()):
+            if not names_every_token(replay) and (answer.ids_named or replay.ids_named or self._llamacpp()):
                 # a speculative llama-server names ids only for undrafted tokens: its native endpoint names all
                 native = complete_native(self.client, self.endpoint,
                                          completion_body(ids, cfg, cell.max_tokens, self.spec.ignore_eos))
