@@ -269,3 +269,32 @@ def test_an_eos_counted_but_not_shown_is_scored():
     two = server_tokens(Answer(completion_tokens=3, finish_reason="stop", token_ids=(4, 5)), None,
                         frozenset({0, 2}))
     assert two.ids == [4, 5] and "2 EOS ids" in two.how
+
+
+# ---- the runtime table in the report and the card -----------------------------------------------------------------
+
+def test_runtime_table_in_report_and_card(demo, tmp_path):
+    """The reference decoder and a speculative llama-server in one sweep: one runtime table with both, each with its
+    clock, survival by depth, rule efficiency (the reference's own rule: ~1), exactness and profile."""
+    from mtpbench.report import render_card, render_report
+
+    server = AuditServer(demo, LLAMA)
+    out = tmp_path / "res"
+    try:
+        endpoint = Endpoint(address=server.url, name="llama", audit_model=str(DEMO_MODEL), timeout_s=30)
+        spec = SweepSpec.of(model=str(DEMO_MODEL), prompts="stdlib", k=2, temperature=0.6, top_p=0.95, top_k=20,
+                            warmup_tokens=0, endpoints=(endpoint,), prompt_limit=2, repeats=1)
+        assert run_sweep(spec, out).failed_runs == []
+    finally:
+        server.stop()
+    data = load_results([out])
+    rt = backends.runtimes(data.runs, data.verdicts, data.steps).set_index(["runtime", "mode"])
+    ref = rt.loc[("reference", "mtp")]
+    assert ref["profile"] == "mlx" and ref["clock"] == "reference decoder's own clock"
+    assert ref["efficiency_lo"] < 1 < ref["efficiency_hi"] and ref["efficiency_flag"] == ""
+    srv = rt.loc[("llama", "mtp")]
+    assert srv["profile"] == LLAMA_CPP and srv["clock"].startswith("server") and len(srv["acceptance"]) == 2
+    md = render_card(out)
+    assert "**Runtimes**" in md and "Rule efficiency [95% CI]" in md and "server (timings)" in md
+    html = render_report([out], tmp_path / "report.html").read_text()
+    assert 'id="runtimes"' in html and "Rule efficiency" in html and "llama.cpp" in html

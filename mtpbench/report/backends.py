@@ -162,6 +162,26 @@ REFERENCE_PROFILE = "mlx"  # the reference decoder's transform (sampling.Samplin
 RUNTIME_KEYS = [*BY, "mode", "k"]
 
 
+def _efficiency_fields(accepted: float, drafts: float, alpha: float) -> dict:
+    lo, hi = summary.wilson(accepted, drafts)
+    eff, eff_lo, eff_hi = accepted / drafts / alpha, lo / alpha, hi / alpha
+    flag = IMPOSSIBLE if eff_lo > 1 else INEFFICIENT if eff_hi < EFFICIENT_FLOOR else ""
+    return {"acceptance_d1": accepted / drafts, "alpha": alpha, "efficiency": eff, "efficiency_lo": eff_lo,
+            "efficiency_hi": eff_hi, "efficiency_flag": flag}
+
+
+def reference_efficiency(g: pd.DataFrame, steps: pd.DataFrame | None) -> dict:
+    """The reference decoder's own rule efficiency, from its steps records: depth-1 acceptance over the mean
+    alpha of the same steps (the exact rule's expectation: ~1 by construction, a check of the figure itself)."""
+    if steps is None or steps.empty or not {"run_id", "depth", "accepted", "alpha"} <= set(steps):
+        return {}
+    s = steps[steps["run_id"].isin(set(g["run_id"])) & (steps["depth"] == 1)]
+    s = s[s["alpha"].notna()]
+    if s.empty or not s["alpha"].mean() > 0:
+        return {}
+    return _efficiency_fields(float(s["accepted"].sum()), float(len(s)), float(s["alpha"].mean()))
+
+
 def rule_efficiency(g: pd.DataFrame) -> dict:
     """A server's depth-1 acceptance (its counters: accepted at position 0 over drafts) against the mean
     teacher-forced alpha of the local checkpoint's MTP head over its audited runs (what the exact optimal rule
@@ -177,11 +197,7 @@ def rule_efficiency(g: pd.DataFrame) -> dict:
     drafts = float(both["verify_steps"].sum())
     accepted = float(both["accepted_at_depth"].map(lambda a: a[0]).sum())
     alpha = float(both["audit_alpha_sum"].sum() / both["audit_alpha_positions"].sum())
-    lo, hi = summary.wilson(accepted, drafts)
-    eff, eff_lo, eff_hi = accepted / drafts / alpha, lo / alpha, hi / alpha
-    flag = IMPOSSIBLE if eff_lo > 1 else INEFFICIENT if eff_hi < EFFICIENT_FLOOR else ""
-    return {"acceptance_d1": accepted / drafts, "alpha": alpha, "efficiency": eff, "efficiency_lo": eff_lo,
-            "efficiency_hi": eff_hi, "efficiency_flag": flag}
+    return _efficiency_fields(accepted, drafts, alpha) if alpha > 0 else {}
 
 
 def _clock(g: pd.DataFrame, server: bool) -> str:
@@ -212,10 +228,12 @@ def _exactness(verdicts: pd.DataFrame, key: dict) -> str:
     return f"rejected by {rejected} of {len(v)} tests" if rejected else f"passes {len(v)} tests"
 
 
-def runtimes(runs: pd.DataFrame, verdicts: pd.DataFrame | None = None) -> pd.DataFrame:
+def runtimes(runs: pd.DataFrame, verdicts: pd.DataFrame | None = None,
+             steps: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per runtime (the reference decoder per mode and K, each server endpoint) and setting, at
     concurrency 1: decode tok/s and which clock, speedup over its own AR, acceptance by depth, rule efficiency
-    (servers: `rule_efficiency`; the reference decoder runs the exact optimal rule), exactness and profile."""
+    (servers: `rule_efficiency`; the reference decoder: `reference_efficiency` from its steps), exactness and
+    profile."""
     if not has_server(runs):
         return pd.DataFrame()
     verdicts = verdicts if verdicts is not None else pd.DataFrame()
@@ -242,7 +260,7 @@ def runtimes(runs: pd.DataFrame, verdicts: pd.DataFrame | None = None) -> pd.Dat
             if len(s):
                 row.update(speedup=s["speedup"].iloc[0], speedup_lo=s["speedup_lo"].iloc[0],
                            speedup_hi=s["speedup_hi"].iloc[0], baseline=s["baseline"].iloc[0])
-            row.update(rule_efficiency(g) if server else {"efficiency": 1.0, "efficiency_flag": "the exact rule"})
+            row.update(rule_efficiency(g) if server else reference_efficiency(g, steps))
         row["exactness"] = _exactness(verdicts, k)
         out.append(row)
     return pd.DataFrame(out)
@@ -251,8 +269,6 @@ def runtimes(runs: pd.DataFrame, verdicts: pd.DataFrame | None = None) -> pd.Dat
 def _efficiency(r) -> str:
     if fmt._bad(r.get("efficiency")):
         return fmt.DASH
-    if r.get("efficiency_flag") == "the exact rule":
-        return "1 (the exact rule)"
     text = fmt.with_ci(r.get("efficiency"), r.get("efficiency_lo"), r.get("efficiency_hi"), fmt.ratio)
     return text + (f" — {r['efficiency_flag']}" if r.get("efficiency_flag") else "")
 

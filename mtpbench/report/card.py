@@ -131,7 +131,7 @@ def card_data(results_dir: Path, model: str | None = None, say=None) -> dict[str
         "projection": _projection(data, sub),
         "backends": _records(backends.comparison(sub.runs), BACKEND_FIELDS),
         "backend_survival": _records(backends.survival(sub.runs), SURVIVAL_FIELDS),
-        "runtimes": _records(backends.runtimes(sub.runs, sub.verdicts), RUNTIME_FIELDS),
+        "runtimes": _records(backends.runtimes(sub.runs, sub.verdicts, sub.steps), RUNTIME_FIELDS),
         "sampling": _records(tables.sampling(sub.runs), ["setting", *tables.SAMPLING_FIELDS, "prompt_sets",
                                                          "prompts", "repetitions"]),
         "hardware": _hardware(data),

@@ -257,7 +257,7 @@ def runtimes_section(data: Loaded) -> Section | None:
     """The runtime table, wherever a server endpoint was measured (backends.runtimes)."""
     if not backends.has_server(data.runs):
         return None
-    t = backends.runtime_table(backends.runtimes(data.runs, data.verdicts))
+    t = backends.runtime_table(backends.runtimes(data.runs, data.verdicts, data.steps))
     return Section("runtimes", "Runtimes", [t], empty="No completed runs at concurrency 1.")
 
 
