@@ -6,7 +6,10 @@ profile (`SamplingConfig.order`): `mlx` (the default) mirrors mlx_lm's sampler (
 untempered log-probs, then temperature), so our AR baseline samples what `mlx_lm.generate` samples; `temper-first`
 divides the logits by the temperature first and filters the tempered distribution, as vLLM, SGLang and HF
 transformers do. The two differ whenever top-p or min-p cut (top-k keeps the same ids either way), so auditing a
-server under the wrong profile would report a profile mismatch as a sampler bug.
+server under the wrong profile would report a profile mismatch as a sampler bug. `llama.cpp` is llama-server's
+chain (top-k, then top-p over what top-k left, renormalised, min-p, then temperature), and a chain it reports in
+another order (`--samplers`, read from /props) is `llama.cpp[a>b>...]`; both run `chain_probs`, one step at a
+time. Every profile is data in `PROFILE_TABLE`, with the source it was read from.
 
 The decoder uses `support`: the row as a `Support` (ids with non-zero probability, ascending, and their
 probabilities), found in a few float32 passes over the vocabulary, so a row of Qwen's 248,320 ids costs well

@@ -8,6 +8,7 @@ llama.cpp's sources, cited there): the demo through the reference decoder, sampl
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from mtpbench.backends.audit import FROM_IDS, FROM_NATIVE, UNAUDITED, server_tokens
+from mtpbench.backends.audit import FROM_IDS, FROM_NATIVE, UNAUDITED, names_every_token, server_tokens
 from mtpbench.backends.clock import clock_fields, median_rate, server_timings
 from mtpbench.backends.endpoint import Endpoint, endpoints_from_options
 from mtpbench.backends.http import Answer
@@ -220,6 +221,10 @@ def test_native_completion_answer_and_partial_ids_say_why():
     partial = server_tokens(Answer(completion_tokens=128, finish_reason="length", token_ids=(5,)), None)
     assert partial.ids is None and partial.how.startswith(UNAUDITED) and "speculative" in partial.how
     assert "1 token ids but reported 128" in partial.how
+    # llama.cpp folds a partial UTF-8 token into the next entry: one id short, so the replay is asked for
+    folded = Answer(completion_tokens=3, finish_reason="length", token_ids=(1, 2))
+    assert not names_every_token(folded) and names_every_token(replace(folded, token_ids=(1, 2, 3)))
+    assert names_every_token(Answer(completion_tokens=3, finish_reason="stop", token_ids=(1, 2)))  # EOS unshown
 
 
 def test_clocks():
