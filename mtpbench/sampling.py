@@ -6,7 +6,10 @@ profile (`SamplingConfig.order`): `mlx` (the default) mirrors mlx_lm's sampler (
 untempered log-probs, then temperature), so our AR baseline samples what `mlx_lm.generate` samples; `temper-first`
 divides the logits by the temperature first and filters the tempered distribution, as vLLM, SGLang and HF
 transformers do. The two differ whenever top-p or min-p cut (top-k keeps the same ids either way), so auditing a
-server under the wrong profile would report a profile mismatch as a sampler bug.
+server under the wrong profile would report a profile mismatch as a sampler bug. `llama.cpp` is llama-server's
+chain (top-k, then top-p over what top-k left, renormalised, min-p, then temperature), and a chain it reports in
+another order (`--samplers`, read from /props) is `llama.cpp[a>b>...]`; both run `chain_probs`, one step at a
+time. Every profile is data in `PROFILE_TABLE`, with the source it was read from.
 
 The decoder uses `support`: the row as a `Support` (ids with non-zero probability, ascending, and their
 probabilities), found in a few float32 passes over the vocabulary, so a row of Qwen's 248,320 ids costs well
@@ -22,8 +25,62 @@ import numpy as np
 
 from .errors import UserError
 
-MLX, TEMPER_FIRST = "mlx", "temper-first"
-PROFILES = (MLX, TEMPER_FIRST)
+MLX, TEMPER_FIRST, LLAMA_CPP = "mlx", "temper-first", "llama.cpp"
+STEPS = ("top_k", "top_p", "min_p", "temperature")  # the steps a profile orders (others are no-ops when unsent)
+CHAIN_OPEN, CHAIN_CLOSE, CHAIN_SEP = "llama.cpp[", "]", ">"  # a reported llama.cpp order: llama.cpp[top_k>...]
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A runtime's sampler order, as data, with where it was read. `renormalised`: each filter reads the
+    distribution that the earlier steps left (renormalised over their survivors, tempered if temperature came
+    first), as llama.cpp's chain does; else top-p reads the whole untempered (mlx) or tempered (temper-first)
+    distribution. `defaults`: the server's values for fields a request leaves out (mtpbench sends every field)."""
+
+    name: str
+    steps: tuple[str, ...]
+    renormalised: bool
+    source: str
+    defaults: tuple[tuple[str, float], ...] = ()
+
+
+PROFILE_TABLE: dict[str, Profile] = {
+    MLX: Profile(MLX, ("top_p", "min_p", "top_k", "temperature"), False,
+                 "mlx_lm sample_utils.make_sampler: apply_top_p, apply_min_p, apply_top_k on the log-probs, then "
+                 "categorical_sampling(logits / temp); mlx_lm.server sends no default"),
+    TEMPER_FIRST: Profile(TEMPER_FIRST, ("temperature", "top_k", "top_p", "min_p"), False,
+                          "vLLM v1 Sampler (apply_temperature before min_p and top-k/top-p), SGLang's sampler, HF "
+                          "transformers' TemperatureLogitsWarper ahead of TopK/TopP/MinP warpers"),
+    LLAMA_CPP: Profile(LLAMA_CPP, ("top_k", "top_p", "min_p", "temperature"), True,
+                       "llama.cpp common/common.h default samplers (penalties, dry, top_n_sigma, top_k, typ_p, "
+                       "top_p, min_p, xtc, temperature) built into one chain by common/sampling.cpp; "
+                       "src/llama-sampling.cpp: top_p softmaxes what top_k left; tools/server defaults",
+                       (("top_k", 40), ("top_p", 0.95), ("min_p", 0.05), ("temperature", 0.8))),
+}
+PROFILES = tuple(PROFILE_TABLE)
+
+
+def chain_name(samplers: "list[str] | tuple[str, ...]") -> str:
+    """The profile of a reported llama.cpp sampler order (/props `samplers`): its own name when the order of
+    top_k, top_p, min_p and temperature is llama.cpp's default, else `llama.cpp[a>b>...]`. Aliases (typical_p,
+    temp) and no-op samplers (penalties, dry, xtc, top_n_sigma, typ_p at their defaults) are dropped."""
+    alias = {"temp": "temperature", "top-k": "top_k", "top-p": "top_p", "min-p": "min_p"}
+    steps = tuple(dict.fromkeys(s for s in (alias.get(str(x), str(x)) for x in samplers) if s in STEPS))
+    if steps == PROFILE_TABLE[LLAMA_CPP].steps:
+        return LLAMA_CPP
+    return CHAIN_OPEN + CHAIN_SEP.join(steps) + CHAIN_CLOSE
+
+
+def profile_of(order: str) -> Profile:
+    """The `Profile` named by a `SamplingConfig.order`; raises UserError for an unknown one."""
+    if order in PROFILE_TABLE:
+        return PROFILE_TABLE[order]
+    if order.startswith(CHAIN_OPEN) and order.endswith(CHAIN_CLOSE):
+        steps = tuple(order[len(CHAIN_OPEN):-len(CHAIN_CLOSE)].split(CHAIN_SEP)) if order != CHAIN_OPEN + "]" else ()
+        if set(steps) <= set(STEPS) and len(set(steps)) == len(steps):
+            return Profile(order, steps, True, "llama.cpp's sampler order as the server reported it (/props)")
+    raise UserError(f"sampling profile must be one of {', '.join(PROFILES)} (or llama.cpp[step>...] over "
+                    f"{', '.join(STEPS)}), got {order!r}")
 
 
 @dataclass(frozen=True)
@@ -35,11 +92,10 @@ class SamplingConfig:
     top_k: int = 0
     min_p: float = 0.0
     seed: int = 0
-    order: str = MLX  # the transform's profile: MLX (filter, then temper) | TEMPER_FIRST (temper, then filter)
+    order: str = MLX  # the transform's profile (PROFILE_TABLE): mlx | temper-first | llama.cpp | llama.cpp[...]
 
     def __post_init__(self) -> None:
-        if self.order not in PROFILES:
-            raise UserError(f"sampling profile must be one of {', '.join(PROFILES)}, got {self.order!r}")
+        profile_of(self.order)
         if not np.isfinite(self.temperature) or self.temperature < 0:
             raise UserError(f"temperature must be >= 0, got {self.temperature}")
         if not (0 < self.top_p <= 1):
@@ -87,6 +143,12 @@ def sampling_probs(logits: np.ndarray, cfg: SamplingConfig) -> np.ndarray:
 
     Greedy is a point mass on the argmax (ties broken by the lowest id, as `argmax` does).
     """
+    if not cfg.greedy and profile_of(cfg.order).renormalised:
+        rows = np.asarray(logits, dtype=np.float64)
+        out = np.zeros(rows.shape)
+        for idx in np.ndindex(rows.shape[:-1]):
+            out[idx] = chain_probs(rows[idx], cfg)
+        return out
     logits, cfg = cfg.tempered_first(np.asarray(logits, dtype=np.float64))
     if cfg.greedy:
         out = np.zeros_like(logits)
@@ -209,6 +271,8 @@ def support(logits: np.ndarray, cfg: SamplingConfig) -> Support:
     mass within ~1e-7 of a token boundary may cut differently). At T > 0 with no filter the support is the
     vocabulary: one float32 pass.
     """
+    if not cfg.greedy and profile_of(cfg.order).renormalised:
+        return _chain_support(np.asarray(logits, dtype=np.float32).reshape(-1), cfg)
     x, cfg = cfg.tempered_first(np.asarray(logits, dtype=np.float32).reshape(-1))
     if cfg.greedy:
         return Support.point(int(np.argmax(x)))
@@ -243,6 +307,45 @@ def support(logits: np.ndarray, cfg: SamplingConfig) -> Support:
     scaled -= scaled.max()
     probs = np.exp(scaled if len(ids) <= _FLOAT64_EXP_MAX else scaled.astype(np.float32)).astype(np.float64)
     return Support(ids, probs / probs.sum())
+
+
+def chain_probs(x: np.ndarray, cfg: SamplingConfig) -> np.ndarray:
+    """The probabilities (float64) a renormalising chain (`Profile.renormalised`: llama.cpp's) samples from, for
+    one row of logits: each step in the profile's order reads the survivors of the steps before it, tempered if
+    temperature came first. top_k keeps the k largest (ties at the k-th kept, where llama.cpp keeps k); top_p
+    the smallest most-likely set whose mass, renormalised over the survivors, reaches top_p (ties kept); min_p the
+    tokens within log(min_p) of the best; temperature divides the logits (applied at the end when not listed)."""
+    x = np.asarray(x, dtype=np.float64)
+    alive = np.ones(x.shape, dtype=bool)
+    t = 1.0
+    for step in profile_of(cfg.order).steps:
+        y = x[alive] / t
+        if step == "temperature":
+            t = cfg.temperature
+        elif step == "top_k" and 0 < cfg.top_k < y.size:
+            alive &= x / t >= -np.partition(-y, cfg.top_k - 1)[cfg.top_k - 1]
+        elif step == "top_p" and cfg.top_p < 1:
+            z = -np.sort(-y)
+            mass = np.exp(z - z[0])
+            above = np.cumsum(mass) - mass
+            cut = int(np.searchsorted(above >= cfg.top_p * mass.sum(), True))
+            alive &= x / t >= z[max(cut, 1) - 1]
+        elif step == "min_p" and cfg.min_p > 0:
+            alive &= x / t >= y.max() + np.log(cfg.min_p)
+    scaled = np.where(alive, x / cfg.temperature, -np.inf)
+    probs = np.exp(scaled - scaled.max())
+    return probs / probs.sum()
+
+
+def _chain_support(x: np.ndarray, cfg: SamplingConfig) -> Support:
+    """`chain_probs` as a `Support`: with top_k on, only the k largest logits (ties kept) can survive any order of
+    the steps (every step keeps a most-likely set), so the chain runs in float64 on those alone."""
+    ids = np.arange(x.size, dtype=np.int64)
+    if 0 < cfg.top_k < x.size:
+        ids = np.flatnonzero(x >= np.partition(x, x.size - cfg.top_k)[x.size - cfg.top_k])
+    probs = chain_probs(x[ids], cfg)
+    keep = probs > 0
+    return Support(ids[keep], probs[keep])
 
 
 def sample(probs: "np.ndarray | Support", rng: np.random.Generator) -> int:

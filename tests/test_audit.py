@@ -15,8 +15,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mtpbench.backends.audit import FROM_IDS, FROM_TEXT, REPEAT, UNAUDITED, detect_profile, server_tokens
 from mtpbench.sweep.endpoint import Endpoint
+from mtpbench.backends.audit import FROM_IDS, FROM_TEXT, REPEAT, UNAUDITED, server_tokens
+from mtpbench.backends.profiles import detect_profile
 from mtpbench.backends.http import Answer, chunk_logprobs
 from mtpbench.defaults import DEMO_MODEL
 from mtpbench.model.checkpoint import load

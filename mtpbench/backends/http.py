@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 
 from ..sweep.endpoint import Endpoint
+from .clock import clock_fields, server_timings
 
 MAX_LINE_BYTES = 4 << 20  # one SSE line: a chunk with 20 top log-probs per token is a few kB
 ERROR_BODY_BYTES = 2000
@@ -29,14 +30,12 @@ MAX_PROMPT_TOKENS = 10_000_000
 MAX_TOK_S = 100_000.0  # client-side decode speeds above this are a clock or a server lying
 _TOKEN_FIELDS = ("content", "reasoning_content", "reasoning", "tool_calls")  # a chat delta that carries tokens
 
-
 class RequestFailed(Exception):
     """A request that produced no usable answer; the message is one line, fit for a parquet `error` cell."""
 
     def __init__(self, reason: str, retryable: bool = False):
         super().__init__(one_line(reason))
         self.retryable = retryable
-
 
 @dataclass(frozen=True)
 class Answer:
@@ -51,17 +50,16 @@ class Answer:
     token_ids: tuple[int, ...] | None = None  # the generated ids, where the server's log-probs name them
     token_logprobs: tuple[float, ...] | None = None  # the server's log p per generated token, where it sends them
     pieces: tuple[str, ...] = ()  # the text of each token-bearing chunk, in order (an audit's re-tokenisation)
-
+    ids_named: int | None = None  # how many reported tokens named their id (a speculative server names only some)
+    server_clock: tuple[int, float] | None = None  # (tokens, s) of the server's own decode clock (clock.py)
 
 def one_line(text: str, limit: int = 200) -> str:
     flat = " ".join(str(text).split())
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
-
 def deadline_for(endpoint: Endpoint, max_tokens: int) -> float:
     """The whole request's limit: the user's, else 30 s plus 1 s per requested token."""
     return endpoint.deadline_s or 30.0 + float(max_tokens)
-
 
 def _transport_failure(e: Exception, endpoint: Endpoint, tokens_seen: int) -> RequestFailed:
     """One readable reason per httpx failure; only failures before any token are worth a retry."""
@@ -76,7 +74,6 @@ def _transport_failure(e: Exception, endpoint: Endpoint, tokens_seen: int) -> Re
                              retryable=not tokens_seen)
     return RequestFailed(f"{type(e).__name__}: {endpoint.scrub(str(e))}")
 
-
 def _head(resp: httpx.Response, limit: int = ERROR_BODY_BYTES) -> str:
     """The start of a response body, read without loading a huge one."""
     data = b""
@@ -85,7 +82,6 @@ def _head(resp: httpx.Response, limit: int = ERROR_BODY_BYTES) -> str:
         if len(data) >= limit:
             break
     return data[:limit].decode("utf-8", "replace")
-
 
 def error_message(body: str) -> str:
     """The `error.message` of an OpenAI-style error body, else the body's first line."""
@@ -101,7 +97,6 @@ def error_message(body: str) -> str:
             return str(err)
     return body
 
-
 def _check_status(resp: httpx.Response, endpoint: Endpoint) -> None:
     if resp.status_code >= 400:
         reason = error_message(_head(resp)) or resp.reason_phrase
@@ -111,7 +106,6 @@ def _check_status(resp: httpx.Response, endpoint: Endpoint) -> None:
     if "text/event-stream" not in ctype:
         raise RequestFailed(f"not an OpenAI-compatible streaming answer (content-type {ctype or 'none'}): "
                             f"{endpoint.scrub(_head(resp, 200))}")
-
 
 def sse_data(chunks: Iterator[bytes], max_lines: int) -> Iterator[str]:
     """The `data:` payloads of a server-sent-event byte stream (comments such as keep-alives skipped), with a cap
@@ -135,7 +129,6 @@ def sse_data(chunks: Iterator[bytes], max_lines: int) -> Iterator[str]:
     if buf.strip().startswith(b"data:"):
         yield buf.strip()[len(b"data:"):].strip().decode("utf-8", "replace")
 
-
 def _chunk(payload: str, endpoint: Endpoint) -> dict[str, Any]:
     try:
         obj = json.loads(payload)
@@ -150,7 +143,6 @@ def _chunk(payload: str, endpoint: Endpoint) -> dict[str, Any]:
         raise RequestFailed(f"not an OpenAI-compatible answer: {endpoint.scrub(payload[:80])}")
     return obj
 
-
 def _chunk_text(choice: dict[str, Any]) -> str:
     """The generated text a choice carries ('' when none): completions `text` or any token-bearing chat delta."""
     if isinstance(choice.get("text"), str):
@@ -158,9 +150,7 @@ def _chunk_text(choice: dict[str, Any]) -> str:
     delta = choice.get("delta") or {}
     return "".join(str(delta[f]) for f in _TOKEN_FIELDS if delta.get(f))
 
-
 TOKEN_ID_PREFIX = "token_id:"  # vLLM's `return_tokens_as_token_ids` form of a token
-
 
 def _token_id(entry: dict[str, Any]) -> int | None:
     """The id a log-prob entry names: an integer `id` (mlx_lm.server, SGLang), or a token string "token_id:123"
@@ -173,20 +163,18 @@ def _token_id(entry: dict[str, Any]) -> int | None:
         return int(token[len(TOKEN_ID_PREFIX):])
     return None
 
-
 def _logprob(value: Any) -> float:
     """A reported log p: a finite number <= 0 (a little float slack), else NaN (not a reason to fail the run)."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value <= 1e-6
     return float(value) if ok else float("nan")
-
 
 def reported_tokens(reported: list[tuple[int | None, float]]) -> dict[str, Any]:
     """`Answer`'s token_ids (only when every reported token names its id) and token_logprobs, from
     `chunk_logprobs` entries; both None when the server reported none."""
     ids = tuple(i for i, _ in reported)
     return {"token_ids": ids if reported and all(i is not None for i in ids) else None,
-            "token_logprobs": tuple(v for _, v in reported) if reported else None}
-
+            "token_logprobs": tuple(v for _, v in reported) if reported else None,
+            "ids_named": sum(i is not None for i in ids) if reported else None}
 
 def chunk_logprobs(choice: dict[str, Any]) -> list[tuple[int | None, float]]:
     """(token id or None, log p) per token a streamed choice reports, in either OpenAI form: chat
@@ -202,7 +190,6 @@ def chunk_logprobs(choice: dict[str, Any]) -> list[tuple[int | None, float]]:
         return [(_token_id({"token": t}), _logprob(v)) for t, v in zip(tokens, values)]
     return []
 
-
 def _count(value: Any, name: str, limit: int) -> int | None:
     """A server-reported count: absent is None; anything but a finite integer in [0, limit] fails the request."""
     if value is None:
@@ -212,14 +199,13 @@ def _count(value: Any, name: str, limit: int) -> int | None:
         raise RequestFailed(f"the server reported {name} = {str(value)[:40]}, not a count in 0..{limit}")
     return int(value)
 
-
 def stream(client: httpx.Client, endpoint: Endpoint, path: str, body: dict[str, Any]) -> Answer:
     """One streamed request, timed from just before sending; raises RequestFailed with the reason."""
     times: list[float] = []
     texts: list[str] = []
     reported: list[tuple[int | None, float]] = []
     usage: dict[str, Any] = {}
-    finish, done = None, False
+    finish, done, clock = None, False, None
     max_tokens = int(body["max_tokens"])
     deadline = deadline_for(endpoint, max_tokens)
     expired = threading.Event()
@@ -241,6 +227,7 @@ def stream(client: httpx.Client, endpoint: Endpoint, path: str, body: dict[str, 
                         break
                     obj = _chunk(payload, endpoint)
                     usage = obj.get("usage") or usage
+                    clock = server_timings(obj) or clock
                     for choice in obj.get("choices") or []:
                         reported += chunk_logprobs(choice)
                         text = _chunk_text(choice)
@@ -267,11 +254,9 @@ def stream(client: httpx.Client, endpoint: Endpoint, path: str, body: dict[str, 
     if not times or completion == 0:
         raise RequestFailed("the server generated no tokens")
     return Answer(tuple(times), completion, prompt, finish, "".join(texts), pieces=tuple(texts),
-                  **reported_tokens(reported))
-
+                  server_clock=clock, **reported_tokens(reported))
 
 MAX_JSON_BYTES = 16 << 20  # a non-streamed answer with per-token log-probs: a few hundred bytes per token
-
 
 def complete(client: httpx.Client, endpoint: Endpoint, path: str, body: dict[str, Any]) -> Answer:
     """One non-streamed request (`body` with stream off), its answer read up to MAX_JSON_BYTES; never raises. Used
@@ -302,7 +287,6 @@ def complete(client: httpx.Client, endpoint: Endpoint, path: str, body: dict[str
     except (ValueError, KeyError, IndexError, TypeError, AttributeError):
         return Answer(error="not an OpenAI-compatible answer")
 
-
 def send(client: httpx.Client, endpoint: Endpoint, path: str, body: dict[str, Any]) -> Answer:
     """A streamed request with the endpoint's retries (only for failures before any token); never raises."""
     for attempt in range(endpoint.retries + 1):
@@ -314,11 +298,9 @@ def send(client: httpx.Client, endpoint: Endpoint, path: str, body: dict[str, An
             time.sleep(min(0.2 * 2 ** attempt, 2.0))
     raise AssertionError("unreachable")
 
-
 def served_models(client: httpx.Client, endpoint: Endpoint) -> list[str]:
     """The model ids the server lists at /models; raises RequestFailed saying what it answered."""
     return [str(m["id"]) for m in served_model_entries(client, endpoint)]
-
 
 def served_model_entries(client: httpx.Client, endpoint: Endpoint) -> list[dict[str, Any]]:
     """The model entries the server lists at /models (`id`, and `owned_by` where the server says who it is);
@@ -341,7 +323,6 @@ def served_model_entries(client: httpx.Client, endpoint: Endpoint) -> list[dict[
         raise RequestFailed(f"{endpoint.url}/models lists no model")
     return entries
 
-
 def timing_fields(a: Answer) -> dict[str, Any]:
     """Client-side timing of an ok answer (tokens: the server's usage count when sent, else token chunks); raises
     RequestFailed when the stream cannot give a decode speed (everything in one chunk) or gives an absurd one."""
@@ -358,12 +339,16 @@ def timing_fields(a: Answer) -> dict[str, Any]:
     tok_s = (n - 1) / decode_s if decode_s > 0 and n > 1 else None
     if tok_s is not None and tok_s > MAX_TOK_S:
         raise RequestFailed(f"implausible client-side speed {tok_s:.3g} tok/s ({n} tokens in {decode_s:.3g} s)")
+    clock = clock_fields(times, tok_s, a.server_clock)  # decode_tok_s: the server's clock, else the client median
+    if clock["decode_clock"] == "client" and clock["client_decode_tok_s"] is None:
+        clock["client_decode_tok_s"] = tok_s
     gaps = np.diff(times)
     p50, p95, p99 = (float(x) for x in np.percentile(gaps, [50, 95, 99])) if len(gaps) else (None, None, None)
     return {
         "prompt_tokens": a.prompt_tokens, "generated_tokens": n, "server_completion_tokens": a.completion_tokens,
-        "ttft_s": float(times[0]) if len(times) else None, "decode_s": decode_s or None, "decode_tok_s": tok_s,
-        "itl_p50_s": p50, "itl_p95_s": p95, "itl_p99_s": p99,
+        "ttft_s": float(times[0]) if len(times) else None, "decode_s": decode_s or None,
+        "decode_tok_s": clock["server_decode_tok_s"] or clock["client_decode_tok_s"],
+        "itl_p50_s": p50, "itl_p95_s": p95, "itl_p99_s": p99, "client_mean_tok_s": tok_s,
         "finished_by": "eos" if a.finish_reason == "stop" else a.finish_reason,
-        "output_hash": hashlib.sha1(a.text.encode()).hexdigest()[:16],
+        "output_hash": hashlib.sha1(a.text.encode()).hexdigest()[:16], **clock,
     }

@@ -1,7 +1,15 @@
-"""Speculative-decoding counters a server exposes at its Prometheus `/metrics` (vLLM's names), read before and
-after each batch of requests: the only acceptance figures a black-box server gives. Nothing is estimated: a
-counter the server does not expose stays null, and counters that go backwards (a restart) or are not finite
-counts are dropped.
+"""Speculative-decoding counters a server exposes at its Prometheus `/metrics`, read before and after each batch
+of requests: the only acceptance figures a black-box server gives. Nothing is estimated: a counter the server does
+not expose stays null, and counters that go backwards (a restart) or are not finite counts are dropped.
+
+Names, by runtime (each parsed with or without the `_total` suffix prometheus_client strips):
+- vLLM (vllm/v1/spec_decode/metrics.py): vllm:spec_decode_num_drafts, _num_draft_tokens, _num_accepted_tokens,
+  _num_accepted_tokens_per_pos{position}.
+- llama.cpp's llama-server with --metrics (tools/server): llamacpp:spec_decode_num_drafts_total,
+  _num_draft_tokens_total, _num_accepted_tokens_total, _num_accepted_tokens_per_pos_total{position}.
+- SGLang (sglang/srt/metrics/collector.py): only `sglang:spec_verify_calls_total` is a counter (verify steps);
+  its acceptance (`spec_accept_length`, `spec_accept_rate`) is a gauge over a recent window, not a count a batch
+  can be differenced from, so it is not read as one.
 """
 
 from __future__ import annotations
@@ -18,12 +26,13 @@ from ..sweep.endpoint import Endpoint
 METRICS_BYTES = 16 << 20
 MAX_COUNT = 2**31 - 1
 
-# vLLM's spec-decode counters (exposed with or without the `_total` suffix) -> SpecCounters fields
-VLLM_SPEC_COUNTERS = {
-    "vllm:spec_decode_num_drafts": "drafts",
-    "vllm:spec_decode_num_draft_tokens": "draft_tokens",
-    "vllm:spec_decode_num_accepted_tokens": "accepted",
-    "vllm:spec_decode_num_accepted_tokens_per_pos": "per_pos",
+_SPEC_SUFFIXES = {"spec_decode_num_drafts": "drafts", "spec_decode_num_draft_tokens": "draft_tokens",
+                  "spec_decode_num_accepted_tokens": "accepted", "spec_decode_num_accepted_tokens_per_pos": "per_pos"}
+# each runtime's spec-decode counters (without the `_total` suffix) -> SpecCounters fields
+SPEC_COUNTERS = {
+    **{f"vllm:{name}": key for name, key in _SPEC_SUFFIXES.items()},
+    **{f"llamacpp:{name}": key for name, key in _SPEC_SUFFIXES.items()},
+    "sglang:spec_verify_calls": "drafts",
 }
 
 
@@ -53,13 +62,13 @@ class SpecCounters:
 
 
 def parse_spec_counters(text: str) -> SpecCounters | None:
-    """vLLM speculative counters from Prometheus text (prometheus_client's parser); None when there are none."""
+    """Speculative counters (`SPEC_COUNTERS`: vLLM, llama.cpp, SGLang) from Prometheus text (prometheus_client's parser); None when there are none."""
     totals: dict[str, float] = {}
     per_pos: dict[int, float] = {}
     try:
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
-                key = VLLM_SPEC_COUNTERS.get(sample.name.removesuffix("_total"))
+                key = SPEC_COUNTERS.get(sample.name.removesuffix("_total"))
                 if not math.isfinite(sample.value) or sample.value < 0:
                     continue  # a counter is a finite count; anything else is not evidence
                 if key == "per_pos" and "position" in sample.labels:

@@ -17,15 +17,18 @@ import httpx
 import numpy as np
 
 from ..provenance import now_iso
+from ..sampling import LLAMA_CPP
 from ..sweep.axes import SERVER
 from ..sweep.rows import CellRows, run_row
 from ..sweep.spec import Cell, SweepSpec, thinking_flag
 from ..sweep.prompts import encode
-from .audit import REPEAT, UNAUDITED, Audit, assumption, audit_run, detect_profile, logprobs_request
+from .audit import REPEAT, UNAUDITED, Audit, assumption, audit_run, logprobs_request, names_every_token
 from .base import OnRun
 from ..sweep.endpoint import Endpoint
 from .http import Answer, RequestFailed, complete, send, served_model_entries, timing_fields
+from .llamacpp import complete_native, completion_body
 from .metrics import counter_fields, fetch_spec_counters
+from .profiles import detect_profile, server_props
 
 
 def request_body(cell: Cell, model: str, max_tokens: int, ignore_eos: bool,
@@ -116,7 +119,8 @@ class ServerBackend:
             from ..model.checkpoint import load
 
             self.audit_bundle = load(e.audit_model)
-            self.profile, self.profile_note = detect_profile(e.audit_profile, entries, error)
+            props, headers = server_props(self.client, e) if e.audit_profile == "auto" else (None, {})
+            self.profile, self.profile_note = detect_profile(e.audit_profile, entries, error, props, headers)
         if e.served_model:
             self.model, self.model_note = e.served_model, "given with --served-model"
         elif entries:
@@ -171,19 +175,28 @@ class ServerBackend:
         if not first:
             return {"audit": REPEAT, "audit_profile": self.profile or None, "audit_model": self.endpoint.audit_model}
         ids = encode(self.audit_bundle.tokenizer, cell.prompt, thinking_flag(cell.thinking))
-        replay = None
-        if answer.token_ids is None and self.client is not None and self.model is not None:
+        replay = native = None
+        cfg = cell.setting.config(cell.seed)
+        if not names_every_token(answer) and self.client is not None and self.model is not None:
             # mlx_lm.server names token ids only outside streams: ask once more, unstreamed (outside all timing)
             replay = complete(self.client, self.endpoint, *request_body(cell, self.model, cell.max_tokens,
                                                                         self.spec.ignore_eos, self.profile or ""))
+            if not names_every_token(replay) and (answer.ids_named or replay.ids_named or self._llamacpp()):
+                # a speculative llama-server names ids only for undrafted tokens: its native endpoint names all
+                native = complete_native(self.client, self.endpoint,
+                                         completion_body(ids, cfg, cell.max_tokens, self.spec.ignore_eos))
         try:
-            audit = audit_run(self.audit_bundle, ids, answer, cell.setting.config(cell.seed), self.profile or "",
-                              run_id, replay)
+            audit = audit_run(self.audit_bundle, ids, answer, cfg, self.profile or "", run_id, replay, native)
         except Exception as e:  # a failed audit is a recorded reason, never a lost measurement
             audit = Audit(f"{UNAUDITED}{type(e).__name__}: {e}"[:300], [], 0.0)
         rows.tokens += audit.tokens
         return {"audit": audit.status, "audit_profile": self.profile or None,
-                "audit_model": self.endpoint.audit_model, "rescore_s": audit.seconds or None}
+                "audit_model": self.endpoint.audit_model, "rescore_s": audit.seconds or None,
+                "audit_alpha_sum": float(sum(audit.alphas)) if audit.alphas else None,
+                "audit_alpha_positions": len(audit.alphas) or None}
+
+    def _llamacpp(self) -> bool:
+        return bool(self.profile) and str(self.profile).startswith(LLAMA_CPP)
 
     def _facts(self) -> dict[str, Any]:
         e = self.endpoint

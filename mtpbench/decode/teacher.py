@@ -44,3 +44,40 @@ def enumerate_target(bundle: Bundle, prompt: list[int], cfg: SamplingConfig, n: 
             raise ValueError(f"target support exceeds {max_sequences} sequences: use top_k or fewer tokens")
         frontier = nxt
     return {**done, **frontier}
+
+
+ALPHA_CHUNK = 256  # head positions per lm_head call (bounds the (L, V) logits held at once)
+
+
+def head_alphas(bundle: Bundle, prompt: list[int], tokens: list[int], cfg: SamplingConfig) -> np.ndarray:
+    """alpha = sum_v min(p_v, q_v) at every generated position a speculative runtime could have drafted at depth 1
+    (tokens 1..n-1; token 0 follows the prompt's forward), teacher-forced over prompt + tokens: p from one fresh
+    trunk forward, q from the checkpoint's MTP head fed the true (hidden at i, token i+1) pairs, as the decoder's
+    committed history feeds it, both under `cfg`'s transform. The acceptance an exact optimal rule expects there.
+    """
+    from ..sampling import alpha, support
+
+    ids = prompt + tokens[:-1]
+    if len(tokens) < 2 or len(prompt) < 1:
+        return np.zeros(0)
+    trunk, head = bundle.trunk, bundle.draft_head
+    x = mx.array(ids)[None]
+    out = trunk(x, trunk.make_cache())
+    start = len(prompt) - 1  # pair i = (hidden i, token i+1) drafts token i+2; the first drafted token is index 1
+    z = head(out.hidden[:, start:-1], trunk.embed(x[:, start + 1:]), head.make_cache()) if len(prompt) == 1 else \
+        _head_after_prefix(bundle, out.hidden, x, start)
+    res = []
+    for lo in range(0, z.shape[1], ALPHA_CHUNK):
+        q_rows = np.asarray(trunk.lm_head(z[:, lo:lo + ALPHA_CHUNK])[0].astype(mx.float32))
+        p_rows = np.asarray(out.logits[0, start + 1 + lo:start + 1 + lo + q_rows.shape[0]].astype(mx.float32))
+        res += [alpha(support(p, cfg), support(q, cfg)) for p, q in zip(p_rows, q_rows)]
+    return np.asarray(res)
+
+
+def _head_after_prefix(bundle: Bundle, hidden: mx.array, x: mx.array, start: int) -> mx.array:
+    """The head's normed outputs for pairs start.. (each drafting the token two ahead), its cache first fed the
+    prompt's earlier true pairs, as `speculative.prefill` feeds them."""
+    head, trunk = bundle.draft_head, bundle.trunk
+    cache = head.make_cache()
+    head(hidden[:, :start], trunk.embed(x[:, 1:start + 1]), cache)
+    return head(hidden[:, start:-1], trunk.embed(x[:, start + 1:]), cache)

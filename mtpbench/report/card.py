@@ -29,6 +29,9 @@ CONTEXT_FIELDS = CELL_KEYS + ["k", "ar_prompt_tokens", "acceptance_by_depth", "t
                                "speedup_hi", "cost_ratio", "ar_ttft_s", "mtp_ttft_s", "ar_peak_memory_bytes",
                                "mtp_peak_memory_bytes", "ar_kv_bytes_per_step", "mtp_kv_bytes_per_step",
                                "speedup_change", "acceptance_factor", "cost_factor", "residual"]
+RUNTIME_FIELDS = ["runtime", "setting", "mode", "k", "tok_s", "clock", "speedup", "speedup_lo", "speedup_hi",
+                  "acceptance", "efficiency", "efficiency_lo", "efficiency_hi", "efficiency_flag", "exactness",
+                  "profile"]
 SURVIVAL_FIELDS = ["setting", "k", "depth", "series", *CELL_KEYS, "verify_steps", "accepted", "survival",
                    "survival_lo", "survival_hi"]
 
@@ -129,6 +132,7 @@ def card_data(results_dir: Path, model: str | None = None, say=None) -> dict[str
         "projection": _projection(data, sub),
         "backends": _records(backends.comparison(sub.runs), BACKEND_FIELDS),
         "backend_survival": _records(backends.survival(sub.runs), SURVIVAL_FIELDS),
+        "runtimes": _records(backends.runtimes(sub.runs, sub.verdicts, sub.steps), RUNTIME_FIELDS),
         "sampling": _records(tables.sampling(sub.runs), ["setting", *tables.SAMPLING_FIELDS, "prompt_sets",
                                                          "prompts", "repetitions"]),
         "hardware": _hardware(data),
@@ -266,6 +270,19 @@ def _backends_md(card: dict[str, Any]) -> list[str]:
                    "tokens at position d / drafts, from its counters). 95% Wilson intervals."), ""]
 
 
+def _runtimes_md(card: dict[str, Any]) -> list[str]:
+    """The runtime table (only where a server endpoint was measured), from the records, never recomputed."""
+    recs = card.get("runtimes") or []
+    if not recs:
+        return []
+    t = backends.runtime_table(pd.DataFrame(recs))
+    return ["**Runtimes**", "", md_table(t.headers, t.rows), "",
+            ("Clock: the server's own (llama.cpp `timings`) where it reports one, else the client's median rate over "
+             "windows of token arrivals (runs read in a burst are counted). Rule efficiency: the server's depth-1 "
+             "acceptance over the mean teacher-forced alpha of the local MTP head (about 1: the optimal exact rule; "
+             "clearly below 1 with an exact verdict: exact but wasteful; above 1: impossible for an exact rule)."), ""]
+
+
 def _sampling_line(card: dict[str, Any]) -> str:
     parts = []
     for s in card["sampling"]:
@@ -325,6 +342,7 @@ def to_markdown(card: dict[str, Any]) -> str:
     lines += _context_md(card, multi)
     lines += _projection_md(card, multi)
     lines += _backends_md(card)
+    lines += _runtimes_md(card)
     lines += [_sampling_line(card), "", _hardware_line(card), "", _preservation_line(card, multi), ""]
     if card["failed_runs"]:
         lines += [f"{card['failed_runs']} failed run(s) are excluded from these numbers.", ""]

@@ -256,6 +256,14 @@ def backends_section(data: Loaded, keys: list[str]) -> Section | None:
                    extra={"no_survival": s.empty})
 
 
+def runtimes_section(data: Loaded) -> Section | None:
+    """The runtime table, wherever a server endpoint was measured (backends.runtimes)."""
+    if not backends.has_server(data.runs):
+        return None
+    t = backends.runtime_table(backends.runtimes(data.runs, data.verdicts, data.steps))
+    return Section("runtimes", "Runtimes", [t], empty="No completed runs at concurrency 1.")
+
+
 def _family(r) -> str:
     fam = r.get("family")
     return fam if isinstance(fam, str) and fam else "preservation"  # rows written before families: preservation
@@ -350,7 +358,7 @@ def sections(data: Loaded) -> list[Section]:
     out = [headline_section(data, keys), throughput_section(data, keys), acceptance_section(data, keys),
            position_section(data, keys), tau_section(data, keys), efficiency_section(data, keys),
            context_section(data, keys),
-           categories_section(data, keys), *comparison_sections(data, keys), backends_section(data, keys),
+           categories_section(data, keys), *comparison_sections(data, keys), backends_section(data, keys), runtimes_section(data),
            verdicts_section(data, keys), performance_section(data),
            provenance_section(data)]
     return [s for s in out if s is not None]

@@ -363,9 +363,9 @@ OPTIONS: tuple[Option, ...] = (
            "requested, each run rescored with a fresh forward, and each cell gets preservation verdicts.",
            in_spec=False, metavar="CHECKPOINT"),
     Option("audit_profile", ("--audit-profile",), str, (), "The sampling order each audited server uses, per "
-           "--endpoint by position: mlx (filters, then temperature), temper-first (vLLM, SGLang, HF) or auto (from "
-           "/v1/models owned_by: mlx when absent or naming mlx, else temper-first) [auto].", repeatable=True,
-           choices=("auto", "mlx", "temper-first"), in_spec=False),
+           "--endpoint by position (repeatable or a comma list): mlx (filters, then temperature), temper-first "
+           "(vLLM, SGLang, HF), llama.cpp (top_k, top_p over what top_k left, min_p, then temperature) or auto (from "
+           "llama.cpp's /props, the Server header or /v1/models owned_by) [auto].", repeatable=True, in_spec=False),
 )
 OPTION_BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
 

@@ -17,9 +17,10 @@ from typing import Any
 import httpx
 
 from ..errors import UserError
+from ..sampling import profile_of
 
 MODES = ("mtp", "ar")
-AUDIT_PROFILES = ("auto", "mlx", "temper-first")  # auto: detected from /models (see backends.audit)
+AUTO = "auto"  # the audit profile detected from the server (backends.profiles)
 SCHEMES = {"http": 80, "https": 443}
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 SECRET_PARAM = re.compile(r"key|token|secret|passw|auth|sig|credential|session", re.IGNORECASE)
@@ -57,7 +58,7 @@ class Endpoint:
     retries: int = 0
     concurrency: tuple[int, ...] = (1,)
     audit_model: str | None = None  # a local checkpoint of the weights the server serves (the user asserts it)
-    audit_profile: str = "auto"  # the sampling transform's order the server uses: auto | mlx | temper-first
+    audit_profile: str = AUTO  # the sampling transform's order the server uses: auto or a sampling profile
 
     def __post_init__(self) -> None:
         try:
@@ -80,8 +81,8 @@ class Endpoint:
             raise UserError(f"request deadline must be >= 0 s (0: derived from max tokens), got {self.deadline_s}")
         if self.retries < 0:
             raise UserError(f"retries must be >= 0, got {self.retries}")
-        if self.audit_profile not in AUDIT_PROFILES:
-            raise UserError(f"audit profile must be one of {', '.join(AUDIT_PROFILES)}, got {self.audit_profile!r}")
+        if self.audit_profile != AUTO:
+            profile_of(self.audit_profile)  # raises UserError naming the known profiles
         if not self.concurrency or any(int(c) != c or c < 1 for c in self.concurrency):
             raise UserError(f"concurrency levels must be integers >= 1, got {self.concurrency}")
         object.__setattr__(self, "concurrency", tuple(sorted({int(c) for c in self.concurrency})))
@@ -168,7 +169,8 @@ def endpoints_from_options(urls: Sequence[str], served_models: Sequence[str] = (
     """Endpoint objects from the sweep's server options, validated; the names must be distinct."""
     n = len(urls)
     models, kinds = _paired(served_models, n, "--served-model"), _paired(modes, n, "--endpoint-mode")
-    profiles = _paired(audit_profiles, n, "--audit-profile")
+    profiles = _paired([p.strip() for v in audit_profiles for p in str(v).split(",") if p.strip()], n,
+                       "--audit-profile")  # comma lists, like every other per-endpoint option
     if audit_profiles and not audit_model:
         raise UserError("--audit-profile needs --audit-model (the local checkpoint the audit rescored with)")
     endpoints = []
@@ -177,7 +179,7 @@ def endpoints_from_options(urls: Sequence[str], served_models: Sequence[str] = (
         endpoints.append(Endpoint(address=url, name=name, served_model=model or None,
                                   api_key_env=api_key_env or None, mode=mode or "mtp", timeout_s=request_timeout,
                                   deadline_s=request_deadline, retries=retries, concurrency=tuple(concurrency),
-                                  audit_model=audit_model or None, audit_profile=profile or "auto"))
+                                  audit_model=audit_model or None, audit_profile=profile or AUTO))
     names = [e.name for e in endpoints]
     dup = next((x for x in names if names.count(x) > 1), None)
     if dup:

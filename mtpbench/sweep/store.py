@@ -71,6 +71,13 @@ RUNS = pa.schema([
     ("load_start", pa.float64()), ("load_end", pa.float64()), ("cores", pa.int32()), ("cores_usable", pa.int32()),
     ("governor", pa.string()), ("cpu_freq_mhz", pa.float64()), ("cpu_freq_max_mhz", pa.float64()),
     ("temp_c", pa.float64()), ("thermal_pressure", pa.string()), ("low_power_mode", pa.bool_()),
+    # a server's decode clocks (backends/clock.py): its own where it times itself, the client's median-based rate,
+    # the client's mean rate, whether the client read a backlog in a burst, and which one decode_tok_s is
+    ("server_decode_tok_s", pa.float64()), ("client_decode_tok_s", pa.float64()), ("client_mean_tok_s", pa.float64()),
+    ("client_burst", pa.bool_()), ("decode_clock", pa.string()),
+    # rule efficiency (backends/audit.py): sum and count of the teacher-forced alpha = sum min(p, q) of the local
+    # checkpoint's MTP head over an audited run's draftable positions
+    ("audit_alpha_sum", pa.float64()), ("audit_alpha_positions", pa.int32()),
 ])
 STEPS = pa.schema([
     ("run_id", pa.string()), ("step", pa.int32()), ("depth", pa.int32()), ("drafted_token", pa.int32()),
