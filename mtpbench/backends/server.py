@@ -23,7 +23,7 @@ from ..sweep.spec import Cell, SweepSpec, thinking_flag
 from ..sweep.prompts import encode
 from .audit import REPEAT, UNAUDITED, Audit, assumption, audit_run, detect_profile, logprobs_request
 from .base import OnRun
-from .endpoint import Endpoint
+from .endpoint import Endpoint, Health
 from .http import Answer, RequestFailed, complete, send, served_model_entries, timing_fields
 from .metrics import counter_fields, fetch_spec_counters
 
@@ -90,6 +90,7 @@ class ServerBackend:
         self.audit_bundle = None  # the local checkpoint an audit rescores with (`Endpoint.audit_model`)
         self.profile: str | None = None  # the audit's sampling profile ('' when auto could not decide)
         self.profile_note = ""
+        self.health = Health()  # down after the first stalled request: later cells fail at once (a rerun retries)
 
     def takes(self, cell: Cell) -> bool:
         return cell.backend == SERVER
@@ -112,6 +113,8 @@ class ServerBackend:
                 entries = served_model_entries(self.client, e)
             except RequestFailed as err:
                 error = str(err)
+                if err.stalled:
+                    self.health.mark(f"/models: {error}")
         if e.audit_model:
             from ..model.checkpoint import load
 
@@ -142,7 +145,7 @@ class ServerBackend:
         if self.model is None or n < 1 or self.client is None:
             return
         path, body = request_body(cell, self.model, n, ignore_eos=True)
-        answer = send(self.client, self.endpoint, path, body)
+        answer = send(self.client, self.endpoint, path, body, self.health)
         if answer.error:
             self.say(f"{self.name}: warm-up failed: {answer.error}")
 
@@ -150,10 +153,13 @@ class ServerBackend:
         """`concurrency` identical requests at once, between two reads of the speculative counters."""
         assert self.client is not None and self.model is not None
         path, body = request_body(cell, self.model, cell.max_tokens, self.spec.ignore_eos, self._profile())
-        before = fetch_spec_counters(self.client, self.endpoint)
         started = now_iso()
+        if self.health.down:  # fail fast: no request, no /metrics read
+            return Batch(concurrency, order, started, (Answer(error=self.health.message()),) * concurrency, {})
+        before = fetch_spec_counters(self.client, self.endpoint)
         with ThreadPoolExecutor(max_workers=concurrency) as pool:
-            answers = tuple(pool.map(lambda _: send(self.client, self.endpoint, path, body), range(concurrency)))
+            answers = tuple(pool.map(lambda _: send(self.client, self.endpoint, path, body, self.health),
+                                     range(concurrency)))
         after = fetch_spec_counters(self.client, self.endpoint) if before is not None else None
         delta = after.minus(before) if after is not None and before is not None else None
         return Batch(concurrency, order, started, answers, counter_fields(delta))
