@@ -63,8 +63,13 @@ def encodings(secrets: Iterable[str], basic: Iterable[tuple[str, str]] = (), bea
 
 
 def scrub(text: str, forms: Sequence[str]) -> str:
-    """`text` with every URL redacted and every form of a credential (see `encodings`) replaced by ***."""
+    """`text` with every URL redacted and every form of a credential (see `encodings`) replaced by ***, and a text
+    cut short in the middle of one (a body's head) ending in *** instead of the credential's beginning."""
     text = redact_urls(text)
     for s in forms:
         text = text.replace(s, HIDDEN)
+    for s in forms:
+        cut = next((k for k in range(len(s) - 1, MIN_SECRET - 1, -1) if text.endswith(s[:k])), 0)
+        if cut:
+            text = text[:-cut] + HIDDEN
     return text

@@ -122,7 +122,7 @@ def _check_status(resp: httpx.Response, endpoint: Endpoint) -> None:
     ctype = resp.headers.get("content-type", "")
     if "text/event-stream" not in ctype:
         raise RequestFailed(f"not an OpenAI-compatible streaming answer (content-type {ctype or 'none'}): "
-                            f"{endpoint.scrub(_head(resp, 200))}")
+                            f"{endpoint.scrub(_head(resp))[:200]}")
 
 
 class ReadBudget:
@@ -198,13 +198,13 @@ def _chunk(payload: str, endpoint: Endpoint) -> dict[str, Any]:
         obj = json.loads(payload)
     except ValueError:
         raise RequestFailed(f"not an OpenAI-compatible answer: invalid JSON in stream: "
-                            f"{endpoint.scrub(payload[:80])}") from None
+                            f"{endpoint.scrub(payload)[:80]}") from None
     if isinstance(obj, dict) and "error" in obj:
         raise RequestFailed(f"server error mid-stream: {endpoint.scrub(error_message(payload))}")
     choices = (obj.get("choices") or []) if isinstance(obj, dict) else None
     if not isinstance(choices, list) or not isinstance(obj.get("usage") or {}, dict) or not all(
             isinstance(c, dict) and isinstance(c.get("delta") or {}, dict) for c in choices):
-        raise RequestFailed(f"not an OpenAI-compatible answer: {endpoint.scrub(payload[:80])}")
+        raise RequestFailed(f"not an OpenAI-compatible answer: {endpoint.scrub(payload)[:80]}")
     return obj
 
 
@@ -311,7 +311,7 @@ def stream(client: httpx.Client, endpoint: Endpoint, path: str, body: dict[str, 
         raise _transport_failure(e, endpoint, len(times)) from None
     if expired.is_set():
         raise _past_deadline(deadline, len(times))
-    finish = endpoint.scrub(one_line(str(finish), 40)) if finish is not None else None  # stored as finished_by
+    finish = one_line(endpoint.scrub(str(finish)), 40) if finish is not None else None  # stored as finished_by
     if not done and finish is None:
         raise RequestFailed(f"stream ended before the answer was complete (after {len(times)} token chunks)")
     completion = _count(usage.get("completion_tokens"), "completion_tokens", max_tokens)
@@ -399,7 +399,7 @@ def served_model_entries(client: httpx.Client, endpoint: Endpoint) -> list[dict[
         raise _past_deadline(deadline, 0) if expired.is_set() else _transport_failure(e, endpoint, 0) from None
     if expired.is_set():
         raise _past_deadline(deadline, 0)
-    first = endpoint.scrub(one_line(error_message(head) or "(empty body)", 120))
+    first = one_line(endpoint.scrub(error_message(head) or "(empty body)"), 120)
     if status >= 400:
         raise RequestFailed(f"HTTP {status} from {endpoint.url}/models: {first}")
     try:

@@ -199,8 +199,10 @@ class ServerBackend:
         """Server counters cover a whole batch, so they go on its first row only (sums over rows stay exact; the
         other rows' counters are null, i.e. unknown)."""
         rows = CellRows()
-        audited = False
+        audited = cell.redo is not None  # a resume of failed levels: the kept runs hold the cell's audited one
         for order, c in enumerate(self.endpoint.concurrency):
+            if cell.redo is not None and not any(r.startswith(f"{self.part(cell)}-c{c}-") for r in cell.redo):
+                continue  # every run of this level succeeded before, kept: a resume reruns only failed levels
             batch = self._batch(cell, c, order) if self.model is not None else \
                 Batch(c, order, now_iso(), (Answer(error=self.model_error),) * c, {})
             speeds = []
