@@ -322,7 +322,7 @@ def test_a_stalling_server_costs_the_sweep_seconds_whatever_the_number_of_prompt
     """Issue 32: a server trickling a byte every 0.5 s, or sending keep-alive comments every 50 ms, with
     --request-timeout 2 and the default deadline (46 s for the warm-up, 46 s per run): the first request ends at the
     silence timeout (bytes that make no event do not reset it), marks the endpoint unhealthy, and every later cell
-    fails at once. Bar: the whole sweep under 60 s (it takes ~3 s), whatever the number of prompts."""
+    fails at once. Bar: the whole sweep under 60 s (it takes a few seconds), whatever the number of prompts."""
     state, url = hostile
     monkeypatch.chdir(tmp_path)
     res, runs, wall = _stalling_sweep(cli, tmp_path, url, behaviour, 20)
