@@ -177,3 +177,15 @@ def test_messages_name_what_is_missing_or_wrong(tmp_path, tiny):
         load(ck)
     msg = str(err.value)
     assert "Missing" in msg and "parameters: )" not in msg and "layers.0." in msg, msg
+
+
+def test_a_part_the_user_moved_away_reruns_its_cell(cli, tmp_path, done_sweep, tiny):
+    """Issue 32: a tokens part moved away by hand (as an old message told) left a cell 'done' with no token rows;
+    a cell missing any of its parts runs again."""
+    out = _copy(done_sweep, tmp_path / "res")
+    victim = sorted((out / "tokens").glob("part-*.parquet"))[0]
+    rows = pq.read_table(victim).num_rows
+    victim.rename(tmp_path / victim.name)
+    res = cli(*_quick(tiny, out, done_sweep.parent / "two.jsonl")[:-1])
+    assert res.exit_code == 0 and "resumed: 1 of 2 cells were already done" in res.stdout, res.stderr
+    assert pq.read_table(victim).num_rows == rows > 0
