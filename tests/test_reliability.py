@@ -220,6 +220,10 @@ class Hostile(StubHandler):
         self._open_stream()
         self._drip([b": keep-alive\n\n"] * 400, 0.05)
 
+    def _empty(self, body: dict) -> None:  # an event with no token, finish or usage every 50 ms, at most 20 s
+        self._open_stream()
+        self._drip([b'data: {"choices": [{"index": 0, "delta": {}}]}\n\n'] * 400, 0.05)
+
     def _hugeline(self, body: dict) -> None:  # one SSE line 4x the cap, 64 KiB at a time, never a newline
         from mtpbench.backends.http import MAX_LINE_BYTES
 
@@ -316,10 +320,10 @@ def _stalling_sweep(cli, tmp_path: Path, url: str, behaviour: str, n_prompts: in
     return res, read_table(out, "runs"), time.monotonic() - t0
 
 
-@pytest.mark.parametrize("behaviour", ["trickle", "keepalive"])
+@pytest.mark.parametrize("behaviour", ["trickle", "keepalive", "empty"])
 def test_a_stalling_server_costs_the_sweep_seconds_whatever_the_number_of_prompts(cli, tmp_path, hostile,
                                                                                   monkeypatch, behaviour):
-    """Issue 32: a server trickling a byte every 0.5 s, or sending keep-alive comments every 50 ms, with
+    """Issue 32: a server trickling a byte every 0.5 s, or sending keep-alive comments or empty events every 50 ms, with
     --request-timeout 2 and the default deadline (46 s for the warm-up, 46 s per run): the first request ends at the
     silence timeout (bytes that make no event do not reset it), marks the endpoint unhealthy, and every later cell
     fails at once. Bar: the whole sweep under 60 s (it takes a few seconds), whatever the number of prompts."""

@@ -294,7 +294,7 @@ def stream(client: httpx.Client, endpoint: Endpoint, path: str, body: dict[str, 
                     break
                 obj = _chunk(payload, endpoint)
                 usage = obj.get("usage") or usage
-                tokens = False
+                tokens = ended = False
                 for choice in obj.get("choices") or []:
                     reported += chunk_logprobs(choice)
                     text = _chunk_text(choice)
@@ -302,8 +302,9 @@ def stream(client: httpx.Client, endpoint: Endpoint, path: str, body: dict[str, 
                         times.append(time.perf_counter() - t0)
                         texts.append(text)
                         tokens = True
+                    ended = ended or bool(choice.get("finish_reason"))
                     finish = choice.get("finish_reason") or finish
-                if tokens or obj.get("usage") or finish is not None:
+                if tokens or ended or obj.get("usage"):  # an empty event is not news: the silence clock runs on
                     budget.useful(tokens)
     except (httpx.HTTPError, httpx.StreamError) as e:
         if expired.is_set():

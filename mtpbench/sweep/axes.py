@@ -327,8 +327,8 @@ class Option:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("max_tokens", ("--max-tokens",), int, 128, "Tokens per run. Given (here or in the sweep file), it applies to every prompt; "
-           "not given, a prompt line's own max_tokens wins over the default.", minimum=2),
+    Option("max_tokens", ("--max-tokens",), int, 128, "Tokens per run. Given (here or in the sweep file), it "
+           "applies to every prompt; not given, a prompt line's own max_tokens wins over the default.", minimum=2),
     Option("repeats", ("--repeats",), int, 2, "Repetitions of every cell.", minimum=1),
     Option("seed", ("--seed",), int, 0, "Base seed (each prompt and repetition gets its own)."),
     Option("prompt_limit", ("--prompt-limit",), int, 0, "Use only the first N prompts of each set (0: all).",

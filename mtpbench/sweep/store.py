@@ -10,8 +10,8 @@ first run removes only what it created (no recursive delete), and an OS lock hel
 second process off the same directory (the kernel releases it when the process dies, kill -9 included). A damaged
 part is reported (path, one line) and skipped by readers; a resumed sweep reads every part as the readers do
 (whole, against the schema), moves a damaged one to `damaged/<table>/` (kept, never read) and reruns its cell.
-A cell whose runs all succeeded is done; one with failed runs reruns only those, keeping the others. Directories written by
-older schema versions are converted on read (and never resumed); newer ones are refused.
+A cell whose runs all succeeded is done; one with failed runs reruns only those, keeping the others. Directories
+written by older schema versions are converted on read (and never resumed); newer ones are refused.
 
 The column list follows `axes.AXES`: each axis's column is in the runs and verdicts schemas. Pure pyarrow/pandas,
 no mlx: the report reads results where mlx is not installed.
