@@ -3,6 +3,10 @@
 A file is written to a temporary name in its directory and renamed over the target. Ctrl-C (SIGINT) is held while
 that happens and delivered after, so an interrupt landing between the temporary file's creation and its rename
 leaves neither a half file nor a temporary behind. A full disk is one readable line, and the old file stays.
+
+Durable, not only atomic: the temporary file is fsync'ed before the rename and its directory after it (and the
+parent of a directory the write created), so a result is final only once it would survive a power loss or a
+kernel panic, not just a killed process: never a zero-length manifest or a part the directory forgot.
 """
 
 from __future__ import annotations
@@ -21,6 +25,32 @@ from typing import Any
 from .errors import UserError
 
 TEMP_PREFIX = ".tmp-"
+DURABLE = True  # fsync files and directories (off only to measure what it costs)
+
+
+def fsync_path(path: Path | str) -> None:
+    """Flush a file's or a directory's data and metadata to the disk (no-op when DURABLE is off)."""
+    if not DURABLE:
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):  # a filesystem that cannot sync a directory
+            raise
+    finally:
+        os.close(fd)
+
+
+def move(src: Path, dest: Path) -> None:
+    """Rename `src` to `dest` (same filesystem), durably: both directories synced after."""
+    made = not dest.parent.exists()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(src, dest)
+    fsync_path(dest.parent)
+    fsync_path(src.parent)
+    if made:
+        fsync_path(dest.parent.parent)
 
 
 @contextmanager
@@ -51,6 +81,7 @@ def _umask() -> int:
 def write_with(path: Path, write: Callable[[str], None]) -> None:
     """Call `write(tmp)` on a temporary path beside `path`, then rename it to `path` (mode 0666 less the umask)."""
     path = Path(path)
+    made = not path.parent.exists()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -61,7 +92,11 @@ def write_with(path: Path, write: Callable[[str], None]) -> None:
         try:
             write(tmp)
             os.chmod(tmp, 0o666 & ~_umask())
+            fsync_path(tmp)
             os.replace(tmp, path)
+            fsync_path(path.parent)
+            if made:
+                fsync_path(path.parent.parent)
         except OSError as e:
             Path(tmp).unlink(missing_ok=True)
             if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):

@@ -3,8 +3,8 @@ cycles among mtpbench's modules, no module importing another's private (`_name`)
 and report/stats free of mlx.
 
 The house, low to high (`WINGS` is the one list; a wing is a top-level package or a root module of mtpbench):
-- errors, atomic, defaults, fmt, machine: shared pieces (one-line user errors, atomic writes, where bundled data
-  lives, number formatting, the machine's state);
+- errors, secrets, atomic, defaults, fmt, machine: shared pieces (one-line user errors, credential redaction,
+  atomic writes, where bundled data lives, number formatting, the machine's state);
 - sampling, model, provenance, decode: the one sampling transform, checkpoints and their forwards, where a
   number came from, the decoders (AR, speculative, the one acceptance rule, `limits`);
 - builders: checkpoint and data builders (tiny, demo, quantize/graft, policies, the long-context file);
@@ -32,7 +32,7 @@ import mtpbench
 ROOT = Path(mtpbench.__file__).parent
 CLI_MAX_LINES = 250
 PACKAGE = "mtpbench"  # the root package's own wing: its lazy facade (`mtpbench.load`, ...)
-WINGS = ("errors", "atomic", "defaults", "fmt", "machine", "sampling", "model", "provenance", "decode", "builders", "sweep",
+WINGS = ("errors", "secrets", "atomic", "defaults", "fmt", "machine", "sampling", "model", "provenance", "decode", "builders", "sweep",
          "backends", "stats", "report", "sampling_cost", "bench", "perf", "orchestrate", "cli", "__main__", PACKAGE)
 
 

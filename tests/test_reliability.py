@@ -220,6 +220,10 @@ class Hostile(StubHandler):
         self._open_stream()
         self._drip([b": keep-alive\n\n"] * 400, 0.05)
 
+    def _empty(self, body: dict) -> None:  # an event with no token, finish or usage every 50 ms, at most 20 s
+        self._open_stream()
+        self._drip([b'data: {"choices": [{"index": 0, "delta": {}}]}\n\n'] * 400, 0.05)
+
     def _hugeline(self, body: dict) -> None:  # one SSE line 4x the cap, 64 KiB at a time, never a newline
         from mtpbench.backends.http import MAX_LINE_BYTES
 
@@ -249,6 +253,10 @@ class Hostile(StubHandler):
     def _only_done(self, body: dict) -> None:
         self._events(["[DONE]"])
 
+    def _endless(self, body: dict) -> None:  # real token chunks, never a finish (bounded at 5000)
+        self._open_stream()
+        self._drip([("data: " + json.dumps(self._delta(f"t{i}")) + "\n\n").encode() for i in range(5000)], 0.001)
+
     def _echo401(self, body: dict) -> None:
         import base64
 
@@ -265,9 +273,7 @@ def hostile() -> Iterator[tuple[StubState, str]]:
         yield state, url
 
 
-HOSTILE = {  # prompt (= behaviour) -> the reason its failed row must give
-    "trickle": "passed its deadline of 1.5 s",
-    "keepalive": "passed its deadline of 1.5 s",
+HOSTILE = {  # prompt (= behaviour) -> the reason its failed row must give (none stalls: see the cost tests below)
     "hugeline": "stream line longer than",
     "usage_nan": "completion_tokens = nan",
     "usage_inf": "completion_tokens = inf",
@@ -279,14 +285,15 @@ HOSTILE = {  # prompt (= behaviour) -> the reason its failed row must give
 
 
 def test_hostile_servers_give_failed_rows_with_reasons_never_a_hang_or_crash(cli, tmp_path, hostile, monkeypatch):
-    """Issue 17.2 (trickle, endless keep-alives, a huge line) and 17.3 (usage NaN, 1e400, 99,999,999,999, lying
-    counts, only [DONE]): each is one failed row with its reason; the sweep ends, rc 1, one line on stderr."""
+    """Issue 17.2 (a huge line) and 17.3 (usage NaN, 1e400, 99,999,999,999, lying counts, only [DONE]): each is one
+    failed row with its reason; the sweep ends, rc 1, one line on stderr. None of these stalls, so the endpoint stays
+    healthy and every cell is asked."""
     state, url = hostile
     monkeypatch.chdir(tmp_path)
     prompts = _chat_prompts(tmp_path / "hostile.jsonl", ["ok", *HOSTILE])
     out = tmp_path / "res"
     res = cli("sweep", "--endpoint", f"stub={url}", "--prompts", prompts, "--k", "1", "--temp", "0",
-              "--max-tokens", "16", "--repeats", "1", "--request-timeout", "2", "--request-deadline", "1.5",
+              "--max-tokens", "16", "--repeats", "1", "--request-timeout", "2", "--request-deadline", "5",
               "-o", out, "--quiet", "--no-report")
     assert res.exit_code == 1 and "Traceback" not in res.stderr, res.stderr
     assert res.stderr.strip().splitlines()[-1].startswith(f"{len(HOSTILE)} run(s) failed")
@@ -299,6 +306,69 @@ def test_hostile_servers_give_failed_rows_with_reasons_never_a_hang_or_crash(cli
     from mtpbench.backends.http import MAX_LINE_BYTES
 
     assert state.sent < 3 * MAX_LINE_BYTES  # the huge line was refused as it came, not read to its end
+
+
+def _stalling_sweep(cli, tmp_path: Path, url: str, behaviour: str, n_prompts: int, *extra: str):
+    """A sweep of `n_prompts` prompts x 2 repetitions on a server that answers each with `behaviour`; returns
+    (result, runs table, wall seconds)."""
+    prompts = prompt_file(tmp_path / f"{behaviour}.jsonl",
+                          [{"id": f"p{i}", "category": "chat", "prompt": behaviour} for i in range(n_prompts)])
+    out = tmp_path / f"res-{behaviour}"
+    t0 = time.monotonic()
+    res = cli("sweep", "--endpoint", f"stub={url}", "--prompts", prompts, "--k", "1", "--temp", "0", "--max-tokens",
+              "16", "--repeats", "2", "--request-timeout", "2", "-o", out, "--quiet", "--no-report", *extra)
+    return res, read_table(out, "runs"), time.monotonic() - t0
+
+
+@pytest.mark.parametrize("behaviour", ["trickle", "keepalive", "empty"])
+def test_a_stalling_server_costs_the_sweep_seconds_whatever_the_number_of_prompts(cli, tmp_path, hostile,
+                                                                                  monkeypatch, behaviour):
+    """Issue 32: a server trickling a byte every 0.5 s, or sending keep-alive comments or empty events every 50 ms, with
+    --request-timeout 2 and the default deadline (46 s for the warm-up, 46 s per run): the first request ends at the
+    silence timeout (bytes that make no event do not reset it), marks the endpoint unhealthy, and every later cell
+    fails at once. Bar: the whole sweep under 60 s (it takes a few seconds), whatever the number of prompts."""
+    state, url = hostile
+    monkeypatch.chdir(tmp_path)
+    res, runs, wall = _stalling_sweep(cli, tmp_path, url, behaviour, 20)
+    print(f"\n{behaviour}: 20 prompts x 2 repetitions in {wall:.1f} s")
+    assert wall < 60 and res.exit_code == 1 and "Traceback" not in res.stderr, (wall, res.stderr)
+    assert len(runs) == 40 and set(runs["status"]) == {"failed"}
+    assert runs["error"].str.startswith("endpoint unhealthy since ").all(), runs["error"].iloc[0]
+    assert runs["error"].str.contains("nothing useful from the server for 2 s").all()
+    assert "warm-up failed: nothing useful" in res.stderr
+    assert sum(state.requests.values()) == 1  # the warm-up only: no cell asked a server known to stall
+
+
+def test_an_endless_stream_of_real_chunks_is_cut_at_max_tokens(hostile, monkeypatch):
+    """Issue 32: a server that streams token chunks forever (bounded here at 5000) is read up to max_tokens token
+    chunks plus the end-of-stream payloads, then the request fails saying so."""
+    from mtpbench.backends import http
+    from mtpbench.backends.endpoint import Endpoint
+
+    state, url = hostile
+    read = []
+    real = http._chunk
+    monkeypatch.setattr(http, "_chunk", lambda payload, endpoint: read.append(payload) or real(payload, endpoint))
+    endpoint = Endpoint(address=url, name="stub", timeout_s=2)
+    body = {"model": "stub-model", "stream": True, "max_tokens": 16, "messages": [{"role": "user",
+                                                                                   "content": "endless"}]}
+    with httpx.Client(trust_env=False) as client:
+        answer = http.send(client, endpoint, "chat/completions", body)
+    assert "kept streaming after 16 token chunks" in answer.error, answer.error
+    assert len(read) == 17, len(read)  # 16 token chunks, and the 17th that broke the limit
+
+
+def test_an_unhealthy_endpoint_is_retried_on_rerun(cli, tmp_path, hostile, monkeypatch):
+    """The unhealthy mark lasts for one sweep: a rerun asks the server again, and a server that recovered fills
+    every cell."""
+    state, url = hostile
+    monkeypatch.chdir(tmp_path)
+    res, runs, _ = _stalling_sweep(cli, tmp_path, url, "keepalive", 3, "--request-deadline", "1.5")
+    assert set(runs["status"]) == {"failed"} and "passed its deadline of 1.5 s" in runs["error"].iloc[0]
+    state.healthy = True
+    res, runs, _ = _stalling_sweep(cli, tmp_path, url, "keepalive", 3, "--request-deadline", "1.5")
+    assert res.exit_code == 0, res.stderr
+    assert len(runs) == 6 and set(runs["status"]) == {"ok"}
 
 
 def test_client_side_speed_is_sanity_checked():

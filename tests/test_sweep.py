@@ -127,7 +127,12 @@ def test_greedy_rows_match_ar_and_sampled_cells_get_verdicts(small_sweep):
                                      "pit_bonus", "acceptance_excess", "acceptance_given_draft", "drift"}
     sampled = verdicts[verdicts["temperature"] > 0]
     assert set(sampled.loc[sampled["family"] == "diagnostic", "test"]) == {"pit_ks", "logprob_score", "drift"}
-    assert not verdicts["rejected"].any()
+    # the preservation family decides the verdict: never rejected for the exact rule. The other 40-odd tests
+    # (acceptance, diagnostics; no correction across them) reject by chance under some seeds: with seeds derived
+    # from the cells' identity (issue 32), seed 0 gives three (diagnostics of K=1 cells of both models, which share
+    # the random stream) and seed 2 one, seeds 1 and 3 none
+    assert not verdicts.loc[verdicts["family"] == "preservation", "rejected"].any()
+    assert verdicts["rejected"].sum() <= 3
 
 
 def _sweep_cmd(model: Path, prompts: Path, out: Path) -> list[str]:

@@ -1,9 +1,12 @@
 """One streamed OpenAI-compatible request, bounded in every way a hostile or broken server could stretch it.
 
-Bounds: the silence between two reads (`Endpoint.timeout_s`), the whole request (`Endpoint.deadline_s`, else
-derived from max tokens: a watchdog closes the stream when it passes, so a server that trickles a byte at a time or
-sends keep-alive comments forever cannot hold a sweep), the size of one line (a 256 MB line is refused, not
-buffered), the number of lines, and the size of an error body read. Everything the server reports is validated
+Bounds: the silence since the last *useful* event (`Endpoint.timeout_s`: a token, a finish reason or the usage;
+keep-alive comments, empty events and a line trickled a byte at a time do not count), the whole request
+(`Endpoint.deadline_s`, else derived from max tokens: a watchdog closes the stream when it passes), the number of
+token chunks (reading stops at max tokens plus the end-of-stream chunks: a stream that never ends is cut), the size
+of one line (a 256 MB line is refused, not buffered), the number of lines, and the size of an error body read. A
+request that passed its deadline or its silence timeout marks its endpoint unhealthy (`endpoint.Health`): the
+sweep's later requests to it fail at once. Everything the server reports is validated
 (finite, non-negative, within max tokens, consistent with what was streamed): an implausible answer is a failed
 request with its reason, never a crash and never an `ok`. Requests go only to the URL the user gave; proxies from
 the environment are ignored and redirects are not followed (the client is built in `server.py`).
@@ -15,13 +18,14 @@ import json
 import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
-from ..sweep.endpoint import Endpoint
+from ..sweep.endpoint import Endpoint, Health
 from .clock import clock_fields, server_timings
 
 MAX_LINE_BYTES = 4 << 20  # one SSE line: a chunk with 20 top log-probs per token is a few kB
@@ -29,13 +33,15 @@ ERROR_BODY_BYTES = 2000
 MAX_PROMPT_TOKENS = 10_000_000
 MAX_TOK_S = 100_000.0  # client-side decode speeds above this are a clock or a server lying
 _TOKEN_FIELDS = ("content", "reasoning_content", "reasoning", "tool_calls")  # a chat delta that carries tokens
+END_CHUNKS = 4  # payloads read after the max_tokens-th token chunk: finish reason, usage, a server's extras
 
 class RequestFailed(Exception):
     """A request that produced no usable answer; the message is one line, fit for a parquet `error` cell."""
 
-    def __init__(self, reason: str, retryable: bool = False):
+    def __init__(self, reason: str, retryable: bool = False, stalled: bool = False):
         super().__init__(one_line(reason))
         self.retryable = retryable
+        self.stalled = stalled  # passed a deadline or a silence timeout: the endpoint is marked unhealthy
 
 @dataclass(frozen=True)
 class Answer:
@@ -64,15 +70,22 @@ def deadline_for(endpoint: Endpoint, max_tokens: int) -> float:
 def _transport_failure(e: Exception, endpoint: Endpoint, tokens_seen: int) -> RequestFailed:
     """One readable reason per httpx failure; only failures before any token are worth a retry."""
     if isinstance(e, (httpx.ConnectError, httpx.ConnectTimeout)):
-        return RequestFailed(f"cannot connect to {endpoint.url}: {endpoint.scrub(str(e))}", retryable=True)
+        return RequestFailed(f"cannot connect to {endpoint.url}: {endpoint.scrub(str(e))}", retryable=True,
+                             stalled=isinstance(e, httpx.ConnectTimeout))
     if isinstance(e, httpx.TimeoutException):
         return RequestFailed(f"no answer from {endpoint.url} within {endpoint.timeout_s:g} s "
-                             f"(after {tokens_seen} token chunks)")
+                             f"(after {tokens_seen} token chunks)", stalled=True)
     if isinstance(e, (httpx.RemoteProtocolError, httpx.ReadError)):
         where = f"mid-answer after {tokens_seen} token chunks" if tokens_seen else "before answering"
         return RequestFailed(f"connection dropped {where}: {endpoint.scrub(str(e)) or type(e).__name__}",
                              retryable=not tokens_seen)
     return RequestFailed(f"{type(e).__name__}: {endpoint.scrub(str(e))}")
+
+
+def _past_deadline(deadline: float, tokens_seen: int) -> RequestFailed:
+    return RequestFailed(f"the request passed its deadline of {deadline:g} s (after {tokens_seen} token chunks)",
+                         stalled=True)
+
 
 def _head(resp: httpx.Response, limit: int = ERROR_BODY_BYTES) -> str:
     """The start of a response body, read without loading a huge one."""
@@ -105,14 +118,60 @@ def _check_status(resp: httpx.Response, endpoint: Endpoint) -> None:
     ctype = resp.headers.get("content-type", "")
     if "text/event-stream" not in ctype:
         raise RequestFailed(f"not an OpenAI-compatible streaming answer (content-type {ctype or 'none'}): "
-                            f"{endpoint.scrub(_head(resp, 200))}")
+                            f"{endpoint.scrub(_head(resp))[:200]}")
 
-def sse_data(chunks: Iterator[bytes], max_lines: int) -> Iterator[str]:
+
+class ReadBudget:
+    """What a streamed answer may still cost: `tick` on every byte chunk received fails the request when nothing
+    useful came for `silence_s` (keep-alives, empty events and partial lines do not count); `useful` on every
+    useful payload restarts that clock and fails a stream that goes on past `max_tokens` token chunks (plus
+    END_CHUNKS end-of-stream payloads): a server never holds the client longer than the user allowed."""
+
+    def __init__(self, silence_s: float, max_tokens: int):
+        self.silence_s, self.max_tokens = silence_s, max_tokens
+        self.last = time.monotonic()
+        self.tokens = self.after = 0
+
+    def tick(self) -> None:
+        if time.monotonic() - self.last > self.silence_s:
+            raise RequestFailed(f"nothing useful from the server for {self.silence_s:g} s (keep-alives, empty events "
+                                f"or a trickled line only; after {self.tokens} token chunks)", stalled=True)
+
+    def useful(self, tokens: bool) -> None:
+        self.last = time.monotonic()
+        if self.tokens >= self.max_tokens:
+            self.after += 1
+            if tokens or self.after > END_CHUNKS:
+                raise RequestFailed(f"the server kept streaming after {self.max_tokens} token chunks (max_tokens); "
+                                    f"stopped reading")
+        self.tokens += tokens
+
+
+@contextmanager
+def watchdog(resp: httpx.Response, seconds: float) -> Iterator[threading.Event]:
+    """Close `resp` when `seconds` pass (a trickle cannot hold a read); the event says whether that happened."""
+    expired = threading.Event()
+
+    def stop() -> None:
+        expired.set()
+        resp.close()
+
+    timer = threading.Timer(seconds, stop)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield expired
+    finally:
+        timer.cancel()
+
+
+def sse_data(chunks: Iterator[bytes], max_lines: int, tick: Callable[[], None] = lambda: None) -> Iterator[str]:
     """The `data:` payloads of a server-sent-event byte stream (comments such as keep-alives skipped), with a cap
-    on one line's size and on the number of lines."""
+    on one line's size and on the number of lines; `tick` runs on every chunk received (the silence clock)."""
     buf = b""
     n = 0
     for chunk in chunks:
+        tick()
         buf += chunk
         while True:
             cut = buf.find(b"\n")
@@ -134,13 +193,13 @@ def _chunk(payload: str, endpoint: Endpoint) -> dict[str, Any]:
         obj = json.loads(payload)
     except ValueError:
         raise RequestFailed(f"not an OpenAI-compatible answer: invalid JSON in stream: "
-                            f"{endpoint.scrub(payload[:80])}") from None
+                            f"{endpoint.scrub(payload)[:80]}") from None
     if isinstance(obj, dict) and "error" in obj:
         raise RequestFailed(f"server error mid-stream: {endpoint.scrub(error_message(payload))}")
     choices = (obj.get("choices") or []) if isinstance(obj, dict) else None
     if not isinstance(choices, list) or not isinstance(obj.get("usage") or {}, dict) or not all(
             isinstance(c, dict) and isinstance(c.get("delta") or {}, dict) for c in choices):
-        raise RequestFailed(f"not an OpenAI-compatible answer: {endpoint.scrub(payload[:80])}")
+        raise RequestFailed(f"not an OpenAI-compatible answer: {endpoint.scrub(payload)[:80]}")
     return obj
 
 def _chunk_text(choice: dict[str, Any]) -> str:
@@ -196,7 +255,9 @@ def _count(value: Any, name: str, limit: int) -> int | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or value != int(value) or not 0 <= value <= limit:
-        raise RequestFailed(f"the server reported {name} = {str(value)[:40]}, not a count in 0..{limit}")
+        kind = "" if isinstance(value, (int, float)) and not isinstance(value, bool) else \
+            f": got {type(value).__name__} {str(value)[:40]!r}"
+        raise RequestFailed(f"the server reported {name} = {str(value)[:40]}, not a count in 0..{limit}{kind}")
     return int(value)
 
 def stream(client: httpx.Client, endpoint: Endpoint, path: str, body: dict[str, Any]) -> Answer:
@@ -208,42 +269,39 @@ def stream(client: httpx.Client, endpoint: Endpoint, path: str, body: dict[str, 
     finish, done, clock = None, False, None
     max_tokens = int(body["max_tokens"])
     deadline = deadline_for(endpoint, max_tokens)
+    budget = ReadBudget(endpoint.timeout_s, max_tokens)
     expired = threading.Event()
     t0 = time.perf_counter()
     try:
-        with client.stream("POST", endpoint.request_url(path), json=body) as resp:
-            def stop() -> None:
-                expired.set()
-                resp.close()
-
-            watchdog = threading.Timer(deadline, stop)
-            watchdog.daemon = True
-            watchdog.start()
-            try:
-                _check_status(resp, endpoint)
-                for payload in sse_data(resp.iter_bytes(), 8 * max_tokens + 10_000):
-                    if payload == "[DONE]":
-                        done = True
-                        break
-                    obj = _chunk(payload, endpoint)
-                    usage = obj.get("usage") or usage
-                    clock = server_timings(obj) or clock
-                    for choice in obj.get("choices") or []:
-                        reported += chunk_logprobs(choice)
-                        text = _chunk_text(choice)
-                        if text:
-                            times.append(time.perf_counter() - t0)
-                            texts.append(text)
-                        finish = choice.get("finish_reason") or finish
-            finally:
-                watchdog.cancel()
+        with client.stream("POST", endpoint.request_url(path), json=body) as resp, \
+                watchdog(resp, deadline) as expired:
+            _check_status(resp, endpoint)
+            for payload in sse_data(resp.iter_bytes(), 8 * max_tokens + 10_000, budget.tick):
+                if payload == "[DONE]":
+                    done = True
+                    break
+                obj = _chunk(payload, endpoint)
+                usage = obj.get("usage") or usage
+                clock = server_timings(obj) or clock
+                tokens = ended = False
+                for choice in obj.get("choices") or []:
+                    reported += chunk_logprobs(choice)
+                    text = _chunk_text(choice)
+                    if text:
+                        times.append(time.perf_counter() - t0)
+                        texts.append(text)
+                        tokens = True
+                    ended = ended or bool(choice.get("finish_reason"))
+                    finish = choice.get("finish_reason") or finish
+                if tokens or ended or obj.get("usage"):  # an empty event is not news: the silence clock runs on
+                    budget.useful(tokens)
     except (httpx.HTTPError, httpx.StreamError) as e:
         if expired.is_set():
-            raise RequestFailed(f"the request passed its deadline of {deadline:g} s (after {len(times)} token "
-                                f"chunks)") from None
+            raise _past_deadline(deadline, len(times)) from None
         raise _transport_failure(e, endpoint, len(times)) from None
     if expired.is_set():
-        raise RequestFailed(f"the request passed its deadline of {deadline:g} s (after {len(times)} token chunks)")
+        raise _past_deadline(deadline, len(times))
+    finish = one_line(endpoint.scrub(str(finish)), 40) if finish is not None else None  # stored as finished_by
     if not done and finish is None:
         raise RequestFailed(f"stream ended before the answer was complete (after {len(times)} token chunks)")
     completion = _count(usage.get("completion_tokens"), "completion_tokens", max_tokens)
@@ -263,12 +321,16 @@ def complete(client: httpx.Client, endpoint: Endpoint, path: str, body: dict[str
     only to get token ids from servers that name them only outside streams (mlx_lm.server); no timing."""
     plain = {k: v for k, v in body.items() if k != "stream_options"} | {"stream": False}
     deadline = deadline_for(endpoint, int(body["max_tokens"]))
+    expired = threading.Event()
     try:
         with client.stream("POST", endpoint.request_url(path), json=plain,
-                           timeout=httpx.Timeout(endpoint.timeout_s, read=deadline)) as resp:
+                           timeout=httpx.Timeout(endpoint.timeout_s, read=deadline)) as resp, \
+                watchdog(resp, deadline) as expired:
             if resp.status_code >= 400:
                 raise RequestFailed(f"HTTP {resp.status_code}: {endpoint.scrub(error_message(_head(resp)))}")
             raw = _head(resp, MAX_JSON_BYTES + 1)
+        if expired.is_set():
+            raise _past_deadline(deadline, 0)
         if len(raw) > MAX_JSON_BYTES:
             raise RequestFailed(f"an answer longer than {MAX_JSON_BYTES >> 20} MiB")
         obj = json.loads(raw)
@@ -283,17 +345,25 @@ def complete(client: httpx.Client, endpoint: Endpoint, path: str, body: dict[str
     except RequestFailed as e:
         return Answer(error=str(e))
     except (httpx.HTTPError, httpx.StreamError) as e:
-        return Answer(error=str(_transport_failure(e, endpoint, 0)))
+        return Answer(error=str(_past_deadline(deadline, 0) if expired.is_set() else
+                                _transport_failure(e, endpoint, 0)))
     except (ValueError, KeyError, IndexError, TypeError, AttributeError):
         return Answer(error="not an OpenAI-compatible answer")
 
-def send(client: httpx.Client, endpoint: Endpoint, path: str, body: dict[str, Any]) -> Answer:
-    """A streamed request with the endpoint's retries (only for failures before any token); never raises."""
+
+def send(client: httpx.Client, endpoint: Endpoint, path: str, body: dict[str, Any],
+         health: Health | None = None) -> Answer:
+    """A streamed request with the endpoint's retries (only for failures before any token); never raises. With
+    `health`: fails at once when the endpoint is already unhealthy, and marks it so when this request stalls."""
     for attempt in range(endpoint.retries + 1):
+        if health is not None and health.down:
+            return Answer(error=health.message())
         try:
             return stream(client, endpoint, path, body)
         except RequestFailed as e:
-            if not e.retryable or attempt == endpoint.retries:
+            if e.stalled and health is not None:
+                health.mark(str(e))
+            if not e.retryable or e.stalled or attempt == endpoint.retries:
                 return Answer(error=str(e))
             time.sleep(min(0.2 * 2 ** attempt, 2.0))
     raise AssertionError("unreachable")
@@ -305,17 +375,22 @@ def served_models(client: httpx.Client, endpoint: Endpoint) -> list[str]:
 def served_model_entries(client: httpx.Client, endpoint: Endpoint) -> list[dict[str, Any]]:
     """The model entries the server lists at /models (`id`, and `owned_by` where the server says who it is);
     raises RequestFailed saying what it answered."""
+    deadline = deadline_for(endpoint, 0)
+    expired = threading.Event()
     try:
-        with client.stream("GET", endpoint.request_url("models")) as resp:
+        with client.stream("GET", endpoint.request_url("models")) as resp, watchdog(resp, deadline) as expired:
             head = _head(resp, 64_000)
             status = resp.status_code
     except (httpx.HTTPError, httpx.StreamError) as e:
-        raise _transport_failure(e, endpoint, 0) from None
-    first = endpoint.scrub(one_line(error_message(head) or "(empty body)", 120))
+        raise _past_deadline(deadline, 0) if expired.is_set() else _transport_failure(e, endpoint, 0) from None
+    if expired.is_set():
+        raise _past_deadline(deadline, 0)
+    first = one_line(endpoint.scrub(error_message(head) or "(empty body)"), 120)
     if status >= 400:
         raise RequestFailed(f"HTTP {status} from {endpoint.url}/models: {first}")
     try:
-        entries = [{"id": str(m["id"]), "owned_by": str(m.get("owned_by") or "")} for m in json.loads(head)["data"]]
+        entries = [{"id": endpoint.scrub(str(m["id"])), "owned_by": endpoint.scrub(str(m.get("owned_by") or ""))}
+                   for m in json.loads(head)["data"]]
     except (ValueError, KeyError, TypeError, AttributeError):
         raise RequestFailed(f"not an OpenAI-compatible answer from {endpoint.url}/models (HTTP {status}): "
                             f"{first}") from None

@@ -22,8 +22,10 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from ..sweep.endpoint import Endpoint
+from .http import watchdog
 
 METRICS_BYTES = 16 << 20
+METRICS_S = 10.0  # the longest /metrics read, whole (a trickled page is dropped, not waited for)
 MAX_COUNT = 2**31 - 1
 
 _SPEC_SUFFIXES = {"spec_decode_num_drafts": "drafts", "spec_decode_num_draft_tokens": "draft_tokens",
@@ -85,10 +87,12 @@ def parse_spec_counters(text: str) -> SpecCounters | None:
 
 
 def fetch_spec_counters(client: httpx.Client, endpoint: Endpoint) -> SpecCounters | None:
-    """The server's counters now; None when /metrics is missing, unreadable or has no speculative counters."""
+    """The server's counters now; None when /metrics is missing, unreadable, slower than METRICS_S in all or has
+    no speculative counters."""
     try:
         with client.stream("GET", endpoint.request_url("metrics", root=True),
-                           timeout=min(endpoint.timeout_s, 10.0)) as resp:
+                           timeout=min(endpoint.timeout_s, METRICS_S)) as resp, \
+                watchdog(resp, min(endpoint.timeout_s, METRICS_S)) as expired:
             if resp.status_code != 200:
                 return None
             data = b""
@@ -96,6 +100,8 @@ def fetch_spec_counters(client: httpx.Client, endpoint: Endpoint) -> SpecCounter
                 data += chunk
                 if len(data) > METRICS_BYTES:
                     return None  # not a metrics page we will read
+        if expired.is_set():
+            return None
     except (httpx.HTTPError, httpx.StreamError):
         return None
     return parse_spec_counters(data.decode("utf-8", "replace"))

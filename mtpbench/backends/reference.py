@@ -270,6 +270,8 @@ class ReferenceBackend:
         rows = CellRows()
         prefix, prefix_s = self._fresh_prefix(cell, ids) if not self._broken else (None, 0.0)
         for order, (mode, k) in enumerate(cell.order(cell.ks)):
+            if cell.redo is not None and cell.run_id(mode, k) not in cell.redo:
+                continue  # succeeded before, kept: a resume reruns only the failed runs
             started, error, result = now_iso(), self._broken, None
             if not error:
                 try:

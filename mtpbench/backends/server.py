@@ -24,7 +24,7 @@ from ..sweep.spec import Cell, SweepSpec, thinking_flag
 from ..sweep.prompts import encode
 from .audit import REPEAT, UNAUDITED, Audit, assumption, audit_run, logprobs_request, names_every_token
 from .base import OnRun
-from ..sweep.endpoint import Endpoint
+from ..sweep.endpoint import Endpoint, Health
 from .http import Answer, RequestFailed, complete, send, served_model_entries, timing_fields
 from .llamacpp import complete_native, completion_body
 from .metrics import counter_fields, fetch_spec_counters
@@ -93,6 +93,7 @@ class ServerBackend:
         self.audit_bundle = None  # the local checkpoint an audit rescores with (`Endpoint.audit_model`)
         self.profile: str | None = None  # the audit's sampling profile ('' when auto could not decide)
         self.profile_note = ""
+        self.health = Health()  # down after the first stalled request: later cells fail at once (a rerun retries)
 
     def takes(self, cell: Cell) -> bool:
         return cell.backend == SERVER
@@ -115,6 +116,8 @@ class ServerBackend:
                 entries = served_model_entries(self.client, e)
             except RequestFailed as err:
                 error = str(err)
+                if err.stalled:
+                    self.health.mark(f"/models: {error}")
         if e.audit_model:
             from ..model.checkpoint import load
 
@@ -146,7 +149,7 @@ class ServerBackend:
         if self.model is None or n < 1 or self.client is None:
             return
         path, body = request_body(cell, self.model, n, ignore_eos=True)
-        answer = send(self.client, self.endpoint, path, body)
+        answer = send(self.client, self.endpoint, path, body, self.health)
         if answer.error:
             self.say(f"{self.name}: warm-up failed: {answer.error}")
 
@@ -154,10 +157,13 @@ class ServerBackend:
         """`concurrency` identical requests at once, between two reads of the speculative counters."""
         assert self.client is not None and self.model is not None
         path, body = request_body(cell, self.model, cell.max_tokens, self.spec.ignore_eos, self._profile())
-        before = fetch_spec_counters(self.client, self.endpoint)
         started = now_iso()
+        if self.health.down:  # fail fast: no request, no /metrics read
+            return Batch(concurrency, order, started, (Answer(error=self.health.message()),) * concurrency, {})
+        before = fetch_spec_counters(self.client, self.endpoint)
         with ThreadPoolExecutor(max_workers=concurrency) as pool:
-            answers = tuple(pool.map(lambda _: send(self.client, self.endpoint, path, body), range(concurrency)))
+            answers = tuple(pool.map(lambda _: send(self.client, self.endpoint, path, body, self.health),
+                                     range(concurrency)))
         after = fetch_spec_counters(self.client, self.endpoint) if before is not None else None
         delta = after.minus(before) if after is not None and before is not None else None
         return Batch(concurrency, order, started, answers, counter_fields(delta))
@@ -206,8 +212,10 @@ class ServerBackend:
         """Server counters cover a whole batch, so they go on its first row only (sums over rows stay exact; the
         other rows' counters are null, i.e. unknown)."""
         rows = CellRows()
-        audited = False
+        audited = cell.redo is not None  # a resume of failed levels: the kept runs hold the cell's audited one
         for order, c in enumerate(self.endpoint.concurrency):
+            if cell.redo is not None and not any(r.startswith(f"{self.part(cell)}-c{c}-") for r in cell.redo):
+                continue  # every run of this level succeeded before, kept: a resume reruns only failed levels
             batch = self._batch(cell, c, order) if self.model is not None else \
                 Batch(c, order, now_iso(), (Answer(error=self.model_error),) * c, {})
             speeds = []

@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from ..errors import UserError
+from ..secrets import redact_command
 from ..sweep.axes import AXES, OPTIONS, Option, read_sweep_file
 from .common import Progress, friendly
 
@@ -70,8 +72,9 @@ def table_options(fn):
               help="Where cells run: in this process, or one Ray task per (model, policy) group (needs the ray extra).")
 @click.option("--ray-address", default=None, metavar="HOST:PORT",
               help="With --executor ray: the cluster's head (e.g. HEAD:6379); default: a local Ray instance.")
+@click.pass_context
 @friendly
-def sweep_cmd(config_file, quiet, no_report, bench_models, no_cost_model, bench_large, executor, ray_address,
+def sweep_cmd(ctx, config_file, quiet, no_report, bench_models, no_cost_model, bench_large, executor, ray_address,
               **given):
     """Sweep checkpoints x K x sampling settings x prompt sets: AR and MTP side by side, into parquet.
 
@@ -87,9 +90,10 @@ def sweep_cmd(config_file, quiet, no_report, bench_models, no_cost_model, bench_
 
     values = read_sweep_file(_read_toml(config_file), config_file).given if config_file else {}
     values.update({k: v for k, v in given.items() if v is not None and v != ()})
-    spec = spec_from_values(values)
+    typed = ctx.get_parameter_source("max_tokens") == ParameterSource.COMMANDLINE and given["max_tokens"] is not None
+    spec = spec_from_values(values, max_tokens_wins=typed or "max_tokens" in values)
     out = Path(values["out"]) if values.get("out") else default_out(spec)
-    command = "mtpbench " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name in ("mtpbench", "__main__.py") \
+    command = redact_command(sys.argv[1:]) if Path(sys.argv[0]).name in ("mtpbench", "__main__.py") \
         else "mtpbench sweep"
     progress = Progress("sweep", quiet)
     say = lambda line: click.echo(line, err=True)  # noqa: E731

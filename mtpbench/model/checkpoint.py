@@ -241,8 +241,20 @@ def _load_trunk(path: Path):
     try:
         return mlx_lm.load(str(path))
     except (ValueError, OSError, RuntimeError, KeyError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{path}: the trunk does not load with mlx_lm ({msg})") from None
+        raise UserError(f"{path}: the trunk does not load with mlx_lm ({_load_error(e)})") from None
+
+
+def _load_error(e: Exception) -> str:
+    """mlx's load error on one line, naming what it lists: "Missing 750 parameters: \\na,\\nb." becomes
+    "Missing 750 parameters: a, b, c ... (747 more)" (its first line alone would name nothing)."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    if not lines:
+        return type(e).__name__
+    head, names = lines[0], [n.rstrip(",.") for n in lines[1:]]
+    if not names:
+        return head
+    more = f" ... ({len(names) - 3} more)" if len(names) > 3 else ""
+    return f"{head.rstrip(': ')}: {', '.join(names[:3])}{more}"
 
 
 def _quant_params(name: str, weight_shape: tuple[int, ...], scales_shape: tuple[int, ...], in_dim: int) -> dict:

@@ -15,7 +15,7 @@ from ..backends.base import Backend
 from ..errors import UserError
 from ..sweep.rows import CellRows
 from ..sweep.spec import Cell
-from ..sweep.store import CELL_TABLES, update_manifest, write_part
+from ..sweep.store import CELL_TABLES, kept_rows, update_manifest, write_part
 
 Work = list[tuple[Backend, Cell]]
 
@@ -77,9 +77,12 @@ class Writer:
         self.runs_done = 0
 
     def cell(self, part: str, rows: CellRows) -> None:
-        """Steps and tokens first, runs last: a runs part is the mark of a finished cell."""
+        """Steps and tokens first, runs last: a runs part is the mark of a finished cell. Runs of the cell that
+        succeeded before and were not measured again (a resume reran only its failed runs) are kept."""
+        new = rows.tables()
+        kept = kept_rows(self.out, part, {r["run_id"] for r in rows.runs})
         for table in CELL_TABLES:
-            write_part(self.out, table, part, rows.tables()[table])
+            write_part(self.out, table, part, kept[table] + new[table])
         self.outcome.cells_run += 1
         self.outcome.failed_runs += [failure_line(r) for r in rows.runs if r["status"] != "ok"]
 

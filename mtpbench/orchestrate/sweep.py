@@ -2,7 +2,9 @@
 through the one interface (`backends.base.Backend`) on an executor (`execute`).
 
 Each cell's rows are written as atomic parquet parts when it finishes (steps and tokens first, runs last), so a
-killed sweep loses at most the cell in flight and a rerun of the same command finishes only what is missing. The
+killed sweep loses at most the cell in flight and a rerun of the same command finishes only what is missing: cells
+never written, cells whose part was damaged (moved aside first, one line each), and the failed runs of cells whose
+other runs succeeded (those are kept, so every K ends up measured on the same prompts). The
 reference decoder's cells run grouped by (checkpoint, policy), one model in memory at a time; server endpoints'
 cells run cell by cell across endpoints, in ABBA order per repetition, so drift hits AR and MTP servers alike.
 Executors: `local` (this process) and `ray` (`ray_executor`: one task per checkpoint group). Only this process
@@ -12,6 +14,7 @@ ever writes the results directory.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +27,8 @@ from ..sweep.axes import NATIVE, REFERENCE, SERVER
 from ..sweep.prompts import Prompt, load_sets
 from .execute import RunEvent, SweepOutcome, Work, Writer, execute_local
 from ..sweep.spec import Cell, SweepSpec, plan
-from ..sweep.store import (SCHEMA_VERSION, done_parts, open_results_dir, part_name, parts, read_table, readable,
-                    remove_created, supersede, update_manifest, write_part)
+from ..sweep.store import (SCHEMA_VERSION, cell_runs, has_measurements, open_results_dir, part_name, parts, read_table,
+                    readable, remove_created, set_aside_damaged, supersede, update_manifest, write_part)
 
 EXECUTORS = ("local", "ray")
 Say = Callable[[str], None]
@@ -88,6 +91,27 @@ def _supersede_stale(out: Path, wanted: set[str], prompts: list[Prompt]) -> list
             f"{out / 'superseded'}; rerunning those cells"]
 
 
+def remaining(work: Work, out: Path) -> tuple[Work, list[str]]:
+    """The work a resume still has: cells never written whole run in full; cells with failed runs rerun only
+    those (`Cell.redo`), their successful runs kept; cells whose every run succeeded are done. Also the note
+    saying how many cells rerun failed runs."""
+    states = cell_runs(out)
+    todo: Work = []
+    partial = 0
+    for b, c in work:
+        runs = states.get(b.part(c))
+        failed = frozenset(r for r, s in (runs or {}).items() if s != "ok")
+        if runs and not failed:
+            continue
+        if runs and len(failed) < len(runs):
+            partial += 1
+            c = replace(c, redo=failed)
+        todo.append((b, c))
+    note = [f"{partial} cell(s) have failed runs: rerunning only those, keeping the cells' successful runs"] \
+        if partial else []
+    return todo, note
+
+
 def write_verdicts(out: Path) -> None:
     """The per-cell preservation verdicts, recomputed from the tables of the whole directory."""
     from ..stats.sweep_verdicts import sweep_verdicts
@@ -130,7 +154,10 @@ def run_sweep(spec: SweepSpec, out: Path, command: str = "", progress: Callable[
         backends = build_backends(spec, out.name, say)
         work = schedule(backends, cells)
         every = prompts + [p for ps in bucketed.values() for p in ps]
-        notes = _supersede_stale(out, {b.part(c) for b, c in work}, every) if created is None else []
+        notes = set_aside_damaged(out) if created is None else []  # first: later steps read every part whole
+        notes += _supersede_stale(out, {b.part(c) for b, c in work}, every) if created is None else []
+        todo, partial = remaining(work, out)
+        notes += partial + [n for n in (e.auth_note() for e in spec.endpoints) if n]
         for note in notes:
             say(note)
         update_manifest(out, lambda m: m.setdefault("prompts", {}).update(
@@ -140,10 +167,8 @@ def run_sweep(spec: SweepSpec, out: Path, command: str = "", progress: Callable[
 
             update_manifest(out, lambda m: m.setdefault("context_prompts", {}).update(
                 context_manifest(spec, bucketed)))
-        done = done_parts(out)
-        todo = [(b, c) for b, c in work if b.part(c) not in done]
         outcome = SweepOutcome(out, len(work), 0, len(work) - len(todo), notes=notes)
-        runs_total = sum(b.runs_in(c) for b, c in todo)
+        runs_total = sum(b.runs_in(c) if c.redo is None else len(c.redo) for b, c in todo)
         writer = Writer(out, outcome, progress, runs_total)
         if executor == "ray":
             from .ray_executor import run_ray
@@ -154,7 +179,7 @@ def run_sweep(spec: SweepSpec, out: Path, command: str = "", progress: Callable[
         write_verdicts(out)
         return outcome
     except BaseException:
-        if created is not None and not done_parts(out):
+        if created is not None and not has_measurements(out):
             remove_created(created)  # nothing measured yet: leave no half-made dir behind, and nothing else
         raise
     finally:

@@ -16,6 +16,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
 
 from .. import fmt
+from ..secrets import redact_urls
 from . import backends, plots, tables
 from ..stats.acceptance import draft_shares
 from ..sweep.axes import GROUP_KEYS
@@ -329,8 +330,10 @@ def provenance_section(data: Loaded) -> Section:
         sources.append({"name": source, "dir": str(data.dirs[source]), "table": t,
                         "created_at": fmt.text(manifest.get("created_at")),
                         "schema_version": fmt.text(manifest.get("schema_version")),
-                        "command": fmt.text(manifest.get("command")),
-                        "spec": json.dumps(manifest.get("spec", {}), indent=2, sort_keys=True, default=str)})
+                        # redacted again when shown: a manifest written before commands were stored redacted
+                        "command": redact_urls(fmt.text(manifest.get("command"))),
+                        "spec": redact_urls(json.dumps(manifest.get("spec", {}), indent=2, sort_keys=True,
+                                                       default=str))})
     return Section("provenance", "Provenance and how to reproduce", extra={"sources": sources})
 
 

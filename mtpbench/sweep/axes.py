@@ -327,7 +327,8 @@ class Option:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("max_tokens", ("--max-tokens",), int, 128, "Tokens per run (a prompt line may override).", minimum=2),
+    Option("max_tokens", ("--max-tokens",), int, 128, "Tokens per run. Given (here or in the sweep file), it "
+           "applies to every prompt; not given, a prompt line's own max_tokens wins over the default.", minimum=2),
     Option("repeats", ("--repeats",), int, 2, "Repetitions of every cell.", minimum=1),
     Option("seed", ("--seed",), int, 0, "Base seed (each prompt and repetition gets its own)."),
     Option("prompt_limit", ("--prompt-limit",), int, 0, "Use only the first N prompts of each set (0: all).",
@@ -353,9 +354,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("concurrency", ("--concurrency",), tuple, (1,), "Simultaneous requests per level, e.g. 1,4.",
            in_spec=False, metavar="LEVELS", minimum=1),
     Option("request_timeout", ("--request-timeout",), float, 60.0, "Longest silence allowed from a server "
-           "(connect, or between two streamed chunks).", in_spec=False, metavar="S"),
+           "(connect, or since the last useful streamed event: keep-alive comments, empty events and a line trickled "
+           "byte by byte do not count).", in_spec=False, metavar="S"),
     Option("request_deadline", ("--request-deadline",), float, 0.0, "Longest whole request, in seconds (0: "
-           "derived from max tokens: 30 s + 1 s per token).", in_spec=False, metavar="S"),
+           "30 s + 1 s per requested token: 158 s at the default 128). The first request that passes it, or the "
+           "silence timeout, marks its endpoint unhealthy for the rest of the sweep (its later cells fail at once; "
+           "a rerun retries): a stalling server costs about one deadline per endpoint (plus at most 10 s per "
+           "/metrics read), whatever the number of prompts.", in_spec=False, metavar="S"),
     Option("retries", ("--retries",), int, 0, "Retries of a request that failed before its first token (connect "
            "errors, HTTP 5xx/429).", in_spec=False, minimum=0),
     Option("audit_model", ("--audit-model",), str, None, "Audit every --endpoint's sampled output against this "

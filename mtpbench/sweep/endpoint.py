@@ -2,14 +2,19 @@
 
 A user may put credentials in the URL (`http://user:KEY@host/v1`, `...?api_key=KEY`). Requests use them as given,
 but nothing stored (manifest, rows, reports, logs, error messages) ever carries them: `url` is the redacted form,
-and `redact` scrubs any text a server sends back. Keys given with `--api-key-env` are read from the environment
-at request time and never stored either.
+and `scrub` removes every encoding of them (`mtpbench.secrets`) from any text a server sends back. Keys given with
+`--api-key-env` are read from the environment at request time and never stored either; with user info in the URL
+as well, the bearer key is the one sent (`auth_note` says so).
+
+An endpoint that stalls (passes its deadline, or sends nothing useful for its silence timeout) is marked unhealthy
+(`Health`) for the rest of the sweep: its later requests fail at once, so a hostile server costs about one
+deadline, not one per request. A rerun tries it again.
 """
 
 from __future__ import annotations
 
 import os
-import re
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,14 +23,13 @@ import httpx
 
 from ..errors import UserError
 from ..sampling import profile_of
+from ..provenance import now_iso
+from ..secrets import HIDDEN, SECRET_PARAM, encodings, redact_urls, scrub
 
 MODES = ("mtp", "ar")
 AUTO = "auto"  # the audit profile detected from the server (backends.profiles)
 SCHEMES = {"http": 80, "https": 443}
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
-SECRET_PARAM = re.compile(r"key|token|secret|passw|auth|sig|credential|session", re.IGNORECASE)
-HIDDEN = "***"
-_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]*@")
 
 
 def _redacted(url: httpx.URL) -> str:
@@ -104,32 +108,45 @@ class Endpoint:
         base = u.path.rstrip("/")
         if root:
             base = base.removesuffix("/v1")
+        if self.api_key_env and u.userinfo:  # httpx would send the user info as Basic auth over the bearer key
+            u = u.copy_with(userinfo=b"")
         return u.copy_with(path=f"{base}/{path.lstrip('/')}")
 
+    def _bearer(self) -> str | None:
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
     def secrets(self) -> list[str]:
-        """Every credential this endpoint carries, so that text from the server can be scrubbed of it."""
+        """Every form of every credential this endpoint sends (`secrets.encodings`), so that text from the server
+        can be scrubbed of it."""
         u = self._parsed
-        found = [u.password, u.username] if u.userinfo else []
-        found += [v for k, v in u.params.multi_items() if SECRET_PARAM.search(k)]
-        if self.api_key_env and os.environ.get(self.api_key_env):
-            found.append(os.environ[self.api_key_env])
-        return [s for s in found if s and len(s) >= 3]
+        basic = [(u.username, u.password)] if u.userinfo else []
+        literal = [u.password, u.username] + [v for k, v in u.params.multi_items() if SECRET_PARAM.search(k)]
+        if u.userinfo:
+            literal.append(u.userinfo.decode("ascii", "replace"))
+        bearer = [self._bearer()] if self._bearer() else []
+        return encodings([s for s in literal if s], basic, bearer)
 
     def scrub(self, text: str) -> str:
-        """`text` with this endpoint's credentials and any user info of any URL in it replaced by ***."""
-        text = redact(text)
-        for s in sorted(self.secrets(), key=len, reverse=True):
-            text = text.replace(s, HIDDEN)
-        return text
+        """`text` with every URL's credentials and every encoding of this endpoint's credentials replaced by ***."""
+        return scrub(text, self.secrets())
 
     def headers(self) -> dict[str, str]:
         """The bearer header, read from the named variable only when one is named (keys never land in results)."""
         if not self.api_key_env:
             return {}
-        key = os.environ.get(self.api_key_env)
+        key = self._bearer()
         if not key:
             raise UserError(f"endpoint {self.name}: environment variable {self.api_key_env} (API key) is not set")
         return {"Authorization": f"Bearer {key}"}
+
+    def auth_note(self) -> str:
+        """One line when the user gave two credentials that cannot both go in the Authorization header (URL user
+        info, sent as Basic auth, and --api-key-env's bearer key): which one is sent. '' otherwise."""
+        if not (self.api_key_env and self._parsed.userinfo):
+            return ""
+        query = " (the URL's query parameters are sent too)" if self._parsed.query else ""
+        return (f"endpoint {self.name}: the URL has user info and --api-key-env is given; sending the bearer key "
+                f"from {self.api_key_env} as Authorization, not the URL's user info (Basic){query}")
 
     def record(self) -> dict[str, Any]:
         """What decides which rows this endpoint produces (timeouts, retries and keys do not), as stored."""
@@ -138,8 +155,30 @@ class Endpoint:
 
 
 def redact(text: str) -> str:
-    """User info of any URL in `text` (scheme://user:pass@) replaced by ***."""
-    return _USERINFO.sub(lambda m: f"{m['scheme']}{HIDDEN}@", str(text))
+    """Credentials of any URL in `text` (user info, secret-looking query parameters) replaced by ***."""
+    return redact_urls(text)
+
+
+class Health:
+    """Whether an endpoint may still be asked, for the rest of this process: the first request that passed its
+    deadline or sent nothing useful within its silence timeout marks it down (when, and why)."""
+
+    def __init__(self) -> None:
+        self.since: str | None = None
+        self.reason = ""
+        self._lock = threading.Lock()
+
+    def mark(self, reason: str) -> None:
+        with self._lock:
+            if self.since is None:
+                self.since, self.reason = now_iso(), reason
+
+    @property
+    def down(self) -> bool:
+        return self.since is not None
+
+    def message(self) -> str:
+        return f"endpoint unhealthy since {self.since} ({self.reason}); not asked again in this sweep: rerun to retry"
 
 
 def split_endpoint(value: str) -> tuple[str, str]:

@@ -78,6 +78,7 @@ class SweepSpec:
     ignore_eos: bool = False
     records: bool = True  # steps/tokens tables (p, q, alpha, PIT): needed for the preservation verdicts
     warmup_tokens: int = 16
+    max_tokens_wins: bool = False  # the user gave --max-tokens: it overrides the prompt lines' own max_tokens
     # (axis, value) of each feeding convention taken from the checkpoints' runtime contract, not named by the user
     # (what the CLI says); the values themselves are in `grid`
     declared: tuple[tuple[str, str], ...] = field(default=(), compare=False)
@@ -166,6 +167,8 @@ class SweepSpec:
         out.update(max_tokens=self.max_tokens, repeats=self.repeats, seed=self.seed, prompt_limit=self.prompt_limit,
                    kv_group_size=self.kv_group_size, ignore_eos=self.ignore_eos, records=self.records,
                    warmup_tokens=self.warmup_tokens)
+        if self.max_tokens_wins:  # only when set: directories written before this option still resume
+            out["max_tokens_wins"] = True
         out["endpoints"] = {e.name: e.record() for e in self.endpoints}
         return json.loads(json.dumps(out))
 
@@ -183,7 +186,9 @@ class Cell:
     repetition: int
     seed: int
     ks: tuple[int, ...] = field(default=(), compare=False)  # the runs: AR, then MTP at each K (reference only)
-    max_tokens: int = field(default=128, compare=False)  # the prompt's own limit, else the sweep's
+    max_tokens: int = field(default=128, compare=False)  # the user's --max-tokens, else the prompt's, else 128
+    # run ids to run again (a resume of a cell whose other runs succeeded and are kept); None: every run
+    redo: frozenset[str] | None = field(default=None, compare=False)
 
     def __getitem__(self, axis: str) -> Any:
         return dict(self.point).get(axis)
@@ -262,8 +267,9 @@ def plan(spec: SweepSpec, prompts: list[Prompt],
     A cell at a context bucket takes its prompts from `bucketed[(model, bucket)]` (the long-context documents cut
     with that model's tokenizer: `backends.reference.context_prompts`); the native context takes `prompts`.
 
-    One seed per (prompt, repetition): runs of one verdict group never share a random stream (a shared PIT stream
-    across prompts would make the u values dependent and the test invalid).
+    One seed per (prompt, repetition), derived from their identity (`cell_seed`): runs of one verdict group never
+    share a random stream (a shared PIT stream across prompts would make the u values dependent and the test
+    invalid), and adding, removing or editing a prompt never hands another cell's seed to a new one.
     """
     chosen = _chosen(spec, prompts)
     kinds = ([REFERENCE] if spec.models else []) + ([SERVER] if spec.endpoints else [])
@@ -276,11 +282,21 @@ def plan(spec: SweepSpec, prompts: list[Prompt],
             if here is None:
                 raise UserError(f"--context {bucket}: no prompts were cut for {values['model']}")
             for r in range(spec.repeats):
-                for i, p in enumerate(here):
-                    cells.append(Cell(kind, point + (("prompts", p.set_name),), p, r,
-                                      spec.seed + r * len(here) + i, spec.ks if kind == REFERENCE else (),
-                                      p.max_tokens or spec.max_tokens))
+                for p in here:
+                    limit = spec.max_tokens if spec.max_tokens_wins else p.max_tokens or spec.max_tokens
+                    cells.append(Cell(kind, point + (("prompts", p.set_name),), p, r, cell_seed(spec.seed, p, r),
+                                      spec.ks if kind == REFERENCE else (), limit))
     return cells
+
+
+SEED_BITS = 31  # seeds fit a signed 32-bit integer: every server's `seed` field takes them
+
+
+def cell_seed(sweep_seed: int, prompt: Prompt, repetition: int) -> int:
+    """A stable seed from a cell's identity (the sweep's seed, the prompt's set, id and digest, the repetition):
+    a blake2b hash, the same on every machine and Python, and independent of the prompt's position in its set."""
+    key = json.dumps([sweep_seed, prompt.set_name, prompt.id, prompt.digest, repetition]).encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") >> (64 - SEED_BITS)
 
 
 def default_out(spec: SweepSpec, results_root: Path = Path("results")) -> Path:
@@ -295,9 +311,10 @@ def thinking_flag(thinking: str) -> bool | None:
 
 
 
-def spec_from_values(values: dict[str, Any]) -> SweepSpec:
+def spec_from_values(values: dict[str, Any], max_tokens_wins: bool = False) -> SweepSpec:
     """A spec from merged command-line and sweep-file values (axis names and `axes.OPTIONS` names; None or
-    missing: not given). The server options become endpoints; every value is validated here, before any work."""
+    missing: not given). The server options become endpoints; every value is validated here, before any work.
+    `max_tokens_wins`: the user gave --max-tokens (typed or in the sweep file), so it overrides prompt lines'."""
     from .endpoint import endpoints_from_options
 
     def given(name: str, default: Any = None) -> Any:
@@ -318,4 +335,4 @@ def spec_from_values(values: dict[str, Any]) -> SweepSpec:
         o = OPTION_BY_NAME[name]
         scalars[name] = o.coerce(given(name, o.default), o.flags[0])
     records = not OPTION_BY_NAME["no_records"].coerce(given("no_records", False), "--no-records")
-    return SweepSpec.of(**axes, endpoints=endpoints, records=records, **scalars)
+    return SweepSpec.of(**axes, endpoints=endpoints, records=records, max_tokens_wins=max_tokens_wins, **scalars)

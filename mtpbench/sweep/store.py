@@ -8,8 +8,10 @@ cell overwrites its parts by name: no duplicates, whatever moment a sweep was ki
 What a user has is safe: a directory that is not an mtpbench results directory is never taken over, a failed
 first run removes only what it created (no recursive delete), and an OS lock held for the whole run keeps a
 second process off the same directory (the kernel releases it when the process dies, kill -9 included). A damaged
-part is reported (path, one line) and skipped by readers; a resumed sweep reruns its cell. Directories written by
-older schema versions are converted on read (and never resumed); newer ones are refused.
+part is reported (path, one line) and skipped by readers; a resumed sweep reads every part as the readers do
+(whole, against the schema), moves a damaged one to `damaged/<table>/` (kept, never read) and reruns its cell.
+A cell whose runs all succeeded is done; one with failed runs reruns only those, keeping the others. Directories
+written by older schema versions are converted on read (and never resumed); newer ones are refused.
 
 The column list follows `axes.AXES`: each axis's column is in the runs and verdicts schemas. Pure pyarrow/pandas,
 no mlx: the report reads results where mlx is not installed.
@@ -30,7 +32,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..atomic import TEMP_PREFIX, write_json, write_with
+from ..atomic import TEMP_PREFIX, move, write_json, write_with
 from ..errors import UserError
 from .axes import AXES, GROUP_KEYS, SAMPLING_AXES
 
@@ -38,6 +40,7 @@ SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
 LOCK = ".lock"
 SUPERSEDED = "superseded"  # parts of cells whose prompt text changed: kept, never read
+DAMAGED = "damaged"  # parts that did not read whole: kept for inspection, never read; their cells run again
 
 _AXIS_FIELDS = [pa.field(a.column, a.arrow) for a in AXES if a.column != "model"]
 RUNS = pa.schema([
@@ -145,20 +148,81 @@ def readable(path: Path) -> bool:
         return False
 
 
-def done_parts(root: Path) -> set[str]:
-    """Parts whose cell is finished: a readable `runs` part with at least one run that did not fail, and readable
-    `steps` and `tokens` parts. A part whose every run failed, or a damaged one, is run again."""
-    done = set()
+def read_part(path: Path, table: str) -> pa.Table:
+    """One part read whole, against its table's schema: what every reader (verdicts, report) does with it."""
+    return pq.read_table(path, schema=TABLES[table])
+
+
+def cell_runs(root: Path) -> dict[str, dict[str, str]]:
+    """{part: {run_id: status}} of every cell written whole: a readable runs part, with its steps and tokens parts
+    present (a cell writes all three, runs last). Run `set_aside_damaged` first: it reads every part whole."""
+    out: dict[str, dict[str, str]] = {}
     for f in parts(root, "runs"):
         name = part_name(f)
         try:
-            status = pq.read_table(f, columns=["status"]).column("status").to_pylist()
+            rows = pq.read_table(f, columns=["run_id", "status"]).to_pylist()
         except (OSError, pa.ArrowInvalid, pa.ArrowException):
             continue
-        others = [part_path(root, t, name) for t in ("steps", "tokens")]
-        if any(s == "ok" for s in status) and all(not p.exists() or readable(p) for p in others):
-            done.add(name)
-    return done
+        if all(part_path(root, t, name).exists() for t in ("steps", "tokens")):
+            out[name] = {r["run_id"]: r["status"] for r in rows}
+    return out
+
+
+def done_parts(root: Path) -> set[str]:
+    """Parts whose cell is finished: every run succeeded. A cell with a failed run, or a damaged one, runs again."""
+    return {name for name, runs in cell_runs(root).items() if runs and all(s == "ok" for s in runs.values())}
+
+
+def has_measurements(root: Path) -> bool:
+    """Whether any cell has a run that succeeded (a directory worth keeping)."""
+    return any(s == "ok" for runs in cell_runs(root).values() for s in runs.values())
+
+
+def _aside(root: Path, where: str, table: str, src: Path) -> Path:
+    """Move a part out of its table to `<root>/<where>/<table>/` (never overwriting an earlier one there)."""
+    dest = Path(root) / where / table / src.name
+    n = 1
+    while dest.exists():
+        dest = dest.with_name(f"{src.stem}.{n}{src.suffix}")
+        n += 1
+    move(src, dest)
+    return dest
+
+
+def set_aside_damaged(root: Path) -> list[str]:
+    """Read every part whole, as the later steps (verdicts, report) will; move each that does not read to
+    `damaged/<table>/` (kept, never deleted, never read) and return one line per part saying so. Its cell is then
+    missing a part, so the resume runs it again (a damaged verdicts part is recomputed)."""
+    notes = []
+    for table in TABLES:
+        for f in parts(root, table):
+            try:
+                read_part(f, table)
+            except (OSError, pa.ArrowInvalid, pa.ArrowException) as e:
+                dest = _aside(root, DAMAGED, table, f)
+                then = "recomputed" if table == "verdicts" else "its cell runs again"
+                notes.append(f"{f}: damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__}); moved to "
+                             f"{dest}, {then}")
+    return notes
+
+
+def kept_rows(root: Path, part: str, rerun: set[str]) -> dict[str, list[dict[str, Any]]]:
+    """Rows of a cell's runs that succeeded and are not being measured again (a rerun of only its failed runs),
+    per table, from its current parts; empty lists when there is no such run."""
+    f = part_path(root, "runs", part)
+    try:
+        runs = read_part(f, "runs").to_pylist() if f.exists() else []
+    except (OSError, pa.ArrowInvalid, pa.ArrowException):
+        runs = []
+    keep = {r["run_id"] for r in runs if r["status"] == "ok" and r["run_id"] not in rerun}
+    out: dict[str, list[dict[str, Any]]] = {t: [] for t in CELL_TABLES}
+    if not keep:
+        return out
+    out["runs"] = [r for r in runs if r["run_id"] in keep]
+    for table in ("steps", "tokens"):
+        rows = read_part(part_path(root, table, part), table).to_pylist()
+        out[table] = [r for r in rows if r["run_id"] in keep]
+    return out
 
 
 @dataclass
@@ -180,7 +244,7 @@ def read_table(root: Path | str, table: str, damage: Damage | None = None) -> pd
     version = _version(root)
     for f in parts(root, table):
         try:
-            frames.append(_upgrade(pq.read_table(f, schema=TABLES[table]), table, version))
+            frames.append(_upgrade(read_part(f, table), table, version))
         except (OSError, pa.ArrowInvalid, pa.ArrowException) as e:
             if damage is None:
                 raise UserError(f"{f}: damaged results part ({str(e).splitlines()[0]}); move it away or rerun the "
@@ -396,9 +460,7 @@ def supersede(root: Path, part: str) -> None:
     for table in TABLES:
         src = part_path(root, table, part)
         if src.exists():
-            dest = Path(root) / SUPERSEDED / table / src.name
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(src, dest)
+            _aside(root, SUPERSEDED, table, src)
 
 
 def update_manifest(root: Path, change) -> dict[str, Any]:
@@ -409,7 +471,8 @@ def update_manifest(root: Path, change) -> dict[str, Any]:
     return manifest
 
 
-__all__ = ["CELL_TABLES", "Created", "Damage", "LOCK", "Lock", "MANIFEST", "RUNS", "SCHEMA_VERSION", "STEPS",
-           "TABLES", "TOKENS", "VERDICTS", "done_parts", "open_results_dir", "part_path", "parts", "read_manifest",
-           "read_results", "read_table", "remove_created", "remove_temporaries", "supersede", "update_manifest",
-           "write_json", "write_part"]
+__all__ = ["CELL_TABLES", "Created", "DAMAGED", "Damage", "LOCK", "Lock", "MANIFEST", "RUNS", "SCHEMA_VERSION",
+           "STEPS", "TABLES", "TOKENS", "VERDICTS", "cell_runs", "done_parts", "has_measurements", "kept_rows",
+           "open_results_dir", "part_path", "parts", "read_manifest", "read_part", "read_results", "read_table",
+           "remove_created", "remove_temporaries", "set_aside_damaged", "supersede", "update_manifest", "write_json",
+           "write_part"]
