@@ -343,7 +343,7 @@ def test_an_endless_stream_of_real_chunks_is_cut_at_max_tokens(hostile, monkeypa
     """Issue 32: a server that streams token chunks forever (bounded here at 5000) is read up to max_tokens token
     chunks plus the end-of-stream payloads, then the request fails saying so."""
     from mtpbench.backends import http
-    from mtpbench.backends.endpoint import Endpoint
+    from mtpbench.sweep.endpoint import Endpoint
 
     state, url = hostile
     read = []

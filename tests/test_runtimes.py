@@ -30,7 +30,7 @@ from mtpbench.model.checkpoint import load
 from mtpbench.report import backends
 from mtpbench.report.load import load as load_results
 from mtpbench.sampling import LLAMA_CPP, SamplingConfig, Support, chain_name, profile_of, sampling_probs, support
-from mtpbench.sweep.run import run_sweep
+from mtpbench.orchestrate.sweep import run_sweep
 from mtpbench.sweep.spec import SweepSpec
 from mtpbench.sweep.store import read_manifest, read_table
 

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from mtpbench.backends.endpoint import Endpoint
+from mtpbench.sweep.endpoint import Endpoint
 from mtpbench.cli.main import main
 from mtpbench.secrets import encodings, redact_command, redact_urls, scrub
 from mtpbench.sweep.store import read_table
