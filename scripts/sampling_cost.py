@@ -3,7 +3,7 @@
 Prints one JSON object: per-row sampling work (host `support`, device selection, dense oracle) at V = 248,320,
 and, given a checkpoint (e.g. `mtpbench make-tiny DIR --layers 2 --hidden 256 --vocab-size 248320`), AR sampled
 vs greedy time per token and MTP K=3 sampled vs greedy time per verify step (ABBA medians), with the bytes read
-back per step. See `mtpbench.sampling_cost`.
+back per step. See `mtpbench.perf.sampling_cost`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 import sys
 
 from mtpbench.model.checkpoint import load
-from mtpbench.sampling_cost import decode_costs, row_costs
+from mtpbench.perf.sampling_cost import decode_costs, row_costs
 
 
 def main(argv: list[str]) -> None:

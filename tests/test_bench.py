@@ -8,7 +8,8 @@ import math
 import pytest
 from click.testing import CliRunner
 
-from mtpbench.bench import BenchSettings, _context_cap, pattern_prompt, run_bench
+from mtpbench.perf.bench import run_bench
+from mtpbench.perf.settings import BenchSettings, context_cap, pattern_prompt
 from mtpbench.cli.bench import bench_cmd
 from mtpbench.report.bench_section import render_bench_html, render_bench_page
 
@@ -66,7 +67,7 @@ def test_context_scaling_rows(bench):
 
 
 def test_long_prompts_capped_at_position_budget(bundle_agree):
-    cap = _context_cap(bundle_agree, max_tokens=12, ks=(1, 2))
+    cap = context_cap(bundle_agree, max_tokens=12, ks=(1, 2))
     assert 0 < cap < bundle_agree.context_length
     prompt = pattern_prompt(bundle_agree, min(100_000, cap))
     assert len(prompt) == cap and len(set(prompt)) > 1
@@ -137,7 +138,7 @@ def test_large_checkpoint_never_deletes_what_it_did_not_write(tmp_path):
     import hashlib
     from dataclasses import asdict
 
-    from mtpbench.bench import LARGE, large_checkpoint
+    from mtpbench.perf.large import LARGE, large_checkpoint
     from mtpbench.errors import UserError
 
     key = hashlib.sha1(json.dumps(asdict(LARGE), sort_keys=True).encode()).hexdigest()[:10]
