@@ -13,7 +13,7 @@ from mtpbench.perf.settings import BenchSettings, context_cap, pattern_prompt
 from mtpbench.cli.bench import bench_cmd
 from mtpbench.report.bench_section import render_bench_html, render_bench_page
 
-SECTIONS = ("costs", "ar_parity", "mtp", "records_overhead", "roofline", "context_scaling", "provenance", "blas")
+SECTIONS = ("costs", "ar_parity", "mtp", "cost_model", "records_overhead", "roofline", "context_scaling", "provenance", "blas")
 
 
 def _finite_positive(x) -> bool:
@@ -151,3 +151,14 @@ def test_large_checkpoint_never_deletes_what_it_did_not_write(tmp_path):
     assert not list(tmp_path.glob(".tmp-large-*"))
     (out / "config.json").write_text("{}")
     assert large_checkpoint(tmp_path) == out and (out / "notes.txt").exists()
+
+
+def test_cost_model_prices_each_setting_with_its_own_terms(bench):
+    cm = bench[1]["cost_model"]
+    settings = [(e["setting"], e["k"]) for e in cm["settings"]]
+    assert settings == [("greedy", 1), ("greedy", 2), ("T=0.6 top_p=0.95 top_k=20", 1), ("T=0.6 top_p=0.95 top_k=20", 2)]
+    sampled = {v["k"]: v["seconds"] for v in cm["sampled_terms"]["verify_s"]}
+    for e in cm["settings"]:
+        assert _finite_positive(e["predicted_speedup"]) and math.isfinite(e["error"])
+        if e["setting"] != "greedy":  # its verify term is the sampled one, not the greedy path's
+            assert e["model_step_s"] >= sampled[e["k"]]

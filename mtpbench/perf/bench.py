@@ -27,7 +27,7 @@ from ..provenance import now_iso, provenance
 from .blas import blas_comparison
 from .context import context_scaling
 from .costs import MeasuredCosts, measure_costs
-from .efficiency import mtp_efficiency
+from .efficiency import cost_model, mtp_efficiency
 from .large import bench_targets
 from .overhead import records_overhead
 from .parity import ar_parity
@@ -81,6 +81,8 @@ def run_bench(model: str | Path, out_dir: Path, ks: Sequence[int] = (1, 2, 3), s
             lambda: ar_parity(bundle, prompt, s.max_tokens, s.repeats))
     eff = section("mtp", "predicted vs realized speedup",
                   lambda: mtp_efficiency(bundle, prompt, s.ks, s.max_tokens, s.repeats, costs))
+    section("cost_model", f"cost model per setting: greedy and {QWEN_SAMPLED.label()} with its own terms",
+            lambda: cost_model(bundle, prompt, s.ks, s.max_tokens, s.repeats, costs, eff, QWEN_SAMPLED, s.warmup))
     section("records_overhead", "records overhead",
             lambda: records_overhead(bundle, prompt, s.ks, s.max_tokens, s.repeats))
     section("sampling", f"sampled ({QWEN_SAMPLED.label()}) vs greedy: host work per row, bytes read back, step time",

@@ -12,9 +12,11 @@ import mlx.core as mx
 import numpy as np
 
 from ..decode.cache import restore, snapshot, state_arrays
-from ..decode.common import now as _clock
+from ..decode.common import choose, host_supports, now as _clock
+from ..decode.rule import EXACT, apply_rule
 from ..decode.speculative import prefill, verify_forward
 from ..model.checkpoint import Bundle
+from ..sampling import SamplingConfig
 from ..stats.acceptance import StepCosts
 
 
@@ -171,3 +173,58 @@ def measure_costs(bundle: Bundle, prompt_ids: list[int], ks: Sequence[int], repe
         verify_plain={k: t[f"verify{k}"] for k in sorted(set(ks))},
         reforward_by_j=tuple(t[f"reforward{j}"] for j in range(kmax)), context_tokens=len(prompt_ids),
         repeats=repeats)
+
+
+@dataclass(frozen=True)
+class SampledTerms:
+    """The sampled step's own terms at one setting (`measure_sampled_terms`): what the greedy terms leave out."""
+
+    setting: str
+    drafts: dict[int, float]  # K -> K sampled drafts: head step, one host row, a sample, a sync each
+    verify: dict[int, float]  # K -> (K+1)-token verify (capture), K+1 host rows, the rule
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"setting": self.setting, "drafts_s": [{"k": k, "seconds": s} for k, s in sorted(self.drafts.items())],
+                "verify_s": [{"k": k, "seconds": s} for k, s in sorted(self.verify.items())]}
+
+
+def measure_sampled_terms(bundle: Bundle, prompt_ids: list[int], ks: Sequence[int], cfg: SamplingConfig,
+                          repeats: int = 5, warmup: int = 2) -> SampledTerms:
+    """Median seconds of the sampled step's drafts and verify at `cfg`, run as `decode.speculative._sampled_step`
+    runs them: each draft brings its row to the host and samples before the next (K syncs), the verify brings K+1
+    rows and applies the exact rule. The rollback is the greedy one's (the same commit)."""
+    trunk, head = bundle.trunk, bundle.draft_head
+    st = _prime(bundle, prompt_ids)
+    rng = np.random.default_rng(cfg.seed)
+    kmax = max(ks)
+    snap, mtp_offset = snapshot(st.cache), st.mtp_cache[0].offset
+    q_rows = host_supports(trunk.lm_head(head(mx.repeat(st.hidden, kmax, axis=1), trunk.embed(
+        mx.array([[st.last] * kmax])), head.make_cache()))[0], cfg)  # draft rows the rule is fed (values matter little)
+    drafts = [choose(q, cfg, rng) for q in q_rows]
+    window = mx.array([[st.last] + drafts])
+
+    def put_back() -> None:
+        restore(st.cache, snap)
+        for c in st.mtp_cache:
+            c.trim(c.offset - mtp_offset)
+
+    def draft_chain(k: int) -> Callable[[], None]:
+        def op() -> None:
+            z, tok = st.hidden, st.last
+            for _ in range(k):
+                z = head(z, trunk.embed(mx.array([[tok]])), st.mtp_cache)
+                tok = choose(host_supports(trunk.lm_head(z)[0], cfg)[0], cfg, rng)
+        return op
+
+    def verify(k: int) -> Callable[[], None]:
+        def op() -> None:
+            out, _ = verify_forward(trunk, st.cache, window[:, : k + 1], "capture")
+            apply_rule(host_supports(out.logits[0], cfg), q_rows[:k], drafts[:k], rng, EXACT)
+        return op
+
+    ops = {f"draft{k}": (draft_chain(k), None) for k in sorted(set(ks))}
+    ops |= {f"verify{k}": (verify(k), None) for k in sorted(set(ks))}
+    t = _interleaved_medians(ops, put_back, repeats, warmup)
+    return SampledTerms(cfg.label(), {k: t[f"draft{k}"] for k in sorted(set(ks))},
+                        {k: t[f"verify{k}"] for k in sorted(set(ks))})
+

@@ -12,16 +12,19 @@ import numpy as np
 
 from ..decode import DecodeResult, generate_ar, generate_mtp
 from ..model.checkpoint import Bundle
+from ..sampling import SamplingConfig
 from .settings import GREEDY
 
 
 
 
-def decode(bundle: Bundle, prompt: list[int], k: int, max_tokens: int, records: bool = False) -> DecodeResult:
-    """One greedy run of AR (k = 0) or MTP at depth k, EOS ignored so every run decodes the same length."""
+def decode(bundle: Bundle, prompt: list[int], k: int, max_tokens: int, records: bool = False,
+           cfg: SamplingConfig = GREEDY) -> DecodeResult:
+    """One run of AR (k = 0) or MTP at depth k (greedy unless `cfg` says otherwise), EOS ignored so every run
+    decodes the same length."""
     if k == 0:
-        return generate_ar(bundle, prompt, GREEDY, max_tokens, records=records, ignore_eos=True)
-    return generate_mtp(bundle, prompt, GREEDY, k, max_tokens, records=records, ignore_eos=True)
+        return generate_ar(bundle, prompt, cfg, max_tokens, records=records, ignore_eos=True)
+    return generate_mtp(bundle, prompt, cfg, k, max_tokens, records=records, ignore_eos=True)
 
 
 def abba(arms: Sequence[Callable[[], Any]], repeats: int, warmup: int = 1) -> list[list[Any]]:

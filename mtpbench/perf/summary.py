@@ -38,6 +38,12 @@ def summary_lines(bench: dict[str, Any]) -> list[str]:
     lines += [f"{e['k']:<2} {e['tau']:.2f}   {e['predicted_speedup']:.3f}x     {e['realized_speedup']:.3f}x    "
               f"{e['efficiency']:.3f}       {_alpha(e['break_even_acceptance'])}         {e['step_overhead']:.2f}x"
               for e in bench["mtp"]]
+    cm = bench.get("cost_model")
+    if cm:
+        lines.append(f"cost model, each setting priced with its own terms (target: within "
+                     f"{100 * cm['target_error']:.0f}%): setting  K  predicted  realized  error")
+        lines += [f"  {e['setting']:<28} {e['k']}  {e['predicted_speedup']:.3f}x    {e['realized_speedup']:.3f}x   "
+                  f"{_pct(e['error'])}" for e in cm["settings"]]
     lines.append("records overhead (rich p/q/alpha/PIT records vs none): "
                  + ", ".join(f"{'AR' if r['k'] == 0 else 'K=' + str(r['k'])} {_pct(r['overhead'])}"
                              for r in bench["records_overhead"]))
