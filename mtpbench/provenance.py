@@ -9,6 +9,7 @@ from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from .machine import cpu_model
 from .model.blas import active_blas
 
 
@@ -31,16 +32,6 @@ def _git_sha() -> str:
         return "unknown"
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _device() -> str:
     import mlx.core as mx
 
@@ -55,7 +46,7 @@ def _device() -> str:
     cores = os.cpu_count()
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
     # Affinity changes small-model speed a lot (host and CPU-stream threads hand off at every eval): say it.
-    return f"cpu: {_cpu_name()} ({cores} cores{f', pinned to {usable}' if usable != cores else ''})"
+    return f"cpu: {cpu_model()} ({cores} cores{f', pinned to {usable}' if usable != cores else ''})"
 
 
 @lru_cache(maxsize=1)
