@@ -49,6 +49,12 @@ def _device() -> str:
     return f"cpu: {cpu_model()} ({cores} cores{f', pinned to {usable}' if usable != cores else ''})"
 
 
+def _prefill_step() -> int:
+    from .model.trunk import PREFILL_STEP
+
+    return PREFILL_STEP
+
+
 @lru_cache(maxsize=1)
 def provenance() -> dict[str, str]:
     return {
@@ -61,6 +67,7 @@ def provenance() -> dict[str, str]:
         "os": platform.platform(),
         "python": platform.python_version(),
         "blas": active_blas(),
+        "prefill_step": str(_prefill_step()),  # prompt tokens per prefill forward (mlx_lm's prefill step)
     }
 
 
