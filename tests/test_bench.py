@@ -156,7 +156,8 @@ def test_large_checkpoint_never_deletes_what_it_did_not_write(tmp_path):
 def test_cost_model_prices_each_setting_with_its_own_terms(bench):
     cm = bench[1]["cost_model"]
     settings = [(e["setting"], e["k"]) for e in cm["settings"]]
-    assert settings == [("greedy", 1), ("greedy", 2), ("T=0.6 top_p=0.95 top_k=20", 1), ("T=0.6 top_p=0.95 top_k=20", 2)]
+    sampled_label = "T=0.6 top_p=0.95 top_k=20"
+    assert settings == [("greedy", 1), ("greedy", 2), (sampled_label, 1), (sampled_label, 2)]
     sampled = {v["k"]: v["seconds"] for v in cm["sampled_terms"]["verify_s"]}
     for e in cm["settings"]:
         assert _finite_positive(e["predicted_speedup"]) and math.isfinite(e["error"])

@@ -91,7 +91,8 @@ def test_every_run_count_equals_its_tables(eos_sweep):
         s = steps[steps["run_id"] == r["run_id"]]
         k = int(r["k"])
         assert [int((s["depth"] == d).sum()) for d in range(1, k + 1)] == list(r["reached_at_depth"])
-        assert [int(((s["depth"] == d) & s["accepted"]).sum()) for d in range(1, k + 1)] == list(r["accepted_at_depth"])
+        accepted = [int(((s["depth"] == d) & s["accepted"]).sum()) for d in range(1, k + 1)]
+        assert accepted == list(r["accepted_at_depth"])
         assert src["accepted"] == r["accepted_tokens"] == sum(r["accepted_at_depth"])
         assert r["generated_tokens"] == 1 + r["accepted_tokens"] + src["residual"] + src["bonus"]
         assert int(s["step"].nunique()) == r["verify_steps"]

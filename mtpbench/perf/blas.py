@@ -45,6 +45,7 @@ def blas_comparison(model: str, prompt_tokens: int, ks: Sequence[int], max_token
             "ar_step_ratio": ref["costs"]["ar_step_s"] / here["costs"]["ar_step_s"],
             "verify_ratio": {str(v["k"]): v["seconds"] / verify[v["k"]] for v in ref["costs"]["verify_s"]}}
 
+
 if __name__ == "__main__":  # the reference-BLAS child of blas_comparison: MODEL PROMPT_TOKENS KS MAX_TOKENS REPEATS
     import sys
 

@@ -85,6 +85,17 @@ def _prime(bundle: Bundle, prompt: list[int]) -> _Primed:
     return _Primed(cache, mtp_cache, last, hidden)
 
 
+def _put_back(st: _Primed) -> Callable[[], None]:
+    """What puts the primed caches back after each timed op (a snapshot of the trunk's, the head's offset)."""
+    snap, mtp_offset = snapshot(st.cache), st.mtp_cache[0].offset
+
+    def put_back() -> None:
+        restore(st.cache, snap)
+        for c in st.mtp_cache:
+            c.trim(c.offset - mtp_offset)
+    return put_back
+
+
 def _host_argmax(logits: mx.array) -> np.ndarray:
     """The host sync every decode step ends with: argmax ids on the host."""
     return np.asarray(mx.argmax(logits, axis=-1))
@@ -122,13 +133,8 @@ def measure_costs(bundle: Bundle, prompt_ids: list[int], ks: Sequence[int], repe
     kmax = max(ks)
     drafts = [st.last] * kmax  # token values do not change the cost of a forward
     window = mx.array([[st.last] + drafts])
-    snap, mtp_offset = snapshot(st.cache), st.mtp_cache[0].offset
+    put_back = _put_back(st)
     roll_backs: list[Callable[[int], None]] = []
-
-    def put_back() -> None:
-        restore(st.cache, snap)
-        for c in st.mtp_cache:
-            c.trim(c.offset - mtp_offset)
 
     def ar_step() -> None:
         _host_argmax(trunk(mx.array([[st.last]]), st.cache).logits[0, -1:])
@@ -197,16 +203,12 @@ def measure_sampled_terms(bundle: Bundle, prompt_ids: list[int], ks: Sequence[in
     st = _prime(bundle, prompt_ids)
     rng = np.random.default_rng(cfg.seed)
     kmax = max(ks)
-    snap, mtp_offset = snapshot(st.cache), st.mtp_cache[0].offset
+    put_back = _put_back(st)
     q_rows = host_supports(trunk.lm_head(head(mx.repeat(st.hidden, kmax, axis=1), trunk.embed(
         mx.array([[st.last] * kmax])), head.make_cache()))[0], cfg)  # draft rows the rule is fed (values matter little)
     drafts = [choose(q, cfg, rng) for q in q_rows]
     window = mx.array([[st.last] + drafts])
 
-    def put_back() -> None:
-        restore(st.cache, snap)
-        for c in st.mtp_cache:
-            c.trim(c.offset - mtp_offset)
 
     def draft_chain(k: int) -> Callable[[], None]:
         def op() -> None:

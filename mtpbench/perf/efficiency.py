@@ -80,7 +80,8 @@ def _terms(base: StepCosts, costs: MeasuredCosts, k: int, ar_step: float, sample
     if sampled is None:
         return replace(base, ar_step=ar_step)
     catch_up = base.drafts(k) - costs.draft_chain.get(k, base.drafts(k))
-    return replace(base, ar_step=ar_step, draft_chain={k: sampled.drafts[k] + catch_up}, verify={k: sampled.verify[k]})
+    return replace(base, ar_step=ar_step, draft_chain={k: sampled.drafts[k] + catch_up},
+                   verify={k: sampled.verify[k]})
 
 
 def mtp_efficiency(bundle: Bundle, prompt_ids: list[int], ks: Sequence[int], max_tokens: int, repeats: int,
