@@ -10,6 +10,8 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 DEMO_MODEL = PACKAGE_DIR / "assets" / "demo"
 PROMPTS_DIR = PACKAGE_DIR.parent / "prompts"
 DEMO_PROMPT_SET = "stdlib"  # held-out stdlib code, the domain the demo model was trained on
+LONGCTX_SET = "longctx"  # long documents cut per context bucket: read by sweep.longctx, written by builders.longctx
+LONGCTX_FILE = PACKAGE_DIR / "prompts_data" / f"{LONGCTX_SET}.jsonl"
 
 
 def default_model() -> str:

@@ -59,7 +59,8 @@ def _load() -> tuple[float | None, str | None]:
         return None, f"no load average ({type(e).__name__})"
 
 
-def _cores() -> tuple[int, int]:
+def cores() -> tuple[int, int]:
+    """(logical CPUs, the CPUs this process may run on)."""
     cores = os.cpu_count() or 1
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
     return cores, usable
@@ -134,7 +135,7 @@ def snapshot() -> MachineState:
     notes: list[str] = []
     load, note = _load()
     notes += [note] if note else []
-    cores, usable = _cores()
+    n_cores, usable = cores()
     cur, top, note = _frequency()
     notes += [note] if note else []
     temp, note = _temperature()
@@ -148,7 +149,7 @@ def snapshot() -> MachineState:
         notes += [] if pressure else ["no thermal pressure (pmset -g therm gave nothing)"]
     else:
         notes.append(f"no thermal pressure level on {platform.system() or sys.platform} (temperatures instead)")
-    return MachineState(load, cores, usable, governor, cur, top, temp, pressure, low_power, tuple(notes))
+    return MachineState(load, n_cores, usable, governor, cur, top, temp, pressure, low_power, tuple(notes))
 
 
 def busy_reasons(start: MachineState, end: MachineState | None = None) -> list[str]:

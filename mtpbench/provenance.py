@@ -9,7 +9,7 @@ from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from .machine import cpu_model
+from .machine import cores, cpu_model
 from .model.blas import active_blas
 
 
@@ -41,12 +41,9 @@ def _device() -> str:
             return f"gpu: {mx.device_info().get('device_name', 'gpu')}"
         except (AttributeError, RuntimeError):
             return "gpu"
-    import os
-
-    cores = os.cpu_count()
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    n, usable = cores()
     # Affinity changes small-model speed a lot (host and CPU-stream threads hand off at every eval): say it.
-    return f"cpu: {cpu_model()} ({cores} cores{f', pinned to {usable}' if usable != cores else ''})"
+    return f"cpu: {cpu_model()} ({n} cores{f', pinned to {usable}' if usable != n else ''})"
 
 
 def _prefill_step() -> int:

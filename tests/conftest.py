@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from mtpbench.model.checkpoint import load
 from mtpbench.cli.main import main
-from mtpbench.build.tiny import TinySpec, make_tiny
+from mtpbench.builders.tiny import TinySpec, make_tiny
 
 LAYOUTS = {
     "inline-mtp": TinySpec(),

@@ -16,12 +16,12 @@ import pandas as pd
 import pytest
 
 from mtpbench.backends.audit import FROM_IDS, FROM_TEXT, REPEAT, UNAUDITED, detect_profile, server_tokens
-from mtpbench.backends.endpoint import Endpoint
+from mtpbench.sweep.endpoint import Endpoint
 from mtpbench.backends.http import Answer, chunk_logprobs
 from mtpbench.defaults import DEMO_MODEL
 from mtpbench.model.checkpoint import load
 from mtpbench.sweep.axes import read_sweep_file
-from mtpbench.sweep.run import run_sweep
+from mtpbench.orchestrate.sweep import run_sweep
 from mtpbench.errors import UserError
 from mtpbench.sweep.spec import SweepSpec, spec_from_values
 from mtpbench.sweep.store import read_manifest, read_table

@@ -15,7 +15,7 @@ from mlx_lm import stream_generate
 
 from mtpbench.model.checkpoint import load
 from mtpbench.errors import UserError
-from mtpbench.build.tiny import TinySpec, make_tiny
+from mtpbench.builders.tiny import TinySpec, make_tiny
 
 from .conftest import LAYOUTS
 

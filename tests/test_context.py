@@ -87,7 +87,7 @@ def test_shipped_long_context_set_is_real_stdlib_text_with_its_licence():
 
 
 def test_builder_regenerates_a_loadable_set_from_this_machines_stdlib(tmp_path):
-    from mtpbench.build.longctx import DOCUMENTS, build
+    from mtpbench.builders.longctx import DOCUMENTS, build
 
     out = build(tmp_path / "longctx.jsonl", target=3000)
     docs = load_documents(out)

@@ -311,7 +311,7 @@ def test_head_prompt_pass_is_evaluated_inside_the_prefill_clock(bundle_agree, mo
 def test_long_prompt_peak_memory_holds_no_all_position_logits(tmp_path):
     """At V = 248,320 a 4,000-token prompt's logits at every position would be ~4 GB (float32); the prefill keeps
     the last row only, so the whole decode's peak memory stays far below one such tensor."""
-    from mtpbench.build.tiny import TinySpec, make_tiny
+    from mtpbench.builders.tiny import TinySpec, make_tiny
 
     b = load(make_tiny(tmp_path / "wide", TinySpec(vocab_size=248_320, hidden=32, layers=2, head_dim=16, seed=1)))
     prompt = [int(t) for t in np.random.default_rng(0).integers(0, 320, size=4000)]

@@ -11,7 +11,7 @@ from mtpbench.decode import generate_ar, generate_mtp
 from mtpbench.defaults import DEMO_MODEL, DEMO_PROMPT_SET
 from mtpbench.sweep.prompts import encode, load_set
 from mtpbench.sampling import SamplingConfig
-from mtpbench.build.demo import is_held_out
+from mtpbench.builders.demo import is_held_out
 
 
 def test_inspect_without_model_describes_the_embedded_default(cli):

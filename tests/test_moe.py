@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mtpbench.build.tiny import TinySpec, make_tiny
+from mtpbench.builders.tiny import TinySpec, make_tiny
 from mtpbench.decode import generate_ar, generate_mtp
 from mtpbench.model.checkpoint import load
 from mtpbench.sampling import SamplingConfig
@@ -225,7 +225,7 @@ def test_policies_reach_the_experts_and_keep_routers_at_8_bits(moe_dirs, tmp_pat
     8, as mlx_lm's conversions do; the result loads in mlx_lm and keeps greedy identity."""
     import mlx_lm
 
-    from mtpbench.build.quantize import quantize_checkpoint
+    from mtpbench.builders.quantize import quantize_checkpoint
     from mtpbench.model.describe import describe
 
     src = make_tiny(tmp_path / "moe64", TinySpec(moe=True, seed=4, agree=0.9, hidden=64, head_dim=32))
@@ -241,7 +241,7 @@ def test_policies_reach_the_experts_and_keep_routers_at_8_bits(moe_dirs, tmp_pat
 
 
 def test_an_moe_head_grafts_onto_its_trunk_and_a_dense_trunk_is_refused(moe_dirs, tmp_path, tiny_agree):
-    from mtpbench.build.quantize import graft
+    from mtpbench.builders.quantize import graft
     from mtpbench.errors import UserError
 
     spec = MOE_LAYOUTS["per-expert"]

@@ -18,11 +18,11 @@ from mtpbench.decode import generate_ar, generate_mtp
 from mtpbench.decode.teacher import top2_gaps
 from mtpbench.model.describe import describe
 from mtpbench.errors import UserError
-from mtpbench.build.policies import POLICIES, TRUNK_COMPONENTS, get_policy, policy_lines
-from mtpbench.build.quantize import MANIFEST, apply_policy, graft, quantize_checkpoint
+from mtpbench.builders.policies import POLICIES, TRUNK_COMPONENTS, get_policy, policy_lines
+from mtpbench.builders.quantize import MANIFEST, apply_policy, graft, quantize_checkpoint
 from mtpbench.sampling import SamplingConfig
 from mtpbench.stats.preservation import greedy_identity
-from mtpbench.build.tiny import TinySpec, make_tiny
+from mtpbench.builders.tiny import TinySpec, make_tiny
 
 PROMPT = "def add(a, b):\n    return a"
 N, K = 64, 2

@@ -21,9 +21,9 @@ import pytest
 
 from mtpbench.backends.reference import ReferenceBackend
 from mtpbench.errors import UserError
-from mtpbench.sweep import ray_executor
-from mtpbench.sweep import run as sweep
-from mtpbench.sweep.execute import RunEvent, SweepOutcome, Writer, execute_local
+from mtpbench.orchestrate import ray_executor
+from mtpbench.orchestrate import sweep
+from mtpbench.orchestrate.execute import RunEvent, SweepOutcome, Writer, execute_local
 from mtpbench.sweep.spec import Cell, SweepSpec, plan
 from mtpbench.sweep.store import done_parts, open_results_dir
 from mtpbench.sweep.prompts import load_sets
@@ -193,7 +193,7 @@ _CTRL_C_DRIVER = """
 import sys
 from pathlib import Path
 import signal
-from mtpbench.sweep.run import run_sweep
+from mtpbench.orchestrate.sweep import run_sweep
 from mtpbench.sweep.spec import SweepSpec
 signal.signal(signal.SIGINT, signal.default_int_handler)  # a Ctrl-C raises here even under a shell ignoring SIGINT
 model, prompts, out = sys.argv[1:4]

@@ -204,7 +204,7 @@ def test_token_records_equal_the_dense_formulas():
 def test_a_vocabulary_wider_than_the_tokenizer_decodes_to_placeholders(tmp_path):
     from click.testing import CliRunner
 
-    from mtpbench.build.tiny import TinySpec, make_tiny
+    from mtpbench.builders.tiny import TinySpec, make_tiny
     from mtpbench.cli.main import main
     from mtpbench.decode import generate_ar, generate_mtp
     from mtpbench.model.checkpoint import load

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mtpbench.backends.endpoint import Endpoint, endpoints_from_options
+from mtpbench.sweep.endpoint import Endpoint, endpoints_from_options
 
 from .conftest import loopback, mlx_lm_server
 from mtpbench.backends.metrics import SpecCounters, counter_fields, parse_spec_counters
@@ -28,7 +28,7 @@ from mtpbench.errors import UserError
 from mtpbench.sweep.prompts import encode, load_set
 from mtpbench.sweep.store import read_table
 from mtpbench.sampling import SamplingConfig
-from mtpbench.sweep.run import SweepOutcome, run_sweep
+from mtpbench.orchestrate.sweep import SweepOutcome, run_sweep
 from mtpbench.sweep.spec import SweepSpec
 
 MAX_TOKENS = 16

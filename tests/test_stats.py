@@ -15,7 +15,7 @@ from mtpbench.stats.preservation import (TestResult, calibration_test, exact_tar
                                          two_sample_categorical, two_sample_scalar)
 from mtpbench.stats.summary import wilson
 from mtpbench.sweep.spec import Setting
-from mtpbench.verify import VerifyPlan, run_verify
+from mtpbench.orchestrate.verify import VerifyPlan, run_verify
 
 REPS = 200
 

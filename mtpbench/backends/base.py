@@ -1,8 +1,8 @@
 """The one interface a sweep drives: whatever it measures (mtpbench's reference decoder on a checkpoint, or a
 running server), it is prepared once, warmed up per group of like cells, asked for each cell's rows, and closed.
 
-The runner (`sweep.run`) iterates backends without knowing which kind they are; every row comes from the one row
-builder (`sweep.rows`), so a sweep that mixes backends writes one table.
+The runner (`orchestrate.sweep`) iterates backends without knowing which kind they are; every row comes from the
+one row builder (`sweep.rows`), so a sweep that mixes backends writes one table.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from .endpoint import Endpoint
+from ..sweep.endpoint import Endpoint
 
 MAX_LINE_BYTES = 4 << 20  # one SSE line: a chunk with 20 top log-probs per token is a few kB
 ERROR_BODY_BYTES = 2000

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from .endpoint import Endpoint
+from ..sweep.endpoint import Endpoint
 
 METRICS_BYTES = 16 << 20
 MAX_COUNT = 2**31 - 1

@@ -18,6 +18,7 @@ from typing import Any
 from ..decode import DecodeResult, generate_ar, generate_mtp
 from ..decode.rescore import Prefix, Rescoring, fresh_prefix, rescore
 from ..errors import UserError
+from ..machine import snapshot
 from ..model.checkpoint import Bundle, context_length, load, preflight, read_config, text_config
 from ..model.kvcache import KVCacheSpec
 from ..model.roofline import (bytes_per_token, copy_bandwidth, draft_step_bytes, kv_bytes_per_step, kv_layout,
@@ -182,7 +183,7 @@ class ReferenceBackend:
     def prepare(self) -> None:
         bundle = load(self.model, require_mtp=True)
         if self.policy != "as-is":
-            from ..build.quantize import apply_policy
+            from ..builders.quantize import apply_policy
 
             bundle = apply_policy(bundle, self.policy)
         self.bundle = bundle
@@ -265,6 +266,7 @@ class ReferenceBackend:
             self._decode(cell, ids, mode, k, n, self.spec.records, ignore_eos=True)
 
     def run_cell(self, cell: Cell, on_run: OnRun | None = None) -> CellRows:
+        machine_start = snapshot()
         ids, layout = self._ids(cell), self._kv_layout(cell)
         rows = CellRows()
         prefix, prefix_s = self._fresh_prefix(cell, ids) if not self._broken else (None, 0.0)
@@ -295,6 +297,7 @@ class ReferenceBackend:
                 rows.tokens += tokens
             if on_run:
                 on_run(f"{cell.prompt.id} {mode}{k if k else ''}", row.get("decode_tok_s") or float("nan"))
+        rows.stamp_machine(machine_start, snapshot())
         return rows
 
     def close(self) -> None:

@@ -23,7 +23,7 @@ from ..sweep.spec import Cell, SweepSpec, thinking_flag
 from ..sweep.prompts import encode
 from .audit import REPEAT, UNAUDITED, Audit, assumption, audit_run, detect_profile, logprobs_request
 from .base import OnRun
-from .endpoint import Endpoint
+from ..sweep.endpoint import Endpoint
 from .http import Answer, RequestFailed, complete, send, served_model_entries, timing_fields
 from .metrics import counter_fields, fetch_spec_counters
 

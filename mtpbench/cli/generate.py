@@ -27,7 +27,7 @@ def generate_cmd(model, prompt, chat, ar_mode, k, draft_temp, temperature, top_p
                  num_samples, as_json):
     """Generate from one prompt with the AR baseline or the reference MTP decoder."""
     from ..defaults import default_model
-    from ..generation import generate_samples
+    from ..orchestrate.generation import generate_samples
     from ..model.checkpoint import load
     from ..sweep.axes import draft_temps, k_values
     from ..sweep.spec import Setting

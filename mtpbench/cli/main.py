@@ -18,7 +18,9 @@ from .verify import verify_cmd
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--blas", type=click.Choice(["openblas", "reference"]), default="openblas", show_default=True,
-              help="Linux CPU only: preload OpenBLAS under mlx (fast, same results) or keep mlx's bundled reference BLAS.")
+              help="Linux CPU only: preload an OpenBLAS under mlx (fast, same results; each library is first checked "
+                   "in a child process, once per machine, and one that fails is never preloaded) or keep mlx's "
+                   "bundled reference BLAS.")
 @click.version_option(package_name="mtpbench")
 def main(blas: str) -> None:
     """Benchmark and verify native MTP speculative decoding for Qwen3.5/3.6 checkpoints on MLX.
@@ -35,7 +37,8 @@ for command in (sweep_cmd, verify_cmd, report_cmd, card_cmd, generate_cmd, accep
 
 
 def entry() -> None:
-    """Console-script entry: preload OpenBLAS (re-executing once) unless `--blas reference`, then run the CLI."""
+    """Console-script entry: preload an OpenBLAS that passes its probe (re-executing once) unless `--blas
+    reference`, then run the CLI (on mlx's bundled BLAS, said on stderr, when no OpenBLAS passes)."""
     argv = sys.argv[1:]
     choice = "openblas"
     for i, a in enumerate(argv):

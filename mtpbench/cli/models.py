@@ -15,7 +15,7 @@ from .common import friendly
 @friendly
 def policies_cmd() -> None:
     """List the built-in quantization policies (TRUNK[+MTP])."""
-    from ..build.policies import policy_lines
+    from ..builders.policies import policy_lines
 
     for line in policy_lines():
         click.echo(line)
@@ -34,7 +34,7 @@ def policies_cmd() -> None:
 def quantize_cmd(model: str, out: Path, policy: str, group_size: int, lm_head_bits: int | None,
                  mtp_layout: str) -> None:
     """Quantize MODEL (trunk and MTP head) by a policy and write an MLX checkpoint to OUT."""
-    from ..build.quantize import quantize_checkpoint, summary
+    from ..builders.quantize import quantize_checkpoint, summary
 
     path = quantize_checkpoint(model, out, policy, group_size=group_size, lm_head_bits=lm_head_bits,
                                mtp_layout=mtp_layout)
@@ -51,7 +51,7 @@ def quantize_cmd(model: str, out: Path, policy: str, group_size: int, lm_head_bi
 @friendly
 def graft_cmd(trunk: str, mtp_from: str, out: Path, mtp_policy: str | None) -> None:
     """Copy the MTP head of --mtp-from next to TRUNK's weights (e.g. a conversion that stripped it) into OUT."""
-    from ..build.quantize import graft, summary
+    from ..builders.quantize import graft, summary
 
     path = graft(trunk, mtp_from, out, mtp_policy=mtp_policy)
     click.echo(str(path))
@@ -76,7 +76,7 @@ def make_demo_cmd(out, prompts_out, phase1_steps, phase2_steps):
     """
     from dataclasses import replace
 
-    from ..build.demo import Recipe, train
+    from ..builders.demo import Recipe, train
 
     dest = Path(out) if out else Path("results") / "demo-rebuild"
     steps = {"phase1_steps": phase1_steps, "phase2_steps": phase2_steps}
@@ -113,7 +113,7 @@ def make_demo_cmd(out, prompts_out, phase1_steps, phase2_steps):
 def make_tiny_cmd(out, seed, layers, hidden, vocab, vocab_size, tie_embeddings, no_mtp, mtp_layout, mtp_prefix,
                   hf_norms, shards, moe, experts, experts_per_token, mtp_experts, force):
     """Write a tiny random Qwen3.5 checkpoint with an MTP head to OUT (for tests and experiments)."""
-    from ..build.tiny import TinySpec, make_tiny
+    from ..builders.tiny import TinySpec, make_tiny
 
     try:
         spec = TinySpec(seed=seed, layers=layers, hidden=hidden, vocab=vocab, vocab_size=vocab_size,

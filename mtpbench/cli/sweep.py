@@ -82,7 +82,7 @@ def sweep_cmd(config_file, quiet, no_report, bench_models, no_cost_model, bench_
     from ..perf.bench import bench_into, cost_models_into
     from ..report.console import summary_of
     from ..report.html import render_report
-    from ..sweep.run import run_sweep
+    from ..orchestrate.sweep import run_sweep
     from ..sweep.spec import default_out, spec_from_values
 
     values = read_sweep_file(_read_toml(config_file), config_file).given if config_file else {}

@@ -53,7 +53,7 @@ def verify_cmd(model, k, temp, top_p, top_k, min_p, draft_temp, samples, tokens,
     from ..model.checkpoint import load
     from ..sweep.axes import draft_temps, floats, k_values, words
     from ..sweep.spec import Setting
-    from ..verify import TESTS, VerifyPlan, report_table, run_verify, total_ticks, write_evidence
+    from ..orchestrate.verify import TESTS, VerifyPlan, report_table, run_verify, total_ticks, write_evidence
 
     chosen = words(tests, "--tests")
     bad = [t for t in chosen if t not in TESTS]
@@ -79,7 +79,7 @@ def verify_cmd(model, k, temp, top_p, top_k, min_p, draft_temp, samples, tokens,
     click.echo(f"\npreservation of the target distribution with {label}: {verdict} "
                f"(family of {sum(r.family == 'preservation' for g in report.groups for r in g.results)} tests, "
                f"Holm at 0.05)")
-    from ..verify import blind_groups
+    from ..orchestrate.verify import blind_groups
 
     for g in blind_groups(report):
         click.echo(f"{g.setting.label} K={g.k}: could not see rule errors: only {g.accepted} accepted drafts "

@@ -5,7 +5,7 @@ snapshot taken before verify is restored and the accepted tokens are forwarded a
 capture, the state after the last accepted token is committed directly). mx arrays are immutable, so a snapshot
 is a list of references, not a copy of the data.
 
-Quantized KV caches (see `mtpbench.kvcache`) roll back exactly the same way; caches whose trim is not exact
+Quantized KV caches (see `mtpbench.model.kvcache`) roll back exactly the same way; caches whose trim is not exact
 (mlx_lm's rotating window once it has wrapped) are refused, never approximated.
 """
 

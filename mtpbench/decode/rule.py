@@ -20,8 +20,6 @@ import numpy as np
 
 from ..sampling import Support, as_support, quantile, residual, sample
 
-MAX_K = 16  # the deepest draft chain the reference decoder takes (K drafts per step)
-
 
 @dataclass(frozen=True)
 class Rule:

@@ -46,10 +46,8 @@ from .counts import check_counts, step_counts
 from .common import (choose, host_supports, now, peak, pit, point_mass_record, reset_peak, rngs, sparse_row,
                      token_record)
 from .records import DecodeResult, StepRecord, TokenRecord
-from .rule import EXACT, MAX_K, Rule, Verdict, apply_rule, apply_rule_greedy, conditional_law
-
-
-ROLLBACKS = ("capture", "reforward")
+from .limits import MAX_K, ROLLBACKS
+from .rule import EXACT, Rule, Verdict, apply_rule, apply_rule_greedy, conditional_law
 
 
 def _raw_target(cfg: SamplingConfig) -> SamplingConfig:

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..decode import generate_ar, generate_mtp
 from ..decode.counts import count_problems
+from ..decode.limits import ROLLBACKS
 from ..machine import busy_reasons, snapshot
 from ..model.blas import active_blas
 from ..model.checkpoint import Bundle, load
@@ -67,7 +68,7 @@ def check_mtp_identity(bundle: Bundle, prompt: list[int]) -> Check:
     """Greedy MTP (K=3, both rollbacks) emits exactly the greedy AR tokens."""
     ar = generate_ar(bundle, prompt, GREEDY, TOKENS, records=False, ignore_eos=True).tokens
     runs = {rb: generate_mtp(bundle, prompt, GREEDY, K, TOKENS, records=False, ignore_eos=True, rollback=rb).tokens
-            for rb in ("capture", "reforward")}
+            for rb in ROLLBACKS}
     bad = [f"{rb} diverges at token {_common_prefix(ar, t)}" for rb, t in runs.items() if t != ar]
     return Check(f"greedy MTP K={K} = AR", not bad, "; ".join(bad) or f"{len(ar)} tokens identical, both rollbacks")
 

@@ -11,7 +11,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from ..build.tiny import TinySpec, make_tiny
+from ..builders.tiny import TinySpec, make_tiny
 from ..errors import UserError
 from .settings import BenchSettings
 

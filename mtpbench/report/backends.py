@@ -10,7 +10,7 @@ from __future__ import annotations
 import pandas as pd
 
 from ..stats import summary
-from . import fmt
+from .. import fmt
 from .present import Table, build, key_columns
 from .tables import BY
 

@@ -14,7 +14,7 @@ import numpy as np
 from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
 
-from . import fmt
+from .. import fmt
 from .plots import figure, legend, styled, to_svg
 from .present import Table
 

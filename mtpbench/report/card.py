@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 
 from ..errors import UserError
-from . import backends, fmt, tables
+from .. import fmt
+from . import backends, tables
 from .load import GROUP_KEYS, Loaded, load
 from ..stats.acceptance import draft_shares
 from ..sweep.axes import context_label

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..sweep.axes import GROUP_KEYS, context_label
+from ..sweep.axes import GROUP_KEYS
+from .conditions import machine_warnings
+from .fmt import group_title
 from .load import cost_sources
 
 from ..stats.acceptance import (StepCosts, bandwidth_bound_speedup, costs_from_bench, draft_shares,
@@ -65,9 +67,7 @@ def sweep_summary(runs: pd.DataFrame, benches: list[dict] | None = None) -> str:
 
         ar = rows(thr)
         ar = ar[ar["mode"] == "ar"]
-        shown = {c: context_label(v) if c == "context" else v for c, v in sel.items()}
-        head = "  |  ".join(f"{c} {v}" if c not in ("model", "setting") else str(v) for c, v in shown.items()
-                            if c in ("model", "setting") or runs[c].nunique(dropna=False) > 1)
+        head = group_title(sel, runs)
         lines.append(f"\n{head}  |  AR {ar.tok_s.iloc[0]:.1f} tok/s (sd {ar.tok_s_std.iloc[0]:.1f}, "
                      f"{int(ar.runs.iloc[0])} runs)")
         table = []
@@ -94,6 +94,7 @@ def sweep_summary(runs: pd.DataFrame, benches: list[dict] | None = None) -> str:
         cat = pp.groupby([*by, "k", "category"]).agg(speedup=("ratio", "mean"), tau=("tau", "mean"))
         lines += ["\nBy prompt category (mean per-prompt speedup, tau):", cat.round(2).to_string()]
     lines += _server_lines(runs)
+    lines += [f"\nwarning: {group_title(sel, runs)}: {msg}" for sel, msg in machine_warnings(runs, by)]
     failed = int((runs["status"] != "ok").sum())
     if failed:
         lines.append(f"\n{failed} run(s) failed; see the `error` column of the runs table")

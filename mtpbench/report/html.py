@@ -15,8 +15,11 @@ import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
 
-from . import backends, fmt, plots, tables
+from .. import fmt
+from . import backends, plots, tables
 from ..stats.acceptance import draft_shares
+from ..sweep.axes import GROUP_KEYS
+from .conditions import machine_warnings
 from .load import Loaded, load
 from .present import (
     KEY_FORMATS,
@@ -368,9 +371,12 @@ def render_html(data: Loaded, title: str | None = None) -> str:
                      "failed": int(((runs["source"] == s) & (runs["status"] != "ok")).sum()) if not runs.empty else 0}
                     for s in names]
     keys = shown_keys(runs)
+    by = [c for c in GROUP_KEYS if c in runs]
+    machine = [f"{fmt.group_title(sel, runs)}: {msg}" for sel, msg in machine_warnings(runs, by)]
     return _environment().get_template("report.html.j2").render(
         title=title, sources=summary_rows, failed=failed_table(data, keys),
-        n_failed=sum(r["failed"] for r in summary_rows), sections=sections(data), damaged=data.damaged)
+        n_failed=sum(r["failed"] for r in summary_rows), sections=sections(data), damaged=data.damaged,
+        machine=machine)
 
 
 def render_report(results_dirs: list[Path], out: Path, title: str | None = None, say=None) -> Path:

@@ -9,7 +9,7 @@ from typing import Any
 import pandas as pd
 
 from ..sweep.axes import AXES, context_label
-from . import fmt
+from .. import fmt
 from .tables import BY
 
 KEY_HEADERS = {"source": "Source", "backend": "Backend", "setting": "Setting", **{a.column: a.title for a in AXES}}

@@ -19,7 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from ..decode.rule import MAX_K
+from ..decode.limits import MAX_K
 from ..errors import UserError
 from ..model import conventions
 
@@ -339,7 +339,7 @@ OPTIONS: tuple[Option, ...] = (
            "Skip the steps/tokens tables (no per-cell preservation verdicts)."),
     Option("out", ("--out", "-o"), str, None,
            "Results dir (default: results/<model>-<spec hash>, so reruns resume).", in_spec=False),
-    # servers (see mtpbench.backends.endpoint): the URL, mode and concurrency decide rows; the rest how they run
+    # servers (see mtpbench.sweep.endpoint): the URL, mode and concurrency decide rows; the rest how they run
     Option("endpoint", ("--endpoint",), str, (), "Measure a running OpenAI-compatible server at this base URL "
            "(e.g. http://127.0.0.1:8000/v1); [NAME=]URL, repeatable. Mixes with --model.", repeatable=True,
            in_spec=False, metavar="[NAME=]URL"),

@@ -1,7 +1,7 @@
 """Long-context prompts: real documents cut, per checkpoint's tokenizer, to a context bucket's length.
 
 The documents live in the package (`prompts_data/longctx.jsonl`, built from Python standard library modules by
-`python -m mtpbench.build.longctx`; PSF licence). A line is {"id", "category", "document", "task",
+`python -m mtpbench.builders.longctx`; PSF licence). A line is {"id", "category", "document", "task",
 "completion", "sources", ...}. For a bucket of N tokens a prompt is the document's first lines, as many as fit,
 then the task: the longest line-boundary prefix whose whole prompt (chat template included, for every thinking
 value swept) has at most N tokens. The cut prompt is an ordinary `Prompt`, so its digest (part of each cell's
@@ -19,13 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..defaults import PACKAGE_DIR
+from ..defaults import LONGCTX_FILE as DATA_FILE, LONGCTX_SET
 from ..errors import UserError
 from .axes import context_label
 from .prompts import Prompt, encode, jsonl_objects
-
-LONGCTX_SET = "longctx"
-DATA_FILE = PACKAGE_DIR / "prompts_data" / f"{LONGCTX_SET}.jsonl"
 
 
 @dataclass(frozen=True)
@@ -55,7 +52,7 @@ def load_documents(path: Path = DATA_FILE) -> list[Document]:
     """The long-context set, validated with the file and line named in every error."""
     docs = []
     for lineno, obj in jsonl_objects(path, "long-context prompt file",
-                                     "; rebuild it with `python -m mtpbench.build.longctx`"):
+                                     "; rebuild it with `python -m mtpbench.builders.longctx`"):
         if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) and obj[k]
                                                 for k in ("id", "category", "document", "task")):
             raise UserError(f"{path}:{lineno}: needs non-empty 'id', 'category', 'document' and 'task' strings")

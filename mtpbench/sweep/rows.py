@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..machine import MachineState, row_fields
 from ..provenance import provenance
 from .axes import AXES, RUN
 from .spec import Cell
@@ -27,6 +28,13 @@ class CellRows:
 
     def tables(self) -> dict[str, list[dict[str, Any]]]:
         return {"runs": self.runs, "steps": self.steps, "tokens": self.tokens}
+
+    def stamp_machine(self, start: MachineState, end: MachineState) -> None:
+        """Every run of the cell records the machine's state at the cell's start and end (a report then warns of
+        cells measured on a busy or hot machine)."""
+        fields = row_fields(start, end)
+        for row in self.runs:
+            row.update(fields)
 
 
 def run_row(cell: Cell, target: Mapping[str, Any], mode: str, k: int, order: int, started: str, sweep: str,

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..backends.endpoint import Endpoint
+from .endpoint import Endpoint
 from ..errors import UserError
 from ..model import conventions
 from ..sampling import SamplingConfig
@@ -126,7 +126,7 @@ class SweepSpec:
             OPTION_BY_NAME[opt].coerce(value, OPTION_BY_NAME[opt].flags[0])
         self.settings  # every sampling combination is valid
         if any(p != "as-is" for p in self.values("policy")):
-            from ..build.policies import get_policy
+            from ..builders.policies import get_policy
 
             for p in self.values("policy"):
                 if p != "as-is":
@@ -298,7 +298,7 @@ def thinking_flag(thinking: str) -> bool | None:
 def spec_from_values(values: dict[str, Any]) -> SweepSpec:
     """A spec from merged command-line and sweep-file values (axis names and `axes.OPTIONS` names; None or
     missing: not given). The server options become endpoints; every value is validated here, before any work."""
-    from ..backends.endpoint import endpoints_from_options
+    from .endpoint import endpoints_from_options
 
     def given(name: str, default: Any = None) -> Any:
         v = values.get(name)

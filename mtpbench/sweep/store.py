@@ -67,6 +67,11 @@ RUNS = pa.schema([
     ("mtpbench_version", pa.string()), ("mlx_version", pa.string()), ("mlx_lm_version", pa.string()),
     ("git_sha", pa.string()), ("host", pa.string()), ("device", pa.string()), ("os", pa.string()),
     ("python", pa.string()), ("blas", pa.string()), ("started_at", pa.string()),
+    # the machine around the run's cell (mtpbench.machine.row_fields): load at its start and end, the worse of the
+    # two readings for the rest; null where the OS does not report it, and in rows written before they were kept
+    ("load_start", pa.float64()), ("load_end", pa.float64()), ("cores", pa.int32()), ("cores_usable", pa.int32()),
+    ("governor", pa.string()), ("cpu_freq_mhz", pa.float64()), ("cpu_freq_max_mhz", pa.float64()),
+    ("temp_c", pa.float64()), ("thermal_pressure", pa.string()), ("low_power_mode", pa.bool_()),
 ])
 STEPS = pa.schema([
     ("run_id", pa.string()), ("step", pa.int32()), ("depth", pa.int32()), ("drafted_token", pa.int32()),

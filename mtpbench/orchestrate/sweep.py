@@ -1,5 +1,5 @@
 """The runner: validate everything, plan the cells, open (and lock) the results directory, and drive every backend
-through the one interface (`backends.base.Backend`) on an executor.
+through the one interface (`backends.base.Backend`) on an executor (`execute`).
 
 Each cell's rows are written as atomic parquet parts when it finishes (steps and tokens first, runs last), so a
 killed sweep loses at most the cell in flight and a rerun of the same command finishes only what is missing. The
@@ -20,11 +20,11 @@ import pyarrow.parquet as pq
 from ..backends.base import Backend
 from ..errors import UserError
 from ..provenance import now_iso, provenance
-from .axes import NATIVE, REFERENCE, SERVER
-from .prompts import Prompt, load_sets
+from ..sweep.axes import NATIVE, REFERENCE, SERVER
+from ..sweep.prompts import Prompt, load_sets
 from .execute import RunEvent, SweepOutcome, Work, Writer, execute_local
-from .spec import Cell, SweepSpec, plan
-from .store import (SCHEMA_VERSION, done_parts, open_results_dir, part_name, parts, read_table, readable,
+from ..sweep.spec import Cell, SweepSpec, plan
+from ..sweep.store import (SCHEMA_VERSION, done_parts, open_results_dir, part_name, parts, read_table, readable,
                     remove_created, supersede, update_manifest, write_part)
 
 EXECUTORS = ("local", "ray")

@@ -13,9 +13,9 @@ from typing import Any
 
 from ..backends.base import Backend
 from ..errors import UserError
-from .rows import CellRows
-from .spec import Cell
-from .store import CELL_TABLES, update_manifest, write_part
+from ..sweep.rows import CellRows
+from ..sweep.spec import Cell
+from ..sweep.store import CELL_TABLES, update_manifest, write_part
 
 Work = list[tuple[Backend, Cell]]
 

@@ -432,7 +432,7 @@ def graft(trunk_model: str | Path, mtp_from: str | Path, out: Path, mtp_policy: 
 
 def summary(out: Path) -> str:
     """One line from a written manifest: what was quantized, size before -> after."""
-    from ..report.fmt import memory
+    from ..fmt import memory
 
     path = Path(out) / MANIFEST
     m = json.loads((path if path.exists() else Path(out) / GRAFT_MANIFEST).read_text())

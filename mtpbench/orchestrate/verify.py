@@ -14,21 +14,21 @@ from pathlib import Path
 
 import numpy as np
 
-from .model.checkpoint import Bundle
-from .decode import MAX_K, generate_ar, generate_mtp
-from .decode.controls import Control
-from .decode.rule import EXACT
-from .decode.rescore import rescore
-from .decode.teacher import enumerate_target, top2_gaps
-from .stats.preservation import (FRESH_COLUMNS, MIN_ACCEPTED, TestResult, exact_target_test, greedy_identity,
+from ..model.checkpoint import Bundle
+from ..decode import generate_ar, generate_mtp
+from ..decode.limits import MAX_K, ROLLBACKS  # sample i runs rollback i % 2: both reach every test
+from ..decode.controls import Control
+from ..decode.rule import EXACT
+from ..decode.rescore import rescore
+from ..decode.teacher import enumerate_target, top2_gaps
+from ..stats.preservation import (FRESH_COLUMNS, MIN_ACCEPTED, TestResult, exact_target_test, greedy_identity,
                                  holm_by_family, sampled_family, two_sample_categorical, two_sample_scalar)
-from .sweep.axes import AXES
-from .sweep.spec import Setting
+from ..sweep.axes import AXES
+from ..sweep.spec import Setting
 
 TESTS = ("exact", "support", "pit", "score", "conditional", "calibration", "two_sample", "greedy")
 # two_sample: opt in (weaker, costs AR runs)
 DEFAULT_TESTS = ("exact", "support", "pit", "score", "conditional", "calibration", "greedy")
-ROLLBACKS = ("capture", "reforward")  # sample i runs rollback i % 2: both reach every test
 DEFAULT_PROMPTS = ("def add(a, b):\n    return", "The quick brown fox", "for i in range(10):\n", "x = ")
 EXACT_TOKENS = 3
 MAX_EXACT_SUPPORT = 1_000
@@ -253,8 +253,8 @@ def write_evidence(root: Path, report: VerifyReport, model: str, plan: VerifyPla
     Into an existing directory only when it is an mtpbench results directory: a user's directory is never used."""
     import hashlib
 
-    from .provenance import now_iso, provenance
-    from .sweep.store import MANIFEST, SCHEMA_VERSION, open_results_dir, part_path, write_part
+    from ..provenance import now_iso, provenance
+    from ..sweep.store import MANIFEST, SCHEMA_VERSION, open_results_dir, part_path, write_part
 
     lock, _, _ = open_results_dir(Path(root), lambda: {
         "schema_version": SCHEMA_VERSION, "name": Path(root).name, "created_at": now_iso(), "command": command,

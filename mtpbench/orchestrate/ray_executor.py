@@ -1,6 +1,6 @@
 """Run a sweep's cells on a Ray cluster (or a local Ray instance): `mtpbench sweep --executor ray`.
 
-The unit of work is one reference (checkpoint, policy) group, run by `run.run_backend` on a `ReferenceBackend`
+The unit of work is one reference (checkpoint, policy) group, run by `execute.run_backend` on a `ReferenceBackend`
 built on the worker (load and quantize the checkpoint once, warm up per group of like cells, run its cells). Each group is one Ray task that
 declares `num_cpus`; a cell (AR and MTP at every K, in ABBA order) always runs whole inside one task, so the
 timing pairs compared in a report were measured back to back on one machine.
@@ -8,7 +8,7 @@ timing pairs compared in a report were measured back to back on one machine.
 Workers return records, the driver writes them
     A worker never writes results. When a cell finishes, the worker sends its (runs, steps, tokens) rows to a
     small collector actor (`Sink`) and waits until they are stored; the driver drains the collector a few times
-    a second and writes each cell with `run.Writer`, exactly as the local executor does. So:
+    a second and writes each cell with `execute.Writer`, exactly as the local executor does. So:
     * no shared filesystem is needed for results: workers only need the checkpoints (see the README);
     * the driver is the only writer of the results dir, so the atomic-rename parts, the "runs part last = cell
       done" rule and `store.done_parts`-based resume hold unchanged, and a local and a Ray run of the same spec can
@@ -40,9 +40,9 @@ from typing import Any
 
 from ..backends.reference import ReferenceBackend
 from ..errors import UserError
-from .rows import CellRows
+from ..sweep.rows import CellRows
 from .execute import Work, Writer, run_backend
-from .spec import Cell, SweepSpec
+from ..sweep.spec import Cell, SweepSpec
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class Sink:
 
 def _group_task(spec: SweepSpec, model: str, policy: str, display: str, cells: list[Cell], sweep_name: str,
                 sink, hooks: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
-    """Runs on a worker: one (model, policy) group via `run.run_backend`; each cell's rows go to `sink` as it ends.
+    """Runs on a worker: one (model, policy) group via `execute.run_backend`; each cell's rows go to `sink` as it ends.
 
     Returns the backend's manifest entry.
     """
@@ -148,7 +148,7 @@ def _init_ray(ray, address: str | None) -> None:
 
 def run_ray(spec: SweepSpec, work: Work, writer: Writer, address: str | None = None, max_retries: int = 2,
             num_cpus_per_task: float = 1) -> None:
-    """Run the (reference) work, one Ray task per (model, policy) group; same contract as `run.execute_local`.
+    """Run the (reference) work, one Ray task per (model, policy) group; same contract as `execute.execute_local`.
 
     `address=None` starts a local Ray instance with this machine's CPUs (shut down on return); an address
     (`HEAD:6379`, checked to be reachable first) connects to a running cluster. A Ray already initialised in this

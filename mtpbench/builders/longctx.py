@@ -2,12 +2,12 @@
 
 The documents are real text: concatenations of related stdlib modules (sources and docstrings, Python Software
 Foundation License), each followed by a task (continue, summarise, answer a question, edit a function). Each
-document opens with files the embedded demo never saw in training (`build.demo.is_held_out`), so the buckets the
+document opens with files the embedded demo never saw in training (`builders.demo.is_held_out`), so the buckets the
 demo can hold (its position limit is 8k) are held-out text; related modules pad each document to at least
 `TARGET_CHARS`, enough for a 32k-token bucket with any tokenizer we know (about 3 to 4 characters per token).
 
 Different Python versions ship different stdlib text, so the built file is part of the package and the sweep
-reads only it; rerun `python -m mtpbench.build.longctx` to regenerate it (it records the Python version).
+reads only it; rerun `python -m mtpbench.builders.longctx` to regenerate it (it records the Python version).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from ..sweep.longctx import DATA_FILE, LONGCTX_SET
+from ..defaults import LONGCTX_FILE as DATA_FILE, LONGCTX_SET
 
 TARGET_CHARS = 140_000  # ~32k tokens at 4.3 characters per token; each document is cut at a line boundary
 

@@ -6,10 +6,10 @@ from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
-from .model.checkpoint import Bundle
-from .decode import DecodeResult, generate_ar, generate_mtp
-from .sweep.prompts import Prompt, encode
-from .sampling import SamplingConfig
+from ..model.checkpoint import Bundle
+from ..decode import DecodeResult, generate_ar, generate_mtp
+from ..sweep.prompts import Prompt, encode
+from ..sampling import SamplingConfig
 
 
 def encode_prompt(bundle: Bundle, text: str, chat: bool = False, thinking: bool | None = None) -> list[int]:
@@ -60,7 +60,7 @@ def rescoring(bundle: Bundle, ids: list[int], r: DecodeResult, cfg: SamplingConf
     """A sampled MTP run against a fresh teacher-forced target (decode/rescore.py), in brief."""
     import math
 
-    from .decode.rescore import rescore
+    from ..decode.rescore import rescore
 
     fresh = rescore(bundle, ids, r, cfg)
     tv = [f.drift_tv for f in fresh.records if not math.isnan(f.drift_tv)]
