@@ -46,6 +46,12 @@ def _device() -> str:
     return f"cpu: {cpu_model()} ({n} cores{f', pinned to {usable}' if usable != n else ''})"
 
 
+def _prefill_step() -> int:
+    from .model.trunk import PREFILL_STEP
+
+    return PREFILL_STEP
+
+
 @lru_cache(maxsize=1)
 def provenance() -> dict[str, str]:
     return {
@@ -58,6 +64,7 @@ def provenance() -> dict[str, str]:
         "os": platform.platform(),
         "python": platform.python_version(),
         "blas": active_blas(),
+        "prefill_step": str(_prefill_step()),  # prompt tokens per prefill forward (mlx_lm's prefill step)
     }
 
 

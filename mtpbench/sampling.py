@@ -204,9 +204,17 @@ class Support:
         out[self.ids] = self.probs
         return out
 
+    @property
+    def full(self) -> bool:
+        """Whether the ids are 0..n-1 (a wide support: top_k 0, top_p 1): then an id is its own index."""
+        return len(self.ids) > 0 and int(self.ids[-1]) == len(self.ids) - 1
+
     def on(self, ids: np.ndarray) -> np.ndarray:
-        """Probabilities of `ids` (any order), 0 for ids outside the support."""
+        """Probabilities of `ids` (any order), 0 for ids outside the support; a full support indexes directly."""
         ids = np.asarray(ids)
+        if self.full:
+            inside = (ids >= 0) & (ids < len(self.probs))
+            return np.where(inside, self.probs[np.where(inside, ids, 0)], 0.0)
         pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
         return np.where(self.ids[pos] == ids, self.probs[pos], 0.0)
 
@@ -223,18 +231,19 @@ def as_support(row: "np.ndarray | Support") -> Support:
 
 
 def alpha(p: Support, q: Support) -> float:
-    """sum_v min(p_v, q_v): only ids in both supports contribute."""
-    _, i, j = np.intersect1d(p.ids, q.ids, assume_unique=True, return_indices=True)
-    return float(np.minimum(p.probs[i], q.probs[j]).sum())
+    """sum_v min(p_v, q_v): only ids in both supports contribute, so the smaller support is looked up in the larger
+    (no sort: at 248,320 ids a sorted intersection costs tens of milliseconds, a lookup one)."""
+    small, large = (p, q) if len(p.ids) <= len(q.ids) else (q, p)
+    return float(np.minimum(small.probs, large.on(small.ids)).sum())
 
 
 def residual(p: Support, q: Support) -> Support | None:
-    """normalize(max(0, p - q)) over the union of the two supports; None where it is all zero (p == q)."""
-    ids = np.union1d(p.ids, q.ids)
-    diff = np.maximum(p.on(ids) - q.on(ids), 0.0)
+    """normalize(max(0, p - q)); None where it is all zero (p == q). Positive only where p is, so it lives on p's
+    support: q is looked up there (no union of supports, which sorted the whole vocabulary at top_k 0 / top_p 1)."""
+    diff = np.maximum(p.probs - q.on(p.ids), 0.0)
     keep = diff > 0
     total = diff.sum()
-    return Support(ids[keep], diff[keep] / total) if total > 0 else None
+    return Support(p.ids[keep], diff[keep] / total) if total > 0 else None
 
 
 _FLOAT64_EXP_MAX = 1 << 16  # larger supports (a flat row under top-p or min-p) take float32 exps, as T=1 does

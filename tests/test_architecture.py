@@ -11,7 +11,7 @@ The house, low to high (`WINGS` is the one list; a wing is a top-level package o
 - sweep: the plan (axes, spec, endpoints, rows, store, prompts, long-context buckets), which backends, stats and
   the report read;
 - backends, stats, report: what a sweep measures, the statistics on result tables, the HTML report and card;
-- sampling_cost, bench, perf: what `mtpbench bench` measures (bench.py and sampling_cost.py move into perf/);
+- perf: what `mtpbench bench` measures and `mtpbench doctor` checks (cost terms and model, parity, roofline...);
 - orchestrate: the runs that drive the wings below (the sweep runner and executors, verify, generate);
 - cli, __main__, mtpbench: the command line, `python -m mtpbench`, the package's lazy facade (`mtpbench.load`).
 Every import counts, function-level ones too (a lazy import still couples two wings): a feature that needs an
@@ -32,8 +32,8 @@ import mtpbench
 ROOT = Path(mtpbench.__file__).parent
 CLI_MAX_LINES = 250
 PACKAGE = "mtpbench"  # the root package's own wing: its lazy facade (`mtpbench.load`, ...)
-WINGS = ("errors", "secrets", "atomic", "defaults", "fmt", "machine", "sampling", "model", "provenance", "decode", "builders", "sweep",
-         "backends", "stats", "report", "sampling_cost", "bench", "perf", "orchestrate", "cli", "__main__", PACKAGE)
+WINGS = ("errors", "secrets", "atomic", "defaults", "fmt", "machine", "sampling", "model", "provenance", "decode",
+         "builders", "sweep", "backends", "stats", "report", "perf", "orchestrate", "cli", "__main__", PACKAGE)
 
 
 def _module_name(path: Path) -> str:

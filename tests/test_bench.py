@@ -8,11 +8,12 @@ import math
 import pytest
 from click.testing import CliRunner
 
-from mtpbench.bench import BenchSettings, _context_cap, pattern_prompt, run_bench
+from mtpbench.perf.bench import run_bench
+from mtpbench.perf.settings import BenchSettings, context_cap, pattern_prompt
 from mtpbench.cli.bench import bench_cmd
 from mtpbench.report.bench_section import render_bench_html, render_bench_page
 
-SECTIONS = ("costs", "ar_parity", "mtp", "records_overhead", "roofline", "context_scaling", "provenance", "blas")
+SECTIONS = ("costs", "ar_parity", "mtp", "cost_model", "records_overhead", "roofline", "context_scaling", "provenance", "blas")
 
 
 def _finite_positive(x) -> bool:
@@ -66,7 +67,7 @@ def test_context_scaling_rows(bench):
 
 
 def test_long_prompts_capped_at_position_budget(bundle_agree):
-    cap = _context_cap(bundle_agree, max_tokens=12, ks=(1, 2))
+    cap = context_cap(bundle_agree, max_tokens=12, ks=(1, 2))
     assert 0 < cap < bundle_agree.context_length
     prompt = pattern_prompt(bundle_agree, min(100_000, cap))
     assert len(prompt) == cap and len(set(prompt)) > 1
@@ -137,7 +138,7 @@ def test_large_checkpoint_never_deletes_what_it_did_not_write(tmp_path):
     import hashlib
     from dataclasses import asdict
 
-    from mtpbench.bench import LARGE, large_checkpoint
+    from mtpbench.perf.large import LARGE, large_checkpoint
     from mtpbench.errors import UserError
 
     key = hashlib.sha1(json.dumps(asdict(LARGE), sort_keys=True).encode()).hexdigest()[:10]
@@ -150,3 +151,15 @@ def test_large_checkpoint_never_deletes_what_it_did_not_write(tmp_path):
     assert not list(tmp_path.glob(".tmp-large-*"))
     (out / "config.json").write_text("{}")
     assert large_checkpoint(tmp_path) == out and (out / "notes.txt").exists()
+
+
+def test_cost_model_prices_each_setting_with_its_own_terms(bench):
+    cm = bench[1]["cost_model"]
+    settings = [(e["setting"], e["k"]) for e in cm["settings"]]
+    sampled_label = "T=0.6 top_p=0.95 top_k=20"
+    assert settings == [("greedy", 1), ("greedy", 2), (sampled_label, 1), (sampled_label, 2)]
+    sampled = {v["k"]: v["seconds"] for v in cm["sampled_terms"]["verify_s"]}
+    for e in cm["settings"]:
+        assert _finite_positive(e["predicted_speedup"]) and math.isfinite(e["error"])
+        if e["setting"] != "greedy":  # its verify term is the sampled one, not the greedy path's
+            assert e["model_step_s"] >= sampled[e["k"]]

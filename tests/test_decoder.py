@@ -256,3 +256,67 @@ def test_greedy_ar_and_mtp_stop_at_eos(bundle_agree):
     assert generate_ar(b, prompt, SamplingConfig(), 40).tokens == want
     for k in (1, 2, 4):
         assert generate_mtp(b, prompt, SamplingConfig(), k, 40).tokens == want
+
+
+def test_prefill_step_is_mlx_lm_s_and_chunks_change_nothing(bundle_agree):
+    """PREFILL_STEP is mlx_lm's prefill step; a prompt run in small chunks gives the same decode as one chunk."""
+    import inspect
+    import sys
+
+    import mlx_lm.generate  # noqa: F401  (the module, shadowed on the package by the function)
+
+    from mtpbench.decode import speculative
+    from mtpbench.model.trunk import PREFILL_STEP
+
+    gen = sys.modules["mlx_lm.generate"].generate_step
+    assert PREFILL_STEP == inspect.signature(gen).parameters["prefill_step_size"].default
+    prompt = bundle_agree.tokenizer.encode("def merge(a, b):\n    out = []\n    i = j = 0\n" * 3)
+    whole = generate_mtp(bundle_agree, prompt, SamplingConfig(), 2, 16, ignore_eos=True)
+    cache, mtp_cache = bundle_agree.trunk.make_cache(), bundle_agree.draft_head.make_cache()
+    out, _, _ = speculative.prefill(bundle_agree, prompt, cache, mtp_cache, step=7)
+    assert out.logits.shape[1] == 1 and mtp_cache[0].offset == len(prompt) - 1
+    assert cache[bundle_agree.trunk.body.fa_idx].offset == len(prompt)
+    one, _, _ = speculative.prefill(bundle_agree, prompt, bundle_agree.trunk.make_cache(),
+                                    bundle_agree.draft_head.make_cache())
+    assert np.allclose(np.asarray(out.logits), np.asarray(one.logits), atol=1e-4)
+    assert whole.tokens == generate_ar(bundle_agree, prompt, SamplingConfig(), 16, ignore_eos=True).tokens
+
+
+def test_head_prompt_pass_is_evaluated_inside_the_prefill_clock(bundle_agree, monkeypatch):
+    """The MTP head's pass over the prompt is computed (evaluated) between the prefill clock's two readings, and the
+    first decode step feeds the head only the new pair: TTFT pays for the head, the decode does not."""
+    import mlx.core as mx
+
+    from mtpbench.decode import speculative
+
+    events: list = []
+    clock = speculative.now
+    monkeypatch.setattr(speculative, "now", lambda: events.append("clock") or clock())
+    head = bundle_agree.draft_head
+    real_call, real_eval = type(head).__call__, mx.eval
+    monkeypatch.setattr(type(head), "__call__", lambda self, h, e, c: events.append(("head", h.shape[1]))
+                        or real_call(self, h, e, c))
+    monkeypatch.setattr(mx, "eval", lambda *a: events.append("eval") or real_eval(*a))
+    prompt = bundle_agree.tokenizer.encode("def merge(a, b):\n    out = []\n" * 8)
+    generate_mtp(bundle_agree, prompt, SamplingConfig(temperature=1.0, seed=3), 2, 8, ignore_eos=True,
+                 records=False)
+    t0, t1 = [i for i, e in enumerate(events) if e == "clock"][:2]
+    inside = events[t0:t1]
+    (i_head,) = [i for i, e in enumerate(inside) if e == ("head", len(prompt) - 1)]
+    assert "eval" in inside[i_head:], "the head's prompt pass must be evaluated before the clock stops"
+    first_step = [e for e in events[t1:] if isinstance(e, tuple)][0]
+    assert first_step == ("head", 1), "the first step must only feed the pair the prefill could not know"
+
+
+def test_long_prompt_peak_memory_holds_no_all_position_logits(tmp_path):
+    """At V = 248,320 a 4,000-token prompt's logits at every position would be ~4 GB (float32); the prefill keeps
+    the last row only, so the whole decode's peak memory stays far below one such tensor."""
+    from mtpbench.builders.tiny import TinySpec, make_tiny
+
+    b = load(make_tiny(tmp_path / "wide", TinySpec(vocab_size=248_320, hidden=32, layers=2, head_dim=16, seed=1)))
+    prompt = [int(t) for t in np.random.default_rng(0).integers(0, 320, size=4000)]
+    r = generate_mtp(b, prompt, SamplingConfig(), 2, 4, ignore_eos=True, records=False)
+    all_logits = len(prompt) * 248_320 * 4
+    assert r.peak_memory_bytes < all_logits / 8, (r.peak_memory_bytes, all_logits)
+    a = generate_ar(b, prompt, SamplingConfig(), 4, ignore_eos=True, records=False)
+    assert a.peak_memory_bytes < all_logits / 8 and a.tokens == r.tokens

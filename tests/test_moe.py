@@ -258,7 +258,7 @@ def test_an_moe_head_grafts_onto_its_trunk_and_a_dense_trunk_is_refused(moe_dirs
 def test_bench_roofline_reads_more_experts_per_deeper_verify(moe_dirs):
     """`bench`'s roofline counts each mode's own trunk bytes: a K+1-token verify of an MoE trunk reads more routed
     experts than an AR step, so the same tok/s and tau give more bytes per token at larger K."""
-    from mtpbench.bench import roofline
+    from mtpbench.perf.roofline import roofline
     from mtpbench.model.roofline import bytes_per_token, draft_step_bytes, weight_bytes
 
     b = load(moe_dirs["switch-sharded"])  # 8 experts, 3 per token

@@ -21,7 +21,7 @@ def test_bandwidth_bound_projection_is_the_cost_model_with_verify_at_one_step():
 
 
 def test_costs_from_bench_reads_what_bench_writes():
-    from mtpbench.bench import MeasuredCosts
+    from mtpbench.perf.costs import MeasuredCosts
 
     m = MeasuredCosts(ar_step=0.01, draft_step=0.004, verify={1: 0.012, 2: 0.015}, rollback=0.001,
                       draft_chain={1: 0.004, 2: 0.007}, rollback_by_j=(0.001, 0.001))
@@ -33,7 +33,8 @@ def test_costs_from_bench_reads_what_bench_writes():
 def swept_and_benched(tmp_path_factory, tiny_agree):
     from click.testing import CliRunner
 
-    from mtpbench.bench import BenchSettings, run_bench, safe_name
+    from mtpbench.perf.bench import run_bench, safe_name
+    from mtpbench.perf.settings import BenchSettings
     from mtpbench.cli.main import main
 
     tmp = tmp_path_factory.mktemp("projection")
@@ -80,7 +81,7 @@ def test_html_report_has_the_projection_column_with_a_bench(swept_and_benched, t
 def test_a_plain_sweep_times_its_cost_model_and_shows_the_projections(cli, tmp_path, tiny_agree):
     """Without `--bench` the sweep still times each checkpoint's step costs (cost_model.json), so the main job's
     summary sets predicted and projected speedups beside the realized ones; `--no-cost-model` turns it off."""
-    from mtpbench.bench import COST_MODEL, safe_name
+    from mtpbench.perf.bench import COST_MODEL, safe_name
     from mtpbench.report.html import render_report
 
     prompts = tmp_path / "p.jsonl"

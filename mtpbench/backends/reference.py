@@ -146,7 +146,8 @@ def decode_fields(r: DecodeResult, mode: str, k: int, weights: tuple[int, int],
         decode_s=r.decode_s, decode_tok_s=r.decode_tok_s, ttft_s=r.prefill_s, peak_memory_bytes=r.peak_memory_bytes,
         verify_steps=r.verify_steps, drafted_tokens=r.drafted_tokens, accepted_tokens=r.accepted_tokens,
         mean_acceptance_length=r.mean_acceptance_length if mode == "mtp" else None,
-        drafted_at_depth=r.drafted_at_depth, accepted_at_depth=r.accepted_at_depth, finished_by=r.finished_by,
+        drafted_at_depth=r.drafted_at_depth, accepted_at_depth=r.accepted_at_depth,
+        reached_at_depth=r.reached_at_depth if mode == "mtp" else None, finished_by=r.finished_by,
         output_hash=hashlib.sha1(json.dumps(r.tokens).encode()).hexdigest()[:16],
     )
 

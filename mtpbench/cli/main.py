@@ -8,6 +8,7 @@ import click
 
 from ..model.blas import reexec_with_openblas
 from .bench import bench_cmd
+from .doctor import doctor_cmd
 from .generate import acceptance_cmd, generate_cmd
 from .models import graft_cmd, inspect_cmd, make_demo_cmd, make_tiny_cmd, policies_cmd, quantize_cmd
 from .report import card_cmd, report_cmd
@@ -31,7 +32,7 @@ def main(blas: str) -> None:
 
 
 for command in (sweep_cmd, verify_cmd, report_cmd, card_cmd, generate_cmd, acceptance_cmd, inspect_cmd, bench_cmd,
-                policies_cmd, quantize_cmd, graft_cmd, make_tiny_cmd, make_demo_cmd):
+                policies_cmd, quantize_cmd, graft_cmd, make_tiny_cmd, make_demo_cmd, doctor_cmd):
     main.add_command(command)
 
 

@@ -82,7 +82,7 @@ def sweep_cmd(ctx, config_file, quiet, no_report, bench_models, no_cost_model, b
     tables (runs, steps, tokens, verdicts) with a manifest; an HTML report is rendered at the end. Servers
     (--endpoint) are measured with the same prompts and settings, next to or instead of the reference decoder.
     """
-    from ..bench import bench_into, cost_models_into
+    from ..perf.bench import bench_into, cost_models_into
     from ..report.console import summary_of
     from ..report.html import render_report
     from ..orchestrate.sweep import run_sweep

@@ -42,7 +42,11 @@ class DecodeResult:
     k: int = 0
     verify_steps: int = 0
     drafted_at_depth: list[int] = field(default_factory=list)
-    accepted_at_depth: list[int] = field(default_factory=list)
+    accepted_at_depth: list[int] = field(default_factory=list)  # accepted drafts emitted, by depth
+    # drafts that reached each depth: drafted, verified, every earlier draft of the step accepted and emitted (the
+    # steps table's rows; `decode.counts` has the definition and the invariants)
+    reached_at_depth: list[int] = field(default_factory=list)
+    bonus_tokens: int = 0  # residual/bonus tokens emitted (at most one per verify step)
     accepted_per_step: list[int] = field(default_factory=list)
     steps: list[StepRecord] = field(default_factory=list)
     token_records: list[TokenRecord] = field(default_factory=list)

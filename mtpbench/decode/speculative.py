@@ -39,8 +39,10 @@ from ..model.checkpoint import Bundle
 from ..model.conventions import COMMITTED, CYCLE, DEFAULT_HISTORY, NORMED, History, chain as parse_chain
 from ..errors import UserError
 from ..model.kvcache import FULL_KV, KVCacheSpec
+from ..model.trunk import PREFILL_STEP
 from ..sampling import SamplingConfig, Support, alpha
 from .cache import require_exact_rollback, restore, snapshot
+from .counts import check_counts, step_counts
 from .common import (choose, host_supports, now, peak, pit, point_mass_record, reset_peak, rngs, sparse_row,
                      token_record)
 from .records import DecodeResult, StepRecord, TokenRecord
@@ -63,9 +65,15 @@ class _State:
     pending_tok: list[int]
     accepted_at: list[int]
     drafted_at: list[int]
+    reached_at: list[int]
     window_h: mx.array | None = None  # `window:N` history: the last true pairs fed to the head (hidden, token)
     window_tok: list[int] = field(default_factory=list)
     accepted_per_step: list[int] = field(default_factory=list)
+    bonus_tokens: int = 0  # steps whose residual/bonus token was emitted
+    # Records are built after the timed loop (`_records`): the loop keeps what they need, in order (the PIT stream
+    # is drawn in the same order), so PIT, moments and alpha are records work the decode does not pay for.
+    deferred: list[Callable[[], TokenRecord]] = field(default_factory=list)
+    deferred_steps: list[Callable[[], StepRecord]] = field(default_factory=list)
     step_recs: list[StepRecord] = field(default_factory=list)
     token_recs: list[TokenRecord] = field(default_factory=list)
     target_rows: list = field(default_factory=list)
@@ -110,40 +118,62 @@ def verify_forward(trunk, cache: list, x: mx.array, rollback: str, causal: bool 
 
 
 def _emit(r: _Run, st: _State, verdict: Verdict, drafts: list[int],
-          record: Callable[[int, int, int, str], TokenRecord] | None) -> None:
-    """Append the accepted drafts and the residual/bonus token, stopping at EOS or max_tokens inside the run."""
+          record: Callable[[int, int, int, str], TokenRecord] | None) -> tuple[int, int]:
+    """Append the accepted drafts and the residual/bonus token, stopping at EOS or max_tokens inside the run; count
+    what was emitted (`counts.step_counts`). Returns (accepted drafts emitted, drafts reached)."""
     j = verdict.accepted
     new = drafts[:j] + [verdict.token]
-    st.accepted_per_step.append(j)
-    for i in range(j):
-        st.accepted_at[i] += 1
+    emitted = 0
     for i, (tok, src) in enumerate(zip(new, ["accepted"] * j + [verdict.source])):
         if len(st.tokens) >= r.max_tokens:
             break
         if record:
-            st.token_recs.append(record(i, len(st.tokens), tok, src))
+            index = len(st.tokens)
+            st.deferred.append(lambda i=i, index=index, tok=tok, src=src: record(i, index, tok, src))
         st.tokens.append(tok)
         st.last = tok
+        emitted += 1
         if tok in r.eos:
             break
+    used, reached = step_counts(emitted, j, len(drafts))
+    st.accepted_per_step.append(used)
+    st.bonus_tokens += emitted - used
+    for i in range(used):
+        st.accepted_at[i] += 1
+    for i in range(reached):
+        st.reached_at[i] += 1
     st.pending_tok = new
+    return used, reached
 
 
-def prefill(bundle: Bundle, prompt: list[int], cache: list, mtp_cache: list, history: History = DEFAULT_HISTORY):
-    """The prompt's forward: the trunk over the prompt, and the head's history of true pairs by the convention.
+def prefill(bundle: Bundle, prompt: list[int], cache: list, mtp_cache: list, history: History = DEFAULT_HISTORY,
+            step: int = PREFILL_STEP):
+    """The prompt's forward: the trunk over the prompt in chunks (`Trunk.prefill`: last-position logits), and the
+    head's history of true pairs by the convention, fed chunk by chunk and evaluated here, so its cost is prefill
+    (TTFT), never the first decode step's.
 
-    Returns (trunk output, window hiddens, window tokens); the window is kept only under `window:N` (the prompt's
-    last N pairs). `bench` primes its caches with this same function.
+    Returns (trunk output at the last position, window hiddens, window tokens); the window is kept only under
+    `window:N` (the prompt's last N pairs). `bench` primes its caches with this same function.
     """
     trunk, head = bundle.trunk, bundle.draft_head
-    x = mx.array(prompt)[None]
-    out = trunk(x, cache)
-    window_h, window_tok = None, []
-    if len(prompt) > 1 and history.kind == COMMITTED:  # MTP entries for positions 0..P-2: (h[i], x[i+1])
-        head(out.hidden[:, :-1], trunk.embed(x[:, 1:]), mtp_cache)
-    elif len(prompt) > 1 and history.kind != CYCLE:  # window:N keeps the prompt's last N true pairs
-        window_h, window_tok = out.hidden[:, :-1][:, -history.window:], prompt[1:][-history.window:]
-    return out, window_h, window_tok
+    pairs = len(prompt) - 1  # (h[i], x[i+1]) for i = 0..P-2
+    keep = history.window if history.kind not in (COMMITTED, CYCLE) else 0
+    window: list[mx.array] = []
+
+    def feed(hidden: mx.array, start: int) -> None:
+        n = min(hidden.shape[1], pairs - start)
+        if n <= 0:
+            return
+        if history.kind == COMMITTED:  # MTP entries for positions 0..P-2
+            head(hidden[:, :n], trunk.embed(mx.array([prompt[start + 1: start + 1 + n]])), mtp_cache)
+            mx.eval([c.state for c in mtp_cache])
+        elif keep:  # window:N keeps the prompt's last N true pairs
+            kept = hidden[:, :n] if not window else mx.concatenate([window[0], hidden[:, :n]], axis=1)
+            window[:] = [kept[:, -keep:]]
+            mx.eval(window[0])
+
+    out = trunk.prefill(prompt, cache, step, feed)
+    return out, (window[0] if window else None), (prompt[1:][-keep:] if keep and pairs > 0 else [])
 
 
 def generate_mtp(
@@ -186,30 +216,44 @@ def generate_mtp(
     reset_peak()
 
     t0 = now()
-    out, window_h, window_tok = prefill(bundle, prompt, cache, mtp_cache, history)
+    out, window_h, window_tok = prefill(bundle, prompt, cache, mtp_cache, history)  # the head's pass included
+    mx.eval(out.hidden)
     p = host_supports(out.logits[0, -1:], cfg)[0]
     last = choose(p, cfg, rng)
     t1 = now()
 
     st = _State(tokens=[last], last=last, pending_h=out.hidden[:, -1:], pending_tok=[last], accepted_at=[0] * k,
-                drafted_at=[0] * k, window_h=window_h, window_tok=window_tok)
-    if records:
-        st.token_recs.append(token_record(0, last, "ar", p, pit_rng, p))
-        st.target_rows.append(sparse_row(p) if not cfg.greedy else None)
+                drafted_at=[0] * k, reached_at=[0] * k, window_h=window_h, window_tok=window_tok)
     run = _Run(bundle, cache, mtp_cache, k, cfg, dcfg, rule, rng, pit_rng if records else None, max_tokens, eos,
                rollback, chain, history)
     step = _greedy_step if greedy_fast_path and cfg.greedy and dcfg.greedy and rule == EXACT else _sampled_step
     while len(st.tokens) < max_tokens and st.last not in eos:
         step(run, st)
     t2 = now()
-    _conditional_pits(st, rule, cfg.seed)
-    steps = len(st.accepted_per_step)
-    return DecodeResult(
-        tokens=st.tokens, prompt_tokens=len(prompt), prefill_s=t1 - t0, decode_s=t2 - t1, k=k, verify_steps=steps,
-        drafted_at_depth=st.drafted_at, accepted_at_depth=st.accepted_at, accepted_per_step=st.accepted_per_step,
+    if records:
+        _records(st, p, pit_rng, cfg)
+        _conditional_pits(st, rule, cfg.seed)
+    result = DecodeResult(
+        tokens=st.tokens, prompt_tokens=len(prompt), prefill_s=t1 - t0, decode_s=t2 - t1, k=k,
+        verify_steps=len(st.accepted_per_step), drafted_at_depth=st.drafted_at, accepted_at_depth=st.accepted_at,
+        reached_at_depth=st.reached_at, bonus_tokens=st.bonus_tokens, accepted_per_step=st.accepted_per_step,
         steps=st.step_recs, token_records=st.token_recs, target_rows=st.target_rows,
         finished_by="eos" if st.tokens[-1] in bundle.eos_ids else "length", peak_memory_bytes=peak(),
     )
+    check_counts(result)
+    return result
+
+
+def _records(st: _State, first: Support, pit_rng: np.random.Generator, cfg: SamplingConfig) -> None:
+    """The token and step records, built after the timed loop from what it kept, in emission order (so the PIT
+    stream draws as it would have inside the loop)."""
+    st.token_recs.append(token_record(0, st.tokens[0], "ar", first, pit_rng, first))
+    st.target_rows.append(sparse_row(first) if not cfg.greedy else None)
+    for make in st.deferred:
+        st.token_recs.append(make())
+    st.step_recs += [make() for make in st.deferred_steps]
+    st.deferred.clear()
+    st.deferred_steps.clear()
 
 
 def _depth(r: _Run, st: _State) -> int:
@@ -359,8 +403,8 @@ def _finish(r: _Run, st: _State, verdict: Verdict, drafts: list[int], roll_back:
     for i in range(depth):
         st.drafted_at[i] += 1
     records = r.pit_rng is not None
+    step = len(st.accepted_per_step)
+    _, reached = _emit(r, st, verdict, drafts, token_rec if records else None)
     if records:
-        step = len(st.accepted_per_step)
-        st.step_recs += [step_record(step, i, j) for i in range(min(j + 1, depth))]
-    _emit(r, st, verdict, drafts, token_rec if records else None)
+        st.deferred_steps += [lambda i=i: step_record(step, i, j) for i in range(reached)]
     st.pending_h = hidden[:, : j + 1]

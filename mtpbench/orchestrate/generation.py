@@ -34,6 +34,7 @@ def result_dict(bundle: Bundle, r: DecodeResult) -> dict[str, Any]:
         out.update(k=r.k, verify_steps=r.verify_steps, drafted_tokens=r.drafted_tokens,
                    accepted_tokens=r.accepted_tokens, accepted_per_step=r.accepted_per_step,
                    accepted_at_depth=r.accepted_at_depth, drafted_at_depth=r.drafted_at_depth,
+                   reached_at_depth=r.reached_at_depth,
                    mean_acceptance_length=r.mean_acceptance_length)
     return out
 
@@ -41,11 +42,13 @@ def result_dict(bundle: Bundle, r: DecodeResult) -> dict[str, Any]:
 def generate_samples(bundle: Bundle, prompt: str, cfg: SamplingConfig, k: int | None, max_tokens: int,
                      num_samples: int = 1, draft_temperature: float | None = None,
                      chat: bool = False) -> Iterator[dict[str, Any]]:
+    """Decode `num_samples` samples; AR and MTP run with the same records setting (records on when sampling: the
+    MTP rescoring reads them), and both decoders build records after their decode clock, so they are timed alike."""
     ids = encode_prompt(bundle, prompt, chat)
     for i in range(num_samples):
         c = replace(cfg, seed=cfg.seed + i)
         if k is None:
-            r = generate_ar(bundle, ids, c, max_tokens, records=False)
+            r = generate_ar(bundle, ids, c, max_tokens, records=not c.greedy)
             yield {"seed": c.seed, **result_dict(bundle, r)}
             continue
         r = generate_mtp(bundle, ids, c, k, max_tokens, draft_temperature=draft_temperature, records=not c.greedy)

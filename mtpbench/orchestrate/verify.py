@@ -157,7 +157,7 @@ def _greedy_group(bundle: Bundle, plan: VerifyPlan, setting: Setting, k: int, pr
         differ += not res.equal and not res.near_tie
         near_ties += res.near_tie
         accepted += mtp.accepted_tokens
-        reached += sum([mtp.verify_steps] + mtp.accepted_at_depth[:-1])
+        reached += sum(mtp.reached_at_depth)
         tick()
     note = f"{near_ties} near-tie divergence(s) excused" if near_ties else "identical"
     result = TestResult("greedy_identity", compared, float(differ), 0.0 if differ else 1.0, float("nan"),

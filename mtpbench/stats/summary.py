@@ -1,7 +1,8 @@
 """Aggregates of the `runs` table shared by the sweep summary, the HTML report and the model card.
 
 Words, used identically everywhere:
-- acceptance at depth d (conditional): accepted at d / drafts that reached d (a draft reaches d when d-1 was accepted)
+- acceptance at depth d (conditional): accepted at d / drafts that reached d (`decode.counts`: drafted, verified,
+  every earlier draft of its step accepted and emitted; the steps table's rows at depth d)
 - survival to depth d: share of verify steps whose first d drafts were all accepted
 - mean acceptance length tau: 1 + accepted drafts per verify step (tokens per target forward)
 - acceptance rate: accepted drafts / drafted tokens
@@ -17,6 +18,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as st
 
+from ..decode.counts import reached_by_depth
 from ..sweep.axes import GROUP_KEYS
 
 SETTING_KEYS = GROUP_KEYS  # every aggregate groups by the axes table's grouping keys
@@ -72,11 +74,12 @@ def acceptance_by_depth(runs: pd.DataFrame, by: list[str] | None = None, seed: i
             g = g.drop_duplicates([cluster, "output_hash"] if "output_hash" in g else [cluster])
         acc_runs = np.stack([np.asarray(a, dtype=np.int64) for a in g["accepted_at_depth"]])
         steps_runs = g["verify_steps"].to_numpy(dtype=np.int64)
+        reached_runs = _reached_runs(g)
         steps = int(steps_runs.sum())
         acc = acc_runs.sum(axis=0)
-        reached = np.concatenate([[steps], acc[:-1]])
+        reached = reached_runs.sum(axis=0)
         labels = g[cluster].to_numpy() if cluster else np.arange(len(g))
-        boot = _cluster_bootstrap(labels, acc_runs, steps_runs, seed)
+        boot = _cluster_bootstrap(labels, acc_runs, steps_runs, reached_runs, seed)
         for d in range(k):
             lo, hi = wilson(acc[d], reached[d])
             slo, shi = wilson(acc[d], steps)
@@ -92,8 +95,16 @@ def acceptance_by_depth(runs: pd.DataFrame, by: list[str] | None = None, seed: i
     return pd.DataFrame(rows)
 
 
-def _cluster_bootstrap(labels: np.ndarray, acc_runs: np.ndarray, steps_runs: np.ndarray, seed: int,
-                       n_boot: int = 2000, confidence: float = 0.95):
+def _reached_runs(g: pd.DataFrame) -> np.ndarray:
+    """(runs, K) drafts that reached each depth, by the one definition (`decode.counts.reached_by_depth`)."""
+    recorded = g["reached_at_depth"] if "reached_at_depth" in g else pd.Series([None] * len(g), index=g.index)
+    return np.stack([np.asarray(reached_by_depth(int(s), list(a), None if r is None or not hasattr(r, "__len__")
+                                                 else list(r)), dtype=np.int64)
+                     for s, a, r in zip(g["verify_steps"], g["accepted_at_depth"], recorded)])
+
+
+def _cluster_bootstrap(labels: np.ndarray, acc_runs: np.ndarray, steps_runs: np.ndarray, reached_runs: np.ndarray,
+                       seed: int, n_boot: int = 2000, confidence: float = 0.95):
     """Per depth, percentile intervals of (conditional acceptance, survival) resampling whole prompts; None with
     fewer than 2 prompts (nothing to resample)."""
     uniq, inverse = np.unique(labels.astype(str), return_inverse=True)
@@ -101,11 +112,13 @@ def _cluster_bootstrap(labels: np.ndarray, acc_runs: np.ndarray, steps_runs: np.
         return None
     acc_c = np.zeros((len(uniq), acc_runs.shape[1]))
     np.add.at(acc_c, inverse, acc_runs)
+    reached_c = np.zeros((len(uniq), reached_runs.shape[1]))
+    np.add.at(reached_c, inverse, reached_runs)
     steps_c = np.bincount(inverse, weights=steps_runs, minlength=len(uniq)).astype(float)
     idx = np.random.default_rng(seed).integers(0, len(uniq), size=(n_boot, len(uniq)))
     acc_b = acc_c[idx].sum(axis=1)  # (B, K)
     steps_b = steps_c[idx].sum(axis=1)  # (B,)
-    reached_b = np.concatenate([steps_b[:, None], acc_b[:, :-1]], axis=1)
+    reached_b = reached_c[idx].sum(axis=1)  # (B, K)
     a = (1 - confidence) / 2
     out = []
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -60,6 +60,7 @@ RUNS = pa.schema([
     ("verify_steps", pa.int32()), ("drafted_tokens", pa.int32()), ("accepted_tokens", pa.int32()),
     ("mean_acceptance_length", pa.float64()),
     ("drafted_at_depth", pa.list_(pa.int32())), ("accepted_at_depth", pa.list_(pa.int32())),
+    ("reached_at_depth", pa.list_(pa.int32())),  # drafts that reached each depth (decode/counts.py); null: servers
     ("finished_by", pa.string()), ("output_hash", pa.string()), ("status", pa.string()), ("error", pa.string()),
     ("rescore_s", pa.float64()),  # seconds of the fresh-target rescoring after the run (not in decode_s)
     ("concurrency", pa.int32()), ("itl_p50_s", pa.float64()), ("itl_p95_s", pa.float64()), ("itl_p99_s", pa.float64()),

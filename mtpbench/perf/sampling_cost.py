@@ -17,10 +17,10 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from .decode import generate_ar, generate_mtp
-from .decode.common import now
-from .model.checkpoint import Bundle
-from .sampling import SamplingConfig, sampling_probs, support
+from ..decode import generate_ar, generate_mtp
+from ..decode.common import now
+from ..model.checkpoint import Bundle
+from ..sampling import SamplingConfig, sampling_probs, support
 
 QWEN_SAMPLED = SamplingConfig(temperature=0.6, top_p=0.95, top_k=20)
 SETTINGS = {"T=0.6 top_p=0.95 top_k=20": QWEN_SAMPLED, "T=0.6 top_p=0.95": SamplingConfig(0.6, top_p=0.95),
