@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str) -> Any:
     if name in ("Bundle", "load"):
-        from . import checkpoint
+        from .model import checkpoint
 
         return getattr(checkpoint, name)
     if name == "SamplingConfig":

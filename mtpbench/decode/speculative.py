@@ -142,7 +142,7 @@ def prefill(bundle: Bundle, prompt: list[int], cache: list, mtp_cache: list, his
     out = trunk(x, cache)
     window_h, window_tok = None, []
     if len(prompt) > 1 and history.kind == COMMITTED:  # MTP entries for positions 0..P-2: (h[i], x[i+1])
-        head(out.hidden[:, :-1], trunk.embed(x[:, 1:]), mtp_cache)
+        head(out.hidden[:, :-1], head.embed(x[:, 1:]), mtp_cache)
     elif len(prompt) > 1 and history.kind != CYCLE:  # window:N keeps the prompt's last N true pairs
         window_h, window_tok = out.hidden[:, :-1][:, -history.window:], prompt[1:][-history.window:]
     return out, window_h, window_tok
@@ -239,7 +239,7 @@ def _sampled_step(r: _Run, st: _State) -> None:
     trunk, head, k, rng, rule = r.bundle.trunk, r.bundle.draft_head, _depth(r, st), r.rng, r.rule
     # 1. Draft: catch the MTP cache up on the true pairs and draft d1 in one call, then chain.
     fed_h, fed_tok, mtp_cache = _head_feed(r, st)
-    z, normed = head.chained(fed_h, trunk.embed(mx.array([fed_tok])), mtp_cache, r.chain)
+    z, normed = head.chained(fed_h, head.embed(mx.array([fed_tok])), mtp_cache, r.chain)
     z, normed = z[:, -1:], normed[:, -1:]
     committed = mtp_cache[0].offset
     drafts: list[int] = []
@@ -247,8 +247,8 @@ def _sampled_step(r: _Run, st: _State) -> None:
     draft_logits = []
     for i in range(k):
         if i:
-            z, normed = head.chained(z, trunk.embed(mx.array([[drafts[-1]]])), mtp_cache, r.chain)
-        draft_logits.append(trunk.lm_head(normed)[0])
+            z, normed = head.chained(z, head.embed(mx.array([[drafts[-1]]])), mtp_cache, r.chain)
+        draft_logits.append(head.lm_head(normed)[0])
         q.append(host_supports(draft_logits[-1], r.dcfg)[0])
         drawn_from = q[i] if rule.draft_temperature_scale == 1 else host_supports(  # control: draws at another T
             draft_logits[-1], replace(r.dcfg, temperature=r.dcfg.temperature * rule.draft_temperature_scale))[0]
