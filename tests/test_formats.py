@@ -341,7 +341,7 @@ def test_a_quantized_standalone_head_and_an_incompatible_one(cli, ckpt_root, tru
     np.testing.assert_allclose(head_logits(b), head_logits(ref), atol=1e-5, rtol=1e-5)
     assert_greedy_identity(b, ks=(2,))
     res = cli("inspect", tiny_kv, "--mtp-from", head)
-    assert res.exit_code == 2 and "head_dim differs" in res.stderr
+    assert res.exit_code == 2 and "--mtp-from: the head does not fit: num_attention_heads differs" in res.stderr
 
 
 # ---------------------------------------------------------------------------- AirRunner mlx-lm fork's conversion

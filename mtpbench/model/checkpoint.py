@@ -299,16 +299,17 @@ def _load_trunk(path: Path):
         raise UserError(f"{path}: the trunk does not load with mlx_lm ({msg})") from None
 
 
-def check_compatible(trunk_cfg: dict[str, Any], head_cfg: dict[str, Any], trunk_name: str, head_name: str) -> None:
+def check_compatible(trunk_cfg: dict[str, Any], head_cfg: dict[str, Any], trunk_name: str, head_name: str,
+                     refusal: str = "cannot graft") -> None:
     """Refuse, in one line, a head whose shapes or layer count do not fit the trunk."""
     t, h = text_config(trunk_cfg), text_config(head_cfg)
     for key in COMPAT_KEYS:
         if t.get(key) != h.get(key):
-            raise UserError(f"cannot graft: {key} differs (trunk {trunk_name}: {t.get(key)}, "
+            raise UserError(f"{refusal}: {key} differs (trunk {trunk_name}: {t.get(key)}, "
                             f"MTP source {head_name}: {h.get(key)})")
     trunk_layers, head_layers = mtp_layer_count(trunk_cfg), mtp_layer_count(head_cfg)
     if trunk_layers and trunk_layers != head_layers:
-        raise UserError(f"cannot graft: MTP layer count differs (trunk {trunk_name} declares {trunk_layers}, "
+        raise UserError(f"{refusal}: MTP layer count differs (trunk {trunk_name} declares {trunk_layers}, "
                         f"MTP source {head_name} has {head_layers})")
 
 
@@ -570,7 +571,7 @@ def preflight(path_or_repo: str | Path, require_mtp: bool = True, cache_dir: str
     if mtp_from is not None:
         head_path = resolve(mtp_from, cache_dir)
         head_cfg = read_head_config(head_path)
-        check_compatible(config, head_cfg, str(path_or_repo), str(mtp_from))
+        check_compatible(config, head_cfg, str(path_or_repo), str(mtp_from), "--mtp-from: the head does not fit")
         path_for_head, config_for_head = head_path, head_cfg
         files = weight_files(head_path, head_cfg)
     else:
@@ -605,7 +606,7 @@ def load(
     if mtp_from is not None:
         head_path = resolve(mtp_from, cache_dir)
         head_cfg = read_head_config(head_path)
-        check_compatible(config, head_cfg, name, str(mtp_from))
+        check_compatible(config, head_cfg, name, str(mtp_from), "--mtp-from: the head does not fit")
     else:
         head_path, head_cfg = path, config
     declared = conventions.contract(head_path)

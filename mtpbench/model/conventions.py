@@ -218,8 +218,20 @@ def contract(directory: str | Path) -> tuple[Declared, ...]:
                 continue
             value = block[key]
             text = str(value).lower() if isinstance(value, bool) else str(value)
-            found[name] = Declared(name, parse(text, f"{label}.{key}"), f"{label}.{key}")
+            found[name] = Declared(name, _parse(parse, text, f"{label}.{key}"), f"{label}.{key}")
     return tuple(found.values())
+
+
+def _parse(parse: Any, text: str, where: str) -> str:
+    """A contract value in mtpbench's terms; one line naming file, key and value when it cannot be modelled."""
+    try:
+        return parse(text, where)
+    except UserError as e:
+        msg = str(e)
+        if f"= {text!r}" in msg:
+            raise
+        modelled = msg.split(" values are ", 1)[-1].rsplit(", got", 1)[0]
+        raise UserError(f"{where} = {text!r}: mtpbench cannot model it (it models {modelled})") from None
 
 
 def declared(directory: str | Path) -> dict[str, str]:
