@@ -347,14 +347,14 @@ def test_a_quantized_standalone_head_and_an_incompatible_one(cli, ckpt_root, tru
 # ---------------------------------------------------------------------------- AirRunner mlx-lm fork's conversion
 
 
-def airrunner_convert(root: Path, twin: Path, moe_twin: Path | None = None) -> Path:
-    """`mlx_lm convert -q` of the AirRunner fork: the model (trunk and head, `language_model.mtp.*`) quantized by
-    `quantize_model` with the fork's `quant_predicate` (every linear at 4 bits / group 64, routers at 8 bits as
-    per-module entries), saved as one MLX file; norms already shifted."""
+def airrunner_convert(root: Path, twin: Path, moe_twin: Path | None = None, mode: str = "affine") -> Path:
+    """`mlx_lm convert -q [--q-mode MODE]` of the AirRunner fork: the model (trunk and head, `language_model.mtp.*`)
+    quantized by `quantize_model` with the fork's `quant_predicate` (every linear at the mode's bits and group, 4 / 64
+    for affine; routers at 8 bits as per-module entries), saved as one MLX file; norms already shifted."""
     from mlx_lm.utils import quantize_model
 
     src = moe_twin or twin
-    out = root / ("airrunner-moe" if moe_twin else "airrunner")
+    out = root / (("airrunner-moe" if moe_twin else "airrunner") + ("" if mode == "affine" else f"-{mode}"))
     if out.exists():
         shutil.rmtree(out)
     out.mkdir()
@@ -371,7 +371,8 @@ def airrunner_convert(root: Path, twin: Path, moe_twin: Path | None = None) -> P
         return True
 
     config = json.loads((src / "config.json").read_text())
-    model, qconfig = quantize_model(model, config, 64, 4, quant_predicate=predicate)
+    model, qconfig = quantize_model(model, config, *((64, 4) if mode == "affine" else (None, None)), mode=mode,
+                                    quant_predicate=predicate)
     weights = dict(tree_flatten(model.parameters()))
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
     (out / "config.json").write_text(json.dumps(qconfig, indent=2))
@@ -399,6 +400,19 @@ def test_airrunner_quantized_conversion(cli, ckpt_root, twin):
     info = json.loads(cli("inspect", conv, "--json").stdout)
     assert info["mtp"]["tensors"] == 31 and info["mtp"]["parameters"] == \
         json.loads(cli("inspect", twin, "--json").stdout)["mtp"]["parameters"]  # logical elements, not packed words
+
+
+@pytest.mark.parametrize("mode", ["mxfp4", "nvfp4", "mxfp8"])
+def test_trunk_and_head_converted_in_each_fp_mode(cli, ckpt_root, twin, mode):
+    """The whole model converted in a floating-point mode (mlx_lm reads the trunk's `quantization.mode`, mtpbench
+    the head's): both load quantized in that mode and greedy MTP == AR."""
+    conv = airrunner_convert(ckpt_root, twin, mode=mode)
+    b = load(conv)
+    assert {q["mode"] for q in b.mtp_source.quantized.values()} == {mode}
+    assert getattr(b.model.language_model.model.layers[0].linear_attn.in_proj_qkv, "mode", None) == mode
+    assert_greedy_identity(b, ks=(2,))
+    formats = json.loads(cli("inspect", conv, "--json").stdout)["formats"]
+    assert formats["mlp"].startswith(mode), formats
 
 
 def test_airrunner_moe_conversion_keeps_8_bit_routers(ckpt_root, twin):
