@@ -493,7 +493,7 @@ def test_a_mixed_convention_head_loads_as_stored(cli, ckpt_root, trunk_only, twi
         "k_norm": "shifted", "input_layernorm": "shifted", "post_attention_layernorm": "shifted"}
     np.testing.assert_allclose(head_logits(b), head_logits(load(twin)), atol=1e-5, rtol=1e-5)
     shown = cli("inspect", pack).stdout
-    assert "pre_fc_norm_embedding, pre_fc_norm_hidden offset (values" in shown
+    assert "pre_fc_norm_embedding, pre_fc_norm_hidden offset (values: " in shown
 
 
 def test_a_config_marker_outranks_the_values(ckpt_root, trunk_only, twin):

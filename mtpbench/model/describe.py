@@ -155,14 +155,13 @@ def describe_text(info: dict[str, Any]) -> str:
         lines.append("  MTP head:    none (no mtp.* tensors)")
     else:
         lines += [
-            f"  MTP head:    {mtp['tensors']} tensors under '{mtp['prefix']}' in {', '.join(mtp['files'])}; "
+            f"  MTP head:    {mtp['tensors']} tensors {_stored_under(mtp['prefix'])} in {', '.join(mtp['files'])}; "
             f"{mtp['layers']} layer(s), {mtp['parameters']:,} parameters",
             *([f"               read from {mtp['directory']} (--mtp-from)"] if mtp.get("directory")
               and mtp["directory"] != info["path"] else []),
             f"               hidden fed {mtp['hidden_variant']}, input {mtp['concat']}"
             + ("; own embedding and lm head (mtp_use_dedicated_embeddings)" if mtp.get("dedicated_embeddings") else ""),
-            "               norms: " + "; ".join(
-                f"{f} {d['convention']} ({d['reason']})" for f, d in _grouped(mtp["norm_families"])),
+            "               norms: " + _norms_line(mtp["norm_families"]),
             *([f"               experts stored {mtp['expert_layout']}; {mtp['active_parameters']:,} parameters "
                f"active per token"] if mtp.get("expert_layout") else []),
             "               formats: " + "; ".join(f"{k} {v}" for k, v in mtp["formats"].items()),
@@ -179,15 +178,25 @@ def describe_text(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _grouped(families: dict[str, dict[str, str]]) -> list[tuple[str, dict[str, str]]]:
-    """Families sharing one decision and reason, listed together: 'norm, q_norm, ... shifted (why)'."""
-    groups: dict[tuple[str, str], list[str]] = defaultdict(list)
+def _stored_under(prefix: str) -> str:
+    return f"under '{prefix}'" if prefix else "at the root (a standalone head)"
+
+
+def _norms_line(families: dict[str, dict[str, str]]) -> str:
+    """'all 7 families shifted (why)', or each convention's families and the reasons (values: each family's mean)."""
+    by_convention: dict[str, list[str]] = defaultdict(list)
     for f, d in families.items():
-        groups[(d["convention"], d["reason"])].append(f)
-    if len(groups) == 1:
-        (c, r), fs = groups.popitem()
-        return [(f"all {len(fs)} families", {"convention": c, "reason": r})]
-    return [(", ".join(fs), {"convention": c, "reason": r}) for (c, r), fs in groups.items()]
+        by_convention[d["convention"]].append(f)
+    what = "; ".join(f"{f'all {len(fs)} families' if len(by_convention) == 1 else ', '.join(fs)} {c}"
+                     for c, fs in by_convention.items())
+    reasons = {d["reason"] for d in families.values()}
+    if len(reasons) == 1:
+        why = reasons.pop()
+    elif all(r.startswith("values: mean ") for r in reasons):
+        why = "values: " + ", ".join(f"{f} {d['reason'][len('values: mean '):]}" for f, d in families.items())
+    else:
+        why = "; ".join(f"{f}: {d['reason']}" for f, d in families.items())
+    return f"{what} ({why})"
 
 
 def _by_source(quantization: dict[str, dict[str, Any]]) -> list[tuple[str, list[str]]]:

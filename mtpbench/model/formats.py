@@ -112,7 +112,9 @@ def conv1d_layout(files: list[Path], where: dict[str, Path]) -> str | None:
 def decide_norms(tensors: dict[str, mx.array], norm_keys: list[str], config: dict[str, Any], structure: str | None
                  ) -> dict[str, NormDecision]:
     """Family -> decision. Structure first (the config's own marker, a standalone drafter, the conv1d layout of the
-    files the head sits in: see `structural`), each family's values only where nothing structural says."""
+    files the head sits in: see `structural`), each family's values only where nothing structural says: offsets
+    sit near 0, shifted weights near 1; q/k norms between 0.5 and 1.25 are ambiguous (MTPLX's two thresholds) and
+    follow the head's other norms."""
     families = sorted({norm_family(n) for n in norm_keys})
     marker = _marker(config)
     if marker is not None:
@@ -126,16 +128,16 @@ def decide_norms(tensors: dict[str, mx.array], norm_keys: list[str], config: dic
     for f in families:
         if f not in _QK_FAMILIES:
             out[f] = NormDecision(OFFSET if abs(means[f]) < _OFFSET_BELOW else SHIFTED,
-                                  f"values (mean {means[f]:.3f}; offsets sit near 0, shifted near 1)")
+                                  f"values: mean {means[f]:.2f}")
     layer_votes = [d.convention for d in out.values()]
     for f in families:
         if f in _QK_FAMILIES:
             m = means[f]
             if abs(m) < _OFFSET_BELOW or m > _QK_SHIFTED_ABOVE:
-                out[f] = NormDecision(OFFSET if abs(m) < _OFFSET_BELOW else SHIFTED, f"values (mean {m:.3f})")
+                out[f] = NormDecision(OFFSET if abs(m) < _OFFSET_BELOW else SHIFTED, f"values: mean {m:.2f}")
             else:  # q/k norms of either convention can sit between 0.5 and 1.25 (MTPLX's two thresholds)
                 vote = max(set(layer_votes), key=layer_votes.count) if layer_votes else SHIFTED
-                out[f] = NormDecision(vote, f"values (mean {m:.3f}, ambiguous: as the head's other norms)")
+                out[f] = NormDecision(vote, f"values: mean {m:.2f} (ambiguous: as the other norms)")
     return out
 
 
