@@ -60,7 +60,7 @@ def _base_row(spec: Spec, setting: str, mode: str, k: int, category: str, pid: s
         "setting": setting, "thinking": "off",
         "prompt_set": category, "prompt_id": pid, "category": category, "repetition": rep, "seed": rep,
         "max_tokens": spec.max_tokens, "order": order, "prompt_tokens": 20, "hidden_variant": "post_norm",
-        "mtp_chain": "normed", "mtp_history": "committed",
+        "mtp_chain": "normed", "mtp_history": "committed", "mtp_concat": "embedding_hidden",
         **{f: PROVENANCE[f] for f in ("mtpbench_version", "mlx_version", "mlx_lm_version", "git_sha", "device",
                                       "os", "python", "blas")},
         "host": spec.host, "started_at": f"2025-01-01T00:{order // 60:02d}:{order % 60:02d}",
@@ -162,7 +162,7 @@ def verdict(spec: Spec, k: int, setting: str, test: str, p: float, rejected: boo
             control: str | None = None, n: int = 4000) -> dict[str, Any]:
     """One schema-valid verdict row for `spec`'s model."""
     return {"scope": "verify", "model": spec.model, "policy": spec.policy, "kv_bits": 0, "context": 0, "hidden_variant": "post_norm",
-            "mtp_chain": "normed", "mtp_history": "committed", "backend": spec.backend, "k": k,
+            "mtp_chain": "normed", "mtp_history": "committed", "mtp_concat": "embedding_hidden", "backend": spec.backend, "k": k,
             "setting": setting, **SETTINGS[setting], "control": control, "test": test, "n": n,
             "statistic": 1.23, "p_value": p, "p_holm": min(1.0, 2 * p), "detectable": 0.021,
             "detectable_unit": "KS distance", "rejected": rejected, "note": None}
@@ -195,7 +195,7 @@ def server_rows(spec: Spec, backend: str, mode: str, concurrency: tuple[int, ...
                         row = {**_base_row(spec, setting, mode, 0, category, pid, rep, len(rows)),
                                "run_id": f"{backend}-{cell}-c{c}-{j}", "cell_id": cell, "backend": backend,
                                "policy": "as-is", "kv_bits": None, "context": None, "draft_temperature": None, "hidden_variant": None,
-                               "mtp_chain": None, "mtp_history": None,
+                               "mtp_chain": None, "mtp_history": None, "mtp_concat": None,
                                "model_path": f"http://127.0.0.1/{backend}/v1", "concurrency": c,
                                "generated_tokens": spec.max_tokens, "decode_tok_s": tok_s,
                                "decode_s": (spec.max_tokens - 1) / tok_s, "ttft_s": 0.05 * c,
@@ -206,7 +206,7 @@ def server_rows(spec: Spec, backend: str, mode: str, concurrency: tuple[int, ...
         row = _base_row(spec, spec.settings[0], mode, 0, CATEGORIES[0], "code-0", 0, len(rows))
         rows.append({**row, "run_id": f"{backend}-failed-{n}", "cell_id": "srv-failed", "backend": backend,
                      "policy": "as-is", "kv_bits": None, "context": None, "hidden_variant": None, "mtp_chain": None,
-                     "mtp_history": None, "concurrency": concurrency[0], "status": "failed",
+                     "mtp_history": None, "mtp_concat": None, "concurrency": concurrency[0], "status": "failed",
                      "error": "RequestFailed: timed out", "decode_tok_s": None})
     return rows
 

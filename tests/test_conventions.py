@@ -91,10 +91,12 @@ def test_bad_conventions_are_one_line():
 
     for axis, value, needle in (("mtp_hidden", "mid", "post, pre"), ("mtp_chain", "raw", "normed, prenorm"),
                                 ("mtp_history", "window:0", "window:N"), ("mtp_history", "window", "window:N"),
-                                ("mtp_history", "cycle:2", "window:N")):
+                                ("mtp_history", "cycle:2", "window:N"), ("mtp_concat", "both", "hidden_embedding"),
+                                ("mtp_chain", "mix:fc:prev:1.5", "mix:A:B:ALPHA")):
         with pytest.raises(UserError, match=needle):
             BY_NAME[axis].parse(value, BY_NAME[axis].option)
     assert BY_NAME["mtp_hidden"].parse("post,pre", "x") == ("post_norm", "pre_norm")
+    assert BY_NAME["mtp_chain"].parse("post_norm,mix:pre_norm:prev:0p75", "x") == ("normed", "mix:prenorm:prev:0.75")
     assert str(History.parse("window:8")) == "window:8"
 
 
@@ -156,26 +158,59 @@ def test_convention_axes_land_in_rows_and_the_report(cli, tmp_path, tiny_agree):
 
 
 def test_a_declared_runtime_contract_sets_the_defaults_and_says_so(cli, tmp_path, tiny_agree):
-    """A checkpoint shipping an MTPLX `mtplx_runtime.json` is run by its own conventions unless told otherwise;
-    `inspect` shows them, the sweep says it used them, and the rows record them."""
+    """A checkpoint shipping MTPLX 2.12.2's `mtplx_runtime.json` (the contract under `mtp_contract`, as
+    `_stamp_runtime_metadata` writes it) is run by its own conventions unless told otherwise; `inspect` shows them
+    with their keys, the sweep says it used them, and the rows record them. History is not a contract field."""
     import shutil
 
     model = tmp_path / "contract"
     shutil.copytree(tiny_agree, model)
+    contract = {"base_hidden_variant": "pre_norm", "hidden_variant": "post_norm", "concat_order": "embedding_hidden",
+                "mtp_position_mode": "cache", "mtp_quant_group_size": 64, "mtp_quant_mode": "affine"}
     (model / "mtplx_runtime.json").write_text(json.dumps(
-        {"profile": {"base_hidden_variant": "pre_norm", "mtp_history_policy": "cycle"}}))
+        {"mtplx_version": "2.12.2", "mtp_contract": contract, "forge_provenance": {"mtp_contract": contract}}))
     shown = cli("inspect", model)
-    assert shown.exit_code == 0 and "declares:    mtp-hidden pre_norm, mtp-history cycle" in shown.stdout
+    assert shown.exit_code == 0
+    assert "declares:    mtp-hidden pre_norm (mtplx_runtime.json mtp_contract.base_hidden_variant)" in shown.stdout
     common = ["--k", "1", "--temp", "0", "--prompts", _prompt_file(tmp_path), "--repeats", "1", "--max-tokens", "8",
               "--quiet", "--no-report"]
     res = cli("sweep", "-m", model, *common, "--out", tmp_path / "declared")
     assert res.exit_code == 0, res.stderr
-    assert "mtp-history: cycle, as the checkpoints' mtplx_runtime.json declares" in res.stderr
+    assert "mtp-hidden: pre_norm, as the checkpoints' MTPLX contract declares" in res.stderr
     runs = read_table(tmp_path / "declared", "runs")
-    assert set(zip(runs["hidden_variant"], runs["mtp_history"], runs["mtp_chain"])) == {("pre_norm", "cycle", "normed")}
-    res = cli("sweep", "-m", model, *common, "--mtp-history", "committed", "--out", tmp_path / "chosen")
-    assert res.exit_code == 0 and "mtp-history: cycle" not in res.stderr
-    assert set(read_table(tmp_path / "chosen", "runs")["mtp_history"]) == {"committed"}
-    (model / "mtplx_runtime.json").write_text(json.dumps({"mtp_history_policy": "sometimes"}))
+    assert set(zip(runs["hidden_variant"], runs["mtp_history"], runs["mtp_chain"], runs["mtp_concat"])) == {
+        ("pre_norm", "committed", "normed", "embedding_hidden")}
+    res = cli("sweep", "-m", model, *common, "--mtp-hidden", "post", "--out", tmp_path / "chosen")
+    assert res.exit_code == 0 and "mtp-hidden: pre_norm" not in res.stderr
+    assert set(read_table(tmp_path / "chosen", "runs")["hidden_variant"]) == {"post_norm"}
+    (model / "mtplx_runtime.json").write_text(json.dumps({"mtp_contract": {"mtp_position_mode": "sometimes"}}))
     bad = cli("sweep", "-m", model, *common, "--out", tmp_path / "bad")
-    assert bad.exit_code == 2 and "mtp_history_policy" in bad.stderr and not (tmp_path / "bad").exists()
+    assert bad.exit_code == 2 and "mtp_position_mode = 'sometimes'" in bad.stderr and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("concat", ["embedding_hidden", "hidden_embedding"])
+@pytest.mark.parametrize("chain", ["fc", "embedding", "prev", "mix:prenorm:prev:0.5"])
+def test_greedy_identity_under_the_other_head_inputs_and_chains(bundle_agree, chain, concat):
+    """The concat order and MTPLX's other chains (run by the module, uncompiled) keep greedy MTP == AR."""
+    b = bundle_agree.with_conventions(concat=concat)
+    prompt = b.tokenizer.encode(PROMPT)
+    ar = generate_ar(b, prompt, SamplingConfig(), 24, ignore_eos=True)
+    for k in (2, 3):
+        for rb, fast in (("capture", True), ("reforward", False)):
+            r = generate_mtp(b, prompt, SamplingConfig(), k, 24, ignore_eos=True, rollback=rb, greedy_fast_path=fast,
+                             chain=chain)
+            assert r.tokens == ar.tokens, (k, chain, concat)
+
+
+def test_position_modes_shift_every_head_position_alike():
+    """MTPLX's `absolute` position mode moves every head position by one constant; RoPE attention depends only on
+    position differences, so mtpbench's cache positions compute the same scores (what makes `absolute` modelled)."""
+    import mlx.nn as nn
+
+    rope = nn.RoPE(16, base=10000.0)
+    rng = np.random.default_rng(0)
+    q = mx.array(rng.standard_normal((1, 1, 3, 16)).astype(np.float32))
+    k = mx.array(rng.standard_normal((1, 1, 5, 16)).astype(np.float32))
+    scores = [rope(q, offset=2 + s) @ rope(k, offset=s).swapaxes(-1, -2) for s in (0, 1, 37)]
+    for other in scores[1:]:
+        np.testing.assert_allclose(np.asarray(other), np.asarray(scores[0]), atol=1e-4)

@@ -77,7 +77,8 @@ def test_quantized_experts_load_and_keep_greedy_identity(moe_dirs, tmp_path):
     q = _quantized_copy(moe_dirs["per-expert"], tmp_path / "q4")
     b = load(q)
     assert b.mtp_source.expert_layout == "switch"
-    assert b.mtp_source.quantized["layers.0.mlp.switch_mlp.gate_proj"] == {"bits": 4, "group_size": 32}
+    q4 = b.mtp_source.quantized["layers.0.mlp.switch_mlp.gate_proj"]
+    assert {k: q4[k] for k in ("bits", "group_size", "mode")} == {"bits": 4, "group_size": 32, "mode": "affine"}
     assert _greedy_identity(q, PROMPTS[:1]) > 0
 
 

@@ -68,7 +68,7 @@ def check(spec: SweepSpec, prompts: list[Prompt]) -> dict[str, Path]:
     groups, chat template, each context bucket's and each prompt's position budget. Returns the resolved paths."""
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-    paths = {m: preflight(m, require_mtp=True) for m in spec.models}
+    paths = {m: preflight(m, require_mtp=True, mtp_from=spec.mtp_from or None) for m in spec.models}
     generation = spec.max_tokens + max(spec.ks) + 1
     for model, path in paths.items():
         config = read_config(path)
@@ -110,7 +110,7 @@ def context_prompts(spec: SweepSpec) -> dict[tuple[str, int], list[Prompt]]:
     thinking = [thinking_flag(t) for t in spec.values("thinking")]
     out: dict[tuple[str, int], list[Prompt]] = {}
     for model in spec.models:
-        tok = load_tokenizer(preflight(model, require_mtp=True))
+        tok = load_tokenizer(preflight(model, require_mtp=True, mtp_from=spec.mtp_from or None))
         for b in buckets:
             out[(model, b)] = bucket_prompts(tok, docs, b, thinking, f" with {model}'s tokenizer")
     return out
@@ -167,7 +167,7 @@ class ReferenceBackend:
         self.display = self.display or display_names((self.model,))[self.model]
         self.name = self.display if self.policy == "as-is" else f"{self.display}@{self.policy}"
         self.bundle: Bundle | None = None
-        self._views: dict[str, Bundle] = {}  # the loaded bundle per trunk hidden fed to the head (`mtp_hidden`)
+        self._views: dict[tuple[str, str], Bundle] = {}  # the loaded bundle per head-input convention (hidden, concat)
         self._weights: dict[int, tuple[int, int]] = {}
         self._broken = ""  # why no run of this checkpoint can be measured (set by `prepare`)
 
@@ -181,13 +181,13 @@ class ReferenceBackend:
         return 1 + len(cell.ks)
 
     def prepare(self) -> None:
-        bundle = load(self.model, require_mtp=True)
+        bundle = load(self.model, require_mtp=True, mtp_from=self.spec.mtp_from or None)
         if self.policy != "as-is":
             from ..builders.quantize import apply_policy
 
             bundle = apply_policy(bundle, self.policy)
         self.bundle = bundle
-        self._views = {bundle.hidden_variant.value: bundle}
+        self._views = {(bundle.hidden_variant.value, bundle.concat): bundle}
         self._weights = {k: (weight_bytes(bundle, k + 1), draft_step_bytes(bundle)) for k in (0, *self.spec.ks)}
         self._broken = "" if logits_finite(bundle) else NOT_FINITE
 
@@ -207,12 +207,12 @@ class ReferenceBackend:
         return KVCacheSpec(cell["kv_bits"] or 0, self.spec.kv_group_size)
 
     def _bundle(self, cell: Cell) -> Bundle:
-        """The loaded model feeding the head the cell's trunk hidden (one view per variant, built once)."""
+        """The loaded model fed as the cell says (trunk hidden, concat order: one view each, built once)."""
         assert self.bundle is not None
-        variant = cell["mtp_hidden"] or self.bundle.hidden_variant.value
-        if variant not in self._views:
-            self._views[variant] = self.bundle.with_hidden_variant(variant)
-        return self._views[variant]
+        key = (cell["mtp_hidden"] or self.bundle.hidden_variant.value, cell["mtp_concat"] or self.bundle.concat)
+        if key not in self._views:
+            self._views[key] = self.bundle.with_conventions(*key)
+        return self._views[key]
 
     def _kv_layout(self, cell: Cell) -> tuple[float, float]:
         assert self.bundle is not None

@@ -14,7 +14,6 @@ import shutil
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import mlx.core as mx
@@ -23,18 +22,19 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
 from ..model.checkpoint import (
+    COMPAT_KEYS,
     MTP_KEY,
     SIDECAR,
     Bundle,
     MTPSource,
+    check_compatible,
     load,
-    load_mtp_head,
-    mtp_layer_count,
+    load_head_only,
     read_config,
+    read_head_config,
     resolve,
     scan_headers,
     text_config,
-    weight_files,
 )
 from ..model.describe import component
 from ..atomic import write_json
@@ -324,34 +324,9 @@ def quantize_checkpoint(model: str | Path, out: Path, policy: str, group_size: i
 # Grafting
 
 
-COMPAT_KEYS = ("hidden_size", "vocab_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-               # MoE: the head's experts are built from the trunk's config, so its MoE shape must match too
-               "num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size")
-
-
-def check_compatible(trunk_cfg: dict[str, Any], head_cfg: dict[str, Any], trunk_name: str, head_name: str) -> None:
-    """Refuse, in one line, a head whose shapes or layer count do not fit the trunk."""
-    t, h = text_config(trunk_cfg), text_config(head_cfg)
-    for key in COMPAT_KEYS:
-        if t.get(key) != h.get(key):
-            raise UserError(f"cannot graft: {key} differs (trunk {trunk_name}: {t.get(key)}, "
-                            f"MTP source {head_name}: {h.get(key)})")
-    trunk_layers, head_layers = mtp_layer_count(trunk_cfg), mtp_layer_count(head_cfg)
-    if trunk_layers and trunk_layers != head_layers:
-        raise UserError(f"cannot graft: MTP layer count differs (trunk {trunk_name} declares {trunk_layers}, "
-                        f"MTP source {head_name} has {head_layers})")
-
-
 def load_head(path: Path, config: dict[str, Any]) -> tuple[MTPHead, MTPSource]:
-    """Only the MTP head of a checkpoint (no trunk in memory: a 27B trunk is not needed to read 15 tensors)."""
-    from mlx_lm.models.qwen3_5 import TextModelArgs
-
-    files = weight_files(path) + ([path / SIDECAR] if (path / SIDECAR).exists() else [])
-    # load_mtp_head reads only `model.language_model.args` from the model.
-    shell = SimpleNamespace(language_model=SimpleNamespace(args=TextModelArgs.from_dict(text_config(config))))
-    head, source = load_mtp_head(path, config, shell, scan_headers(files))
-    if head is None or source is None:
-        raise UserError(f"{path.name}: no MTP head to graft (no mtp.* tensors and no {SIDECAR})")
+    """Only the MTP head of a checkpoint or standalone head repo (no trunk in memory)."""
+    head, source, _ = load_head_only(path)
     return head, source
 
 
@@ -402,7 +377,7 @@ def graft(trunk_model: str | Path, mtp_from: str | Path, out: Path, mtp_policy: 
         raise UserError(f"unknown MTP policy {mtp_policy!r}: use one of {', '.join(MTP_VARIANTS)}")
     trunk_path, head_path = resolve(trunk_model), resolve(mtp_from)
     out = _check_out(Path(out), (trunk_path, head_path))
-    trunk_cfg, head_cfg = read_config(trunk_path), read_config(head_path)
+    trunk_cfg, head_cfg = read_config(trunk_path), read_head_config(head_path)
     head, source = load_head(head_path, head_cfg)
     check_compatible(trunk_cfg, head_cfg, str(trunk_model), str(mtp_from))
     group_size = DEFAULT_GROUP_SIZE

@@ -18,13 +18,15 @@ from .common import friendly, sampling_options
 @click.option("--ar", "ar_mode", is_flag=True, help="Autoregressive baseline (the default when --k is not given).")
 @click.option("--k", default=None, help="MTP draft depth; speculative decoding when given.")
 @click.option("--draft-temp", default=None, help="Draft temperature (default: same as --temp).")
+@click.option("--mtp-from", default=None, metavar="DIR", help="Draft with the MTP head of this directory or cached "
+              "repo (a checkpoint or a qwen3_5_mtp head repo), checked compatible; nothing is copied.")
 @sampling_options
 @click.option("--max-tokens", type=int, default=128, show_default=True)
 @click.option("--num-samples", type=int, default=1, show_default=True, help="Independent samples (seeds seed..seed+N-1).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per sample.")
 @friendly
-def generate_cmd(model, prompt, chat, ar_mode, k, draft_temp, temperature, top_p, top_k, min_p, seed, max_tokens,
-                 num_samples, as_json):
+def generate_cmd(model, prompt, chat, ar_mode, k, draft_temp, mtp_from, temperature, top_p, top_k, min_p, seed,
+                 max_tokens, num_samples, as_json):
     """Generate from one prompt with the AR baseline or the reference MTP decoder."""
     from ..defaults import default_model
     from ..orchestrate.generation import generate_samples
@@ -43,7 +45,7 @@ def generate_cmd(model, prompt, chat, ar_mode, k, draft_temp, temperature, top_p
             raise UserError(f"--k {k}: generate takes one depth")
     draft = draft_temps(draft_temp, "--draft-temp")[0] if draft_temp is not None else None
     setting = Setting(temperature, top_p, top_k, min_p, draft)
-    bundle = load(model or default_model(), require_mtp=depth is not None)
+    bundle = load(model or default_model(), require_mtp=depth is not None, mtp_from=mtp_from)
     for sample in generate_samples(bundle, prompt, setting.config(seed), depth, max_tokens, num_samples,
                                    setting.draft_temperature, chat):
         click.echo(json.dumps(sample) if as_json else sample["text"])

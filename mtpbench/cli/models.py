@@ -129,12 +129,16 @@ def make_tiny_cmd(out, seed, layers, hidden, vocab, vocab_size, tie_embeddings, 
 @click.command("inspect")
 @click.argument("model", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--mtp-from", default=None, metavar="DIR", help="Describe MODEL drafting with the MTP head of DIR (a "
+              "checkpoint or a qwen3_5_mtp head repo).")
 @friendly
-def inspect_cmd(model, as_json):
-    """Describe MODEL (a directory or a cached hub repo id; default: the embedded demo checkpoint)."""
+def inspect_cmd(model, as_json, mtp_from):
+    """Describe MODEL (a directory or a cached hub repo id; default: the embedded demo checkpoint): its layers,
+    formats, MTP head (where it was read, each norm family's convention, each quantized module's mode) and every
+    convention its MTPLX contract declares, with the file and key it came from."""
     from ..model.checkpoint import load
     from ..defaults import default_model
     from ..model.describe import describe, describe_text
 
-    info = describe(load(model or default_model()))
+    info = describe(load(model or default_model(), mtp_from=mtp_from))
     click.echo(json.dumps(info, indent=2) if as_json else describe_text(info))

@@ -98,7 +98,7 @@ def sweep_cmd(ctx, config_file, quiet, no_report, bench_models, no_cost_model, b
     progress = Progress("sweep", quiet)
     say = lambda line: click.echo(line, err=True)  # noqa: E731
     for axis, value in spec.declared:
-        say(f"{axis.replace('_', '-')}: {value}, as the checkpoints' mtplx_runtime.json declares (pass "
+        say(f"{axis.replace('_', '-')}: {value}, as the checkpoints' MTPLX contract declares (pass "
             f"--{axis.replace('_', '-')} to choose)")
     try:
         outcome = run_sweep(spec, out, command, progress, executor=executor, ray_address=ray_address, say=say)

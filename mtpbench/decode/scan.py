@@ -26,12 +26,12 @@ class Scan:
 
 
 def scan(bundle: Bundle, ids: list[int], cfg: SamplingConfig = SamplingConfig()) -> Scan:
-    head = bundle.require_mtp()
-    trunk = bundle.trunk
+    bundle.require_mtp()
+    head, trunk = bundle.draft_head, bundle.trunk  # the head embeds and scores with its own tables if it has them
     x = mx.array(ids)[None]
     out = trunk(x, trunk.make_cache())
-    z = head(out.hidden[:, :-1], trunk.embed(x[:, 1:]), head.make_cache())  # position t drafts x[t+2]
-    q_logits = trunk.lm_head(z)[0, :-1]
+    z = head(out.hidden[:, :-1], head.embed(x[:, 1:]), head.make_cache())  # position t drafts x[t+2]
+    q_logits = head.lm_head(z)[0, :-1]
     p_logits = out.logits[0, 1:-1]  # the trunk's distribution for x[t+2]
     match = np.asarray(mx.argmax(q_logits, -1) == mx.argmax(p_logits, -1))
     if cfg.greedy:

@@ -165,7 +165,7 @@ def prefill(bundle: Bundle, prompt: list[int], cache: list, mtp_cache: list, his
         if n <= 0:
             return
         if history.kind == COMMITTED:  # MTP entries for positions 0..P-2
-            head(hidden[:, :n], trunk.embed(mx.array([prompt[start + 1: start + 1 + n]])), mtp_cache)
+            head(hidden[:, :n], head.embed(mx.array([prompt[start + 1: start + 1 + n]])), mtp_cache)
             mx.eval([c.state for c in mtp_cache])
         elif keep:  # window:N keeps the prompt's last N true pairs
             kept = hidden[:, :n] if not window else mx.concatenate([window[0], hidden[:, :n]], axis=1)
@@ -281,7 +281,7 @@ def _sampled_step(r: _Run, st: _State) -> None:
     trunk, head, k, rng, rule = r.bundle.trunk, r.bundle.draft_head, _depth(r, st), r.rng, r.rule
     # 1. Draft: catch the MTP cache up on the true pairs and draft d1 in one call, then chain.
     fed_h, fed_tok, mtp_cache = _head_feed(r, st)
-    z, normed = head.chained(fed_h, trunk.embed(mx.array([fed_tok])), mtp_cache, r.chain)
+    z, normed = head.chained(fed_h, head.embed(mx.array([fed_tok])), mtp_cache, r.chain)
     z, normed = z[:, -1:], normed[:, -1:]
     committed = mtp_cache[0].offset
     drafts: list[int] = []
@@ -289,8 +289,8 @@ def _sampled_step(r: _Run, st: _State) -> None:
     draft_logits = []
     for i in range(k):
         if i:
-            z, normed = head.chained(z, trunk.embed(mx.array([[drafts[-1]]])), mtp_cache, r.chain)
-        draft_logits.append(trunk.lm_head(normed)[0])
+            z, normed = head.chained(z, head.embed(mx.array([[drafts[-1]]])), mtp_cache, r.chain)
+        draft_logits.append(head.lm_head(normed)[0])
         q.append(host_supports(draft_logits[-1], r.dcfg)[0])
         drawn_from = q[i] if rule.draft_temperature_scale == 1 else host_supports(  # control: draws at another T
             draft_logits[-1], replace(r.dcfg, temperature=r.dcfg.temperature * rule.draft_temperature_scale))[0]

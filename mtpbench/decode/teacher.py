@@ -64,11 +64,11 @@ def head_alphas(bundle: Bundle, prompt: list[int], tokens: list[int], cfg: Sampl
     x = mx.array(ids)[None]
     out = trunk(x, trunk.make_cache())
     start = len(prompt) - 1  # pair i = (hidden i, token i+1) drafts token i+2; the first drafted token is index 1
-    z = head(out.hidden[:, start:-1], trunk.embed(x[:, start + 1:]), head.make_cache()) if len(prompt) == 1 else \
+    z = head(out.hidden[:, start:-1], head.embed(x[:, start + 1:]), head.make_cache()) if len(prompt) == 1 else \
         _head_after_prefix(bundle, out.hidden, x, start)
     res = []
     for lo in range(0, z.shape[1], ALPHA_CHUNK):
-        q_rows = np.asarray(trunk.lm_head(z[:, lo:lo + ALPHA_CHUNK])[0].astype(mx.float32))
+        q_rows = np.asarray(head.lm_head(z[:, lo:lo + ALPHA_CHUNK])[0].astype(mx.float32))
         p_rows = np.asarray(out.logits[0, start + 1 + lo:start + 1 + lo + q_rows.shape[0]].astype(mx.float32))
         res += [alpha(support(p, cfg), support(q, cfg)) for p, q in zip(p_rows, q_rows)]
     return np.asarray(res)
@@ -79,5 +79,5 @@ def _head_after_prefix(bundle: Bundle, hidden: mx.array, x: mx.array, start: int
     prompt's earlier true pairs, as `speculative.prefill` feeds them."""
     head, trunk = bundle.draft_head, bundle.trunk
     cache = head.make_cache()
-    head(hidden[:, :start], trunk.embed(x[:, 1:start + 1]), cache)
-    return head(hidden[:, start:-1], trunk.embed(x[:, start + 1:]), cache)
+    head(hidden[:, :start], head.embed(x[:, 1:start + 1]), cache)
+    return head(hidden[:, start:-1], head.embed(x[:, start + 1:]), cache)

@@ -10,16 +10,18 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
-from .conventions import RUNTIME_CONTRACT, declared
-
 from .checkpoint import Bundle
 
 _DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
+_QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear)
+
+
 def _format(module: nn.Module) -> str:
-    if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear)):
-        return f"q{module.bits} g{module.group_size}"
+    if isinstance(module, _QUANTIZED):
+        mode = getattr(module, "mode", "affine")
+        return f"{'q' + str(module.bits) if mode == 'affine' else mode} g{module.group_size}"
     w = getattr(module, "weight", None)
     return _DTYPE_NAMES.get(str(w.dtype).split(".")[-1], str(w.dtype)) if w is not None else "?"
 
@@ -53,6 +55,19 @@ def component_formats(module: nn.Module, prefix: str = "") -> dict[str, str]:
     return {k: ", ".join(sorted(v)) for k, v in sorted(seen.items())}
 
 
+def logical_parameters(module: nn.Module) -> int:
+    """Parameters as logical elements: a quantized layer's packed words unpacked (32 / bits values each), its
+    scales and biases not counted (they are how the values are stored, not more of them)."""
+    packed = {path: m.bits for path, m in module.named_modules() if isinstance(m, _QUANTIZED)}
+    total = 0
+    for key, v in tree_flatten(module.parameters()):
+        owner, _, leaf = key.rpartition(".")
+        if owner in packed and leaf in ("scales", "biases"):
+            continue
+        total += v.size * 32 // packed[owner] if owner in packed and leaf == "weight" else v.size
+    return int(total)
+
+
 def _expert_params(module: nn.Module) -> int:
     """Parameters of the routed experts (switch layers), as the config sizes them (quantization-independent)."""
     return int(sum(m.num_experts * m.input_dims * m.output_dims for _, m in module.named_modules()
@@ -74,7 +89,7 @@ def describe(bundle: Bundle) -> dict[str, Any]:
     text = bundle.text_config
     layers = bundle.model.layers
     pattern = "".join("G" if layer.is_linear else "A" for layer in layers)
-    params = sum(v.size for _, v in tree_flatten(bundle.model.parameters()))
+    params = logical_parameters(bundle.model)
     info: dict[str, Any] = {
         "name": bundle.name,
         "path": str(bundle.path),
@@ -96,7 +111,7 @@ def describe(bundle: Bundle) -> dict[str, Any]:
         "fingerprint": bundle.fingerprint,
         "moe": moe_facts(text, int(params), _expert_params(bundle.model)),
         "mtp": None,
-        "declared_conventions": declared(bundle.path),
+        "declared_conventions": [{"name": d.name, "value": d.value, "source": d.source} for d in bundle.declared],
     }
     if bundle.mtp is not None and bundle.mtp_source is not None:
         src = bundle.mtp_source
@@ -105,11 +120,16 @@ def describe(bundle: Bundle) -> dict[str, Any]:
             "prefix": src.prefix,
             "files": list(src.files),
             "norm_convention": src.norm_convention,
+            "norm_families": {f: {"convention": d.convention, "reason": d.reason} for f, d in src.norms.items()},
             "layers": len(bundle.mtp.layers),
-            "parameters": int(sum(v.size for _, v in tree_flatten(bundle.mtp.parameters()))),
+            "parameters": logical_parameters(bundle.mtp),
             "formats": component_formats(bundle.mtp, prefix="mtp."),
+            "quantization": {name: dict(q) for name, q in sorted(src.quantized.items())},
             "hidden_variant": bundle.hidden_variant.value,
+            "concat": bundle.concat,
             "expert_layout": src.expert_layout,
+            "directory": src.directory,
+            "dedicated_embeddings": src.dedicated,
         }
         head_params = info["mtp"]["parameters"]
         if (facts := moe_facts(text, head_params, _expert_params(bundle.mtp))) is not None:
@@ -135,15 +155,52 @@ def describe_text(info: dict[str, Any]) -> str:
         lines.append("  MTP head:    none (no mtp.* tensors)")
     else:
         lines += [
-            f"  MTP head:    {mtp['tensors']} tensors under '{mtp['prefix']}' in {', '.join(mtp['files'])}; "
+            f"  MTP head:    {mtp['tensors']} tensors {_stored_under(mtp['prefix'])} in {', '.join(mtp['files'])}; "
             f"{mtp['layers']} layer(s), {mtp['parameters']:,} parameters",
-            f"               norms stored as {mtp['norm_convention']}; hidden fed {mtp['hidden_variant']}",
+            *([f"               read from {mtp['directory']} (--mtp-from)"] if mtp.get("directory")
+              and mtp["directory"] != info["path"] else []),
+            f"               hidden fed {mtp['hidden_variant']}, input {mtp['concat']}"
+            + ("; own embedding and lm head (mtp_use_dedicated_embeddings)" if mtp.get("dedicated_embeddings") else ""),
+            "               norms: " + _norms_line(mtp["norm_families"]),
             *([f"               experts stored {mtp['expert_layout']}; {mtp['active_parameters']:,} parameters "
                f"active per token"] if mtp.get("expert_layout") else []),
             "               formats: " + "; ".join(f"{k} {v}" for k, v in mtp["formats"].items()),
+            *(["               quantization read from: " + "; ".join(
+                f"{src} ({len(mods)} module(s))" for src, mods in _by_source(mtp["quantization"]))]
+              if mtp.get("quantization") else []),
         ]
+    for i, d in enumerate(info.get("declared_conventions") or []):
+        lines.append(("  declares:    " if i == 0 else "               ")
+                     + f"{d['name'].replace('_', '-')} {d['value']} ({d['source']})")
     if info.get("declared_conventions"):
-        lines.append("  declares:    " + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in
-                                                   info["declared_conventions"].items())
-                     + f" ({RUNTIME_CONTRACT}; sweeps use them unless told otherwise)")
+        lines.append("               (sweeps use the declared mtp-hidden, mtp-concat and mtp-chain unless told "
+                     "otherwise; history stays committed, as `mtplx run` does)")
     return "\n".join(lines)
+
+
+def _stored_under(prefix: str) -> str:
+    return f"under '{prefix}'" if prefix else "at the root (a standalone head)"
+
+
+def _norms_line(families: dict[str, dict[str, str]]) -> str:
+    """'all 7 families shifted (why)', or each convention's families and the reasons (values: each family's mean)."""
+    by_convention: dict[str, list[str]] = defaultdict(list)
+    for f, d in families.items():
+        by_convention[d["convention"]].append(f)
+    what = "; ".join(f"{f'all {len(fs)} families' if len(by_convention) == 1 else ', '.join(fs)} {c}"
+                     for c, fs in by_convention.items())
+    reasons = {d["reason"] for d in families.values()}
+    if len(reasons) == 1:
+        why = reasons.pop()
+    elif all(r.startswith("values: mean ") for r in reasons):
+        why = "values: " + ", ".join(f"{f} {d['reason'][len('values: mean '):]}" for f, d in families.items())
+    else:
+        why = "; ".join(f"{f}: {d['reason']}" for f, d in families.items())
+    return f"{what} ({why})"
+
+
+def _by_source(quantization: dict[str, dict[str, Any]]) -> list[tuple[str, list[str]]]:
+    groups: dict[str, list[str]] = defaultdict(list)
+    for name, q in quantization.items():
+        groups[q.get("source", "?")].append(name)
+    return sorted(groups.items())

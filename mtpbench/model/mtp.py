@@ -7,6 +7,7 @@ mlx_lm, so the head computes exactly what the checkpoint's architecture defines.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from enum import Enum
 from typing import Any
@@ -15,10 +16,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
+from mlx.utils import tree_flatten
 from mlx_lm.models.qwen3_5 import DecoderLayer, TextModelArgs
 
 from .compiled import AttentionLayer, compiles
-from .conventions import NORMED, POST_NORM, PRE_NORM
+from .conventions import CHAINS, EMBEDDING, EMBEDDING_HIDDEN, FC, NORMED, POST_NORM, PRE_NORM, PRENORM, PREV, \
+    chain_mix
 
 
 class HiddenVariant(str, Enum):
@@ -47,10 +50,20 @@ EXPERT_LAYOUTS = (PER_EXPERT, FUSED, SWITCH)
 EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
 
 
-def mtp_tensor_names(num_layers: int = 1, moe: bool = False) -> list[str]:
+# A head with its own embedding table and lm head (`mtp_use_dedicated_embeddings: true` in the text config):
+# `mtp.embed_tokens.weight` (vLLM's Qwen3_5MTP loads `mtp.*` as its predictor's own `embed_tokens`) and
+# `mtp.lm_head.weight` (absent when the config ties word embeddings: the dedicated table is the head's lm head).
+DEDICATED = ("embed_tokens.weight", "lm_head.weight")
+
+
+def mtp_tensor_names(num_layers: int = 1, moe: bool = False, dedicated: bool = False,
+                     tied: bool = False) -> list[str]:
     """The tensor names of an MTP head as the module holds them (15 for one dense layer), relative to the `mtp.`
-    prefix; an MoE head's MLP is the router, the experts as switch layers, and the gated shared expert."""
+    prefix; an MoE head's MLP is the router, the experts as switch layers, and the gated shared expert; a head
+    with dedicated embeddings adds its table (and its lm head unless tied)."""
     names = ["fc.weight", "pre_fc_norm_embedding.weight", "pre_fc_norm_hidden.weight", "norm.weight"]
+    if dedicated:
+        names += list(DEDICATED[:1] if tied else DEDICATED)
     for i in range(num_layers):
         p = f"layers.{i}."
         names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
@@ -70,7 +83,7 @@ class MTPHead(nn.Module):
     normed hidden is what a chained (depth > 1) step feeds back in as its "trunk hidden".
     """
 
-    def __init__(self, args: TextModelArgs, num_layers: int = 1):
+    def __init__(self, args: TextModelArgs, num_layers: int = 1, dedicated: bool = False):
         super().__init__()
         hidden = args.hidden_size
         self.pre_fc_norm_embedding = nn.RMSNorm(hidden, eps=args.rms_norm_eps)
@@ -79,6 +92,29 @@ class MTPHead(nn.Module):
         attention_index = args.full_attention_interval - 1  # makes DecoderLayer a full-attention layer
         self.layers = [DecoderLayer(args, layer_idx=attention_index) for _ in range(num_layers)]
         self.norm = nn.RMSNorm(hidden, eps=args.rms_norm_eps)
+        self.dedicated = dedicated
+        self.tied = bool(args.tie_word_embeddings)
+        if dedicated:
+            self.embed_tokens = nn.Embedding(args.vocab_size, hidden)
+            if not self.tied:
+                self.lm_head = nn.Linear(hidden, args.vocab_size, bias=False)
+        self.concat = EMBEDDING_HIDDEN  # the order of fc's input halves (conventions.CONCATS)
+
+    def with_concat(self, order: str) -> MTPHead:
+        """The same weights read with the other input order (a new module tree sharing the arrays; cheap)."""
+        if order == self.concat:
+            return self
+        view = copy.deepcopy(self, memo={id(v): v for _, v in tree_flatten(self.parameters())})
+        view.concat = order
+        return view
+
+    def embed(self, tokens: mx.array) -> mx.array:
+        """The head's own embedding (dedicated heads only; others use the trunk's)."""
+        return self.embed_tokens(tokens)
+
+    def logits(self, hidden: mx.array) -> mx.array:
+        """The head's own lm head (dedicated heads only; others use the trunk's)."""
+        return self.embed_tokens.as_linear(hidden) if self.tied else self.lm_head(hidden)
 
     def __call__(self, hidden: mx.array, embeddings: mx.array, cache: list[KVCache] | None = None) -> mx.array:
         return self.both(hidden, embeddings, cache)[1]
@@ -94,8 +130,27 @@ class MTPHead(nn.Module):
         return z, self.norm(z)
 
     def fuse(self, hidden: mx.array, embeddings: mx.array) -> mx.array:
-        """The head's input: fc(concat(norm(embedding of t+1), norm(hidden at t)))."""
-        return self.fc(mx.concatenate([self.pre_fc_norm_embedding(embeddings), self.pre_fc_norm_hidden(hidden)], -1))
+        """The head's input: fc(concat(norm(embedding of t+1), norm(hidden at t))), halves in `self.concat` order."""
+        e, h = self.pre_fc_norm_embedding(embeddings), self.pre_fc_norm_hidden(hidden)
+        return self.fc(mx.concatenate([e, h] if self.concat == EMBEDDING_HIDDEN else [h, e], -1))
+
+    def step(self, hidden: mx.array, embeddings: mx.array, cache: list[KVCache] | None,
+             chain: str) -> tuple[mx.array, mx.array]:
+        """(the hidden a deeper draft is fed under any chain convention, the normed output the logits come from):
+        the fc output, the embedding or the hidden fed, either output, or a blend of two (MTPLX's `mix:`)."""
+        x = self.fuse(hidden, embeddings)
+        cache = cache or [None] * len(self.layers)
+        mask = create_attention_mask(x, cache[0])
+        z = x
+        for layer, c in zip(self.layers, cache):
+            z = layer(z, mask=mask, cache=c)
+        normed = self.norm(z)
+        sources = {NORMED: normed, PRENORM: z, FC: x, EMBEDDING: embeddings, PREV: hidden}
+        mix = chain_mix(chain)
+        if mix is None:
+            return sources[chain], normed
+        a, b, alpha = mix
+        return sources[a] * alpha + sources[b] * (1.0 - alpha), normed
 
     def make_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.layers]
@@ -139,7 +194,7 @@ class CompiledHead:
                 return (last if chain == NORMED else z[:, -1:]), mx.argmax(lm_head(last), axis=-1)
 
             self._greedy[chain] = (AttentionLayer(head.layers[0], enter=enter, leave=leave)
-                                   if len(head.layers) == 1 else None)
+                                   if len(head.layers) == 1 and chain in CHAINS else None)
         return self._greedy[chain]
 
     def __call__(self, hidden: mx.array, embeddings: mx.array, cache: list[KVCache]) -> mx.array:
@@ -157,7 +212,10 @@ class CompiledHead:
 
     def chained(self, hidden: mx.array, embeddings: mx.array, cache: list[KVCache],
                 chain: str = NORMED) -> tuple[mx.array, mx.array]:
-        """(the hidden a deeper draft is fed, the normed output the logits come from) under a chain convention."""
+        """(the hidden a deeper draft is fed, the normed output the logits come from) under a chain convention;
+        the conventions beyond `conventions.CHAINS` run the module (exact, uncompiled)."""
+        if chain not in CHAINS:
+            return self.head.step(hidden, embeddings, cache, chain)
         if chain == NORMED:
             z = self(hidden, embeddings, cache)
             return z, z

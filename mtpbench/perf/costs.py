@@ -204,7 +204,7 @@ def measure_sampled_terms(bundle: Bundle, prompt_ids: list[int], ks: Sequence[in
     rng = np.random.default_rng(cfg.seed)
     kmax = max(ks)
     put_back = _put_back(st)
-    q_rows = host_supports(trunk.lm_head(head(mx.repeat(st.hidden, kmax, axis=1), trunk.embed(
+    q_rows = host_supports(head.lm_head(head(mx.repeat(st.hidden, kmax, axis=1), head.embed(
         mx.array([[st.last] * kmax])), head.make_cache()))[0], cfg)  # draft rows the rule is fed (values matter little)
     drafts = [choose(q, cfg, rng) for q in q_rows]
     window = mx.array([[st.last] + drafts])
@@ -214,8 +214,8 @@ def measure_sampled_terms(bundle: Bundle, prompt_ids: list[int], ks: Sequence[in
         def op() -> None:
             z, tok = st.hidden, st.last
             for _ in range(k):
-                z = head(z, trunk.embed(mx.array([[tok]])), st.mtp_cache)
-                tok = choose(host_supports(trunk.lm_head(z)[0], cfg)[0], cfg, rng)
+                z = head(z, head.embed(mx.array([[tok]])), st.mtp_cache)
+                tok = choose(host_supports(head.lm_head(z)[0], cfg)[0], cfg, rng)
         return op
 
     def verify(k: int) -> Callable[[], None]:

@@ -237,10 +237,15 @@ AXES: tuple[Axis, ...] = (
          (conventions.POST_NORM,), "Trunk hidden fed to the MTP head, comma-separated: post (after the final norm) "
          "or pre (before it).", group=True, backends=frozenset({REFERENCE}), legacy=conventions.POST_NORM,
          title="MTP hidden"),
+    Axis("mtp_concat", ("--mtp-concat",), "mtp_concat", pa.string(), each(conventions.concat),
+         (conventions.EMBEDDING_HIDDEN,), "Order of the MTP head's input halves, comma-separated: embedding_hidden "
+         "(vLLM, mlx-lm, the Qwen release) or hidden_embedding (MTPLX's concat_order names both).", group=True,
+         backends=frozenset({REFERENCE}), legacy=conventions.EMBEDDING_HIDDEN, title="MTP concat"),
     Axis("mtp_chain", ("--mtp-chain",), "mtp_chain", pa.string(), each(conventions.chain), (conventions.NORMED,),
-         "Hidden chained into drafts at depth > 1, comma-separated: normed (the head's output) or prenorm (before "
-         "its final norm).", group=True, backends=frozenset({REFERENCE}), legacy=conventions.NORMED,
-         title="MTP chain"),
+         "Hidden chained into drafts at depth > 1, comma-separated: normed (the head's output; MTPLX post_norm), "
+         "prenorm (before its final norm; pre_norm), fc (its fc output), embedding (the embedding it was fed), "
+         "prev (the hidden it was fed) or mix:A:B:ALPHA (ALPHA*A + (1-ALPHA)*B).", group=True,
+         backends=frozenset({REFERENCE}), legacy=conventions.NORMED, title="MTP chain"),
     Axis("mtp_history", ("--mtp-history",), "mtp_history", pa.string(),
          each(lambda x, o: str(conventions.History.parse(x, o))), (conventions.COMMITTED,),
          "MTP head history, comma-separated: committed (every true pair since the prompt), cycle (a fresh head "
@@ -338,6 +343,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("ignore_eos", ("--ignore-eos",), bool, False, "Generate exactly --max-tokens tokens per run."),
     Option("no_records", ("--no-records",), bool, False,
            "Skip the steps/tokens tables (no per-cell preservation verdicts)."),
+    Option("mtp_from", ("--mtp-from",), str, None, "Draft with the MTP head of this directory or cached repo (a "
+           "checkpoint, or a standalone qwen3_5_mtp head repo), checked compatible with every --model; nothing is "
+           "copied.", metavar="DIR"),
     Option("out", ("--out", "-o"), str, None,
            "Results dir (default: results/<model>-<spec hash>, so reruns resume).", in_spec=False),
     # servers (see mtpbench.sweep.endpoint): the URL, mode and concurrency decide rows; the rest how they run

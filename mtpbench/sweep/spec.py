@@ -79,6 +79,7 @@ class SweepSpec:
     records: bool = True  # steps/tokens tables (p, q, alpha, PIT): needed for the preservation verdicts
     warmup_tokens: int = 16
     max_tokens_wins: bool = False  # the user gave --max-tokens: it overrides the prompt lines' own max_tokens
+    mtp_from: str = ""  # draft with the MTP head of this directory (checked compatible, never copied); "": own
     # (axis, value) of each feeding convention taken from the checkpoints' runtime contract, not named by the user
     # (what the CLI says); the values themselves are in `grid`
     declared: tuple[tuple[str, str], ...] = field(default=(), compare=False)
@@ -100,7 +101,8 @@ class SweepSpec:
         endpoints = tuple(values.pop("endpoints", ()))
         if not grid["model"] and not endpoints:
             grid["model"] = (default_model(),)
-        declared = tuple((name, value) for name, value in conventions.declared_defaults(grid["model"]).items()
+        heads = (values["mtp_from"],) if values.get("mtp_from") else grid["model"]
+        declared = tuple((name, value) for name, value in conventions.declared_defaults(heads).items()
                          if name not in named)  # the checkpoints' own contract, where the user named no value
         grid.update({name: (value,) for name, value in declared})
         if not grid["prompts"]:
@@ -162,8 +164,11 @@ class SweepSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """The spec as the manifest stores it (and resume compares): axes, options, endpoint records."""
-        out: dict[str, Any] = {name: list(vals) for name, vals in self.grid
-                               if not (name == "context" and list(vals) == [0])}  # native only: as before the axis
+        out: dict[str, Any] = {name: list(vals) for name, vals in self.grid  # defaults as before their axis:
+                               if not (name == "context" and list(vals) == [0])
+                               and not (name == "mtp_concat" and list(vals) == [conventions.EMBEDDING_HIDDEN])}
+        if self.mtp_from:
+            out["mtp_from"] = self.mtp_from
         out.update(max_tokens=self.max_tokens, repeats=self.repeats, seed=self.seed, prompt_limit=self.prompt_limit,
                    kv_group_size=self.kv_group_size, ignore_eos=self.ignore_eos, records=self.records,
                    warmup_tokens=self.warmup_tokens)
@@ -214,7 +219,8 @@ class Cell:
         """A hash of what makes this cell: every axis value it carries, the prompt (set, id and content) and the
         repetition. Editing a prompt's text gives new ids, so a resume reruns exactly those cells."""
         key = {"point": {k: v for k, v in self.point if k != "prompts" and not (k == "policy" and v == "as-is")
-                         and not (k == "context" and not v)},  # the native context: ids as before the axis
+                         and not (k == "context" and not v)  # the native context: ids as before the axis
+                         and not (k == "mtp_concat" and v == conventions.EMBEDDING_HIDDEN)},
                "prompt": [self.prompt.set_name, self.prompt.id, self.prompt.digest], "repetition": self.repetition}
         return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -334,5 +340,7 @@ def spec_from_values(values: dict[str, Any], max_tokens_wins: bool = False) -> S
     for name in ("max_tokens", "repeats", "seed", "prompt_limit", "kv_group_size", "ignore_eos"):
         o = OPTION_BY_NAME[name]
         scalars[name] = o.coerce(given(name, o.default), o.flags[0])
+    if given("mtp_from"):
+        scalars["mtp_from"] = OPTION_BY_NAME["mtp_from"].coerce(given("mtp_from"), "--mtp-from")
     records = not OPTION_BY_NAME["no_records"].coerce(given("no_records", False), "--no-records")
     return SweepSpec.of(**axes, endpoints=endpoints, records=records, max_tokens_wins=max_tokens_wins, **scalars)
