@@ -9,7 +9,7 @@ enumerated (top-k truncation); the greedy setting gets token identity with near-
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +30,7 @@ TESTS = ("exact", "support", "pit", "score", "conditional", "calibration", "two_
 DEFAULT_TESTS = ("exact", "support", "pit", "score", "conditional", "calibration", "greedy")
 ROLLBACKS = ("capture", "reforward")  # sample i runs rollback i % 2: both reach every test
 DEFAULT_PROMPTS = ("def add(a, b):\n    return", "The quick brown fox", "for i in range(10):\n", "x = ")
-EXACT_TOKENS = 3
-MAX_EXACT_SUPPORT = 1_000
+MAX_EXACT_SUPPORT = 4 ** 5  # sequences the exact test may enumerate: top_k 4 covers every depth up to K = 4
 
 
 @dataclass(frozen=True)
@@ -126,21 +125,50 @@ def _sampled_group(bundle: Bundle, plan: VerifyPlan, setting: Setting, k: int, p
                        float(np.mean(alpha)) if alpha else float("nan"), int(acc.sum()), len(acc), rescore_s)
 
 
+def exact_tokens(width: int, k: int) -> int:
+    """How many leading tokens the exact test enumerates at draft depth K: K + 1 (the prefill token, then drafts at
+    depths 1..K of the first verify step) where width^(K+1) sequences fit MAX_EXACT_SUPPORT, else as many as fit
+    (width: top_k, or the vocabulary without it). Fewer than 2 tokens test nothing (0)."""
+    n = k + 1
+    while n >= 2 and width ** n > MAX_EXACT_SUPPORT:
+        n -= 1
+    return n if n >= 2 else 0
+
+
+def exact_coverage(n: int, k: int, width: int) -> str:
+    """The label of the exact test: which draft depths its n enumerated tokens cover at K, and why not more."""
+    if n == 0:
+        return (f"not run: {width:,}^2 sequences exceed {MAX_EXACT_SUPPORT:,} (enumerable at --top-k <= "
+                f"{_widest(2)})")
+    covered = f"first {n} tokens enumerated: draft depths 1-{n - 1} of K={k} tested"
+    if n - 1 >= k:
+        return covered + " (every depth)"
+    return (covered + f"; depths {n}-{k} NOT tested ({width:,}^{k + 1} sequences exceed {MAX_EXACT_SUPPORT:,}: "
+            f"every depth at --top-k <= {_widest(k + 1)})")
+
+
+def _widest(n: int) -> int:
+    return int(np.floor(MAX_EXACT_SUPPORT ** (1 / n) + 1e-9))
+
+
 def _exact(bundle: Bundle, plan: VerifyPlan, setting: Setting, k: int, prompt: list[int], rule,
            tick: Callable[[], None], base: int) -> TestResult:
     cfg = setting.config(0)
-    support = (setting.top_k or bundle.text_config["vocab_size"]) ** EXACT_TOKENS
-    if support > MAX_EXACT_SUPPORT:
+    width = setting.top_k or bundle.text_config["vocab_size"]
+    n = exact_tokens(width, k)
+    if n == 0:
         return TestResult("exact_target", 0, float("nan"), float("nan"), float("nan"), "Cohen's w",
-                          note=f"support too large to enumerate ({support:,} sequences): use --top-k <= 10")
-    target = enumerate_target(bundle, prompt, cfg, EXACT_TOKENS)
-    samples = []
+                          note=exact_coverage(n, k, width))
+    target = enumerate_target(bundle, prompt, cfg, n)
+    samples, reached = [], np.zeros(k, dtype=int)
     for i in range(plan.samples * 2):
-        r = generate_mtp(bundle, prompt, setting.config(base + 500_000 + i), k, EXACT_TOKENS,
+        r = generate_mtp(bundle, prompt, setting.config(base + 500_000 + i), k, n,
                          setting.draft_temperature, rule=rule, records=False, rollback=ROLLBACKS[i % 2])
         samples.append(tuple(r.tokens))
+        reached[: len(r.drafted_at_depth)] += r.drafted_at_depth
     tick()
-    return exact_target_test(samples, target)
+    res = exact_target_test(samples, target)
+    return replace(res, note=f"{exact_coverage(n, k, width)}; drafts reached depths {reached.tolist()}; {res.note}")
 
 
 def _greedy_group(bundle: Bundle, plan: VerifyPlan, setting: Setting, k: int, prompts: list[list[int]],

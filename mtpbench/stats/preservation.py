@@ -273,6 +273,14 @@ def two_sample_scalar(a: Sequence[float], b: Sequence[float], name: str = "two_s
     return TestResult(name, len(a) + len(b), float(res.statistic), float(res.pvalue), float(detectable), "AUC - 0.5")
 
 
+def relative_top2_gap(logits: np.ndarray) -> np.ndarray:
+    """Relative top-2 logit gap of each row, (l1 - l2) / max(|l1|, 1): what `greedy_identity` excuses a divergence
+    on (a near-tie that batched verify arithmetic may flip)."""
+    logits = np.asarray(logits, dtype=np.float64)
+    top = -np.sort(-logits, axis=-1)[..., :2]
+    return (top[..., 0] - top[..., 1]) / np.maximum(np.abs(top[..., 0]), 1.0)
+
+
 @dataclass(frozen=True)
 class GreedyIdentity:
     equal: bool
