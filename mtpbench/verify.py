@@ -18,10 +18,11 @@ from .model.checkpoint import Bundle
 from .decode import MAX_K, generate_ar, generate_mtp
 from .decode.controls import Control
 from .decode.rule import EXACT
-from .decode.rescore import rescore
-from .decode.teacher import enumerate_target, top2_gaps
+from .decode.rescore import greedy_gaps, rescore
+from .decode.teacher import enumerate_target
 from .stats.preservation import (FRESH_COLUMNS, MIN_ACCEPTED, TestResult, exact_target_test, greedy_identity,
-                                 holm_by_family, sampled_family, two_sample_categorical, two_sample_scalar)
+                                 greedy_identity_test, holm_by_family, sampled_family, two_sample_categorical,
+                                 two_sample_scalar)
 from .sweep.axes import AXES
 from .sweep.spec import Setting
 
@@ -70,6 +71,11 @@ class VerifyReport:
     def rejected(self) -> bool:
         """Preservation rejected by any test of the family (after Holm)."""
         return any(r.rejected() for g in self.groups for r in g.results if r.family == "preservation")
+
+    @property
+    def instrument_fault(self) -> bool:
+        """The fresh target disagreed with the independent oracle somewhere: the verdicts are not the decoder's."""
+        return any(r.family == "instrument" and r.statistic > 0 for g in self.groups for r in g.results)
 
     @property
     def acceptance_differs(self) -> bool:
@@ -173,25 +179,19 @@ def _exact(bundle: Bundle, plan: VerifyPlan, setting: Setting, k: int, prompt: l
 
 def _greedy_group(bundle: Bundle, plan: VerifyPlan, setting: Setting, k: int, prompts: list[list[int]],
                   tick: Callable[[], None]) -> GroupResult:
-    differ, near_ties, compared, accepted, reached = 0, 0, 0, 0, 0
+    pairs, accepted, reached = [], 0, 0
     rule = plan.control.rule if plan.control else EXACT
     for p in prompts:
         cfg = setting.config(plan.seed)
         ar = generate_ar(bundle, p, cfg, plan.tokens * 4, records=False, ignore_eos=True)
         mtp = generate_mtp(bundle, p, cfg, k, plan.tokens * 4, setting.draft_temperature, rule=rule, records=False,
                            ignore_eos=True)
-        res = greedy_identity(ar.tokens, mtp.tokens, top2_gaps(bundle, p, ar.tokens))
-        compared += res.compared
-        differ += not res.equal and not res.near_tie
-        near_ties += res.near_tie
+        pairs.append(greedy_identity(ar.tokens, mtp.tokens, greedy_gaps(bundle, p, ar.tokens)))
         accepted += mtp.accepted_tokens
         reached += sum([mtp.verify_steps] + mtp.accepted_at_depth[:-1])
         tick()
-    note = f"{near_ties} near-tie divergence(s) excused" if near_ties else "identical"
-    result = TestResult("greedy_identity", compared, float(differ), 0.0 if differ else 1.0, float("nan"),
-                        "sequences", note=note if not differ else f"{differ} of {len(prompts)} sequences diverge")
-    return GroupResult(setting, k, [result], accepted / reached if reached else float("nan"), float("nan"),
-                       accepted, reached)
+    return GroupResult(setting, k, [greedy_identity_test(pairs)], accepted / reached if reached else float("nan"),
+                       float("nan"), accepted, reached)
 
 
 def run_verify(bundle: Bundle, plan: VerifyPlan, tick: Callable[[], None] = lambda: None) -> VerifyReport:
@@ -249,6 +249,8 @@ def verdict_rows(report: VerifyReport, model: str, control: Control | None) -> l
 
 
 def _verdict_word(r: TestResult) -> str:
+    if r.family == "instrument":
+        return "FAULT" if r.statistic > 0 else "ok"
     if r.p_value != r.p_value:
         return "n/a"
     if not r.rejected():
