@@ -274,7 +274,11 @@ def report_table(report: VerifyReport) -> str:
                          "detectable": f"{r.detectable:.3g} {r.unit}" if r.detectable == r.detectable else "-",
                          "verdict": _verdict_word(r),
                          "acceptance (expected)": f"{g.acceptance:.3f} ({g.expected_acceptance:.3f})"})
-    return pd.DataFrame(rows).to_string(index=False)
+    table = pd.DataFrame(rows).to_string(index=False)
+    faults = [r.note for g in report.groups for r in g.results if r.family == "instrument" and r.statistic > 0]
+    exact = [f"exact_target {g.setting.label} K={g.k}: {r.note}" for g in report.groups for r in g.results
+             if r.test == "exact_target"]
+    return table + "".join(f"\n{line}" for line in exact + faults)
 
 
 def write_evidence(root: Path, report: VerifyReport, model: str, plan: VerifyPlan, command: str) -> Path:

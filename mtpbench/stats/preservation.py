@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, replace
+from functools import lru_cache
 
 import numpy as np
 from scipy import stats as st
@@ -105,6 +106,7 @@ def pit_test(u: Sequence[float], name: str = "pit_ks", note: str = "") -> TestRe
     return TestResult(name, n, float(res.statistic), float(res.pvalue), ks_detectable(n), "KS distance", note=note)
 
 
+@lru_cache(maxsize=4096)
 def ks_detectable(n: int, alpha: float = ALPHA, power: float = POWER) -> float:
     """The smallest sup-distance d between the true CDF G of the PIT values and the uniform one that the KS test
     at `alpha` rejects with probability >= `power` at this n, whatever G is: a derived power, not a rule of thumb.
