@@ -25,7 +25,7 @@ from .errors import UserError
 MLX, TEMPER_FIRST = "mlx", "temper-first"
 PROFILES = (MLX, TEMPER_FIRST)
 # Ties at the k-th logit. mlx_lm's `apply_top_k` masks all but `argpartition(-logprobs, k - 1)[:k]`: exactly k ids,
-# and mlx's argpartition (measured on its CPU kernel, mlx 0.30: `tests/test_fresh_target.py` holds it) puts tied
+# and mlx's argpartition (measured on its CPU kernel, mlx 0.32: `tests/test_fresh_target.py` holds it) puts tied
 # values in ascending id order, so of the ids tied at the cut the lowest are kept. Profiles listed here keep exactly
 # k that way; the others (vLLM, SGLang, HF transformers: `logits < kth_value` masked) keep every tied id. The audit's
 # support test is tie-inclusive under every profile (`support(..., ties=True)`), so a server that breaks ties

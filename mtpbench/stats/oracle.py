@@ -3,7 +3,7 @@
 Every preservation test compares emitted tokens with the fresh target, and both the decoder and the fresh target
 go through `sampling.support`: a bug in that one transform would be invisible to all of them. This module shares
 no code with sampling.py. It is a dense float64 numpy transcription of mlx_lm's sampler as published
-(mlx_lm.sample_utils, 0.3x: `make_sampler` chains `apply_top_p`, `apply_min_p`, `apply_top_k` on the
+(mlx_lm.sample_utils, 0.32: `make_sampler` chains `apply_top_p`, `apply_min_p`, `apply_top_k` on the
 log-probabilities `logits - logsumexp(logits)` that `generate_step` passes it, then `categorical_sampling` draws
 from `logprobs / temp`):
 - top-p: sort ascending; mass_above = the mass of the strictly larger entries; num_dropped = #(mass_above >=
