@@ -206,10 +206,10 @@ def _null_speedup_runs(seed: int):
 
     from tests.synthetic import Spec, build_runs
 
-    runs, _ = build_runs(Spec(settings=("T=0.6 top_p=0.95 top_k=20",), ks=(1, 2, 3, 4), prompts_per_category=4,
+    runs, _ = build_runs(Spec(settings=("T=0.6 top_p=0.95 top_k=20",), ks=(1, 2, 3, 4), prompts_per_category=4, acceptance=(0.8, 0.7, 0.6, 0.5),
                               repetitions=1, failed_runs=0, seed=seed))
     df = pd.DataFrame(runs)
-    noise = np.random.default_rng(seed).normal(0, 0.25, len(df))
+    noise = np.random.default_rng(seed).normal(0, 0.4, len(df))
     df["decode_tok_s"] = 40.0 * np.exp(np.where(df["mode"] == "mtp", noise, 0.0))
     return df
 
@@ -218,13 +218,13 @@ def test_headline_best_k_is_estimated_on_prompts_that_did_not_choose_it():
     from mtpbench.stats.summary import best_k, honest_best_k, speedup_table
 
     in_sample, honest = [], []
-    for seed in range(12):
+    for seed in range(30):
         runs = _null_speedup_runs(seed)
         in_sample.append(np.log(best_k(speedup_table(runs))["speedup"].iloc[0]))
         h = honest_best_k(runs)
         assert h["method"].iloc[0].startswith("split") and h["n_prompts"].iloc[0] == 6 and h["n_select"].iloc[0] == 6
         honest.append(np.log(h["speedup"].iloc[0]))
-    assert np.mean(in_sample) > 0.05  # the winner's curse: the best of 4 null Ks looks faster than it is
+    assert np.mean(in_sample) > 0.06  # the winner's curse: the best of 4 null Ks looks faster than it is
     assert abs(np.mean(honest)) < np.mean(in_sample) / 2  # the split estimate is centred on the truth
     few = honest_best_k(_null_speedup_runs(0).query("prompt_id in ['code-0', 'chat-0']"))
     assert "too few prompts to split" in few["method"].iloc[0]
