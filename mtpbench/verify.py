@@ -171,10 +171,13 @@ def _exact(bundle: Bundle, plan: VerifyPlan, setting: Setting, k: int, prompt: l
         r = generate_mtp(bundle, prompt, setting.config(base + 500_000 + i), k, n,
                          setting.draft_temperature, rule=rule, records=False, rollback=ROLLBACKS[i % 2])
         samples.append(tuple(r.tokens))
-        reached[: len(r.drafted_at_depth)] += r.drafted_at_depth
+        if r.drafted_at_depth:  # a draft at depth d is reached when the drafts before it were accepted
+            steps = [r.drafted_at_depth[0], *r.accepted_at_depth[:-1]]
+            reached[: len(steps)] += steps
     tick()
     res = exact_target_test(samples, target)
-    return replace(res, note=f"{exact_coverage(n, k, width)}; drafts reached depths {reached.tolist()}; {res.note}")
+    return replace(res, note=f"{exact_coverage(n, k, width)}; drafts reached at depths 1-{k} (earlier drafts "
+                             f"accepted): {reached.tolist()}; {res.note}")
 
 
 def _greedy_group(bundle: Bundle, plan: VerifyPlan, setting: Setting, k: int, prompts: list[list[int]],
