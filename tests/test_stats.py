@@ -206,7 +206,8 @@ def _null_speedup_runs(seed: int):
 
     from tests.synthetic import Spec, build_runs
 
-    runs, _ = build_runs(Spec(settings=("T=0.6 top_p=0.95 top_k=20",), ks=(1, 2, 3, 4), prompts_per_category=4, acceptance=(0.8, 0.7, 0.6, 0.5),
+    runs, _ = build_runs(Spec(settings=("T=0.6 top_p=0.95 top_k=20",), ks=(1, 2, 3, 4), prompts_per_category=4,
+                              acceptance=(0.8, 0.7, 0.6, 0.5),
                               repetitions=1, failed_runs=0, seed=seed))
     df = pd.DataFrame(runs)
     noise = np.random.default_rng(seed).normal(0, 0.4, len(df))

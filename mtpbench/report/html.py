@@ -303,7 +303,8 @@ def verdicts_section(data: Loaded, keys: list[str]) -> Section:
         ("Verdict", _cell_verdict_word, False),
         ("Server audit", lambda r: fmt.text(r.get("audit") or "—"), False),
         ("Instrument", lambda r: fmt.text(r.get("instrument") or "—"), False),
-    ], caption=_sweep_statement(data.verdicts) + "Per tested cell (controls excluded): the preservation family decides (support, PIT and score "
+    ], caption=_sweep_statement(data.verdicts) +
+               "Per tested cell (controls excluded): the preservation family decides (support, PIT and score "
                "against a fresh teacher-forced target, PIT by token source, acceptance above its bound); "
                "near-zero drift with a rejection points at the rule, large drift at the state. An audited "
                "server's cells (rescored with a local checkpoint) sit beside the reference's: support, PIT and "
