@@ -13,8 +13,8 @@ import numpy as np
 
 from ..model.checkpoint import Bundle
 from ..sampling import SamplingConfig
-from ..stats.preservation import relative_top2_gap
 from .common import host_supports
+from .rescore import greedy_gaps
 
 BATCH = 256  # prefixes per batched forward of the enumeration
 
@@ -26,8 +26,8 @@ def forward_logits(bundle: Bundle, ids: list[int]) -> np.ndarray:
 
 
 def top2_gaps(bundle: Bundle, prompt: list[int], tokens: list[int]) -> np.ndarray:
-    """Relative top-2 logit gap at each generated position: (l1 - l2) / max(|l1|, 1)."""
-    return relative_top2_gap(forward_logits(bundle, prompt + tokens[:-1])[len(prompt) - 1 :])
+    """Relative top-2 logit gap at each generated position (`rescore.greedy_gaps`, the one the verdicts use)."""
+    return np.asarray(greedy_gaps(bundle, prompt, tokens))
 
 
 def _last_rows(bundle: Bundle, prefixes: list[list[int]]) -> np.ndarray:
