@@ -19,12 +19,6 @@ from .rescore import greedy_gaps
 BATCH = 256  # prefixes per batched forward of the enumeration
 
 
-def forward_logits(bundle: Bundle, ids: list[int]) -> np.ndarray:
-    """Logits (len(ids), V) of one fresh trunk forward over `ids` (row i predicts token i+1)."""
-    out = bundle.trunk(mx.array(ids)[None], bundle.trunk.make_cache())
-    return np.asarray(out.logits[0].astype(mx.float32))
-
-
 def top2_gaps(bundle: Bundle, prompt: list[int], tokens: list[int]) -> np.ndarray:
     """Relative top-2 logit gap at each generated position (`rescore.greedy_gaps`, the one the verdicts use)."""
     return np.asarray(greedy_gaps(bundle, prompt, tokens))
