@@ -81,6 +81,15 @@ def profile_of(order: str) -> Profile:
             return Profile(order, steps, True, "llama.cpp's sampler order as the server reported it (/props)")
     raise UserError(f"sampling profile must be one of {', '.join(PROFILES)} (or llama.cpp[step>...] over "
                     f"{', '.join(STEPS)}), got {order!r}")
+MLX, TEMPER_FIRST = "mlx", "temper-first"
+PROFILES = (MLX, TEMPER_FIRST)
+# Ties at the k-th logit. mlx_lm's `apply_top_k` masks all but `argpartition(-logprobs, k - 1)[:k]`: exactly k ids,
+# and mlx's argpartition (measured on its CPU kernel, mlx 0.32: `tests/test_fresh_target.py` holds it) puts tied
+# values in ascending id order, so of the ids tied at the cut the lowest are kept. Profiles listed here keep exactly
+# k that way; the others (vLLM, SGLang, HF transformers: `logits < kth_value` masked) keep every tied id. The audit's
+# support test is tie-inclusive under every profile (`support(..., ties=True)`), so a server that breaks ties
+# another way (a GPU partition kernel) is never rejected for it.
+EXACT_K_PROFILES = frozenset({MLX})
 
 
 @dataclass(frozen=True)
@@ -137,11 +146,25 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return z - np.log(np.sum(np.exp(z), axis=-1, keepdims=True))
 
 
-def sampling_probs(logits: np.ndarray, cfg: SamplingConfig) -> np.ndarray:
+def keeps_ties(cfg: SamplingConfig, ties: bool | None = None) -> bool:
+    """Whether top-k keeps every id tied at the k-th logit: `ties` when given, else the profile's rule
+    (EXACT_K_PROFILES keep exactly k, the lowest ids of a tie)."""
+    return (cfg.order not in EXACT_K_PROFILES) if ties is None else ties
+
+
+def _exactly_k(keep: np.ndarray, values: np.ndarray, k: int) -> np.ndarray:
+    """`keep` cut to its k highest `values` (last axis), ties at the cut to the lowest ids (a stable sort)."""
+    order = np.argsort(-np.where(keep, values, -np.inf), axis=-1, kind="stable")
+    out = np.zeros_like(keep)
+    np.put_along_axis(out, order[..., :k], True, axis=-1)
+    return out & keep
+
+
+def sampling_probs(logits: np.ndarray, cfg: SamplingConfig, ties: bool | None = None) -> np.ndarray:
     """Probabilities (float64, rows sum to 1) that `cfg` samples from, for each row of `logits`: the dense
     definition, kept as the oracle `support` is tested against (a row at V = 248,320 costs ~20 ms here).
 
-    Greedy is a point mass on the argmax (ties broken by the lowest id, as `argmax` does).
+    Greedy is a point mass on the argmax (ties broken by the lowest id, as `argmax` does). `ties`: see `keeps_ties`.
     """
     if not cfg.greedy and profile_of(cfg.order).renormalised:
         rows = np.asarray(logits, dtype=np.float64)
@@ -149,6 +172,7 @@ def sampling_probs(logits: np.ndarray, cfg: SamplingConfig) -> np.ndarray:
         for idx in np.ndindex(rows.shape[:-1]):
             out[idx] = chain_probs(rows[idx], cfg)
         return out
+    tie_inclusive = keeps_ties(cfg, ties)
     logits, cfg = cfg.tempered_first(np.asarray(logits, dtype=np.float64))
     if cfg.greedy:
         out = np.zeros_like(logits)
@@ -171,6 +195,8 @@ def sampling_probs(logits: np.ndarray, cfg: SamplingConfig) -> np.ndarray:
     if 0 < cfg.top_k < vocab:
         kth = -np.partition(-np.where(keep, logprobs, -np.inf), cfg.top_k - 1, axis=-1)[..., cfg.top_k - 1 : cfg.top_k]
         keep &= logprobs >= kth
+        if not tie_inclusive:
+            keep = _exactly_k(keep, logprobs, cfg.top_k)
     scaled = np.where(keep, logprobs / cfg.temperature, -np.inf)
     scaled -= np.max(scaled, axis=-1, keepdims=True)
     probs = np.exp(scaled)
@@ -268,20 +294,23 @@ def _top_p_floor(x: np.ndarray, top_p: float, m: float, total: float) -> float:
         n = min(n * 8, v)
 
 
-def support(logits: np.ndarray, cfg: SamplingConfig) -> Support:
+def support(logits: np.ndarray, cfg: SamplingConfig, ties: bool | None = None) -> Support:
     """`sampling_probs` of one row as a `Support`, in a few vocabulary-sized float32 passes.
 
     Same order as `sampling_probs`: under the `mlx` profile (mlx_lm's sampler) top-p, min-p and top-k on the
     untempered log-probs, then temperature on what survives; `temper-first` tempers the logits first. Each filter
     keeps the tokens at or above one threshold (ties kept), so the
-    support is every token at or above the highest of the thresholds: a partition finds the k-th logit, a
+    support is every token at or above the highest of the thresholds (cut to exactly k where the profile's top-k
+    breaks ties at the k-th logit): a partition finds the k-th logit, a
     partial sort the top-p cut, the log-sum-exp (float32 exps, float64 sum) is needed for top-p only. The
     survivors are then treated in float64 as the dense transform treats them (equal up to float rounding; a top-p
     mass within ~1e-7 of a token boundary may cut differently). At T > 0 with no filter the support is the
-    vocabulary: one float32 pass.
+    vocabulary: one float32 pass. `ties` (see `keeps_ties`): whether ids tied at the k-th logit are all kept; by
+    default the profile's rule (mlx keeps exactly k, the lowest ids of a tie).
     """
     if not cfg.greedy and profile_of(cfg.order).renormalised:
         return _chain_support(np.asarray(logits, dtype=np.float32).reshape(-1), cfg)
+    tie_inclusive = keeps_ties(cfg, ties)
     x, cfg = cfg.tempered_first(np.asarray(logits, dtype=np.float32).reshape(-1))
     if cfg.greedy:
         return Support.point(int(np.argmax(x)))
@@ -312,6 +341,8 @@ def support(logits: np.ndarray, cfg: SamplingConfig) -> Support:
             keep &= xs >= xs[order[max(cut, 1) - 1]]
     if cfg.min_p > 0:
         keep &= lp >= -log_total + np.log(cfg.min_p)
+    if not tie_inclusive and 0 < cfg.top_k < int(keep.sum()):
+        keep = _exactly_k(keep, xs, cfg.top_k)  # ids ascend, so a stable sort breaks ties to the lowest id
     ids, scaled = ids[keep], lp[keep] / cfg.temperature
     scaled -= scaled.max()
     probs = np.exp(scaled if len(ids) <= _FLOAT64_EXP_MAX else scaled.astype(np.float32)).astype(np.float64)

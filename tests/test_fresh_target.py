@@ -277,3 +277,88 @@ def test_rescoring_from_a_shared_prompt_prefix_equals_a_whole_fresh_forward(bund
         np.testing.assert_allclose(shared, whole, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError):
         fresh_logits(bundle_agree, [t + 1 for t in prompt], len(prompt) - 1, prefix=prefix)
+
+
+# ---- the independent oracle (issue 31) -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("params", [dict(temperature=0.6, top_p=0.95, top_k=20), dict(temperature=1.0),
+                                    dict(temperature=0.8, min_p=0.05), dict(temperature=0.5, top_k=3),
+                                    dict(temperature=1.3, top_p=0.8, top_k=50, min_p=0.02)],
+                         ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
+def test_oracle_equals_mlx_lm_sampler_functions_and_the_one_transform(params):
+    """stats/oracle.py against mlx_lm's own filters (apply_top_p, apply_min_p, apply_top_k, then logprobs / temp)
+    and against `sampling.support`, on random rows with ties everywhere (every third row rounded)."""
+    import mlx.core as mx
+    from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+
+    from mtpbench.sampling import SamplingConfig, support
+    from mtpbench.stats.oracle import TOLERANCE, mlx_lm_probs, total_variation
+
+    rng = np.random.default_rng(31)
+    cfg = SamplingConfig(**params)
+    for i in range(30):
+        x = (rng.standard_normal(400) * rng.uniform(0.5, 5)).astype(np.float32)
+        x = np.round(x) if i % 3 == 0 else x
+        oracle = mlx_lm_probs(x, cfg.temperature, cfg.top_p, cfg.min_p, cfg.top_k)
+        lp = mx.array(x)[None] - mx.logsumexp(mx.array(x)[None], axis=-1, keepdims=True)
+        if 0 < cfg.top_p < 1:
+            lp = apply_top_p(lp, cfg.top_p)
+        if cfg.min_p:
+            lp = apply_min_p(lp, cfg.min_p)
+        if cfg.top_k:
+            lp = apply_top_k(lp, cfg.top_k)
+        theirs = np.asarray(mx.softmax(lp * (1 / cfg.temperature), axis=-1)[0]).astype(np.float64)
+        assert np.array_equal(theirs > 0, oracle > 0), (i, np.flatnonzero(theirs > 0), np.flatnonzero(oracle > 0))
+        np.testing.assert_allclose(theirs, oracle, atol=1e-5)
+        s = support(x, cfg)
+        assert total_variation(s.ids, s.probs, oracle) < TOLERANCE
+
+
+def test_rescoring_checks_rows_against_the_oracle_and_reports_a_broken_transform_as_an_instrument_fault(
+        bundle_agree, monkeypatch):
+    """A bug in the one transform (here: it tempers at 1.1 T) moves the decoder and the fresh target together, so
+    no preservation test can see it; the oracle does, and the family says it is the instrument's."""
+    import mtpbench.decode.common as common
+    import mtpbench.decode.rescore as rescore_mod
+    from mtpbench.sampling import SamplingConfig, support
+
+    recs, _ = _rescored(bundle_agree, EXACT)
+    assert recs and all(np.isfinite(r.oracle_tv) and r.oracle_tv < 1e-4 for r in recs)
+
+    def tempers_hotter(logits, cfg, ties=None):
+        return support(logits, SamplingConfig(cfg.temperature * 1.1, cfg.top_p, cfg.top_k, cfg.min_p, cfg.seed,
+                                              cfg.order), ties)
+
+    monkeypatch.setattr(common, "support", tempers_hotter)
+    monkeypatch.setattr(rescore_mod, "support", tempers_hotter)
+    broken, _ = _rescored(bundle_agree, EXACT)
+    tv = [r.oracle_tv for r in broken]
+    assert sum(t > 1e-4 for t in tv) > len(tv) / 2
+    cols = {"source": ["bonus"] * len(broken), **{c: [getattr(r, c) for r in broken] for c in (
+        "fresh_logprob", "fresh_pit_u", "in_fresh_support", "fresh_logprob_mean", "fresh_logprob_var",
+        "fresh_logprob_m3", "drift_logprob", "drift_tv", "oracle_tv")}}
+    family = sampled_family(cols, [], [], tests=("support", "pit", "score"))
+    (fault,) = [r for r in family if r.test == "oracle"]
+    assert fault.family == "instrument" and fault.statistic > 0 and "INSTRUMENT FAULT" in fault.note
+    assert not any(r.rejected() for r in family if r.family == "preservation")  # the decoder is not blamed
+
+
+def test_rescoring_support_is_tie_inclusive_while_the_profile_keeps_exactly_k(monkeypatch):
+    """A server that breaks a tie at the k-th logit differently from mlx is inside the support (never rejected),
+    and its token is scored under the tie-inclusive row."""
+    from mtpbench.sampling import SamplingConfig, support
+
+    x = np.array([5, 4, 3, 3, 3, 1, 0], dtype=np.float32)
+    cfg = SamplingConfig(0.7, top_k=3)
+    assert support(x, cfg).ids.tolist() == [0, 1, 2] and support(x, cfg, ties=True).ids.tolist() == [0, 1, 2, 3, 4]
+
+    class _Stub:  # the parts of a Bundle rescore_tokens touches, with fixed logits
+        pass
+
+    import mtpbench.decode.rescore as rescore_mod
+
+    monkeypatch.setattr(rescore_mod, "fresh_logits", lambda *a, **k: np.stack([x, x]))
+    out = rescore_mod.rescore_tokens(_Stub(), [1, 2], [4, 3], cfg).records
+    assert all(r.in_fresh_support and np.isfinite(r.fresh_logprob) for r in out)
+    assert 0 <= out[0].fresh_pit_u <= 1

@@ -53,11 +53,18 @@ def test_support_equals_the_dense_transform(cfg, vocab):
         _assert_equal_to_oracle(x, cfg)
 
 
-def test_ties_at_the_top_k_cut_are_all_kept():
+def test_ties_at_the_top_k_cut_follow_the_profile():
+    """mlx keeps exactly k (the lowest ids of a tie, as mlx_lm's argpartition does); temper-first (vLLM, HF) and
+    the audit's tie-inclusive support keep every tied id."""
     x = np.array([5, 4, 3, 3, 3, 3, 1, 0, 3, -2], dtype=np.float32)
     cfg = SamplingConfig(temperature=0.7, top_k=3)
     _, s = _assert_equal_to_oracle(x, cfg)
-    assert s.ids.tolist() == [0, 1, 2, 3, 4, 5, 8]  # k = 3, but the 3rd value is shared by five ids
+    assert s.ids.tolist() == [0, 1, 2]  # k = 3: of the five ids sharing the 3rd value, the lowest
+    inclusive = [0, 1, 2, 3, 4, 5, 8]
+    assert support(x, cfg, ties=True).ids.tolist() == inclusive
+    assert np.flatnonzero(sampling_probs(x[None], cfg, ties=True)[0]).tolist() == inclusive
+    _, s = _assert_equal_to_oracle(x, SamplingConfig(temperature=0.7, top_k=3, order="temper-first"))
+    assert s.ids.tolist() == inclusive
 
 
 @pytest.mark.parametrize("top_k", [0, 20])

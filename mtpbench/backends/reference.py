@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..decode import DecodeResult, generate_ar, generate_mtp
-from ..decode.rescore import Prefix, Rescoring, fresh_prefix, rescore
+from ..decode.rescore import Prefix, Rescoring, fresh_prefix, greedy_gaps, rescore
 from ..errors import UserError
 from ..machine import snapshot
 from ..model.checkpoint import Bundle, context_length, load, preflight, read_config, text_config
@@ -296,6 +296,10 @@ class ReferenceBackend:
                 tokens = record_rows(row["run_id"], result.token_records)
                 if fresh is not None:
                     tokens = [{**t, **asdict(f)} for t, f in zip(tokens, fresh.records)]
+                if mode == "ar" and tokens and cell.setting.temperature == 0 and cell.ks and not error:
+                    # the greedy-identity verdict's near-tie excuse (after the decode, outside its timing)
+                    gaps = greedy_gaps(self.bundle, ids, result.tokens, self._kv(cell))
+                    tokens = [{**t, "top2_gap": g} for t, g in zip(tokens, gaps)]
                 rows.tokens += tokens
             if on_run:
                 on_run(f"{cell.prompt.id} {mode}{k if k else ''}", row.get("decode_tok_s") or float("nan"))

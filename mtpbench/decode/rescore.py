@@ -10,6 +10,12 @@ uniform stream), whether the token is in the fresh filtered support, the score t
 row, and the drift between the decoder's row and the fresh one (|delta log p| of the token, total variation of the
 two rows where the decoder's row was kept).
 
+The fresh row itself is checked against an independent oracle (stats/oracle.py: mlx_lm's sampler written out in
+numpy, sharing no code with sampling.py) on every row at small vocabularies, a sample of rows at large ones: a
+disagreement is an instrument fault, reported apart from the decoder's verdict. Support is judged tie-inclusive: a
+token tied at the k-th logit but outside the profile's exactly-k choice (a server whose partition breaks the tie
+another way) is scored under the tie-inclusive row, so no correct server is rejected for a tie.
+
 Near-zero drift with a rejected test points at the rule; large drift points at the state. Rescoring runs after the
 decode and is excluded from its timing; its own cost is returned.
 """
@@ -28,6 +34,8 @@ from mlx_lm.models.cache import ArraysCache, KVCache
 from ..model.checkpoint import Bundle
 from ..model.kvcache import FULL_KV, KVCacheSpec
 from ..sampling import SamplingConfig, Support, support
+from ..stats.oracle import checked_rows, oracle_row, total_variation
+from ..stats.preservation import relative_top2_gap
 from .common import pit, support_moments
 from .records import DecodeResult
 
@@ -47,6 +55,8 @@ class FreshRecord:
     drift_logprob: float  # |log p_decoder(token) - log p_fresh(token)| (inf when exactly one of them is -inf);
     # for a server, |reported log p - fresh untransformed log p| (NaN where it reports none)
     drift_tv: float  # total variation between the decoder's row and the fresh one (NaN: decoder row not kept)
+    oracle_tv: float = float("nan")  # TV between the fresh row and the independent oracle's (stats/oracle.py);
+    # NaN where the row was not checked (a sample of rows at large vocabularies; profiles without an oracle)
 
 
 @dataclass(frozen=True)
@@ -158,15 +168,29 @@ def rescore_tokens(bundle: Bundle, prompt: list[int], tokens: list[int], cfg: Sa
     rng = np.random.default_rng([cfg.seed, 0x5C0DE])  # its own stream: never the decoder's or its PIT's
     rows = rows or []
     out = []
+    checked = set(checked_rows(len(tokens), logits.shape[-1]))
     for i, tok in enumerate(tokens):
         f = support(logits[i], cfg)  # the run's transform, sparse: a few ids per row at top-k
+        oracle = oracle_row(logits[i], cfg) if i in checked else None
+        oracle_tv = total_variation(f.ids, f.probs, oracle) if oracle is not None else float("nan")
+        if f.prob(tok) == 0 and cfg.top_k:
+            tied = support(logits[i], cfg, ties=True)  # the audit's support is tie-inclusive
+            f = tied if tied.prob(tok) > 0 else f
         ft = f.prob(tok)
         lp = math.log(ft) if ft > 0 else float("-inf")
         ref = float(compare[i]) if compare is not None and i < len(compare) else float("nan")
         fresh_ref = _raw_logprob(logits[i], tok) if compare_raw else lp
         out.append(FreshRecord(lp, pit(f, tok, rng.random()), ft > 0, *support_moments(f), _drift(ref, fresh_ref),
-                               _tv(rows[i] if i < len(rows) else None, f)))
+                               _tv(rows[i] if i < len(rows) else None, f), oracle_tv))
     return Rescoring(out, time.perf_counter() - t0)
+
+
+def greedy_gaps(bundle: Bundle, prompt: list[int], tokens: list[int], kv: KVCacheSpec = FULL_KV,
+                prefix: Prefix | None = None) -> list[float]:
+    """The relative top-2 logit gap at each position of a greedy run, from a fresh teacher-forced forward: what
+    the one greedy-identity verdict (`preservation.greedy_identity`) excuses a divergence on. Stored with the AR
+    run's tokens (`top2_gap`), so the sweep excuses near-ties exactly as `verify` does."""
+    return relative_top2_gap(fresh_logits(bundle, prompt + tokens[:-1], len(prompt) - 1, kv, prefix)).tolist()
 
 
 def _raw_logprob(row: np.ndarray, token: int) -> float:

@@ -9,7 +9,7 @@ enumerated (top-k truncation); the greedy setting gets token identity with near-
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +19,11 @@ from ..decode import generate_ar, generate_mtp
 from ..decode.limits import MAX_K, ROLLBACKS  # sample i runs rollback i % 2: both reach every test
 from ..decode.controls import Control
 from ..decode.rule import EXACT
-from ..decode.rescore import rescore
-from ..decode.teacher import enumerate_target, top2_gaps
+from ..decode.rescore import greedy_gaps, rescore
+from ..decode.teacher import enumerate_target
 from ..stats.preservation import (FRESH_COLUMNS, MIN_ACCEPTED, TestResult, exact_target_test, greedy_identity,
-                                 holm_by_family, sampled_family, two_sample_categorical, two_sample_scalar)
+                                 greedy_identity_test, holm_by_family, sampled_family, two_sample_categorical,
+                                 two_sample_scalar)
 from ..sweep.axes import AXES
 from ..sweep.spec import Setting
 
@@ -30,8 +31,7 @@ TESTS = ("exact", "support", "pit", "score", "conditional", "calibration", "two_
 # two_sample: opt in (weaker, costs AR runs)
 DEFAULT_TESTS = ("exact", "support", "pit", "score", "conditional", "calibration", "greedy")
 DEFAULT_PROMPTS = ("def add(a, b):\n    return", "The quick brown fox", "for i in range(10):\n", "x = ")
-EXACT_TOKENS = 3
-MAX_EXACT_SUPPORT = 1_000
+MAX_EXACT_SUPPORT = 4 ** 5  # sequences the exact test may enumerate: top_k 4 covers every depth up to K = 4
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,11 @@ class VerifyReport:
     def rejected(self) -> bool:
         """Preservation rejected by any test of the family (after Holm)."""
         return any(r.rejected() for g in self.groups for r in g.results if r.family == "preservation")
+
+    @property
+    def instrument_fault(self) -> bool:
+        """The fresh target disagreed with the independent oracle somewhere: the verdicts are not the decoder's."""
+        return any(r.family == "instrument" and r.statistic > 0 for g in self.groups for r in g.results)
 
     @property
     def acceptance_differs(self) -> bool:
@@ -126,44 +131,70 @@ def _sampled_group(bundle: Bundle, plan: VerifyPlan, setting: Setting, k: int, p
                        float(np.mean(alpha)) if alpha else float("nan"), int(acc.sum()), len(acc), rescore_s)
 
 
+def exact_tokens(width: int, k: int) -> int:
+    """How many leading tokens the exact test enumerates at draft depth K: K + 1 (the prefill token, then drafts at
+    depths 1..K of the first verify step) where width^(K+1) sequences fit MAX_EXACT_SUPPORT, else as many as fit
+    (width: top_k, or the vocabulary without it). Fewer than 2 tokens test nothing (0)."""
+    n = k + 1
+    while n >= 2 and width ** n > MAX_EXACT_SUPPORT:
+        n -= 1
+    return n if n >= 2 else 0
+
+
+def exact_coverage(n: int, k: int, width: int) -> str:
+    """The label of the exact test: which draft depths its n enumerated tokens cover at K, and why not more."""
+    if n == 0:
+        return (f"not run: {width:,}^2 sequences exceed {MAX_EXACT_SUPPORT:,} (enumerable at --top-k <= "
+                f"{_widest(2)})")
+    covered = f"first {n} tokens enumerated: draft depths 1-{n - 1} of K={k} tested"
+    if n - 1 >= k:
+        return covered + " (every depth)"
+    return (covered + f"; depths {n}-{k} NOT tested ({width:,}^{k + 1} sequences exceed {MAX_EXACT_SUPPORT:,}: "
+            f"every depth at --top-k <= {_widest(k + 1)})")
+
+
+def _widest(n: int) -> int:
+    return int(np.floor(MAX_EXACT_SUPPORT ** (1 / n) + 1e-9))
+
+
 def _exact(bundle: Bundle, plan: VerifyPlan, setting: Setting, k: int, prompt: list[int], rule,
            tick: Callable[[], None], base: int) -> TestResult:
     cfg = setting.config(0)
-    support = (setting.top_k or bundle.text_config["vocab_size"]) ** EXACT_TOKENS
-    if support > MAX_EXACT_SUPPORT:
+    width = setting.top_k or bundle.text_config["vocab_size"]
+    n = exact_tokens(width, k)
+    if n == 0:
         return TestResult("exact_target", 0, float("nan"), float("nan"), float("nan"), "Cohen's w",
-                          note=f"support too large to enumerate ({support:,} sequences): use --top-k <= 10")
-    target = enumerate_target(bundle, prompt, cfg, EXACT_TOKENS)
-    samples = []
+                          note=exact_coverage(n, k, width))
+    target = enumerate_target(bundle, prompt, cfg, n)
+    samples, reached = [], np.zeros(k, dtype=int)
     for i in range(plan.samples * 2):
-        r = generate_mtp(bundle, prompt, setting.config(base + 500_000 + i), k, EXACT_TOKENS,
+        r = generate_mtp(bundle, prompt, setting.config(base + 500_000 + i), k, n,
                          setting.draft_temperature, rule=rule, records=False, rollback=ROLLBACKS[i % 2])
         samples.append(tuple(r.tokens))
+        if r.drafted_at_depth:  # a draft at depth d is reached when the drafts before it were accepted
+            steps = [r.drafted_at_depth[0], *r.accepted_at_depth[:-1]]
+            reached[: len(steps)] += steps
     tick()
-    return exact_target_test(samples, target)
+    res = exact_target_test(samples, target)
+    return replace(res, note=f"{exact_coverage(n, k, width)}; drafts reached at depths 1-{k} (earlier drafts "
+                             f"accepted): {reached.tolist()}; {res.note}")
 
 
 def _greedy_group(bundle: Bundle, plan: VerifyPlan, setting: Setting, k: int, prompts: list[list[int]],
                   tick: Callable[[], None]) -> GroupResult:
-    differ, near_ties, compared, accepted, reached = 0, 0, 0, 0, 0
+    pairs, accepted, reached = [], 0, 0
     rule = plan.control.rule if plan.control else EXACT
     for p in prompts:
         cfg = setting.config(plan.seed)
         ar = generate_ar(bundle, p, cfg, plan.tokens * 4, records=False, ignore_eos=True)
         mtp = generate_mtp(bundle, p, cfg, k, plan.tokens * 4, setting.draft_temperature, rule=rule, records=False,
                            ignore_eos=True)
-        res = greedy_identity(ar.tokens, mtp.tokens, top2_gaps(bundle, p, ar.tokens))
-        compared += res.compared
-        differ += not res.equal and not res.near_tie
-        near_ties += res.near_tie
+        pairs.append(greedy_identity(ar.tokens, mtp.tokens, greedy_gaps(bundle, p, ar.tokens)))
         accepted += mtp.accepted_tokens
         reached += sum(mtp.reached_at_depth)
         tick()
-    note = f"{near_ties} near-tie divergence(s) excused" if near_ties else "identical"
-    result = TestResult("greedy_identity", compared, float(differ), 0.0 if differ else 1.0, float("nan"),
-                        "sequences", note=note if not differ else f"{differ} of {len(prompts)} sequences diverge")
-    return GroupResult(setting, k, [result], accepted / reached if reached else float("nan"), float("nan"),
-                       accepted, reached)
+    return GroupResult(setting, k, [greedy_identity_test(pairs)], accepted / reached if reached else float("nan"),
+                       float("nan"), accepted, reached)
 
 
 def run_verify(bundle: Bundle, plan: VerifyPlan, tick: Callable[[], None] = lambda: None) -> VerifyReport:
@@ -221,6 +252,8 @@ def verdict_rows(report: VerifyReport, model: str, control: Control | None) -> l
 
 
 def _verdict_word(r: TestResult) -> str:
+    if r.family == "instrument":
+        return "FAULT" if r.statistic > 0 else "ok"
     if r.p_value != r.p_value:
         return "n/a"
     if not r.rejected():
@@ -244,7 +277,11 @@ def report_table(report: VerifyReport) -> str:
                          "detectable": f"{r.detectable:.3g} {r.unit}" if r.detectable == r.detectable else "-",
                          "verdict": _verdict_word(r),
                          "acceptance (expected)": f"{g.acceptance:.3f} ({g.expected_acceptance:.3f})"})
-    return pd.DataFrame(rows).to_string(index=False)
+    table = pd.DataFrame(rows).to_string(index=False)
+    faults = [r.note for g in report.groups for r in g.results if r.family == "instrument" and r.statistic > 0]
+    exact = [f"exact_target {g.setting.label} K={g.k}: {r.note}" for g in report.groups for r in g.results
+             if r.test == "exact_target"]
+    return table + "".join(f"\n{line}" for line in exact + faults)
 
 
 def write_evidence(root: Path, report: VerifyReport, model: str, plan: VerifyPlan, command: str) -> Path:

@@ -19,6 +19,8 @@ from .. import fmt
 from . import backends, tables
 from .load import GROUP_KEYS, Loaded, load
 from ..stats.acceptance import draft_shares
+from ..stats.fdr import sweep_errors
+from ..stats.summary import INTERVAL_LABEL
 from ..sweep.axes import context_label
 from .present import acceptance_cell, mode_label, mode_speedup_cell, survival_cell
 
@@ -103,10 +105,14 @@ def _preservation(data: Loaded) -> dict[str, Any]:
     untested = tables.untested_cells(data.runs, data.verdicts)
     v = tables.verdict_rows(data.verdicts)
     controls = v[v["is_control"]] if not v.empty else v
+    errors = sweep_errors(cells["min_p_holm"], cells["rejected"] > 0) if not cells.empty else None
     return {
         "tested": not cells.empty,
         "cells": _records(cells, CELL_KEYS + ["k", "tests", "names", "rejected", "min_p_holm", "max_n", "drift_tv",
-                                              "blind"]),
+                                              "blind", "q_fdr", "instrument"]),
+        "sweep_errors": None if errors is None else {**{f: _plain(getattr(errors, f)) for f in (
+            "cells", "rejected_in_cell", "expected_by_chance", "rejected_fdr", "rejected_by", "level")},
+            "statement": errors.statement()},
         "untested": _records(untested, CELL_KEYS + ["k"]),
         "controls": {"rows": len(controls),
                      "rejected": int(controls["rejected"].fillna(False).astype(bool).sum()) if len(controls) else 0},
@@ -128,6 +134,8 @@ def card_data(results_dir: Path, model: str | None = None, say=None) -> dict[str
         "acceptance": _records(acc, CELL_KEYS + ["k", "depth", "verify_steps", "reached", "accepted", "acceptance",
                                                  "acceptance_lo", "acceptance_hi", "survival", "survival_lo",
                                                  "survival_hi"]),
+        "headline": _records(tables.headline(sub.runs), CELL_KEYS + ["k", "speedup", "speedup_lo", "speedup_hi",
+                                                                     "n_prompts", "n_select", "method"]),
         "context": _records(tables.context_table(sub.runs), CONTEXT_FIELDS),
         "projection": _projection(data, sub),
         "backends": _records(backends.comparison(sub.runs), BACKEND_FIELDS),
@@ -207,7 +215,22 @@ def _acceptance_md(card: dict[str, Any], multi: list[str]) -> list[str]:
     rows = [[_cell_name(r, multi), str(r["k"]), str(r["depth"]), acceptance_cell(r), survival_cell(r)] for r in recs]
     return [md_table(["Setting", "K", "Depth", "Acceptance", "Survival"], rows), "",
             ("Acceptance at depth d: accepted at d / drafts that reached d. Survival to depth d: share of verify "
-             "steps whose first d drafts were all accepted. 95% Wilson intervals.")]
+             f"steps whose first d drafts were all accepted. {INTERVAL_LABEL}.")]
+
+
+def _headline_md(card: dict[str, Any], multi: list[str]) -> list[str]:
+    """Best K per setting, chosen on one half of the prompts and estimated on the other (or, with too few prompts,
+    with an interval simultaneous over the depths): the method is printed with each."""
+    recs = card.get("headline") or []
+    if not recs:
+        return []
+    rows = [[_cell_name(r, multi), str(r["k"]), fmt.with_ci(r["speedup"], r["speedup_lo"], r["speedup_hi"], fmt.ratio),
+             fmt.integer(r["n_prompts"]), str(r["method"])] for r in recs]
+    return ["**Headline: best K**", "", md_table(["Setting", "Best K", "Speedup (95% CI)", "Prompts estimated on",
+                                                  "How K was chosen and estimated"], rows), "",
+            ("Choosing the K with the highest speedup and quoting its own interval overstates it (the winner's "
+             "curse): here K is chosen on a random half of the prompts and its speedup (geometric mean of the paired "
+             "per-prompt ratios, 95% bootstrap CI over prompts) is estimated on the other half."), ""]
 
 
 def _context_md(card: dict[str, Any], multi: list[str]) -> list[str]:
@@ -267,7 +290,7 @@ def _backends_md(card: dict[str, Any]) -> list[str]:
                        "that another backend also ran."), ""]
     return out + [md_table(surv.headers, surv.rows), "",
                   ("Survival to depth d: share of drafts whose first d positions were all accepted (a server: accepted "
-                   "tokens at position d / drafts, from its counters). 95% Wilson intervals."), ""]
+                   f"tokens at position d / drafts, from its counters). {INTERVAL_LABEL}."), ""]
 
 
 def _runtimes_md(card: dict[str, Any]) -> list[str]:
@@ -313,16 +336,21 @@ def _preservation_line(card: dict[str, Any], multi: list[str]) -> str:
         verdict = (f"rejected by {c['rejected']} of {c['tests']} tests" if c["rejected"] else
                    "not rejected, but could not see rule errors (too few accepted drafts)" if c.get("blind")
                    else "not rejected")
+        q = c.get("q_fdr")
+        q = f", FDR q across cells {fmt.pvalue(q)}" if q is not None and q == q else ""
+        verdict += f"; {c['instrument']}" if c.get("instrument") else ""
         drift = c.get("drift_tv")
         drift = f", drift vs fresh target {fmt.stat(drift)} TV" if drift is not None and drift == drift else ""
         parts.append(f"K={c['k']} `{_cell_name(c, multi)}`: {verdict} ({c['names']}; "
-                     f"n up to {fmt.integer(c['max_n'])}, smallest Holm p {fmt.pvalue(c['min_p_holm'])}{drift})")
+                     f"n up to {fmt.integer(c['max_n'])}, smallest Holm p {fmt.pvalue(c['min_p_holm'])}{q}{drift})")
     if p["untested"]:
         parts.append("not tested: " + ", ".join(f"K={c['k']} `{_cell_name(c, multi)}`" for c in p["untested"]))
     ctrl = p["controls"]
     if ctrl["rows"]:
         parts.append(f"control tests: {ctrl['rejected']} of {ctrl['rows']} rejected")
-    return "**Distribution preservation:** " + "; ".join(parts) + "."
+    errors = p.get("sweep_errors")
+    across = f" **Across cells:** {errors['statement']}." if errors else ""
+    return "**Distribution preservation:** " + "; ".join(parts) + "." + across
 
 
 def _formats_md(card: dict[str, Any]) -> list[str]:
@@ -338,6 +366,7 @@ def to_markdown(card: dict[str, Any]) -> str:
     multi = [k for k in CELL_KEYS if k != "setting" and len({r.get(k) for r in card["throughput"]}) > 1]
     lines = [f"## MTP speculative decoding: {card['model']}", "",
              f"Measured with mtpbench (results `{card['source']}`).", ""]
+    lines += _headline_md(card, multi)
     lines += _throughput_md(card) + ["", "**MTP draft acceptance**", ""] + _acceptance_md(card, multi) + [""]
     lines += _context_md(card, multi)
     lines += _projection_md(card, multi)

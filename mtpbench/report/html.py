@@ -21,6 +21,7 @@ from . import backends, plots, tables
 from ..stats.acceptance import draft_shares
 from ..sweep.axes import GROUP_KEYS
 from .conditions import machine_warnings
+from ..stats.fdr import sweep_errors
 from .load import Loaded, load
 from .present import (
     KEY_FORMATS,
@@ -66,7 +67,7 @@ def headline_section(data: Loaded, keys: list[str]) -> Section:
         ("95% CI", lambda r: fmt.ci(r["speedup_lo"], r["speedup_hi"], fmt.ratio), True),
         ("Prompts", lambda r: fmt.integer(r["n_prompts"]), True),
         ("τ", lambda r: fmt.num(r["tau"]), True),
-    ])
+    ], caption="Best K: " + "; ".join(sorted(set(best["method"]))) if len(best) else "")
     return Section("headline", "Headline: best K per model and setting", [t, settings_table(data)],
                    empty="No paired AR/MTP runs completed, so no speedup can be stated.")
 
@@ -286,6 +287,12 @@ def _cell_verdict_word(r) -> str:
         "not rejected"
 
 
+def _sweep_statement(verdicts) -> str:
+    """The sweep-wide error statement (stats/fdr.py) over the cells shown, as the cell table's caption lead."""
+    cells = tables.cell_verdicts(verdicts)
+    return "" if cells.empty else sweep_errors(cells["min_p_holm"], cells["rejected"] > 0).statement() + ". "
+
+
 def verdicts_section(data: Loaded, keys: list[str]) -> Section:
     v = tables.verdict_rows(data.verdicts)
     t = build(v, key_columns([k for k in keys if k != "setting"]) + [
@@ -303,10 +310,13 @@ def verdicts_section(data: Loaded, keys: list[str]) -> Section:
         ("K", lambda r: fmt.integer(r["k"]), True), ("Tests", col("names"), False),
         ("Largest n", lambda r: fmt.integer(r["max_n"]), True),
         ("Smallest p (Holm)", lambda r: fmt.pvalue(r["min_p_holm"]), True),
+        ("q (FDR across cells)", lambda r: fmt.pvalue(r.get("q_fdr", float("nan"))), True),
         ("Drift (mean TV, decoder vs fresh rows)", lambda r: fmt.stat(r.get("drift_tv", float("nan"))), True),
         ("Verdict", _cell_verdict_word, False),
         ("Server audit", lambda r: fmt.text(r.get("audit") or "—"), False),
-    ], caption="Per tested cell (controls excluded): the preservation family decides (support, PIT and score "
+        ("Instrument", lambda r: fmt.text(r.get("instrument") or "—"), False),
+    ], caption=_sweep_statement(data.verdicts) +
+               "Per tested cell (controls excluded): the preservation family decides (support, PIT and score "
                "against a fresh teacher-forced target, PIT by token source, acceptance above its bound); "
                "near-zero drift with a rejection points at the rule, large drift at the state. An audited "
                "server's cells (rescored with a local checkpoint) sit beside the reference's: support, PIT and "

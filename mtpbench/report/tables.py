@@ -13,6 +13,7 @@ import pandas as pd
 
 from ..stats import summary
 from ..stats.acceptance import bandwidth_bound_speedup, iid_expected_tokens
+from ..stats.fdr import fdr_adjust
 from ..stats.sweep_verdicts import NOT_TESTS
 from ..sweep.axes import COMPARED
 from .load import GROUP_KEYS, MISSING, Loaded
@@ -55,8 +56,9 @@ def mode_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def headline(runs: pd.DataFrame) -> pd.DataFrame:
-    """Best K per group (summary.best_k over summary.speedup_table), with the AR and MTP tok/s of mode_table."""
-    best = summary.best_k(summary.speedup_table(runs, BY), BY)
+    """Best K per group, chosen and estimated honestly (summary.honest_best_k: a prompt split, `method` says
+    which), with the AR and MTP tok/s of mode_table."""
+    best = summary.honest_best_k(runs, BY)
     if best.empty:
         return best
     modes = mode_table(runs)
@@ -262,7 +264,7 @@ def cell_verdicts(verdicts: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     rows = []
     for key, g in v.groupby([*BY, "k"], dropna=False, sort=True):
-        drift, audit = g[g["test"] == "drift"], g[g["test"] == "audit"]
+        drift, audit, oracle = g[g["test"] == "drift"], g[g["test"] == "audit"], g[g["test"] == "oracle"]
         g = g[~g["test"].isin(NOT_TESTS)]  # measurements beside the tests, not tests
         if g.empty:  # e.g. a server cell none of whose runs could be audited: untested, never "not rejected"
             continue
@@ -277,8 +279,13 @@ def cell_verdicts(verdicts: pd.DataFrame) -> pd.DataFrame:
                      "max_n": int(g["n"].max()),
                      "drift_tv": float(drift["statistic"].iloc[0]) if len(drift) else float("nan"),
                      "audit": str(audit["note"].iloc[0]) if len(audit) else "",  # a server: profile, assumption
-                     "blind": bool(notes.str.contains("could not see rule errors").any())})
-    return pd.DataFrame(rows)
+                     "blind": bool(notes.str.contains("could not see rule errors").any()),
+                     # the fresh target disagreed with the independent oracle: the verdict is not the decoder's
+                     "instrument": str(oracle["note"].iloc[0]) if len(oracle) and oracle["statistic"].iloc[0] > 0
+                     else ""})
+    out = pd.DataFrame(rows)
+    # the sweep-wide statement's second verdict: each cell's smallest Holm p, FDR-adjusted across the cells shown
+    return out.assign(q_fdr=fdr_adjust(out["min_p_holm"])) if len(out) else out
 
 
 def untested_cells(runs: pd.DataFrame, verdicts: pd.DataFrame) -> pd.DataFrame:

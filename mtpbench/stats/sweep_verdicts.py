@@ -3,7 +3,9 @@
 Sampled settings get `preservation.sampled_family`: with the fresh-target columns the reference backend records
 (decode/rescore.py), support, PIT and score against the fresh rows, PIT by token source and acceptance above its
 bound decide; the decoder-row PIT and score and the drift are labelled diagnostics; Holm within each family of the
-cell. Greedy settings get token identity with the AR run of the same prompt and repetition. This is what lets
+cell. Greedy settings get the one greedy-identity verdict `verify` gives (`preservation.greedy_identity_test`):
+token identity with the AR run of the same prompt and repetition, a divergence excused on a near-tie of the AR
+run's top-2 logit gap (stored in the tokens table's `top2_gap`). This is what lets
 every sweep cell carry a verdict on any checkpoint size, without re-running a model.
 
 An audited server's cell (tokens of source "server", rescored against the local checkpoint by `backends.audit`)
@@ -25,11 +27,11 @@ import pandas as pd
 
 from ..sampling import MLX
 from ..sweep.axes import GROUP_KEYS, REFERENCE
-from .preservation import (FRESH_COLUMNS, SERVER_TESTS, TestResult, holm_by_family, sampled_family,
-                           two_sample_scalar)
+from .preservation import (FRESH_COLUMNS, SERVER_TESTS, GreedyIdentity, TestResult, greedy_identity,
+                           greedy_identity_test, holm_by_family, sampled_family, two_sample_scalar)
 
 TOKEN_COLUMNS = ("source", "target_logprob", "pit_u", "logprob_mean", "logprob_var", "logprob_m3", "cond_pit_u")
-NOT_TESTS = ("drift", "audit")  # measurements reported beside the tests (their p is NaN)
+NOT_TESTS = ("drift", "audit", "oracle")  # measurements reported beside the tests (their p is NaN)
 
 CELL_KEYS = [*GROUP_KEYS, "k"]  # a verdict per group of like cells and K
 
@@ -47,12 +49,34 @@ def _row(key: dict[str, Any], first: pd.Series, r: TestResult) -> dict[str, Any]
             "detectable_unit": r.unit, "rejected": r.rejected(), "note": r.note, "family": r.family}
 
 
-def _greedy_identity(mtp: pd.DataFrame, ar: pd.DataFrame) -> TestResult:
-    pairs = mtp.merge(ar[["cell_id", "output_hash"]], on="cell_id", suffixes=("", "_ar"))
-    differ = int((pairs["output_hash"] != pairs["output_hash_ar"]).sum())
-    return TestResult("greedy_identity", len(pairs), float(differ), float("nan"), 1.0 / max(len(pairs), 1),
-                      "share of runs", note=f"{differ} of {len(pairs)} outputs differ from AR (near-ties are checked "
-                                            f"by `mtpbench verify`)" if differ else "all outputs equal AR")
+def _run_tokens(tokens: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Each run's token rows in emission order."""
+    cols = [c for c in ("run_id", "index", "token_id", "top2_gap") if c in tokens.columns]
+    return {rid: t.sort_values("index") for rid, t in tokens[cols].groupby("run_id", sort=False)}
+
+
+def _greedy_identity(mtp: pd.DataFrame, ar: pd.DataFrame, tokens: pd.DataFrame) -> TestResult:
+    """`preservation.greedy_identity_test`, the verdict `verify` gives: each MTP run against the AR run of its
+    cell (same prompt, repetition, setting), token by token, a divergence excused on a near-tie of the AR run's
+    stored top-2 gaps. Runs written without token rows are compared by output hash, and runs without stored gaps
+    (older results) excuse nothing; the note says so."""
+    pairs = mtp.merge(ar[["cell_id", "run_id", "output_hash"]], on="cell_id", suffixes=("", "_ar"))
+    by_run = _run_tokens(tokens[tokens["run_id"].isin(set(pairs["run_id"]) | set(pairs["run_id_ar"]))])
+    results, hashed, ungapped = [], 0, 0
+    for _, pr in pairs.iterrows():
+        m, a = by_run.get(pr["run_id"]), by_run.get(pr["run_id_ar"])
+        if m is None or a is None or not len(m) or not len(a):
+            hashed += 1
+            same = pr["output_hash"] == pr["output_hash_ar"]
+            results.append(GreedyIdentity(bool(same), 0, None if same else 0, False, float("nan")))
+            continue
+        gaps = a["top2_gap"].to_numpy(dtype=float) if "top2_gap" in a else np.full(len(a), np.nan)
+        ungapped += not np.isfinite(gaps).any()
+        results.append(greedy_identity(a["token_id"].tolist(), m["token_id"].tolist(), gaps))
+    caveat = "; ".join(([f"{hashed} run(s) without token rows compared by output hash (near-ties not checkable)"]
+                        if hashed else []) + ([f"{ungapped} AR run(s) without stored top-2 gaps (written before "
+                                               f"they were): near-ties not excused"] if ungapped else []))
+    return greedy_identity_test(results, caveat)
 
 
 def audit_summary(g: pd.DataFrame) -> TestResult | None:
@@ -115,8 +139,8 @@ def sweep_verdicts(runs: pd.DataFrame, steps: pd.DataFrame, tokens: pd.DataFrame
         keyd = dict(zip(CELL_KEYS, key))
         first = g.iloc[0]
         if float(first["temperature"]) == 0:
-            results = [_greedy_identity(g, ar)]
-            rows += [{**_row(keyd, first, r), "rejected": bool(r.statistic > 0)} for r in results]
+            results = [replace(r, p_holm=r.p_value) for r in [_greedy_identity(g, ar, tokens)]]  # a family of one
+            rows += [_row(keyd, first, r) for r in results]
             continue
         ids = set(g["run_id"])
         toks = tokens[tokens["run_id"].isin(ids)]

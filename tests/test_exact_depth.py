@@ -1,0 +1,58 @@
+"""The exact-target test enumerates K + 1 tokens where top-k makes it feasible, so every draft depth is tested:
+a bug confined to depth 3 (a test-only rule variant) is rejected, while the former 3-token enumeration, which
+never reaches depth 3, cannot see it."""
+
+from __future__ import annotations
+
+import pytest
+
+import mtpbench.decode.speculative as speculative
+import mtpbench.orchestrate.verify as verify
+from mtpbench.decode.rule import apply_rule
+from mtpbench.sweep.spec import Setting
+from mtpbench.orchestrate.verify import VerifyPlan, exact_coverage, exact_tokens, run_verify
+
+SETTING = Setting(0.6, 0.95, 4, 0.0, None)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    """The embedded demo checkpoint: its target is peaked enough that 300 sequences fill the enumerated cells (the
+    tiny random checkpoints spread them over ~900 sequences, and pooling leaves the test no power)."""
+    from mtpbench.defaults import default_model
+    from mtpbench.model.checkpoint import load
+
+    return load(default_model(), require_mtp=True)
+
+
+def depth3_lenient(p, q, drafts, rng, rule, *rest):
+    """Accept the depth-3 draft whenever the target can emit it (p(d) > 0), instead of with min(1, p/q): emitted
+    tokens stay inside the target's support, so only the distribution at depth 3 is wrong."""
+    if len(drafts) >= 3 and p[2].prob(drafts[2]) > 0:
+        p = [*p[:2], q[2], *p[3:]]
+    return apply_rule(p, q, drafts, rng, rule, *rest)
+
+
+def _exact(bundle, k: int):
+    (group,) = run_verify(bundle, VerifyPlan(ks=(k,), settings=(SETTING,), tests=("exact",), samples=150)).groups
+    (res,) = [r for r in group.results if r.test == "exact_target"]
+    return res
+
+
+def test_coverage_label_says_which_depths():
+    assert exact_tokens(4, 4) == 5 and exact_tokens(4, 3) == 4 and exact_tokens(10, 4) == 3
+    assert exact_tokens(2048, 2) == 0
+    assert "depths 1-4 of K=4 tested (every depth)" in exact_coverage(5, 4, 4)
+    assert "depths 3-4 NOT tested" in exact_coverage(3, 4, 10) and "--top-k <= 4" in exact_coverage(3, 4, 10)
+    assert exact_coverage(0, 2, 2048).startswith("not run")
+
+
+def test_a_depth3_only_bug_is_rejected_by_the_deep_enumeration(demo, monkeypatch):
+    exact = _exact(demo, 3)
+    assert not exact.rejected() and "depths 1-3 of K=3 tested (every depth)" in exact.note, exact
+    monkeypatch.setattr(speculative, "apply_rule", depth3_lenient)
+    deep = _exact(demo, 3)
+    assert deep.rejected() and "(every depth)" in deep.note, deep
+    monkeypatch.setattr(verify, "MAX_EXACT_SUPPORT", 4 ** 3)  # the former 3-token enumeration
+    shallow = _exact(demo, 3)
+    assert "depths 3-3 NOT tested" in shallow.note and not shallow.rejected(), shallow
