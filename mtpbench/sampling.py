@@ -403,3 +403,11 @@ def quantile(probs: "np.ndarray | Support", u: float) -> int:
     cdf = np.cumsum(values)
     idx = min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), len(values) - 1)
     return idx if ids is None else int(ids[idx])
+
+
+def relative_top2_gap(logits: np.ndarray) -> np.ndarray:
+    """Relative top-2 logit gap of each row, (l1 - l2) / max(|l1|, 1): what `greedy_identity` excuses a divergence
+    on (a near-tie that batched verify arithmetic may flip)."""
+    logits = np.asarray(logits, dtype=np.float64)
+    top = -np.sort(-logits, axis=-1)[..., :2]
+    return (top[..., 0] - top[..., 1]) / np.maximum(np.abs(top[..., 0]), 1.0)

@@ -5,8 +5,9 @@ and report/stats free of mlx.
 The house, low to high (`WINGS` is the one list; a wing is a top-level package or a root module of mtpbench):
 - errors, secrets, atomic, defaults, fmt, machine: shared pieces (one-line user errors, credential redaction,
   atomic writes, where bundled data lives, number formatting, the machine's state);
-- sampling, model, provenance, decode: the one sampling transform, checkpoints and their forwards, where a
-  number came from, the decoders (AR, speculative, the one acceptance rule, `limits`);
+- sampling, oracle, model, provenance, decode: the one sampling transform, its independent check (numpy, no
+  shared code), checkpoints and their forwards, where a number came from, the decoders (AR, speculative, the one
+  acceptance rule, `limits`);
 - builders: checkpoint and data builders (tiny, demo, quantize/graft, policies, the long-context file);
 - sweep: the plan (axes, spec, endpoints, rows, store, prompts, long-context buckets), which backends, stats and
   the report read;
@@ -32,7 +33,7 @@ import mtpbench
 ROOT = Path(mtpbench.__file__).parent
 CLI_MAX_LINES = 250
 PACKAGE = "mtpbench"  # the root package's own wing: its lazy facade (`mtpbench.load`, ...)
-WINGS = ("errors", "secrets", "atomic", "defaults", "fmt", "machine", "sampling", "model", "provenance", "decode",
+WINGS = ("errors", "secrets", "atomic", "defaults", "fmt", "machine", "sampling", "oracle", "model", "provenance", "decode",
          "builders", "sweep", "backends", "stats", "report", "perf", "orchestrate", "cli", "__main__", PACKAGE)
 
 

@@ -287,13 +287,13 @@ def test_rescoring_from_a_shared_prompt_prefix_equals_a_whole_fresh_forward(bund
                                     dict(temperature=1.3, top_p=0.8, top_k=50, min_p=0.02)],
                          ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
 def test_oracle_equals_mlx_lm_sampler_functions_and_the_one_transform(params):
-    """stats/oracle.py against mlx_lm's own filters (apply_top_p, apply_min_p, apply_top_k, then logprobs / temp)
+    """mtpbench/oracle.py against mlx_lm's own filters (apply_top_p, apply_min_p, apply_top_k, then logprobs / temp)
     and against `sampling.support`, on random rows with ties everywhere (every third row rounded)."""
     import mlx.core as mx
     from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
     from mtpbench.sampling import SamplingConfig, support
-    from mtpbench.stats.oracle import TOLERANCE, mlx_lm_probs, total_variation
+    from mtpbench.oracle import TOLERANCE, mlx_lm_probs, total_variation
 
     rng = np.random.default_rng(31)
     cfg = SamplingConfig(**params)

@@ -10,7 +10,7 @@ uniform stream), whether the token is in the fresh filtered support, the score t
 row, and the drift between the decoder's row and the fresh one (|delta log p| of the token, total variation of the
 two rows where the decoder's row was kept).
 
-The fresh row itself is checked against an independent oracle (stats/oracle.py: mlx_lm's sampler written out in
+The fresh row itself is checked against an independent oracle (mtpbench/oracle.py: mlx_lm's sampler written out in
 numpy, sharing no code with sampling.py) on every row at small vocabularies, a sample of rows at large ones: a
 disagreement is an instrument fault, reported apart from the decoder's verdict. Support is judged tie-inclusive: a
 token tied at the k-th logit but outside the profile's exactly-k choice (a server whose partition breaks the tie
@@ -34,8 +34,8 @@ from mlx_lm.models.cache import ArraysCache, KVCache
 from ..model.checkpoint import Bundle
 from ..model.kvcache import FULL_KV, KVCacheSpec
 from ..sampling import SamplingConfig, Support, support
-from ..stats.oracle import checked_rows, oracle_row, total_variation
-from ..stats.preservation import relative_top2_gap
+from ..oracle import checked_rows, oracle_row, total_variation
+from ..sampling import relative_top2_gap
 from .common import pit, support_moments
 from .records import DecodeResult
 
@@ -55,7 +55,7 @@ class FreshRecord:
     drift_logprob: float  # |log p_decoder(token) - log p_fresh(token)| (inf when exactly one of them is -inf);
     # for a server, |reported log p - fresh untransformed log p| (NaN where it reports none)
     drift_tv: float  # total variation between the decoder's row and the fresh one (NaN: decoder row not kept)
-    oracle_tv: float = float("nan")  # TV between the fresh row and the independent oracle's (stats/oracle.py);
+    oracle_tv: float = float("nan")  # TV between the fresh row and the independent oracle's (mtpbench/oracle.py);
     # NaN where the row was not checked (a sample of rows at large vocabularies; profiles without an oracle)
 
 

@@ -15,7 +15,8 @@ from functools import lru_cache
 import numpy as np
 from scipy import stats as st
 
-from .oracle import TOLERANCE as ORACLE_TOLERANCE
+from ..oracle import TOLERANCE as ORACLE_TOLERANCE
+from ..sampling import relative_top2_gap
 
 ALPHA = 0.05
 POWER = 0.8
@@ -300,14 +301,6 @@ def two_sample_scalar(a: Sequence[float], b: Sequence[float], name: str = "two_s
     return TestResult(name, len(a) + len(b), float(res.statistic), float(res.pvalue), float(detectable), "AUC - 0.5")
 
 
-def relative_top2_gap(logits: np.ndarray) -> np.ndarray:
-    """Relative top-2 logit gap of each row, (l1 - l2) / max(|l1|, 1): what `greedy_identity` excuses a divergence
-    on (a near-tie that batched verify arithmetic may flip)."""
-    logits = np.asarray(logits, dtype=np.float64)
-    top = -np.sort(-logits, axis=-1)[..., :2]
-    return (top[..., 0] - top[..., 1]) / np.maximum(np.abs(top[..., 0]), 1.0)
-
-
 @dataclass(frozen=True)
 class GreedyIdentity:
     equal: bool
@@ -371,7 +364,7 @@ FRESH_COLUMNS = ("fresh_logprob", "fresh_pit_u", "in_fresh_support", "fresh_logp
 
 def oracle_check(oracle_tv: Sequence[float], tolerance: float) -> TestResult | None:
     """Not a test of the decoder: rows where the fresh target (`sampling.support`) and the independent oracle
-    (stats/oracle.py) disagree by more than `tolerance` in TV. Any such row is an instrument fault: the transform
+    (mtpbench/oracle.py) disagree by more than `tolerance` in TV. Any such row is an instrument fault: the transform
     every test relies on is wrong there, so the cell's verdict says nothing about the decoder. None: no row
     checked (results written before the oracle, or a profile it does not cover)."""
     tv = np.asarray(oracle_tv, dtype=float)

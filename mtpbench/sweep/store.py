@@ -98,7 +98,7 @@ TOKENS = pa.schema([
     ("fresh_logprob_mean", pa.float64()), ("fresh_logprob_var", pa.float64()), ("fresh_logprob_m3", pa.float64()),
     ("drift_logprob", pa.float64()), ("drift_tv", pa.float64()),
     ("server_logprob", pa.float64()),  # an audited server's reported log p of the token (source "server")
-    ("oracle_tv", pa.float64()),  # fresh row vs the independent oracle (stats/oracle.py); NaN: not checked
+    ("oracle_tv", pa.float64()),  # fresh row vs the independent oracle (mtpbench/oracle.py); NaN: not checked
     ("top2_gap", pa.float64()),  # greedy AR runs: relative top-2 logit gap of the fresh row (near-tie excuse)
 ])
 # A verdict is about one group of cells: the grouping keys, the sampling values behind `setting`, and K.
