@@ -31,7 +31,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .net import Net
-from .tiny import checkpoint_config
+from .tiny import checkpoint_config, hf_text_fields, to_hf_layout
 from .tokenizer import train_bpe, write_tokenizer
 
 HELD_OUT_EVERY = 20  # one file in 20 is held out
@@ -70,9 +70,8 @@ def text_config(r: Recipe) -> dict:
         "num_hidden_layers": r.layers, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
         "rms_norm_eps": 1e-6, "vocab_size": r.vocab, "linear_num_value_heads": 4, "linear_num_key_heads": 2,
         "linear_key_head_dim": 32, "linear_value_head_dim": 32, "linear_conv_kernel_dim": 4,
-        "full_attention_interval": 2, "tie_word_embeddings": True, "max_position_embeddings": 8192,
-        "rope_parameters": {"type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
-        "mtp_num_hidden_layers": 1,
+        "tie_word_embeddings": True, "max_position_embeddings": 8192, "mtp_num_hidden_layers": 1,
+        **hf_text_fields(r.layers, 2, 32, "float32", 10000.0),
     }
 
 
@@ -187,15 +186,21 @@ def round_to_bf16(w: mx.array) -> mx.array:
     return w.astype(mx.bfloat16).astype(mx.float32)
 
 
+def hf_tensors(net: Net) -> dict[str, mx.array]:
+    """The trained weights as Qwen publishes Qwen3.5 on Hugging Face (key names, conv1d as (C, 1, K), norms as
+    offsets), rounded to bf16 precision. Rounding comes first: w - 1 of a bf16-exact w is exact in float32, so a
+    loader's 1 + w gives back the very weights that were trained."""
+    trunk = {k: v if k.endswith("A_log") else round_to_bf16(v) for k, v in tree_flatten(net.model.parameters())}
+    mtp = {k: round_to_bf16(v) for k, v in tree_flatten(net.mtp.parameters())}
+    hf, mtp_hf = to_hf_layout(trunk, mtp)
+    return {**hf, **{f"mtp.{k}": v for k, v in mtp_hf.items()}}
+
+
 def save(out: Path, net: Net, config: dict, tok, r: Recipe, seconds: float) -> None:
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    weights = dict(tree_flatten(net.model.parameters()))
-    weights.update({f"mtp.{k}": v for k, v in tree_flatten(net.mtp.parameters())})
-    weights = {k: v if k.endswith("A_log") else round_to_bf16(v) for k, v in weights.items()}
-    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
-    config = dict(config, torch_dtype="float32")
+    mx.save_safetensors(str(out / "model.safetensors"), hf_tensors(net), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2))
     write_tokenizer(tok, out)
     from ..model.blas import active_blas
@@ -203,6 +208,7 @@ def save(out: Path, net: Net, config: dict, tok, r: Recipe, seconds: float) -> N
     env = {"blas": active_blas(), "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
            "mlx": mx.__version__, "python": sys.version.split()[0]}
     (out / "recipe.json").write_text(json.dumps({**r.__dict__, "train_seconds": round(seconds), **env}, indent=2))
+    mx.save_safetensors(str(out.parent / f"{out.name}-mlx-net.safetensors"), dict(tree_flatten(net.parameters())))
 
 
 def write_heldout_prompts(held: list[Path], out: Path, n: int = 24, chars: int = 600) -> None:
