@@ -29,6 +29,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
+from tokenizers import Tokenizer
 
 from .net import Net
 from .tiny import checkpoint_config, hf_text_fields, to_hf_layout
@@ -73,6 +74,18 @@ def text_config(r: Recipe) -> dict:
         "tie_word_embeddings": True, "max_position_embeddings": 8192, "mtp_num_hidden_layers": 1,
         **hf_text_fields(r.layers, 2, 32, "float32", 10000.0),
     }
+
+
+def encode_corpus(tok: Tokenizer, texts: list[str]) -> np.ndarray:
+    """The training token stream: each file's ids (the tokenizer's own pipeline: NFC, Qwen3.5's split, byte-level
+    BPE) followed by <|endoftext|>. tests/test_tokenizer.py checks that every loader of the written tokenizer gives
+    these same ids."""
+    eot = tok.token_to_id("<|endoftext|>")
+    ids: list[int] = []
+    for enc in tok.encode_batch(texts):
+        ids.extend(enc.ids)
+        ids.append(eot)
+    return np.array(ids, dtype=np.uint16)
 
 
 def joint_loss(net: Net, x: mx.array, mtp_weight: float) -> mx.array:
@@ -154,12 +167,7 @@ def train(out: Path, r: Recipe, prompts_out: Path | None) -> None:
     texts = [f.read_text(encoding="utf-8", errors="replace") for f in train_files]
     print(f"corpus: {len(train_files)} training files, {len(held)} held out; training tokenizer ...", flush=True)
     tok = train_bpe(texts, r.vocab)
-    eot = tok.token_to_id("<|endoftext|>")
-    ids: list[int] = []
-    for enc in tok.encode_batch(texts):
-        ids.extend(enc.ids)
-        ids.append(eot)
-    data = np.array(ids, dtype=np.uint16)
+    data = encode_corpus(tok, texts)
     print(f"corpus: {len(data):,} tokens ({time.time() - t_start:.0f}s)", flush=True)
 
     mx.random.seed(r.seed)
