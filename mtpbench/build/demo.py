@@ -45,9 +45,9 @@ class Recipe:
     hidden: int = 128
     layers: int = 4
     seq: int = 256
-    batch: int = 16
-    phase1_steps: int = 560
-    phase2_steps: int = 220
+    batch: int = 8
+    phase1_steps: int = 250
+    phase2_steps: int = 90
     lr: float = 3e-3
     mtp_weight: float = 0.6
     distill_depths: int = 3
@@ -216,7 +216,6 @@ def save(out: Path, net: Net, config: dict, tok, r: Recipe, seconds: float) -> N
     env = {"blas": active_blas(), "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
            "mlx": mx.__version__, "python": sys.version.split()[0]}
     (out / "recipe.json").write_text(json.dumps({**r.__dict__, "train_seconds": round(seconds), **env}, indent=2))
-    mx.save_safetensors(str(out.parent / f"{out.name}-mlx-net.safetensors"), dict(tree_flatten(net.parameters())))
 
 
 def write_heldout_prompts(held: list[Path], out: Path, n: int = 24, chars: int = 600) -> None:
