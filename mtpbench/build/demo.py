@@ -1,6 +1,6 @@
 """Recipe for the embedded default checkpoint: a small Qwen3.5-style model with an MTP head, trained here.
 
-    mtpbench make-demo --out DIR        (about 45 minutes on a 2-core CPU)
+    mtpbench make-demo --out DIR        (51 minutes on a shared 2-core CPU)
 
 Corpus: the Python standard library's own source (PSF licence, present on every machine with Python). About 5%
 of the files (chosen by a hash of their path) are held out and become the default prompt set, so prompts are

@@ -69,7 +69,7 @@ def graft_cmd(trunk: str, mtp_from: str, out: Path, mtp_policy: str | None) -> N
 @click.option("--batch", type=int, default=None, help="Sequences per step [default: the recipe's].")
 @friendly
 def make_demo_cmd(out, prompts_out, phase1_steps, phase2_steps, batch):
-    """Rebuild the embedded default with its recipe (about 45 minutes on 2 CPU cores, progress shown).
+    """Rebuild the embedded default with its recipe (under an hour on 2 CPU cores, progress shown).
 
     Runs under the same BLAS set-up as every mtpbench command (OpenBLAS preloaded, one thread on Linux), which
     makes the run deterministic; recipe.json records it. Compare with the shipped one:
