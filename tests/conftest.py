@@ -21,14 +21,15 @@ from mtpbench.cli.main import main
 from mtpbench.builders.tiny import TinySpec, make_tiny
 
 LAYOUTS = {
-    "inline-mtp": TinySpec(),
-    "inline-model.mtp": TinySpec(mtp_prefix="model.mtp."),
-    "inline-language_model.mtp": TinySpec(mtp_prefix="language_model.mtp."),
-    "inline-model.language_model.mtp-hf": TinySpec(mtp_prefix="model.language_model.mtp.", hf_norms=True),
-    "sidecar": TinySpec(mtp_layout="sidecar"),
-    "sidecar-hf-sharded": TinySpec(mtp_layout="sidecar", hf_norms=True, shards=3),
-    "sharded-inline": TinySpec(shards=2, mtp_prefix="model.mtp."),
-    "bf16-hf-language_model.mtp": TinySpec(dtype="bfloat16", hf_norms=True, mtp_prefix="language_model.mtp."),
+    "inline-mtp": TinySpec(),  # exactly as Qwen publishes Qwen3.5 on Hugging Face
+    "mlx-inline-mtp": TinySpec(layout="mlx"),
+    "mlx-model.mtp": TinySpec(layout="mlx", mtp_prefix="model.mtp."),
+    "mlx-language_model.mtp": TinySpec(layout="mlx", mtp_prefix="language_model.mtp."),
+    "inline-model.language_model.mtp-hf": TinySpec(mtp_prefix="model.language_model.mtp."),
+    "mlx-sidecar": TinySpec(layout="mlx", mtp_layout="sidecar"),
+    "sidecar-hf-sharded": TinySpec(mtp_layout="sidecar", shards=3),
+    "sharded-inline": TinySpec(layout="mlx", shards=2, mtp_prefix="model.mtp."),
+    "bf16-hf-language_model.mtp": TinySpec(dtype="bfloat16", mtp_prefix="language_model.mtp."),
 }
 
 
@@ -44,7 +45,8 @@ def layout_dirs(ckpt_root) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def tiny(layout_dirs) -> Path:
-    """The plain tiny checkpoint (seed 0, MTP inline under `mtp.`): random, drafts rarely accepted."""
+    """The plain tiny checkpoint (seed 0, Hugging Face layout, MTP inline under `mtp.`): random, drafts rarely
+    accepted."""
     return layout_dirs["inline-mtp"]
 
 
@@ -56,8 +58,8 @@ def tiny_agree(ckpt_root) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_agree2(ckpt_root) -> Path:
-    """A second agreeing checkpoint (other seed, raw HF layout, sharded sidecar)."""
-    return make_tiny(ckpt_root / "agree2", TinySpec(seed=2, agree=0.9, hf_norms=True, shards=2, mtp_layout="sidecar"))
+    """A second agreeing checkpoint (other seed, MLX layout, sharded sidecar)."""
+    return make_tiny(ckpt_root / "agree2", TinySpec(seed=2, agree=0.9, layout="mlx", shards=2, mtp_layout="sidecar"))
 
 
 @pytest.fixture(scope="session")

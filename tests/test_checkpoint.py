@@ -33,7 +33,7 @@ def test_inspect_finds_all_15_mtp_tensors_in_every_layout(cli, layout_dirs, layo
         assert info["mtp"]["files"] == expected_files
     else:
         assert all(f.startswith("model") for f in info["mtp"]["files"])
-    assert info["mtp"]["norm_convention"] == ("offset" if spec.hf_norms else "shifted")
+    assert info["mtp"]["norm_convention"] == ("offset" if spec.layout == "hf" else "shifted")
     assert info["layer_pattern"] == "GAGA"
     assert Path(info["path"]) == layout_dirs[layout].resolve()
 

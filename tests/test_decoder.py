@@ -153,7 +153,9 @@ def test_generate_json_reports_speculative_counters(cli, tiny_agree):
     out = json.loads(res.stdout)
     assert out["k"] == 3 and len(out["accepted_at_depth"]) == 3 and len(out["drafted_at_depth"]) == 3
     assert out["accepted_tokens"] == sum(out["accepted_per_step"]) == sum(out["accepted_at_depth"])
-    assert out["drafted_tokens"] == 3 * out["verify_steps"]
+    # K per step, fewer only on the last steps, where fewer tokens were left than K (those drafts could not be emitted)
+    assert 3 * (out["verify_steps"] - 2) < out["drafted_tokens"] <= 3 * out["verify_steps"]
+    assert out["drafted_at_depth"][0] == out["verify_steps"]
     fresh = out["rescoring"]  # an exact sampled run, rescored against a fresh target: nothing impossible, no drift
     assert fresh["outside_fresh_support"] == 0 and fresh["max_finite_drift_logprob"] < 1e-4 and fresh["seconds"] > 0
 

@@ -544,7 +544,7 @@ def test_dedicated_embeddings(ckpt_root, trunk_only, twin):
 def test_raw_hf_bf16_moe_runs_on_the_cpu_and_says_so_once(ckpt_root, capsys, monkeypatch):
     """Raw Qwen3.5/3.6-35B-A3B layout (bf16, HF keys, fused experts): mlx's CPU GatherMM takes float32 only."""
     path = make_tiny(ckpt_root / "fmt-moe-bf16", TinySpec(moe=True, seed=6, agree=0.9, dtype="bfloat16",
-                                                          hf_norms=True, mtp_experts="fused"))
+                                                          layout="hf", mtp_experts="fused"))
     monkeypatch.setattr(checkpoint, "_UPCAST_SAID", False)
     b = load(path)
     load(path)

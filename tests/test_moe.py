@@ -21,9 +21,9 @@ from mtpbench.sampling import SamplingConfig
 PROMPTS = ["def add(a, b):\n    return a", "The quick brown fox"]
 MOE_LAYOUTS = {
     "per-expert": TinySpec(moe=True, seed=1, agree=0.9),
-    "fused-hf-sidecar": TinySpec(moe=True, seed=2, agree=0.9, hf_norms=True, mtp_experts="fused",
+    "fused-hf-sidecar": TinySpec(moe=True, seed=2, agree=0.9, mtp_experts="fused",
                                  mtp_layout="sidecar", mtp_prefix="model.mtp."),
-    "switch-sharded": TinySpec(moe=True, seed=3, agree=0.9, mtp_experts="switch", shards=2, experts=8,
+    "switch-sharded": TinySpec(moe=True, seed=3, agree=0.9, layout="mlx", mtp_experts="switch", shards=2, experts=8,
                                experts_per_token=3),
 }
 

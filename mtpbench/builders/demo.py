@@ -1,6 +1,6 @@
 """Recipe for the embedded default checkpoint: a small Qwen3.5-style model with an MTP head, trained here.
 
-    mtpbench make-demo --out DIR        (about 45 minutes on a 2-core CPU)
+    mtpbench make-demo --out DIR        (51 minutes on a shared 2-core CPU)
 
 Corpus: the Python standard library's own source (PSF licence, present on every machine with Python). About 5%
 of the files (chosen by a hash of their path) are held out and become the default prompt set, so prompts are
@@ -29,9 +29,10 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
+from tokenizers import Tokenizer
 
 from .net import Net
-from .tiny import checkpoint_config
+from .tiny import checkpoint_config, hf_text_fields, to_hf_layout
 from .tokenizer import train_bpe, write_tokenizer
 
 HELD_OUT_EVERY = 20  # one file in 20 is held out
@@ -44,9 +45,9 @@ class Recipe:
     hidden: int = 128
     layers: int = 4
     seq: int = 256
-    batch: int = 16
-    phase1_steps: int = 560
-    phase2_steps: int = 220
+    batch: int = 8
+    phase1_steps: int = 250
+    phase2_steps: int = 90
     lr: float = 3e-3
     mtp_weight: float = 0.6
     distill_depths: int = 3
@@ -70,10 +71,21 @@ def text_config(r: Recipe) -> dict:
         "num_hidden_layers": r.layers, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
         "rms_norm_eps": 1e-6, "vocab_size": r.vocab, "linear_num_value_heads": 4, "linear_num_key_heads": 2,
         "linear_key_head_dim": 32, "linear_value_head_dim": 32, "linear_conv_kernel_dim": 4,
-        "full_attention_interval": 2, "tie_word_embeddings": True, "max_position_embeddings": 8192,
-        "rope_parameters": {"type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
-        "mtp_num_hidden_layers": 1,
+        "tie_word_embeddings": True, "max_position_embeddings": 8192, "mtp_num_hidden_layers": 1,
+        **hf_text_fields(r.layers, 2, 32, "float32", 10000.0),
     }
+
+
+def encode_corpus(tok: Tokenizer, texts: list[str]) -> np.ndarray:
+    """The training token stream: each file's ids (the tokenizer's own pipeline: NFC, Qwen3.5's split, byte-level
+    BPE) followed by <|endoftext|>. tests/test_tokenizer.py checks that every loader of the written tokenizer gives
+    these same ids."""
+    eot = tok.token_to_id("<|endoftext|>")
+    ids: list[int] = []
+    for enc in tok.encode_batch(texts):
+        ids.extend(enc.ids)
+        ids.append(eot)
+    return np.array(ids, dtype=np.uint16)
 
 
 def joint_loss(net: Net, x: mx.array, mtp_weight: float) -> mx.array:
@@ -155,12 +167,7 @@ def train(out: Path, r: Recipe, prompts_out: Path | None) -> None:
     texts = [f.read_text(encoding="utf-8", errors="replace") for f in train_files]
     print(f"corpus: {len(train_files)} training files, {len(held)} held out; training tokenizer ...", flush=True)
     tok = train_bpe(texts, r.vocab)
-    eot = tok.token_to_id("<|endoftext|>")
-    ids: list[int] = []
-    for enc in tok.encode_batch(texts):
-        ids.extend(enc.ids)
-        ids.append(eot)
-    data = np.array(ids, dtype=np.uint16)
+    data = encode_corpus(tok, texts)
     print(f"corpus: {len(data):,} tokens ({time.time() - t_start:.0f}s)", flush=True)
 
     mx.random.seed(r.seed)
@@ -187,15 +194,21 @@ def round_to_bf16(w: mx.array) -> mx.array:
     return w.astype(mx.bfloat16).astype(mx.float32)
 
 
+def hf_tensors(net: Net) -> dict[str, mx.array]:
+    """The trained weights as Qwen publishes Qwen3.5 on Hugging Face (key names, conv1d as (C, 1, K), norms as
+    offsets), rounded to bf16 precision. Rounding comes first: w - 1 of a bf16-exact w is exact in float32, so a
+    loader's 1 + w gives back the very weights that were trained."""
+    trunk = {k: v if k.endswith("A_log") else round_to_bf16(v) for k, v in tree_flatten(net.model.parameters())}
+    mtp = {k: round_to_bf16(v) for k, v in tree_flatten(net.mtp.parameters())}
+    hf, mtp_hf = to_hf_layout(trunk, mtp)
+    return {**hf, **{f"mtp.{k}": v for k, v in mtp_hf.items()}}
+
+
 def save(out: Path, net: Net, config: dict, tok, r: Recipe, seconds: float) -> None:
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    weights = dict(tree_flatten(net.model.parameters()))
-    weights.update({f"mtp.{k}": v for k, v in tree_flatten(net.mtp.parameters())})
-    weights = {k: v if k.endswith("A_log") else round_to_bf16(v) for k, v in weights.items()}
-    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
-    config = dict(config, torch_dtype="float32")
+    mx.save_safetensors(str(out / "model.safetensors"), hf_tensors(net), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2))
     write_tokenizer(tok, out)
     from ..model.blas import active_blas

@@ -6,6 +6,8 @@ trunk and head), so it lives apart from both.
 
 from __future__ import annotations
 
+import copy
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.qwen3_5 import Model, ModelArgs
@@ -18,7 +20,7 @@ class Net(nn.Module):
 
     def __init__(self, config: dict):
         super().__init__()
-        self.model = Model(ModelArgs.from_dict(config))
+        self.model = Model(ModelArgs.from_dict(copy.deepcopy(config)))  # mlx_lm rewrites rope_parameters in place
         self.mtp = MTPHead(self.model.language_model.args)
 
     def logits(self, h: mx.array) -> mx.array:

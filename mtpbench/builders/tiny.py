@@ -1,9 +1,11 @@
 """Tiny random Qwen3.5 checkpoints with an MTP head, in every on-disk layout users meet.
 
-Tests need real checkpoints without a hub: this writes a Hugging Face style directory (config.json with
-`text_config`, safetensors weights, a locally built tokenizer) that `mlx_lm.load` and `mtpbench.load` both read.
-The options reproduce the layouts seen in the wild: MTP tensors inline under each known prefix or in a
-`mtp.safetensors` sidecar, sharded weights with an index, raw-HF norm offsets vs already-shifted norms.
+Tests need real checkpoints without a hub: by default this writes a directory laid out exactly as Qwen publishes
+Qwen3.5 on Hugging Face (config.json with `text_config`, `model.language_model.*` / `lm_head.*` / `mtp.*` tensors,
+conv1d as (C, 1, K), norms stored as offsets, a locally built tokenizer), which `mlx_lm.load` and `mtpbench.load`
+both read through their sanitizers. The options reproduce the other layouts seen in the wild: MLX conversions
+(`layout="mlx"`: mlx_lm's key names, conv axis order and already-shifted norms), MTP tensors under each known
+prefix or in a `mtp.safetensors` sidecar, sharded weights with an index.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ class TinySpec:
     mtp: bool = True
     mtp_layout: str = "inline"  # inline | sidecar
     mtp_prefix: str = "mtp."
-    hf_norms: bool = False
+    layout: str = "hf"  # hf: as Qwen publishes on Hugging Face | mlx: as mlx_lm.convert writes (shifted norms)
     shards: int = 1
     tie_embeddings: bool = False
     agree: float = 0.0  # 0..1: build the head to predict what the trunk predicts (drafts get accepted)
@@ -65,6 +67,29 @@ class TinySpec:
     @property
     def model_vocab(self) -> int:
         return self.vocab_size or self.vocab
+
+
+LAYOUTS = ("hf", "mlx")
+
+
+def hf_text_fields(layers: int, interval: int, head_dim: int, dtype: str, rope_theta: float) -> dict:
+    """The text_config fields Qwen3.5's published configs carry beside the shapes (Qwen/Qwen3.5-0.8B's config.json):
+    the explicit layer pattern, gated attention, the MTP head's own embedding flag, dtypes and rope_parameters with
+    the interleaved M-RoPE sections (equal positions for text, so plain RoPE; vLLM and llama.cpp read them)."""
+    pairs = int(head_dim * 0.25) // 2  # rotary pairs: the sections split them 3 ways, as [11, 11, 10] does 32
+    section = [pairs - 2 * (pairs // 3), pairs // 3, pairs // 3]
+    return {
+        "layer_types": ["full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(layers)],
+        "full_attention_interval": interval,
+        "attn_output_gate": True,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mtp_use_dedicated_embeddings": False,
+        "mamba_ssm_dtype": "float32",
+        "dtype": dtype,
+        "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta, "partial_rotary_factor": 0.25,
+                            "mrope_interleaved": True, "mrope_section": section},
+    }
 
 
 def text_config(spec: TinySpec) -> dict:
@@ -84,11 +109,10 @@ def text_config(spec: TinySpec) -> dict:
         "linear_key_head_dim": spec.head_dim,
         "linear_value_head_dim": spec.head_dim,
         "linear_conv_kernel_dim": 4,
-        "full_attention_interval": 2,
         "tie_word_embeddings": spec.tie_embeddings,
         "max_position_embeddings": 4096,
-        "rope_parameters": {"type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
         "mtp_num_hidden_layers": 1 if spec.mtp else 0,
+        **hf_text_fields(spec.layers, 2, spec.head_dim, spec.dtype, 10000.0),
         **({"model_type": "qwen3_5_moe_text", "num_experts": spec.experts,
             "num_experts_per_tok": spec.experts_per_token, "moe_intermediate_size": spec.hidden // 2,
             "shared_expert_intermediate_size": spec.hidden, "norm_topk_prob": True} if spec.moe else {}),
@@ -102,7 +126,6 @@ def checkpoint_config(text: dict) -> dict:
         "model_type": "qwen3_5_moe" if moe else "qwen3_5",
         "text_config": text,
         "tie_word_embeddings": text["tie_word_embeddings"],
-        "torch_dtype": "float32",
     }
 
 
@@ -152,7 +175,6 @@ def random_weights(spec: TinySpec) -> tuple[dict, dict[str, mx.array], dict[str,
     dtype = getattr(mx, spec.dtype)
     trunk = {k: v.astype(dtype) for k, v in tree_flatten(net.model.parameters())}
     mtp = {k: v.astype(dtype) for k, v in tree_flatten(net.mtp.parameters())} if spec.mtp else {}
-    config["torch_dtype"] = spec.dtype
     return config, trunk, mtp
 
 
@@ -195,22 +217,24 @@ def expert_layout(mtp: dict[str, mx.array], layout: str) -> dict[str, mx.array]:
     return out
 
 
-def write_weights(out: Path, tensors: dict[str, mx.array], shards: int, sidecar: dict[str, mx.array]) -> None:
-    """Write `model.safetensors` or N shards plus an index; the sidecar (if any) as `mtp.safetensors`."""
+def write_weights(out: Path, tensors: dict[str, mx.array], shards: int, sidecar: dict[str, mx.array],
+                  fmt: str = "mlx") -> None:
+    """Write `model.safetensors` or N shards plus an index; the sidecar (if any) as `mtp.safetensors`. `fmt` is the
+    safetensors header's format tag: "pt" as Hugging Face releases carry, "mlx" as mlx_lm conversions do."""
     names = sorted(tensors)
     if shards <= 1:
-        mx.save_safetensors(str(out / "model.safetensors"), tensors, metadata={"format": "mlx"})
+        mx.save_safetensors(str(out / "model.safetensors"), tensors, metadata={"format": fmt})
     else:
         groups = [names[i::shards] for i in range(shards)]
         weight_map = {}
         for i, group in enumerate(groups):
             fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-            mx.save_safetensors(str(out / fname), {n: tensors[n] for n in group}, metadata={"format": "mlx"})
+            mx.save_safetensors(str(out / fname), {n: tensors[n] for n in group}, metadata={"format": fmt})
             weight_map.update({n: fname for n in group})
         index = {"metadata": {"total_size": int(sum(v.nbytes for v in tensors.values()))}, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     if sidecar:
-        mx.save_safetensors(str(out / "mtp.safetensors"), sidecar, metadata={"format": "mlx"})
+        mx.save_safetensors(str(out / "mtp.safetensors"), sidecar, metadata={"format": fmt})
 
 
 def make_tiny(out: str | Path, spec: TinySpec = TinySpec(), force: bool = False) -> Path:
@@ -218,6 +242,8 @@ def make_tiny(out: str | Path, spec: TinySpec = TinySpec(), force: bool = False)
     (then its old weights and index go, so no stale shard is loaded beside the new ones; nothing else is removed)."""
     if spec.mtp_prefix not in MTP_PREFIXES:
         raise ValueError(f"--mtp-prefix must be one of {', '.join(MTP_PREFIXES)}")
+    if spec.layout not in LAYOUTS:
+        raise ValueError(f"--layout must be one of {', '.join(LAYOUTS)}")
     if spec.mtp_layout not in ("inline", "sidecar"):
         raise ValueError("--mtp-layout must be inline or sidecar")
     if spec.moe and not 1 <= spec.experts_per_token <= spec.experts:
@@ -233,13 +259,14 @@ def make_tiny(out: str | Path, spec: TinySpec = TinySpec(), force: bool = False)
             old.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     config, trunk, mtp = random_weights(spec)
-    if spec.hf_norms:
+    if spec.layout == "hf":
         trunk, mtp = to_hf_layout(trunk, mtp)
     if spec.moe:
         mtp = expert_layout(mtp, spec.mtp_experts)
     prefixed = {spec.mtp_prefix + k: v for k, v in mtp.items()}
     inline = spec.mtp_layout == "inline"
-    write_weights(out, {**trunk, **(prefixed if inline else {})}, spec.shards, {} if inline else prefixed)
+    write_weights(out, {**trunk, **(prefixed if inline else {})}, spec.shards, {} if inline else prefixed,
+                  "pt" if spec.layout == "hf" else "mlx")
     (out / "config.json").write_text(json.dumps(config, indent=2))
     random.seed(spec.seed)
     tok = train_bpe(_TOKENIZER_TEXT * 4, spec.vocab)

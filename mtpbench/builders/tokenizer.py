@@ -10,7 +10,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 EOS_TOKEN = "<|im_end|>"
@@ -30,14 +30,29 @@ CHAT_TEMPLATE = (
 
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
 
+# Qwen3.5's pre-tokenizer split (transformers' Qwen3_5Tokenizer.PRETOKENIZE_REGEX, llama.cpp's `qwen35`): digits one
+# by one, letters with their combining marks. transformers 5 rebuilds any `qwen3_5` tokenizer with this regex + NFC
+# whatever tokenizer.json says, so tokenizer.json says exactly the same and every loader gives the same ids.
+QWEN35_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"""
+                r"""| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
+def qwen35_pipeline(tok: Tokenizer) -> Tokenizer:
+    """Give `tok` Qwen3.5's normalizer, pre-tokenizer and decoder (NFC, the split regex, then bytes)."""
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN35_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
-    """Train a byte-level BPE on `texts`; deterministic for the same texts and size."""
+    """Train a byte-level BPE on `texts` with Qwen3.5's pre-tokenizer; deterministic for the same texts and size."""
     if vocab_size < MIN_VOCAB:
         raise ValueError(f"vocab must be at least {MIN_VOCAB} for a byte-level tokenizer, got {vocab_size}")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+    tok = qwen35_pipeline(Tokenizer(models.BPE()))
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,

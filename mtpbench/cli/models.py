@@ -66,9 +66,10 @@ def graft_cmd(trunk: str, mtp_from: str, out: Path, mtp_policy: str | None) -> N
               help="Where the held-out prompt set goes [default: next to the checkpoint, stdlib.jsonl].")
 @click.option("--phase1-steps", type=int, default=None, help="Joint trunk + MTP steps [default: the recipe's].")
 @click.option("--phase2-steps", type=int, default=None, help="Head distillation steps [default: the recipe's].")
+@click.option("--batch", type=int, default=None, help="Sequences per step [default: the recipe's].")
 @friendly
-def make_demo_cmd(out, prompts_out, phase1_steps, phase2_steps):
-    """Rebuild the embedded default with its recipe (about 45 minutes on 2 CPU cores, progress shown).
+def make_demo_cmd(out, prompts_out, phase1_steps, phase2_steps, batch):
+    """Rebuild the embedded default with its recipe (under an hour on 2 CPU cores, progress shown).
 
     Runs under the same BLAS set-up as every mtpbench command (OpenBLAS preloaded, one thread on Linux), which
     makes the run deterministic; recipe.json records it. Compare with the shipped one:
@@ -79,7 +80,7 @@ def make_demo_cmd(out, prompts_out, phase1_steps, phase2_steps):
     from ..builders.demo import Recipe, train
 
     dest = Path(out) if out else Path("results") / "demo-rebuild"
-    steps = {"phase1_steps": phase1_steps, "phase2_steps": phase2_steps}
+    steps = {"phase1_steps": phase1_steps, "phase2_steps": phase2_steps, "batch": batch}
     r = replace(Recipe(), **{k: v for k, v in steps.items() if v})
     train(dest, r, Path(prompts_out) if prompts_out else dest.parent / f"{dest.name}-stdlib.jsonl")
     click.echo(str(dest))
@@ -99,7 +100,9 @@ def make_demo_cmd(out, prompts_out, phase1_steps, phase2_steps):
 @click.option("--mtp-layout", type=click.Choice(["inline", "sidecar"]), default="inline", show_default=True)
 @click.option("--mtp-prefix", default="mtp.", show_default=True,
               help="mtp. | model.mtp. | language_model.mtp. | model.language_model.mtp.")
-@click.option("--hf-norms", is_flag=True, help="Raw Hugging Face layout: norms as offsets, HF key names and conv layout.")
+@click.option("--layout", type=click.Choice(["hf", "mlx"]), default="hf", show_default=True,
+              help="hf: as Qwen publishes Qwen3.5 (HF key names, conv1d (C, 1, K), norms as offsets); mlx: as "
+                   "mlx_lm.convert writes (its key names and conv order, norms already shifted).")
 @click.option("--shards", type=int, default=1, show_default=True, help="Split the weights into N shards with an index.")
 @click.option("--moe", is_flag=True, help="A qwen3_5_moe checkpoint: sparse MoE MLPs with a gated shared expert, "
               "in the head too.")
@@ -111,14 +114,14 @@ def make_demo_cmd(out, prompts_out, phase1_steps, phase2_steps):
 @click.option("--force", is_flag=True, help="Overwrite a checkpoint already at OUT (default: refuse).")
 @friendly
 def make_tiny_cmd(out, seed, layers, hidden, vocab, vocab_size, tie_embeddings, no_mtp, mtp_layout, mtp_prefix,
-                  hf_norms, shards, moe, experts, experts_per_token, mtp_experts, force):
+                  layout, shards, moe, experts, experts_per_token, mtp_experts, force):
     """Write a tiny random Qwen3.5 checkpoint with an MTP head to OUT (for tests and experiments)."""
     from ..builders.tiny import TinySpec, make_tiny
 
     try:
         spec = TinySpec(seed=seed, layers=layers, hidden=hidden, vocab=vocab, vocab_size=vocab_size,
                         tie_embeddings=tie_embeddings, mtp=not no_mtp, mtp_layout=mtp_layout, mtp_prefix=mtp_prefix,
-                        hf_norms=hf_norms, shards=shards, moe=moe, experts=experts,
+                        layout=layout, shards=shards, moe=moe, experts=experts,
                         experts_per_token=experts_per_token, mtp_experts=mtp_experts)
         path = make_tiny(out, spec, force=force)
     except ValueError as e:
