@@ -25,7 +25,7 @@ import numpy as np
 
 from .errors import UserError
 
-MLX, TEMPER_FIRST, LLAMA_CPP = "mlx", "temper-first", "llama.cpp"
+MLX, TEMPER_FIRST, LLAMA_CPP, VLLM, HF = "mlx", "temper-first", "llama.cpp", "vllm", "hf"
 STEPS = ("top_k", "top_p", "min_p", "temperature")  # the steps a profile orders (others are no-ops when unsent)
 CHAIN_OPEN, CHAIN_CLOSE, CHAIN_SEP = "llama.cpp[", "]", ">"  # a reported llama.cpp order: llama.cpp[top_k>...]
 
@@ -49,8 +49,14 @@ PROFILE_TABLE: dict[str, Profile] = {
                  "mlx_lm sample_utils.make_sampler: apply_top_p, apply_min_p, apply_top_k on the log-probs, then "
                  "categorical_sampling(logits / temp); mlx_lm.server sends no default"),
     TEMPER_FIRST: Profile(TEMPER_FIRST, ("temperature", "top_k", "top_p", "min_p"), False,
-                          "vLLM v1 Sampler (apply_temperature before min_p and top-k/top-p), SGLang's sampler, HF "
-                          "transformers' TemperatureLogitsWarper ahead of TopK/TopP/MinP warpers"),
+                          "SGLang's sampler (top_k_top_p_min_p_sampling_from_probs_torch: top-p and min-p read the "
+                          "whole tempered distribution, not what top-k left)"),
+    VLLM: Profile(VLLM, ("temperature", "min_p", "top_k", "top_p"), True,
+                  "vLLM v1 Sampler: apply_temperature, apply_min_p on the tempered probabilities, then "
+                  "apply_top_k_top_p, whose top-p softmaxes what top-k (and min-p) left"),
+    HF: Profile(HF, ("temperature", "top_k", "top_p", "min_p"), True,
+                "transformers' warpers in generate's order: TemperatureLogitsWarper, TopKLogitsWarper, "
+                "TopPLogitsWarper and MinPLogitsWarper, each softmaxing the scores the earlier ones masked"),
     LLAMA_CPP: Profile(LLAMA_CPP, ("top_k", "top_p", "min_p", "temperature"), True,
                        "llama.cpp common/common.h default samplers (penalties, dry, top_n_sigma, top_k, typ_p, "
                        "top_p, min_p, xtc, temperature) built into one chain by common/sampling.cpp; "
@@ -81,8 +87,6 @@ def profile_of(order: str) -> Profile:
             return Profile(order, steps, True, "llama.cpp's sampler order as the server reported it (/props)")
     raise UserError(f"sampling profile must be one of {', '.join(PROFILES)} (or llama.cpp[step>...] over "
                     f"{', '.join(STEPS)}), got {order!r}")
-MLX, TEMPER_FIRST = "mlx", "temper-first"
-PROFILES = (MLX, TEMPER_FIRST)
 # Ties at the k-th logit. mlx_lm's `apply_top_k` masks all but `argpartition(-logprobs, k - 1)[:k]`: exactly k ids,
 # and mlx's argpartition (measured on its CPU kernel, mlx 0.32: `tests/test_fresh_target.py` holds it) puts tied
 # values in ascending id order, so of the ids tied at the cut the lowest are kept. Profiles listed here keep exactly

@@ -111,8 +111,51 @@ def test_llamacpp_profile_is_llamas_chain(top_p, top_k, min_p):
         assert differs == 0
 
 
+def vllm_sampling(logits: np.ndarray, temp: float, top_p: float, top_k: int, min_p: float) -> np.ndarray:
+    """A literal transcription of vLLM v1's sampler (v1/sample/sampler.py, ops/topk_topp_sampler.py):
+    apply_temperature divides the logits; apply_min_p masks probabilities below min_p x the largest;
+    apply_top_k_top_p sorts ascending, masks logits below the k-th largest, softmaxes what is left and masks the
+    entries whose ascending cumulative sum is <= 1 - top_p (the largest always kept); then softmax."""
+    x = np.asarray(logits, dtype=np.float64) / temp
+    if min_p > 0:
+        p = np.exp(x - x.max())
+        x = np.where(p / p.max() < min_p, -np.inf, x)
+    order = np.argsort(x, kind="stable")
+    xs = x[order]
+    if top_k > 0:
+        xs = np.where(xs < xs[len(xs) - top_k], -np.inf, xs)
+    if top_p < 1:
+        ps = np.exp(xs - xs.max())
+        ps /= ps.sum()
+        mask = np.cumsum(ps) <= 1 - top_p
+        mask[-1] = False
+        xs = np.where(mask, -np.inf, xs)
+    out = np.zeros(len(x))
+    out[order] = np.exp(xs - xs.max()) / np.exp(xs - xs.max()).sum()
+    return out
+
+
+@pytest.mark.parametrize("top_p,top_k,min_p", [(0.95, 20, 0.0), (0.8, 20, 0.0), (0.8, 0, 0.0), (0.9, 40, 0.05)])
+def test_vllm_profile_is_vllms_sampler_and_differs_from_sglangs(top_p, top_k, min_p):
+    """vLLM renormalises top-p over what top-k left; SGLang (temper-first) reads the whole tempered row: a vLLM
+    server audited as temper-first at top_k 20 would be scored against the wrong distribution."""
+    rng = np.random.default_rng(11)
+    cfg = SamplingConfig(0.6, top_p, top_k, min_p, order="vllm")
+    differs = 0
+    for _ in range(30):
+        logits = rng.normal(size=200) * 3
+        want = vllm_sampling(logits, 0.6, top_p, top_k, min_p)
+        assert np.allclose(sampling_probs(logits, cfg), want, atol=1e-9)
+        assert np.allclose(support(logits.astype(np.float32), cfg).dense(200), want, atol=1e-5)
+        differs += not np.allclose(sampling_probs(logits, replace(cfg, order="temper-first")), want)
+    if top_k == 20 and top_p < 1:
+        assert differs > 0
+    if not top_k and not min_p:
+        assert differs == 0
+
+
 def test_profiles_are_data_with_sources_and_a_reported_order_is_a_profile():
-    for name in ("mlx", "temper-first", "llama.cpp"):
+    for name in ("mlx", "temper-first", "llama.cpp", "vllm", "hf"):
         assert profile_of(name).source and set(profile_of(name).steps) == {"top_k", "top_p", "min_p", "temperature"}
     assert dict(profile_of(LLAMA_CPP).defaults)["min_p"] == 0.05 and dict(profile_of(LLAMA_CPP).defaults)["top_k"] == 40
     assert chain_name(LLAMA_SAMPLERS) == LLAMA_CPP
@@ -125,7 +168,8 @@ def test_profiles_are_data_with_sources_and_a_reported_order_is_a_profile():
     assert detect_profile("auto", None, props=props)[0] == "llama.cpp[top_k>temperature]"
     assert detect_profile("auto", [{"id": "m", "owned_by": "llamacpp"}])[0] == LLAMA_CPP
     assert detect_profile("auto", None, headers={"server": "llama.cpp"})[0] == LLAMA_CPP
-    assert detect_profile("auto", [{"id": "m", "owned_by": "vllm"}])[0] == "temper-first"
+    assert detect_profile("auto", [{"id": "m", "owned_by": "vllm"}])[0] == "vllm"
+    assert detect_profile("auto", [{"id": "m", "owned_by": "sglang"}])[0] == "temper-first"
     assert detect_profile("auto", [{"id": "m", "owned_by": ""}])[0] == "mlx"
 
 

@@ -16,8 +16,8 @@ see `server_tokens`). Where the server reports log-probs, their drift from
 the fresh untransformed log p is recorded (mlx_lm.server and vLLM report the model's raw log-softmax by default).
 
 The sampling profile (`sampling.SamplingConfig.order`, `sampling.PROFILE_TABLE`) must be the server's: `mlx` for
-mlx_lm.server and its forks (filters on the untempered log-probs, then temperature), `temper-first` for vLLM,
-SGLang and HF-style samplers, `llama.cpp` for llama-server (top_k, then top_p renormalised over what top_k left,
+mlx_lm.server and its forks (filters on the untempered log-probs, then temperature), `vllm` and `hf` (temperature
+first, top-p renormalised over what top-k left), `temper-first` for SGLang (top-p on the whole tempered distribution), `llama.cpp` for llama-server (top_k, then top_p renormalised over what top_k left,
 min_p, then temperature; a reordered `--samplers` chain is read from /props). `auto` is decided in `profiles.py`.
 The profile used is recorded per run and in every verdict's note, so a profile mismatch is never read as a
 sampler bug.

@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from ..sampling import LLAMA_CPP, MLX, TEMPER_FIRST, chain_name, profile_of
+from ..sampling import LLAMA_CPP, MLX, PROFILES, TEMPER_FIRST, VLLM, chain_name, profile_of
 from ..sweep.endpoint import Endpoint
 
 PROPS_BYTES = 1 << 20
@@ -65,13 +65,16 @@ def detect_profile(requested: str, entries: list[dict[str, Any]] | None, error: 
     if any(n in server.lower() for n in LLAMA_NAMES):
         return LLAMA_CPP, f"auto: Server header {server!r} (llama.cpp's default order; /props unread)"
     if not entries:
-        return "", f"auto could not read /models ({error}); pass --audit-profile mlx, temper-first or llama.cpp"
+        return "", f"auto could not read /models ({error}); pass --audit-profile, one of {', '.join(PROFILES)}"
     owner = str(entries[0].get("owned_by") or "")
     if any(n in owner.lower() for n in LLAMA_NAMES):
         return LLAMA_CPP, f"auto: /models owned_by {owner!r} (llama.cpp's default order; /props unread)"
     if not owner or "mlx" in owner.lower():
         return MLX, f"auto: /models owned_by {owner or 'absent'} (mlx_lm.server and its forks)"
-    return TEMPER_FIRST, f"auto: /models owned_by {owner!r} (vLLM, SGLang and HF-style samplers temper first)"
+    if "vllm" in owner.lower():
+        return VLLM, f"auto: /models owned_by {owner!r} (vLLM: temperature, min-p, then top-p over what top-k left)"
+    return TEMPER_FIRST, f"auto: /models owned_by {owner!r} (SGLang-style: temperature first, top-p on the whole " \
+                         f"distribution)"
 
 
 def server_props(client: httpx.Client, endpoint: Endpoint) -> tuple[Any, dict[str, str]]:

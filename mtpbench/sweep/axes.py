@@ -376,8 +376,9 @@ OPTIONS: tuple[Option, ...] = (
            "requested, each run rescored with a fresh forward, and each cell gets preservation verdicts.",
            in_spec=False, metavar="CHECKPOINT"),
     Option("audit_profile", ("--audit-profile",), str, (), "The sampling order each audited server uses, per "
-           "--endpoint by position (repeatable or a comma list): mlx (filters, then temperature), temper-first "
-           "(vLLM, SGLang, HF), llama.cpp (top_k, top_p over what top_k left, min_p, then temperature) or auto (from "
+           "--endpoint by position (repeatable or a comma list): mlx (filters, then temperature), vllm and hf "
+           "(temperature, then top_p over what top_k left), temper-first (SGLang: temperature, then top_p on the "
+           "whole distribution), llama.cpp (top_k, top_p over what top_k left, min_p, then temperature) or auto (from "
            "llama.cpp's /props, the Server header or /v1/models owned_by) [auto].", repeatable=True, in_spec=False),
 )
 OPTION_BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
