@@ -87,13 +87,3 @@ def text(x: Any) -> str:
     """A key's value as shown; missing (None, NaN, pandas' NA, empty) is a dash."""
     missing = x is None or x is pd.NA or (isinstance(x, float) and math.isnan(x))
     return DASH if missing or (isinstance(x, str) and x == "") else str(x)
-
-
-def group_title(sel: dict[str, Any], runs: pd.DataFrame) -> str:
-    """One aggregate group's title: the model and the setting, then every other grouping key whose value varies
-    in `runs` (context buckets as 1k, 4k...)."""
-    from ..sweep.axes import context_label
-
-    shown = {c: context_label(v) if c == "context" else v for c, v in sel.items()}
-    return "  |  ".join(f"{c} {v}" if c not in ("model", "setting") else str(v) for c, v in shown.items()
-                        if c in ("model", "setting") or (c in runs and runs[c].nunique(dropna=False) > 1))

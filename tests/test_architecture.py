@@ -220,6 +220,15 @@ def _documented_names() -> list[str]:
     return re.findall(r"`(mtpbench(?:\.\w+)+)\(", paragraph)
 
 
+def test_every_relative_import_stays_inside_the_package():
+    """`from ..x import y` in a module one level below the root reaches past mtpbench: Python raises at run time
+    (inside a function, only when that function runs), and the graph above would silently drop the edge."""
+    beyond = [f"{name}: {'.' * node.level}{node.module or ''}" for name, (path, tree) in _modules().items()
+              for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level
+              and not _resolve(name, path, node).startswith(PACKAGE)]
+    assert beyond == []
+
+
 def _resolve_public(name: str) -> object:
     """`mtpbench.a.b.f` -> the object, through the packages' lazy re-exports (getattr), importing a submodule
     only where no attribute of that name exists."""

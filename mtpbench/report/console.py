@@ -8,7 +8,7 @@ import pandas as pd
 
 from ..sweep.axes import GROUP_KEYS
 from .conditions import machine_warnings
-from ..fmt import group_title
+from .present import group_title
 from .load import cost_sources
 
 from ..stats.acceptance import (StepCosts, bandwidth_bound_speedup, costs_from_bench, draft_shares,

@@ -25,6 +25,7 @@ from ..stats.fdr import sweep_errors
 from .load import Loaded, load
 from .present import (
     KEY_FORMATS,
+    group_title,
     KEY_HEADERS,
     Table,
     acceptance_cell,
@@ -393,7 +394,7 @@ def render_html(data: Loaded, title: str | None = None) -> str:
                     for s in names]
     keys = shown_keys(runs)
     by = [c for c in GROUP_KEYS if c in runs]
-    machine = [f"{fmt.group_title(sel, runs)}: {msg}" for sel, msg in machine_warnings(runs, by)]
+    machine = [f"{group_title(sel, runs)}: {msg}" for sel, msg in machine_warnings(runs, by)]
     return _environment().get_template("report.html.j2").render(
         title=title, sources=summary_rows, failed=failed_table(data, keys),
         n_failed=sum(r["failed"] for r in summary_rows), sections=sections(data), damaged=data.damaged,

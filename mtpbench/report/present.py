@@ -17,6 +17,14 @@ KEY_HEADERS = {"source": "Source", "backend": "Backend", "setting": "Setting", *
 Cell = Callable[[pd.Series], str]
 
 
+def group_title(sel: dict[str, Any], runs: pd.DataFrame) -> str:
+    """One aggregate group's title: the model and the setting, then every other grouping key whose value varies
+    in `runs` (context buckets as 1k, 4k...)."""
+    shown = {c: context_label(v) if c == "context" else v for c, v in sel.items()}
+    return "  |  ".join(f"{c} {v}" if c not in ("model", "setting") else str(v) for c, v in shown.items()
+                        if c in ("model", "setting") or (c in runs and runs[c].nunique(dropna=False) > 1))
+
+
 @dataclass
 class Table:
     """A plain table: what the template renders as <table> and the card as markdown."""
