@@ -93,24 +93,6 @@ def llama_sampling(logits: np.ndarray, temp: float, top_p: float, top_k: int, mi
     return out
 
 
-@pytest.mark.parametrize("top_p,top_k,min_p", [(0.95, 20, 0.0), (0.8, 20, 0.0), (0.8, 0, 0.0), (0.9, 40, 0.05),
-                                               (1.0, 5, 0.1)])
-def test_llamacpp_profile_is_llamas_chain(top_p, top_k, min_p):
-    rng = np.random.default_rng(7)
-    cfg = SamplingConfig(0.6, top_p, top_k, min_p, order=LLAMA_CPP)
-    differs = 0
-    for _ in range(30):
-        logits = rng.normal(size=200) * 3
-        want = llama_sampling(logits, 0.6, top_p, top_k, min_p)
-        assert np.allclose(sampling_probs(logits, cfg), want, atol=1e-9)
-        assert np.allclose(support(logits.astype(np.float32), cfg).dense(200), want, atol=1e-5)
-        differs += not np.allclose(sampling_probs(logits, SamplingConfig(0.6, top_p, top_k, min_p)), want)
-    if top_k == 20 and top_p < 1:  # top_p over what top_k left (llama.cpp) is not top_p over the whole row (mlx)
-        assert differs > 0
-    if not top_k:  # without top_k the two orders agree
-        assert differs == 0
-
-
 def vllm_sampling(logits: np.ndarray, temp: float, top_p: float, top_k: int, min_p: float) -> np.ndarray:
     """A literal transcription of vLLM v1's sampler (v1/sample/sampler.py, ops/topk_topp_sampler.py):
     apply_temperature divides the logits; apply_min_p masks probabilities below min_p x the largest;
@@ -135,22 +117,27 @@ def vllm_sampling(logits: np.ndarray, temp: float, top_p: float, top_k: int, min
     return out
 
 
-@pytest.mark.parametrize("top_p,top_k,min_p", [(0.95, 20, 0.0), (0.8, 20, 0.0), (0.8, 0, 0.0), (0.9, 40, 0.05)])
-def test_vllm_profile_is_vllms_sampler_and_differs_from_sglangs(top_p, top_k, min_p):
-    """vLLM renormalises top-p over what top-k left; SGLang (temper-first) reads the whole tempered row: a vLLM
-    server audited as temper-first at top_k 20 would be scored against the wrong distribution."""
-    rng = np.random.default_rng(11)
-    cfg = SamplingConfig(0.6, top_p, top_k, min_p, order="vllm")
+SETTINGS = [(0.95, 20, 0.0), (0.8, 20, 0.0), (0.8, 0, 0.0), (0.9, 40, 0.05), (1.0, 5, 0.1)]
+
+
+@pytest.mark.parametrize("profile,written_out,other", [(LLAMA_CPP, llama_sampling, "mlx"),
+                                                       ("vllm", vllm_sampling, "temper-first")])
+@pytest.mark.parametrize("top_p,top_k,min_p", SETTINGS)
+def test_a_renormalising_profile_is_its_runtimes_sampler(profile, written_out, other, top_p, top_k, min_p):
+    """llama.cpp and vLLM renormalise top-p over what top-k left; mlx and SGLang (temper-first) read the whole
+    row: a server audited under the other profile at top_k 20 would be scored against the wrong distribution."""
+    rng = np.random.default_rng(7)
+    cfg = SamplingConfig(0.6, top_p, top_k, min_p, order=profile)
     differs = 0
     for _ in range(30):
         logits = rng.normal(size=200) * 3
-        want = vllm_sampling(logits, 0.6, top_p, top_k, min_p)
+        want = written_out(logits, 0.6, top_p, top_k, min_p)
         assert np.allclose(sampling_probs(logits, cfg), want, atol=1e-9)
         assert np.allclose(support(logits.astype(np.float32), cfg).dense(200), want, atol=1e-5)
-        differs += not np.allclose(sampling_probs(logits, replace(cfg, order="temper-first")), want)
+        differs += not np.allclose(sampling_probs(logits, replace(cfg, order=other)), want)
     if top_k == 20 and top_p < 1:
         assert differs > 0
-    if not top_k and not min_p:
+    if not top_k and not min_p:  # without top_k (and min_p) the orders agree
         assert differs == 0
 
 
