@@ -135,7 +135,7 @@ def test_mtp_server_is_compared_with_the_reference_ar(demo, tmp_path):
 
 
 def test_the_audit_records_profile_model_and_assumption(demo, exact, tmp_path):
-    server = AuditServer(demo, Served(owned_by="vllm", bug="draft-hotter"))
+    server = AuditServer(demo, Served(owned_by="sglang", bug="draft-hotter"))
     out = tmp_path / "res"
     try:
         endpoint = Endpoint(address=server.url, name="srv", audit_model=str(DEMO_MODEL), timeout_s=30,
@@ -146,7 +146,7 @@ def test_the_audit_records_profile_model_and_assumption(demo, exact, tmp_path):
     finally:
         server.stop()
     entry = read_manifest(out)["endpoints"]["srv"]
-    assert entry["audit"]["profile"] == "temper-first" and "owned_by 'vllm'" in entry["audit"]["profile_source"]
+    assert entry["audit"]["profile"] == "temper-first" and "owned_by 'sglang'" in entry["audit"]["profile_source"]
     assert "same weights" in entry["audit"]["assumption"]
     runs, tokens = read_table(out, "runs"), read_table(out, "tokens")
     # one audited run per cell: the other requests repeat it with the same seed (a seeded server repeats its sample)

@@ -165,7 +165,7 @@ def test_audit_profiles_take_comma_lists():
                                  audit_profiles=["llama.cpp,temper-first"])
     assert [e.audit_profile for e in eps] == ["llama.cpp", "temper-first"]
     with pytest.raises(UserError, match="sampling profile"):
-        endpoints_from_options(["http://127.0.0.1:9/v1"], audit_model=str(DEMO_MODEL), audit_profiles=["vllm"])
+        endpoints_from_options(["http://127.0.0.1:9/v1"], audit_model=str(DEMO_MODEL), audit_profiles=["tgi"])
 
 
 # ---- a speculative llama-server, end to end ------------------------------------------------------------------------

@@ -256,4 +256,4 @@ def test_temper_first_profile_filters_the_tempered_distribution(cfg):
 
 def test_an_unknown_profile_is_refused():
     with pytest.raises(UserError):
-        SamplingConfig(0.6, order="vllm")
+        SamplingConfig(0.6, order="vllm-v0")

@@ -124,7 +124,7 @@ def test_greedy_rows_match_ar_and_sampled_cells_get_verdicts(small_sweep):
     verdicts = read_table(out, "verdicts")
     assert set(verdicts["test"]) == {"greedy_identity", "pit_ks", "logprob_score", "acceptance_calibration",
                                      "support", "fresh_pit_ks", "fresh_logprob_score", "pit_accepted", "pit_residual",
-                                     "pit_bonus", "acceptance_excess", "acceptance_given_draft", "drift"}
+                                     "pit_bonus", "acceptance_excess", "acceptance_given_draft", "drift", "oracle"}
     sampled = verdicts[verdicts["temperature"] > 0]
     assert set(sampled.loc[sampled["family"] == "diagnostic", "test"]) == {"pit_ks", "logprob_score", "drift"}
     # the preservation family decides the verdict: never rejected for the exact rule. The other 40-odd tests
