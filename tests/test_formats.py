@@ -52,15 +52,17 @@ MTPLX_DEFAULT_CONTRACT = {"base_hidden_variant": "post_norm", "hidden_variant": 
 
 
 @pytest.fixture(scope="session")
-def twin(tiny_agree) -> Path:
-    """The native-layout twin: MTP inline under `mtp.`, norms shifted, fp32 (conftest's agreeing checkpoint)."""
-    return tiny_agree
+def twin(ckpt_root) -> Path:
+    """The native-layout twin: MLX layout (`layout="mlx"`, as mlx_lm.convert writes), MTP inline under `mtp.`, norms
+    shifted, fp32; conftest's agreeing checkpoint (seed 1, agree 0.9) but not in make_tiny's default HF layout."""
+    return make_tiny(ckpt_root / "fmt-twin", TinySpec(seed=1, agree=0.9, layout="mlx"))
 
 
 @pytest.fixture(scope="session")
 def trunk_only(ckpt_root) -> Path:
-    """The twin's very trunk without a head (what community conversions that strip `mtp.*` look like)."""
-    return make_tiny(ckpt_root / "fmt-trunk-only", TinySpec(seed=1, agree=0.9, mtp=False))
+    """The twin's very trunk without a head, in the twin's MLX layout (what community conversions that strip
+    `mtp.*` look like: mlx_lm's sanitizer drops the head)."""
+    return make_tiny(ckpt_root / "fmt-trunk-only", TinySpec(seed=1, agree=0.9, mtp=False, layout="mlx"))
 
 
 def _head_tensors(twin: Path) -> dict[str, mx.array]:
@@ -563,15 +565,29 @@ def test_inspect_counts_tensors_as_stored(cli, ckpt_root):
     assert info["mtp"]["tensors"] == 29 and info["mtp"]["expert_layout"] == "per-expert"
 
 
-def test_every_public_name_the_readme_shows_imports():
+def _resolve_public(name: str) -> object:
+    """`mtpbench.a.B.f` -> the object: attributes first (classes, the packages' lazy re-exports), importing a
+    submodule only where no attribute of that name exists (as tests/test_architecture.py resolves them)."""
     import importlib
 
+    parts = name.split(".")
+    obj: object = importlib.import_module(parts[0])
+    for i, part in enumerate(parts[1:], 2):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            obj = importlib.import_module(".".join(parts[:i]))
+    return obj
+
+
+def test_every_public_name_the_readme_shows_imports():
     import mtpbench
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     names = sorted(set(re.findall(r"`(mtpbench(?:\.[A-Za-z_]+)+)\(", readme)) | {"mtpbench.Bundle"})
     assert "mtpbench.load" in names
     for dotted in names:
-        module, _, attr = dotted.rpartition(".")
-        assert callable(getattr(importlib.import_module(module), attr)), dotted
+        assert callable(_resolve_public(dotted)), dotted
+    with pytest.raises(ModuleNotFoundError):  # a stale name fails, it is not skipped
+        _resolve_public("mtpbench.sweep.run.run_sweep")
     assert mtpbench.Bundle is checkpoint.Bundle and mtpbench.load is checkpoint.load
