@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from ..decode.rescore import rescore_tokens
+from ..decode.rescore import HIDDEN, rescore_tokens
 from ..decode.teacher import head_alphas
 from ..model.checkpoint import Bundle
 from ..sampling import SamplingConfig
@@ -39,6 +39,7 @@ FROM_IDS = "token ids reported by the server"
 FROM_REPLAY = "token ids from a non-streamed replay of the request (the stream named none)"
 FROM_NATIVE = "token ids from a replay at llama.cpp's native /completion (return_tokens; the stream named too few)"
 EOS_ADDED = " (+ the EOS the server counted but did not show)"
+EOS_IMPUTED = " (+ the EOS the server counted but did not show, imputed from the target over the {} EOS ids)"
 FROM_TEXT = "re-tokenised text, one token per streamed chunk (round trip checked)"
 UNAUDITED = "unaudited: "
 REPEAT = "not audited: repeats the cell's audited request (same seed), whose sample it would count twice"
@@ -76,7 +77,8 @@ def server_tokens(answer: Answer, tokenizer: Any, eos_ids: frozenset[int] | set[
     An EOS the server counts but never shows (finish 'stop', one token fewer than counted) is part of the sample:
     left out, each run's last position would keep only non-EOS draws and the PIT sample would have a hole (KS p
     1.5e-12 in a simulation at mean length 20). With one EOS id in the checkpoint it is appended; with several it
-    cannot be known which, and the run says so."""
+    is appended as `rescore.HIDDEN`, which the rescoring imputes from the fresh row over the EOS ids (exact under
+    the null: the hidden token's law given that it is an EOS)."""
     n = answer.completion_tokens
     stop_uncounted = answer.finish_reason == "stop"  # an EOS the server counts but never shows
 
@@ -88,8 +90,10 @@ def server_tokens(answer: Answer, tokenizer: Any, eos_ids: frozenset[int] | set[
             return ServerTokens(ids, how)
         if len(eos_ids) == 1:
             return ServerTokens(ids + list(eos_ids), how + EOS_ADDED)
-        return ServerTokens(ids, how + f" (the EOS the server counted but did not show is not scored: the checkpoint "
-                                      f"has {len(eos_ids)} EOS ids)")
+        if eos_ids:
+            return ServerTokens(ids + [HIDDEN], how + EOS_IMPUTED.format(len(eos_ids)))
+        return ServerTokens(ids, how + " (the token the server counted but did not show is not scored: the "
+                                       "checkpoint names no EOS id)")
 
     if answer.token_ids is not None:
         ids = list(answer.token_ids)
@@ -165,14 +169,15 @@ def audit_run(bundle: Bundle, prompt: list[int], answer: Answer, cfg: SamplingCo
     if not got.ids:
         return Audit(f"{UNAUDITED}no tokens", [], 0.0)
     vocab = int(bundle.trunk.lm.args.vocab_size)
-    if any(not 0 <= t < vocab for t in got.ids):
+    if any(not 0 <= t < vocab for t in got.ids if t != HIDDEN):
         return Audit(f"{UNAUDITED}a token id outside the local checkpoint's vocabulary ({vocab})", [], 0.0)
     reported = list(answer.token_logprobs) if answer.token_logprobs is not None and \
         len(answer.token_logprobs) == len(got.ids) else None
     cfg = replace(cfg, order=profile)
-    fresh = rescore_tokens(bundle, prompt, got.ids, cfg, compare=reported, compare_raw=True)
+    fresh = rescore_tokens(bundle, prompt, got.ids, cfg, compare=reported, compare_raw=True,
+                           hidden_among=frozenset(bundle.eos_ids))
     rows = [{"run_id": run_id, "index": i, "token_id": t, "source": SOURCE,
              "server_logprob": reported[i] if reported is not None else None, **asdict(f)}
-            for i, (t, f) in enumerate(zip(got.ids, fresh.records))]
-    alphas = tuple(head_alphas(bundle, prompt, got.ids, cfg)) if bundle.mtp is not None else ()
+            for i, (t, f) in enumerate(zip(fresh.tokens, fresh.records))]
+    alphas = tuple(head_alphas(bundle, prompt, fresh.tokens, cfg)) if bundle.mtp is not None else ()
     return Audit(got.how, rows, fresh.seconds, alphas)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import numpy as np
@@ -63,6 +63,7 @@ class FreshRecord:
 class Rescoring:
     records: list[FreshRecord]
     seconds: float
+    tokens: list[int] = field(default_factory=list)  # the tokens scored (a HIDDEN one as its imputed id)
 
 
 @dataclass(frozen=True)
@@ -152,18 +153,31 @@ def rescore(bundle: Bundle, prompt: list[int], result: DecodeResult, cfg: Sampli
                           [r.target_logprob for r in recs] if recs else None, result.target_rows, prefix=prefix)
 
 
+HIDDEN = -1  # a last token the sampler counted but did not show, known only to be one of `impute`'s ids
+
+
+def impute(f: Support, ids: frozenset[int], rng: np.random.Generator) -> int:
+    """One of `ids` drawn from the fresh row `f` restricted to them: under the null the hidden token has exactly
+    this law, so its PIT and log p stay exact (the lowest id, scored outside the support, when none is possible)."""
+    cands = sorted(ids)
+    probs = np.array([f.prob(t) for t in cands])
+    return cands[int(rng.choice(len(cands), p=probs / probs.sum()))] if probs.sum() > 0 else cands[0]
+
+
 def rescore_tokens(bundle: Bundle, prompt: list[int], tokens: list[int], cfg: SamplingConfig,
                    kv: KVCacheSpec = FULL_KV, compare: Sequence[float] | None = None,
                    rows: Sequence[Support | None] | None = None, compare_raw: bool = False,
-                   prefix: Prefix | None = None) -> Rescoring:
+                   prefix: Prefix | None = None, hidden_among: frozenset[int] = frozenset()) -> Rescoring:
     """Score `tokens` (generated after `prompt` by any sampler: the reference decoder or a server) against a fresh
     teacher-forced target under `cfg`'s transform.
 
     `compare`: the log p per token the sampler itself reported, for the drift (NaN where unknown); taken under the
     transform (the decoder's rows), or, with `compare_raw`, as the model's untransformed log-softmax (what
     mlx_lm.server and vLLM report by default). `rows`: the sampler's own rows where kept, for the TV drift.
-    `prefix`: the prompt's `fresh_prefix`, shared by the runs rescored after one prompt."""
+    `prefix`: the prompt's `fresh_prefix`, shared by the runs rescored after one prompt. A last token `HIDDEN` (an
+    EOS a server counted but did not show, the checkpoint having several) is imputed from `hidden_among`."""
     t0 = time.perf_counter()
+    tokens = list(tokens)
     logits = fresh_logits(bundle, prompt + tokens[:-1], len(prompt) - 1, kv, prefix)
     rng = np.random.default_rng([cfg.seed, 0x5C0DE])  # its own stream: never the decoder's or its PIT's
     rows = rows or []
@@ -171,6 +185,8 @@ def rescore_tokens(bundle: Bundle, prompt: list[int], tokens: list[int], cfg: Sa
     checked = set(checked_rows(len(tokens), logits.shape[-1]))
     for i, tok in enumerate(tokens):
         f = support(logits[i], cfg)  # the run's transform, sparse: a few ids per row at top-k
+        if tok == HIDDEN:
+            tok = tokens[i] = impute(support(logits[i], cfg, ties=True), hidden_among, rng)
         oracle = oracle_row(logits[i], cfg) if i in checked else None
         oracle_tv = total_variation(f.ids, f.probs, oracle) if oracle is not None else float("nan")
         if f.prob(tok) == 0 and cfg.top_k:
@@ -182,7 +198,7 @@ def rescore_tokens(bundle: Bundle, prompt: list[int], tokens: list[int], cfg: Sa
         fresh_ref = _raw_logprob(logits[i], tok) if compare_raw else lp
         out.append(FreshRecord(lp, pit(f, tok, rng.random()), ft > 0, *support_moments(f), _drift(ref, fresh_ref),
                                _tv(rows[i] if i < len(rows) else None, f), oracle_tv))
-    return Rescoring(out, time.perf_counter() - t0)
+    return Rescoring(out, time.perf_counter() - t0, tokens)
 
 
 def greedy_gaps(bundle: Bundle, prompt: list[int], tokens: list[int], kv: KVCacheSpec = FULL_KV,
