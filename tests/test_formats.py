@@ -565,23 +565,10 @@ def test_inspect_counts_tensors_as_stored(cli, ckpt_root):
     assert info["mtp"]["tensors"] == 29 and info["mtp"]["expert_layout"] == "per-expert"
 
 
-def _resolve_public(name: str) -> object:
-    """`mtpbench.a.B.f` -> the object: attributes first (classes, the packages' lazy re-exports), importing a
-    submodule only where no attribute of that name exists (as tests/test_architecture.py resolves them)."""
-    import importlib
-
-    parts = name.split(".")
-    obj: object = importlib.import_module(parts[0])
-    for i, part in enumerate(parts[1:], 2):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            obj = importlib.import_module(".".join(parts[:i]))
-    return obj
-
-
 def test_every_public_name_the_readme_shows_imports():
     import mtpbench
+
+    from .test_architecture import _resolve_public  # one resolver of documented names
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     names = sorted(set(re.findall(r"`(mtpbench(?:\.[A-Za-z_]+)+)\(", readme)) | {"mtpbench.Bundle"})
