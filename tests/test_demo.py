@@ -41,3 +41,17 @@ def test_demo_drafts_are_accepted_and_greedy_mtp_equals_ar():
     mtp = generate_mtp(b, ids, SamplingConfig(), 3, 48, ignore_eos=True)
     assert mtp.tokens == ar.tokens
     assert mtp.accepted_at_depth[0] / mtp.verify_steps > 0.3  # a trained head, not chance
+
+
+def test_make_demo_never_removes_a_directory_it_did_not_write(tmp_path):
+    """A non-empty --out without an earlier build's recipe.json is refused before any training, in one line; the
+    user's files stay."""
+    import subprocess
+    import sys
+
+    (tmp_path / "mine.txt").write_text("keep")
+    res = subprocess.run([sys.executable, "-m", "mtpbench", "make-demo", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "not an earlier make-demo output" in res.stderr
+    assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "mine.txt").read_text() == "keep"

@@ -17,7 +17,6 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import sys
 import sysconfig
 import time
@@ -31,6 +30,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 from tokenizers import Tokenizer
 
+from ..errors import UserError
 from .net import Net
 from .tiny import checkpoint_config, hf_text_fields, to_hf_layout
 from .tokenizer import train_bpe, write_tokenizer
@@ -159,7 +159,16 @@ def train_steps(net: Net, loss_fn, steps: int, lr: float, stream, name: str, ver
     return ema
 
 
+def check_out(out: Path) -> None:
+    """Refuse, before any training, a non-empty `out` that is not an earlier demo build (one with a recipe.json):
+    make-demo overwrites its own files there and never removes a directory."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "recipe.json").is_file())):
+        raise UserError(f"{out} exists and is not an earlier make-demo output (no recipe.json); choose another "
+                         f"directory")
+
+
 def train(out: Path, r: Recipe, prompts_out: Path | None) -> None:
+    check_out(out)
     t_start = time.time()
     files = stdlib_files()
     train_files = [f for f in files if not is_held_out(f)]
@@ -205,9 +214,8 @@ def hf_tensors(net: Net) -> dict[str, mx.array]:
 
 
 def save(out: Path, net: Net, config: dict, tok, r: Recipe, seconds: float) -> None:
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    check_out(out)
+    out.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(out / "model.safetensors"), hf_tensors(net), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2))
     write_tokenizer(tok, out)
