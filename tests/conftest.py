@@ -7,6 +7,28 @@ import subprocess
 import sys
 import threading
 import time
+
+
+def _pin_xdist_worker() -> None:
+    """Under pytest-xdist (two workers, `addopts`), give each worker its own share of this process's cores, before
+    mlx starts its threads: mlx's host thread and CPU-stream thread hand off at every evaluation, and two workers'
+    threads spread over the same two cores cost more in cross-core wake-ups than they overlap (README, CPU
+    affinity). Subprocesses inherit the share; outside xdist, or with fewer cores than workers, nothing changes."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if not worker.startswith("gw") or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if count < 2 or len(cores) < count:
+        return
+    share = set(cores[int(worker[2:]) % count::count])
+    for tid in os.listdir("/proc/self/task"):  # every thread already started, not only this one
+        try:
+            os.sched_setaffinity(int(tid), share)
+        except OSError:
+            pass
+
+
+_pin_xdist_worker()
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer

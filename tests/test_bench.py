@@ -158,8 +158,13 @@ def test_cost_model_prices_each_setting_with_its_own_terms(bench):
     settings = [(e["setting"], e["k"]) for e in cm["settings"]]
     sampled_label = "T=0.6 top_p=0.95 top_k=20"
     assert settings == [("greedy", 1), ("greedy", 2), (sampled_label, 1), (sampled_label, 2)]
-    sampled = {v["k"]: v["seconds"] for v in cm["sampled_terms"]["verify_s"]}
+    (terms,) = bench[1]["sampled_terms"]  # top level, where a sweep's cost_model.json keeps them
+    assert terms["setting"] == sampled_label
+    sampled = {v["k"]: v["seconds"] for v in terms["verify_s"]}
     for e in cm["settings"]:
         assert _finite_positive(e["predicted_speedup"]) and math.isfinite(e["error"])
+        assert len(e["error_rounds"]) == e["rounds"] >= 1  # terms and runs timed in the same rounds
         if e["setting"] != "greedy":  # its verify term is the sampled one, not the greedy path's
-            assert e["model_step_s"] >= sampled[e["k"]]
+            assert e["verify_s"] == sampled[e["k"]] and e["model_step_s"] >= sampled[e["k"]]
+    page = render_bench_html(bench[1])
+    assert "The cost model per setting" in page and sampled_label in page

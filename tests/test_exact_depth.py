@@ -12,7 +12,7 @@ import mtpbench.orchestrate.verify as verify
 from mtpbench.decode.rule import apply_rule
 from mtpbench.sampling import Support, as_support
 from mtpbench.sweep.spec import Setting
-from mtpbench.orchestrate.verify import VerifyPlan, exact_coverage, exact_tokens, run_verify
+from mtpbench.orchestrate.verify import VerifyPlan, exact_coverage, exact_tokens, run_verify, total_ticks
 
 SETTING = Setting(0.6, 0.95, 4, 0.0, None)
 
@@ -40,7 +40,10 @@ def depth3_flat(p, q, drafts, rng, rule, *rest):
 
 
 def _exact(bundle, k: int):
-    (group,) = run_verify(bundle, VerifyPlan(ks=(k,), settings=(SETTING,), tests=("exact",), samples=150)).groups
+    plan = VerifyPlan(ks=(k,), settings=(SETTING,), tests=("exact",), samples=150)
+    ticks: list[int] = []
+    (group,) = run_verify(bundle, plan, lambda: ticks.append(1)).groups
+    assert group.reached == 0 and len(ticks) == total_ticks(plan) == 1  # `--tests exact` decodes no long sequences
     (res,) = [r for r in group.results if r.test == "exact_target"]
     return res
 

@@ -33,7 +33,7 @@ def _sweep(rng: np.random.Generator, alternatives: set[int]) -> tuple[np.ndarray
 
 def test_fdr_across_cells_stays_at_or_below_its_level():
     rng = np.random.default_rng(31)
-    sweeps, alternatives = 300, {1, 6, 11, 16}
+    sweeps, alternatives = 150, {1, 6, 11, 16}  # the margins below are this many sweeps' standard errors
     fdp, power = [], []
     for _ in range(sweeps):
         p, _ = _sweep(rng, alternatives)
@@ -48,7 +48,7 @@ def test_fdr_across_cells_stays_at_or_below_its_level():
 
 def test_under_the_global_null_chance_rejections_match_the_statement():
     rng = np.random.default_rng(5)
-    sweeps = 1000
+    sweeps = 400  # the binomial margin below widens with fewer; with no correction P(any) ~ 0.6 fails at any size
     any_fdr, in_cell = 0, []
     for _ in range(sweeps):
         p, rejected = _sweep(rng, set())

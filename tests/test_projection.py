@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 
-from mtpbench.stats.acceptance import StepCosts, bandwidth_bound_speedup, costs_from_bench, predicted_speedup
+from mtpbench.stats.acceptance import (StepCosts, bandwidth_bound_speedup, costs_from_bench, predicted_speedup,
+                                      setting_costs)
 
 
 def test_bandwidth_bound_projection_is_the_cost_model_with_verify_at_one_step():
@@ -27,6 +29,24 @@ def test_costs_from_bench_reads_what_bench_writes():
                       draft_chain={1: 0.004, 2: 0.007}, rollback_by_j=(0.001, 0.001))
     c = costs_from_bench(json.loads(json.dumps(m.to_dict())))
     assert c == StepCosts(0.01, 0.004, {1: 0.012, 2: 0.015}, 0.001, {1: 0.004, 2: 0.007})
+
+
+def test_each_setting_is_priced_with_its_own_terms():
+    """A sampled setting takes its own drafts and verify (host rows, samples, the rule) beside the shared AR step and
+    rollback; a setting whose terms were not measured gets no greedy-path price; a draft temperature reads the
+    setting's terms."""
+    from mtpbench.perf.costs import MeasuredCosts, SampledTerms
+
+    m = MeasuredCosts(ar_step=0.01, draft_step=0.004, verify={1: 0.012, 2: 0.015}, rollback=0.001,
+                      draft_chain={1: 0.004, 2: 0.007}, rollback_by_j=(0.001, 0.001))
+    t = SampledTerms("T=0.6 top_p=0.95 top_k=20", drafts={1: 0.006, 2: 0.011}, verify={1: 0.016, 2: 0.02})
+    doc = json.loads(json.dumps({"costs": m.to_dict(), "sampled_terms": [t.to_dict()]}))
+    assert setting_costs(doc, "greedy") == costs_from_bench(doc["costs"])
+    sampled = setting_costs(doc, "T=0.6 top_p=0.95 top_k=20")
+    assert sampled == StepCosts(0.01, 0.004, {1: 0.016, 2: 0.02}, 0.001, {1: 0.006, 2: 0.011})
+    assert setting_costs(doc, "T=0.6 top_p=0.95 top_k=20 draft_T=1") == sampled
+    assert setting_costs(doc, "T=1") is None and setting_costs({}, "greedy") is None
+    assert predicted_speedup([0.8, 0.6], sampled) < predicted_speedup([0.8, 0.6], setting_costs(doc, "greedy"))
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +72,7 @@ def swept_and_benched(tmp_path_factory, tiny_agree):
 
 def test_sweep_summary_shows_predicted_and_projected_beside_realized(swept_and_benched):
     from mtpbench.report.console import summary_of, sweep_summary
-    from mtpbench.stats.summary import acceptance_by_depth
+    from mtpbench.stats.summary import acceptance_by_depth, throughput_table
     from mtpbench.sweep.store import read_table
 
     out, bench = swept_and_benched
@@ -62,7 +82,9 @@ def test_sweep_summary_shows_predicted_and_projected_beside_realized(swept_and_b
     assert "predicted (this machine)" in text and "bandwidth-bound projection" in text and "not a measurement" in text
     acc = acceptance_by_depth(runs, ["model"])
     share = bench["roofline"]["draft_step_bytes"] / bench["roofline"]["trunk_bytes"]
-    costs = costs_from_bench(bench["costs"])
+    thr = throughput_table(runs, ["model"])
+    ar_token_s = 1.0 / float(thr[thr["mode"] == "ar"].tok_s.iloc[0])  # the AR loop's own time per token
+    costs = replace(costs_from_bench(bench["costs"]), ar_step=ar_token_s)
     for k in (1, 2):
         survival = list(acc[acc.k == k].sort_values("depth").survival)
         row = next(line for line in text.splitlines() if line.split()[:1] == [str(k)])
@@ -86,13 +108,18 @@ def test_a_plain_sweep_times_its_cost_model_and_shows_the_projections(cli, tmp_p
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"id": "p0", "category": "code", "prompt": "def f(x):\n    return x +"}) + "\n")
-    args = ["sweep", "-m", tiny_agree, "--k", "1", "--temp", "0", "--prompts", prompts, "--repeats", "1",
-            "--max-tokens", "12", "--no-report"]
+    args = ["sweep", "-m", tiny_agree, "--k", "1", "--temp", "0,0.6", "--top-p", "0.95", "--top-k", "20",
+            "--prompts", prompts, "--repeats", "1", "--max-tokens", "12", "--no-report"]
     res = cli(*args, "--out", tmp_path / "with")
     assert res.exit_code == 0, res.stderr
     doc = json.loads((tmp_path / "with" / "bench" / safe_name(str(tiny_agree)) / COST_MODEL).read_text())
     assert doc["costs"]["ar_step_s"] > 0 and doc["roofline"]["draft_step_bytes"] > 0
+    assert [t["setting"] for t in doc["sampled_terms"]] == ["T=0.6 top_p=0.95 top_k=20"]  # the sweep's sampled one
     assert "predicted (this machine)" in res.stdout and "bandwidth-bound projection" in res.stdout
+    for setting in ("greedy", "T=0.6 top_p=0.95 top_k=20"):  # both priced, each with its own terms
+        block = res.stdout.split(setting, 1)[1].split("\n\n")[0]
+        row = next(line for line in block.splitlines() if line.split()[:1] == ["1"])
+        assert row.count("x") >= 3 and " - " not in row, (setting, row)
     html = render_report([tmp_path / "with"], tmp_path / "r.html").read_text()
     assert "bandwidth-bound projection (not measured)" in html
     card = cli("card", tmp_path / "with")

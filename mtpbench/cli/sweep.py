@@ -108,7 +108,7 @@ def sweep_cmd(ctx, config_file, quiet, no_report, bench_models, no_cost_model, b
     if bench_models and spec.models:  # before the summary, which sets the bench's predictions beside the speedups
         bench_into(out, list(spec.models), spec.ks, bench_large, log)
     elif spec.models and not no_cost_model and not (quiet and no_report):
-        cost_models_into(out, list(spec.models), spec.ks, log)
+        cost_models_into(out, list(spec.models), spec.ks, log, [st.config(0) for st in spec.settings])
     if not quiet:
         if outcome.cells_skipped:
             click.echo(f"resumed: {outcome.cells_skipped} of {outcome.cells_total} cells were already done")

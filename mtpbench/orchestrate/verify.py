@@ -31,6 +31,9 @@ TESTS = ("exact", "support", "pit", "score", "conditional", "calibration", "two_
 # two_sample: opt in (weaker, costs AR runs)
 DEFAULT_TESTS = ("exact", "support", "pit", "score", "conditional", "calibration", "greedy")
 DEFAULT_PROMPTS = ("def add(a, b):\n    return", "The quick brown fox", "for i in range(10):\n", "x = ")
+# The tests that read the N sampled sequences of a group (the exact test draws its own short ones): a plan without
+# any of them (`--tests exact`) decodes none.
+SEQUENCE_TESTS = ("support", "pit", "score", "conditional", "calibration", "two_sample")
 MAX_EXACT_SUPPORT = 4 ** 5  # sequences the exact test may enumerate: top_k 4 covers every depth up to K = 4
 
 
@@ -101,7 +104,7 @@ def _sampled_group(bundle: Bundle, plan: VerifyPlan, setting: Setting, k: int, p
     rule = plan.control.rule if plan.control else EXACT
     accepted, alpha, p_draft, q_draft, seqs, logps, toks, fresh = [], [], [], [], [], [], [], []
     rescore_s = 0.0
-    for i in range(plan.samples):
+    for i in range(_sequences(plan)):
         prompt, cfg = prompts[i % len(prompts)], setting.config(base + i)
         r = generate_mtp(bundle, prompt, cfg, k, plan.tokens, setting.draft_temperature, rule=rule,
                          rollback=ROLLBACKS[i % 2])
@@ -129,6 +132,11 @@ def _sampled_group(bundle: Bundle, plan: VerifyPlan, setting: Setting, k: int, p
     acc = np.asarray(accepted, dtype=float)
     return GroupResult(setting, k, results, float(acc.mean()) if len(acc) else float("nan"),
                        float(np.mean(alpha)) if alpha else float("nan"), int(acc.sum()), len(acc), rescore_s)
+
+
+def _sequences(plan: VerifyPlan) -> int:
+    """Sampled sequences per group: N when a test reads them, else none."""
+    return plan.samples if any(t in SEQUENCE_TESTS for t in plan.tests) else 0
 
 
 def exact_tokens(width: int, k: int) -> int:
@@ -227,7 +235,7 @@ def total_ticks(plan: VerifyPlan) -> int:
         if s.temperature == 0:
             n += len(plan.ks) * len(plan.prompts) if "greedy" in plan.tests else 0
         else:
-            n += plan.samples * ("two_sample" in plan.tests) + len(plan.ks) * (plan.samples + ("exact" in plan.tests))
+            n += plan.samples * ("two_sample" in plan.tests) + len(plan.ks) * (_sequences(plan) + ("exact" in plan.tests))
     return n
 
 
@@ -276,7 +284,8 @@ def report_table(report: VerifyReport) -> str:
                          "statistic": f"{r.statistic:.4g}", "p": f"{r.p_value:.3g}", "p (Holm)": f"{r.p_holm:.3g}",
                          "detectable": f"{r.detectable:.3g} {r.unit}" if r.detectable == r.detectable else "-",
                          "verdict": _verdict_word(r),
-                         "acceptance (expected)": f"{g.acceptance:.3f} ({g.expected_acceptance:.3f})"})
+                         "acceptance (expected)": f"{g.acceptance:.3f} ({g.expected_acceptance:.3f})"
+                         if g.reached else "-"})  # no drafts reached: greedy without drafts, or `--tests exact`
     table = pd.DataFrame(rows).to_string(index=False)
     faults = [r.note for g in report.groups for r in g.results if r.family == "instrument" and r.statistic > 0]
     exact = [f"exact_target {g.setting.label} K={g.k}: {r.note}" for g in report.groups for r in g.results

@@ -24,9 +24,10 @@ from ..model.blas import active_blas
 from ..model.checkpoint import Bundle, load
 from ..model.roofline import draft_step_bytes, weight_bytes
 from ..provenance import now_iso, provenance
+from ..sampling import SamplingConfig
 from .blas import blas_comparison
 from .context import context_scaling
-from .costs import MeasuredCosts, measure_costs
+from .costs import MeasuredCosts, measure_costs, measure_sampled_terms
 from .efficiency import cost_model, mtp_efficiency
 from .large import bench_targets
 from .overhead import records_overhead
@@ -79,10 +80,12 @@ def run_bench(model: str | Path, out_dir: Path, ks: Sequence[int] = (1, 2, 3), s
                     lambda: measure_costs(bundle, prompt, s.ks, s.repeats, s.warmup), MeasuredCosts.to_dict)
     section("ar_parity", "AR parity with mlx_lm.stream_generate",
             lambda: ar_parity(bundle, prompt, s.max_tokens, s.repeats))
-    eff = section("mtp", "predicted vs realized speedup",
-                  lambda: mtp_efficiency(bundle, prompt, s.ks, s.max_tokens, s.repeats, costs))
-    section("cost_model", f"cost model per setting: greedy and {QWEN_SAMPLED.label()} with its own terms",
-            lambda: cost_model(bundle, prompt, s.ks, s.max_tokens, s.repeats, costs, eff, QWEN_SAMPLED, s.warmup))
+    eff = section("mtp", "predicted vs realized speedup, greedy (terms and runs in the same rounds)",
+                  lambda: mtp_efficiency(bundle, prompt, s.ks, s.max_tokens, s.repeats))
+    cm = section("cost_model", f"cost model per setting: greedy and {QWEN_SAMPLED.label()} with its own terms",
+                 lambda: cost_model(bundle, prompt, s.ks, s.max_tokens, s.repeats, eff, QWEN_SAMPLED),
+                 lambda c: {k: v for k, v in c.items() if k != "sampled_terms"})
+    bench["sampled_terms"] = cm["sampled_terms"]  # top level, where a sweep's cost_model.json keeps them too
     section("records_overhead", "records overhead",
             lambda: records_overhead(bundle, prompt, s.ks, s.max_tokens, s.repeats))
     section("sampling", f"sampled ({QWEN_SAMPLED.label()}) vs greedy: host work per row, bytes read back, step time",
@@ -115,23 +118,29 @@ def bench_into(out: Path, models: list[str], ks: tuple[int, ...], large: bool, l
 COST_MODEL = "cost_model.json"
 
 
-def measure_cost_model(model: str | Path, out_dir: Path, ks: Sequence[int]) -> dict[str, Any]:
+def measure_cost_model(model: str | Path, out_dir: Path, ks: Sequence[int],
+                       settings: Sequence[SamplingConfig] = ()) -> dict[str, Any]:
     """The cost terms and weight bytes a sweep's summary predicts and projects speedups from, written to
-    `out_dir/cost_model.json`: `measure_costs` (the decoder's own ops, interleaved medians) and the roofline's
-    byte counts, without bench's decode runs, parity or context scaling (seconds, not minutes)."""
+    `out_dir/cost_model.json`: `measure_costs` (the decoder's own ops, interleaved medians), the sampled step's
+    own terms at each sampled setting of `settings` (`measure_sampled_terms`) and the roofline's byte counts,
+    without bench's decode runs, parity or context scaling (seconds, not minutes)."""
     s = BenchSettings(ks=tuple(ks))
     bundle = load(model, require_mtp=True)
     prompt = bench_prompt(bundle, s)
     costs = measure_costs(bundle, prompt, s.ks, s.repeats, s.warmup)
+    sampled = {cfg.label(): cfg for cfg in settings if not cfg.greedy}
     doc = {"schema": SCHEMA, "created_at": now_iso(), "complete": True, "kind": "cost_model",
            "blas": active_blas(), "provenance": dict(provenance()), "model": _model_facts(bundle),
            "costs": costs.to_dict(),
+           "sampled_terms": [measure_sampled_terms(bundle, prompt, s.ks, cfg, s.repeats, s.warmup).to_dict()
+                             for cfg in sampled.values()],
            "roofline": {"trunk_bytes": weight_bytes(bundle), "draft_step_bytes": draft_step_bytes(bundle)}}
     write_json(Path(out_dir) / COST_MODEL, doc)
     return doc
 
 
-def cost_models_into(out: Path, models: list[str], ks: tuple[int, ...], log: Log | None = None) -> None:
+def cost_models_into(out: Path, models: list[str], ks: tuple[int, ...], log: Log | None = None,
+                     settings: Sequence[SamplingConfig] = ()) -> None:
     """`measure_cost_model` per checkpoint into out/bench/<name>/ (what a sweep keeps by default; `--bench`
     keeps the whole bench instead); one already there, or a bench, is kept."""
     for model in models:
@@ -139,9 +148,10 @@ def cost_models_into(out: Path, models: list[str], ks: tuple[int, ...], log: Log
         if (where / COST_MODEL).exists() or (where / "bench.json").exists():
             continue
         if log:
-            log(f"cost model of {safe_name(model)}: AR step, draft steps, verify K={list(ks)}, rollback")
+            log(f"cost model of {safe_name(model)}: AR step, draft steps, verify K={list(ks)}, rollback, and the "
+                f"sampled step's terms at each sampled setting")
         try:
-            measure_cost_model(model, where, ks)
+            measure_cost_model(model, where, ks, settings)
         except Exception as e:  # the sweep's results stand without it; the summary then shows realized speedups only
             if log:
                 log(f"no cost model for {safe_name(model)}: {e}")

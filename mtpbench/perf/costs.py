@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import mlx.core as mx
@@ -18,8 +18,6 @@ from ..decode.speculative import prefill, verify_forward
 from ..model.checkpoint import Bundle
 from ..sampling import SamplingConfig
 from ..stats.acceptance import StepCosts
-
-
 
 
 @dataclass(frozen=True)
@@ -209,7 +207,6 @@ def measure_sampled_terms(bundle: Bundle, prompt_ids: list[int], ks: Sequence[in
     drafts = [choose(q, cfg, rng) for q in q_rows]
     window = mx.array([[st.last] + drafts])
 
-
     def draft_chain(k: int) -> Callable[[], None]:
         def op() -> None:
             z, tok = st.hidden, st.last
@@ -230,3 +227,21 @@ def measure_sampled_terms(bundle: Bundle, prompt_ids: list[int], ks: Sequence[in
     return SampledTerms(cfg.label(), {k: t[f"draft{k}"] for k in sorted(set(ks))},
                         {k: t[f"verify{k}"] for k in sorted(set(ks))})
 
+
+
+def _median(values: Sequence[Any]) -> Any:
+    """The element-wise median of like values: numbers, dicts by key, tuples by index; anything else the first's."""
+    first = values[0]
+    if isinstance(first, (int, float)) and not isinstance(first, bool):
+        return type(first)(statistics.median(values))
+    if isinstance(first, dict):
+        return {key: _median([v[key] for v in values]) for key in first}
+    if isinstance(first, tuple):
+        return tuple(_median([v[i] for v in values]) for i in range(len(first)))
+    return first
+
+
+def median_terms(rounds: Sequence[Any]) -> Any:
+    """The median of one kind of terms (`MeasuredCosts`, `SampledTerms`) measured in several rounds, term by term:
+    what the cost model prices a setting with when its terms were timed in the same rounds as its runs."""
+    return type(rounds[0])(**{f.name: _median([getattr(r, f.name) for r in rounds]) for f in fields(rounds[0])})

@@ -21,13 +21,18 @@ from ..machine import busy_reasons, snapshot
 from ..model.blas import active_blas
 from ..model.checkpoint import Bundle, load
 from ..sampling import SamplingConfig
-from .costs import measure_costs
 from .efficiency import TARGET_ERROR, mtp_efficiency
 from .settings import GREEDY, pattern_prompt
 
 TOKENS = 48  # tokens per identity decode
 K = 3
 LONG_PROMPT = 512  # prompt tokens of the prefill split check
+PREFILL_ROUNDS = 7
+# MTP prefill / AR prefill below this fails: the demo head's share of a 512-token prefill is a few percent, inside
+# the timing noise, so the ratio catches gross slips only; where the head's pass runs (between the prefill clock's
+# two readings) is held exactly by the call-order test.
+PREFILL_FLOOR = 0.9
+COST_ROUNDS = 7
 
 
 @dataclass(frozen=True)
@@ -85,7 +90,9 @@ def check_counts(bundle: Bundle, prompt: list[int]) -> Check:
 
 def check_prefill_split(bundle: Bundle, prompt: list[int]) -> Check:
     """The head's prompt pass is prefill: the decoder's prefill leaves the MTP cache holding every prompt pair, and
-    MTP's prefill (trunk + head) takes at least AR's (trunk) on a long prompt (medians of 3)."""
+    MTP's prefill (trunk + head) is not below AR's (trunk) on a long prompt (`PREFILL_FLOOR`; medians of
+    `PREFILL_ROUNDS`, the order alternated: one prefill is milliseconds on the demo, and 3 rounds read 0.95-1.06x
+    on a quiet 2-core VM)."""
     from ..decode.speculative import prefill
 
     long = pattern_prompt(bundle, min(LONG_PROMPT, bundle.context_length - TOKENS - K - 2))
@@ -93,19 +100,23 @@ def check_prefill_split(bundle: Bundle, prompt: list[int]) -> Check:
     prefill(bundle, long, cache, mtp_cache)
     held = mtp_cache[0].offset
     ar, mtp = [], []
-    for _ in range(3):
-        ar.append(generate_ar(bundle, long, GREEDY, 2, records=False, ignore_eos=True).prefill_s)
-        mtp.append(generate_mtp(bundle, long, GREEDY, 1, 2, records=False, ignore_eos=True).prefill_s)
+    arms = [(ar, lambda: generate_ar(bundle, long, GREEDY, 2, records=False, ignore_eos=True)),
+            (mtp, lambda: generate_mtp(bundle, long, GREEDY, 1, 2, records=False, ignore_eos=True))]
+    for i in range(PREFILL_ROUNDS + 1):  # round 0 warms up
+        for times, run in arms if i % 2 else arms[::-1]:
+            seconds = run().prefill_s
+            if i:
+                times.append(seconds)
     ratio = float(np.median(mtp) / np.median(ar))
-    ok = held == len(long) - 1 and ratio >= 0.97
+    ok = held == len(long) - 1 and ratio >= PREFILL_FLOOR
     return Check("prefill/decode split", ok, f"head holds {held} of {len(long) - 1} prompt pairs after prefill; "
                  f"MTP/AR prefill {ratio:.2f}x at {len(long)} tokens (head included)")
 
 
 def check_cost_model(bundle: Bundle, prompt: list[int]) -> Check:
-    """The cost model predicts a short greedy K=2 run's speedup within its stated error (`TARGET_ERROR`)."""
-    costs = measure_costs(bundle, prompt, (2,), repeats=5, warmup=2)
-    (row,) = mtp_efficiency(bundle, prompt, (2,), 96, 3, costs)
+    """The cost model predicts a short greedy K=2 run's speedup within its stated error (`TARGET_ERROR`), terms and
+    runs timed in the same rounds (`COST_ROUNDS`: with 3, a quiet 2-core VM read +2% to +33%)."""
+    (row,) = mtp_efficiency(bundle, prompt, (2,), 128, COST_ROUNDS)
     ok = abs(row["error"]) <= TARGET_ERROR
     return Check("cost model", ok, f"K=2 predicted {row['predicted_speedup']:.3f}x, realized "
                  f"{row['realized_speedup']:.3f}x ({100 * row['error']:+.1f}%, stated error "
@@ -131,7 +142,7 @@ def run_doctor(model: str, say: Callable[[str], None] = print) -> list[Check]:
         say(c.line())
     busy = busy_reasons(start, snapshot())
     quiet = Check("machine quiet", not busy, "; ".join(busy) or
-                  f"load {start.load_1m if start.load_1m is not None else '?'} on {start.cores} cores")
+                  f"load {'?' if start.load_1m is None else f'{start.load_1m:.2f}'} on {start.cores} cores")
     out.append(quiet)
     say(quiet.line())
     say(f"{sum(c.ok for c in out)} of {len(out)} checks hold ({time.perf_counter() - t0:.0f} s)")

@@ -75,6 +75,23 @@ def efficiency_table(b: dict[str, Any]) -> Table:
                  [True, False] + [True] * 9, "Predicted (cost model) vs realized speedup, greedy")
 
 
+def cost_model_table(b: dict[str, Any]) -> Table:
+    """Predicted vs realized per setting, each priced with its own terms (bench.json's `cost_model`; absent from
+    older files)."""
+    cm = b.get("cost_model") or {"settings": [], "target_error": float("nan")}
+    rows = [[e["setting"], str(e["k"]), fmt.num(e["tau"], 2), _ms(e["drafts_s"]), _ms(e["verify_s"]),
+             _ms(e["model_step_s"]), _ms(e["measured_step_s"]), _ms(e["measured_ar_step_s"]),
+             fmt.ratio(e["predicted_speedup"]), fmt.ratio(e["realized_speedup"]), _pct(e["error"]),
+             f"{_pct(min(e['error_rounds']))} to {_pct(max(e['error_rounds']))}" if e.get("error_rounds") else fmt.DASH]
+            for e in cm["settings"] if "verify_s" in e]
+    return Table(["setting", "K", "τ", "drafts (ms)", "verify + rule (ms)", "modelled step (ms)", "measured step (ms)",
+                  "AR loop per token (ms)", "predicted", "realized", "error", "error by round"], rows,
+                 [False] + [True] * 11,
+                 f"The cost model per setting: each setting's own drafts and verify (sampled: a host row and a sample "
+                 f"per draft, K+1 rows and the rule), the AR loop's own time per token, timed in the same rounds as "
+                 f"the runs; stated error {_pct(cm['target_error']).lstrip('+')}")
+
+
 def records_table(b: dict[str, Any]) -> Table:
     rows = [[_mode(r["k"]), fmt.tok_s(r["no_records_tok_s"]), fmt.tok_s(r["records_tok_s"]), _pct(r["overhead"])]
             for r in b["records_overhead"]]
@@ -180,10 +197,11 @@ def overview_table(benches: list[dict[str, Any]]) -> Table:
 
 
 def _render(bench: dict[str, Any], sid: str = "bench") -> str:
-    tables = [parity_table(bench), costs_table(bench), efficiency_table(bench), records_table(bench),
+    tables = [parity_table(bench), costs_table(bench), efficiency_table(bench), cost_model_table(bench),
+              records_table(bench),
               roofline_table(bench), context_table(bench), blas_table(bench)]
     if bench.get("sampling"):
-        tables.insert(4, sampling_table(bench))
+        tables.insert(5, sampling_table(bench))
     prov = sorted((k, str(v)) for k, v in bench.get("provenance", {}).items())
     return _environment().get_template("bench.html.j2").render(
         sid=sid, b=bench, model=bench["model"], tables=tables, svg=_inline(speedup_plot(bench)), provenance=prov,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -11,8 +12,8 @@ from .conditions import machine_warnings
 from .present import group_title
 from .load import cost_sources
 
-from ..stats.acceptance import (StepCosts, bandwidth_bound_speedup, costs_from_bench, draft_shares,
-                                expected_tokens, predicted_speedup)
+from ..stats.acceptance import (StepCosts, bandwidth_bound_speedup, draft_shares, expected_tokens,
+                                predicted_speedup, setting_costs)
 from ..stats.summary import (acceptance_by_depth, per_prompt_ratios, server_speedup_table, speedup_table,
                             throughput_table)
 
@@ -28,22 +29,26 @@ def summary_of(results_dir) -> str:
     return sweep_summary(read_table(results_dir, "runs"), cost_sources(Path(results_dir)))
 
 
-def _cost_model(benches: list[dict], fingerprint) -> tuple[StepCosts, float] | None:
-    """The step costs and draft share (draft-step bytes / trunk bytes) measured on the checkpoint `fingerprint`
-    (from its bench.json or cost_model.json)."""
+def _cost_model(benches: list[dict], fingerprint, setting: str) -> tuple[StepCosts | None, float] | None:
+    """The step costs of `setting` and the draft share (draft-step bytes / trunk bytes) measured on the checkpoint
+    `fingerprint` (from its bench.json or cost_model.json); the costs are None where no terms of that setting were
+    measured."""
     share = draft_shares(benches).get(fingerprint)
     for b in benches:
         if b.get("model", {}).get("fingerprint") == fingerprint and "costs" in b and share is not None:
-            return costs_from_bench(b["costs"]), share
+            return setting_costs(b, setting), share
     return None
 
 
-def _projections(model: tuple[StepCosts, float] | None, k: int, survival: list[float]) -> dict[str, str]:
-    """Predicted (this machine's measured costs) and bandwidth-bound projected speedups of one (setting, K)."""
+def _projections(model: tuple[StepCosts | None, float] | None, k: int, survival: list[float],
+                 ar_tok_s: float) -> dict[str, str]:
+    """Predicted (this machine's measured terms of the setting, the AR loop's own time per token in these runs) and
+    bandwidth-bound projected speedups of one (setting, K)."""
     if model is None or len(survival) != k:
         return {}
     costs, share = model
-    predicted = predicted_speedup(survival, costs) if k in costs.verify else float("nan")
+    predicted = (predicted_speedup(survival, replace(costs, ar_step=1.0 / ar_tok_s))
+                 if costs is not None and k in costs.verify and ar_tok_s > 0 else float("nan"))
     return {"predicted (this machine)": f"{predicted:.2f}x" if pd.notna(predicted) else "-",
             "bandwidth-bound projection": f"{bandwidth_bound_speedup(expected_tokens(survival), k, share):.2f}x"}
 
@@ -72,7 +77,8 @@ def sweep_summary(runs: pd.DataFrame, benches: list[dict] | None = None) -> str:
                      f"{int(ar.runs.iloc[0])} runs)")
         table = []
         fingerprints = rows(runs)["model_fingerprint"].dropna().unique() if "model_fingerprint" in runs else []
-        model = _cost_model(benches or [], fingerprints[0]) if len(fingerprints) == 1 else None
+        model = _cost_model(benches or [], fingerprints[0], sel.get("setting", "greedy")) \
+            if len(fingerprints) == 1 else None
         for _, r in g.iterrows():
             t = rows(thr)
             t = t[(t["mode"] == "mtp") & (t.k == r.k)].iloc[0]
@@ -82,10 +88,12 @@ def sweep_summary(runs: pd.DataFrame, benches: list[dict] | None = None) -> str:
                           "speedup [95% CI]": _fmt_ci(r.speedup, r.speedup_lo, r.speedup_hi),
                           "acceptance by depth": " ".join(f"{x:.2f}" for x in a.acceptance),
                           "survival": " ".join(f"{x:.2f}" for x in a.survival), "tau": f"{r.tau:.2f}",
-                          "prompts": int(r.n_prompts), **_projections(model, int(r.k), list(a.survival))})
+                          "prompts": int(r.n_prompts),
+                          **_projections(model, int(r.k), list(a.survival), float(ar.tok_s.iloc[0]))})
         lines.append(pd.DataFrame(table).to_string(index=False))
         if model is not None:
-            lines.append("  predicted: the cost model on this machine's measured step costs (bench/ in the results) "
+            lines.append("  predicted: the cost model on this machine's measured terms of this setting (bench/ in "
+                         "the results; '-' where none were measured), the AR loop's time per token in these runs "
                          "and the measured survival.\n"
                          "  bandwidth-bound projection: the same survival where a (K+1)-token verify costs one decode "
                          "step and a draft its share of weight bytes (Apple silicon, GPUs): not a measurement.")

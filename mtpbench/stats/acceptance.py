@@ -10,7 +10,7 @@ Predicted speedup = E[tokens] * t_ar / t_step(K), with t_ar the cost of one AR d
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy import optimize
@@ -86,6 +86,24 @@ def costs_from_bench(costs: dict) -> StepCosts:
     return StepCosts(ar_step=costs["ar_step_s"], draft_step=costs["draft_step_s"],
                      verify={int(v["k"]): v["seconds"] for v in costs["verify_s"]}, rollback=costs["rollback_s"],
                      draft_chain={int(d["k"]): d["seconds"] for d in costs.get("draft_chain_s", [])})
+
+
+def setting_costs(doc: dict, setting: str) -> StepCosts | None:
+    """The StepCosts a bench.json or cost_model.json prices `setting` (a runs table's label) with: greedy the
+    greedy step's terms, a sampled setting its own drafts and verify (`sampled_terms`: a host row and a sample per
+    draft, K+1 host rows and the rule) beside the shared AR step and rollback; None when the document has no
+    terms for it (a greedy-path price would flatter a sampled setting). A draft temperature changes neither term."""
+    if "costs" not in doc:
+        return None
+    base = costs_from_bench(doc["costs"])
+    if setting == "greedy":
+        return base
+    label = setting.split(" draft_T=")[0]
+    terms = next((t for t in doc.get("sampled_terms", []) if t.get("setting") == label), None)
+    if terms is None:
+        return None
+    return replace(base, draft_chain={int(d["k"]): d["seconds"] for d in terms["drafts_s"]},
+                   verify={int(v["k"]): v["seconds"] for v in terms["verify_s"]})
 
 
 def draft_shares(benches: list[dict]) -> dict[str, float]:
