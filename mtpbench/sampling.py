@@ -278,6 +278,24 @@ def residual(p: Support, q: Support) -> Support | None:
 
 _FLOAT64_EXP_MAX = 1 << 16  # larger supports (a flat row under top-p or min-p) take float32 exps, as T=1 does
 _PARTIAL_START = 64  # first guess at the size of a top-p set; grown 8x until the mass is reached
+_SAMPLE_STRIDE = 64  # `_largest`: every 64th logit bounds the n-th largest from below
+
+
+def _largest(x: np.ndarray, n: int) -> np.ndarray:
+    """The n largest values of a 1-D row, exactly (unsorted), in about one comparison pass over it.
+
+    The n-th largest of a strided sample never exceeds the row's (a subset's n-th largest is at most the whole's),
+    so only the values at or above it are partitioned. At top_k 20 over 248,320 float32 logits: ~0.3 ms against
+    ~1.8 ms for a partition of the whole row (numpy on a 2-core x86 VM), where the host rows were most of what a
+    sampled MTP step added to a greedy one (`perf.sampling_cost`: 18 of 27 ms per K=3 step).
+    """
+    v = x.size
+    if n >= v:
+        return x
+    if v >= 4 * n * _SAMPLE_STRIDE:
+        sample = x[::_SAMPLE_STRIDE]
+        x = x[x >= np.partition(sample, sample.size - n)[sample.size - n]]
+    return np.partition(x, x.size - n)[x.size - n:]
 
 
 def _top_p_floor(x: np.ndarray, top_p: float, m: float, total: float) -> float:
@@ -289,7 +307,7 @@ def _top_p_floor(x: np.ndarray, top_p: float, m: float, total: float) -> float:
     v = x.size
     n = min(_PARTIAL_START, v)
     while True:
-        top = np.sort(x if n >= v else np.partition(x, v - n)[v - n:])[::-1]
+        top = np.sort(_largest(x, n))[::-1]
         mass = np.exp(top - np.float32(m)).astype(np.float64)
         above = np.cumsum(mass) - mass
         cut = int(np.searchsorted(above >= top_p * total, True))  # `above` grows, so the test is a step
@@ -324,7 +342,7 @@ def support(logits: np.ndarray, cfg: SamplingConfig, ties: bool | None = None) -
         return Support(np.arange(v, dtype=np.int64), e / e.sum())
     floor, total = -np.inf, 1.0
     if 0 < cfg.top_k < v:
-        floor = float(np.partition(x, v - cfg.top_k)[v - cfg.top_k])
+        floor = float(_largest(x, cfg.top_k).min())
     if cfg.top_p < 1:
         total = float(np.exp(x - np.float32(m), dtype=np.float32).sum(dtype=np.float64))
         if floor == -np.inf:  # with top-k the cut is searched inside the k survivors below
@@ -386,7 +404,7 @@ def _chain_support(x: np.ndarray, cfg: SamplingConfig) -> Support:
     the steps (every step keeps a most-likely set), so the chain runs in float64 on those alone."""
     ids = np.arange(x.size, dtype=np.int64)
     if 0 < cfg.top_k < x.size:
-        ids = np.flatnonzero(x >= np.partition(x, x.size - cfg.top_k)[x.size - cfg.top_k])
+        ids = np.flatnonzero(x >= _largest(x, cfg.top_k).min())
     probs = chain_probs(x[ids], cfg)
     keep = probs > 0
     return Support(ids[keep], probs[keep])

@@ -257,3 +257,21 @@ def test_temper_first_profile_filters_the_tempered_distribution(cfg):
 def test_an_unknown_profile_is_refused():
     with pytest.raises(UserError):
         SamplingConfig(0.6, order="vllm-v0")
+
+
+def test_largest_values_equal_a_full_partition_with_ties_and_masked_logits():
+    """`_largest` (a strided sample bounds the n-th largest from below) returns exactly the n largest values, as a
+    partition of the whole row does, on rows wide enough to take the sample and on narrow ones."""
+    from mtpbench.sampling import _largest
+
+    rng = np.random.default_rng(5)
+    for trial in range(120):
+        v = int(rng.choice([7, 300, 20_000, 248_320]))
+        x = (rng.standard_normal(v) * rng.uniform(0.1, 5)).astype(np.float32)
+        if trial % 3 == 0:
+            x = np.round(x, 1)  # many ties, at the cut too
+        if trial % 4 == 0:
+            x[rng.integers(0, v, v // 3)] = -np.inf  # masked ids
+        n = int(rng.integers(1, min(v, 2_000) + 1))
+        want = np.sort(np.partition(x, v - n)[v - n:]) if n < v else np.sort(x)
+        assert np.array_equal(np.sort(_largest(x, n)), want), (v, n)
