@@ -22,6 +22,7 @@ from ..model.blas import active_blas
 from ..model.checkpoint import Bundle, load
 from ..sampling import SamplingConfig
 from .efficiency import TARGET_ERROR, mtp_efficiency
+from .runs import abba
 from .settings import GREEDY, pattern_prompt
 
 TOKENS = 48  # tokens per identity decode
@@ -99,14 +100,9 @@ def check_prefill_split(bundle: Bundle, prompt: list[int]) -> Check:
     cache, mtp_cache = bundle.trunk.make_cache(), bundle.draft_head.make_cache()
     prefill(bundle, long, cache, mtp_cache)
     held = mtp_cache[0].offset
-    ar, mtp = [], []
-    arms = [(ar, lambda: generate_ar(bundle, long, GREEDY, 2, records=False, ignore_eos=True)),
-            (mtp, lambda: generate_mtp(bundle, long, GREEDY, 1, 2, records=False, ignore_eos=True))]
-    for i in range(PREFILL_ROUNDS + 1):  # round 0 warms up
-        for times, run in arms if i % 2 else arms[::-1]:
-            seconds = run().prefill_s
-            if i:
-                times.append(seconds)
+    ar, mtp = abba([lambda: generate_ar(bundle, long, GREEDY, 2, records=False, ignore_eos=True).prefill_s,
+                    lambda: generate_mtp(bundle, long, GREEDY, 1, 2, records=False, ignore_eos=True).prefill_s],
+                   PREFILL_ROUNDS)
     ratio = float(np.median(mtp) / np.median(ar))
     ok = held == len(long) - 1 and ratio >= PREFILL_FLOOR
     return Check("prefill/decode split", ok, f"head holds {held} of {len(long) - 1} prompt pairs after prefill; "

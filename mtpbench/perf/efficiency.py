@@ -6,7 +6,7 @@ the AR term is the AR loop's own seconds per token at that setting in the same r
 own. `error` = predicted / realized - 1 says how far the model is from the clock.
 
 Terms and runs are timed in the same rounds: each round times every term once (`measure_costs`, and the sampled
-terms at a sampled setting), then runs AR and MTP at every K once (ABBA order across rounds). On a shared or
+terms at a sampled setting) and runs AR and MTP at every K once, in ABBA order across rounds. On a shared or
 throttling machine the speed drifts by tens of percent within a minute (measured on a 2-core VM: the isolated terms
 of one process varied 1.0-1.6 ms for the same draft chain); terms timed in a block before the runs then disagree
 with the runs by that drift, not by a missing term. The per-round errors (`error_rounds`) show the spread.
@@ -23,7 +23,7 @@ from ..model.checkpoint import Bundle
 from ..sampling import SamplingConfig
 from ..stats.acceptance import StepCosts, break_even_acceptance, expected_tokens, predicted_speedup
 from .costs import MeasuredCosts, SampledTerms, measure_costs, measure_sampled_terms, median_terms
-from .runs import decode, geomean_ratio, median
+from .runs import abba, decode, geomean_ratio, median
 from .settings import GREEDY
 
 TARGET_ERROR = 0.10  # the model's stated error: |predicted / realized - 1| within it on a quiet machine
@@ -46,22 +46,17 @@ class Rounds:
 
 def measure_rounds(bundle: Bundle, prompt_ids: list[int], ks: Sequence[int], max_tokens: int, repeats: int,
                    cfg: SamplingConfig = GREEDY, warmup: int = 1) -> Rounds:
-    """`warmup + repeats` rounds at `cfg`; each times the terms, then runs AR and MTP at every K once, the order of
-    the runs reversed every other round. The warmup rounds are dropped."""
+    """`warmup + repeats` rounds at `cfg` (`runs.abba`): each times the terms and runs AR and MTP at every K once,
+    the order reversed every other round. The warmup rounds are dropped."""
     modes = [0, *ks]
-    costs: list[MeasuredCosts] = []
-    sampled: list[SampledTerms] = []
-    runs: dict[int, list[DecodeResult]] = {m: [] for m in modes}
-    for r in range(warmup + repeats):
-        c = measure_costs(bundle, prompt_ids, ks, TERM_REPEATS, 1)
-        s = None if cfg.greedy else measure_sampled_terms(bundle, prompt_ids, ks, cfg, TERM_REPEATS, 1)
-        done = {m: decode(bundle, prompt_ids, m, max_tokens, cfg=cfg) for m in (modes if r % 2 == 0 else modes[::-1])}
-        if r >= warmup:
-            costs.append(c)
-            sampled += [s] if s else []
-            for m in modes:
-                runs[m].append(done[m])
-    return Rounds(cfg, costs, sampled, runs)
+
+    def terms() -> tuple[MeasuredCosts, SampledTerms | None]:
+        return (measure_costs(bundle, prompt_ids, ks, TERM_REPEATS, 1),
+                None if cfg.greedy else measure_sampled_terms(bundle, prompt_ids, ks, cfg, TERM_REPEATS, 1))
+
+    timed, *runs = abba([terms, *(lambda m=m: decode(bundle, prompt_ids, m, max_tokens, cfg=cfg) for m in modes)],
+                        repeats, warmup)
+    return Rounds(cfg, [c for c, _ in timed], [s for _, s in timed if s is not None], dict(zip(modes, runs)))
 
 
 def _survival(runs: Sequence[DecodeResult], k: int) -> list[float]:
